@@ -1,0 +1,1 @@
+"""The PagoEfectivo provider: protocol (signing, time, codes), client, and the sandbox gateway."""

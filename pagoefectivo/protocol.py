@@ -1,0 +1,181 @@
+"""The PagoEfectivo wire protocol, shared by the client and the sandbox gateway.
+
+Published (API CIP v1.1): the authorization hashString, Lima-time ``dateRequest``, the
+response envelope and its codes, and HMAC-signed notifications.
+Modelled (from the integration checklist): the refund request and its RSA signature,
+the refund status lookup and codes 601-607. Only this module knows these formats, so
+that the real refund specification can replace them in one place.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+from collections.abc import Mapping
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any
+
+import simplejson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+LIMA = timezone(timedelta(hours=-5), "America/Lima")
+MAX_CLOCK_SKEW = timedelta(minutes=5)
+TOKEN_LIFETIME = timedelta(hours=2)
+SIGNATURE_HEADER = "PE-Signature"
+MERCHANT_HEADER = "PE-Merchant-Id"
+
+# Response codes. 100/111/112/113/166/508 are published; 601-607 are modelled.
+OK = "100"
+INVALID_DATA = "111"
+REQUIRED = "112"
+INVALID_VALUE = "113"
+INTERNAL_ERROR = "166"
+TOKEN_INVALID = "508"
+AMOUNT_OVER_REFUNDABLE = "601"
+REFUND_WINDOW_CLOSED = "602"
+TRANSACTION_UNKNOWN = "603"
+EXTERNAL_REF_REUSED = "604"
+SIGNATURE_INVALID = "605"
+TIMESTAMP_OUT_OF_TOLERANCE = "606"
+SOURCE_IP_NOT_ALLOWED = "607"
+
+MESSAGES = {
+    OK: "Solicitud exitosa.",
+    INVALID_DATA: "Datos inválidos.",
+    REQUIRED: "Campo requerido.",
+    INVALID_VALUE: "Valor inválido.",
+    INTERNAL_ERROR: "Error interno.",
+    TOKEN_INVALID: "Token o servicio inválido.",
+    AMOUNT_OVER_REFUNDABLE: "El monto excede lo reembolsable.",
+    REFUND_WINDOW_CLOSED: "El plazo de reembolso ha vencido.",
+    TRANSACTION_UNKNOWN: "Transacción original desconocida o no pagada.",
+    EXTERNAL_REF_REUSED: "externalRef ya usado con otros parámetros.",
+    SIGNATURE_INVALID: "Firma inválida.",
+    TIMESTAMP_OUT_OF_TOLERANCE: "timestamp fuera de tolerancia.",
+    SOURCE_IP_NOT_ALLOWED: "IP de origen no permitida.",
+}
+
+AMOUNT_FIELDS = frozenset({"refundAmount", "amount"})
+
+
+# --- time -------------------------------------------------------------------------
+
+def lima_timestamp(moment: datetime) -> str:
+    """Format an aware datetime as Lima time, ``yyyy-MM-ddTHH:mm:ss-05:00``."""
+    if moment.tzinfo is None:
+        raise ValueError("naive datetime: time must be timezone-aware")
+    return moment.astimezone(LIMA).strftime("%Y-%m-%dT%H:%M:%S-05:00")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse a wire timestamp; it must carry its offset."""
+    moment = datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        raise ValueError(f"timestamp {text!r} has no UTC offset")
+    return moment
+
+
+def within_tolerance(text: str, now: datetime) -> bool:
+    try:
+        return abs(parse_timestamp(text) - now) <= MAX_CLOCK_SKEW
+    except ValueError:
+        return False
+
+
+# --- authorization (published) ----------------------------------------------------
+
+def auth_hash(id_service: int | str, access_key: str, secret_key: str, date_request: str) -> str:
+    """hashString = hex SHA-256 of idService.accessKey.secretKey.dateRequest (UTF-8)."""
+    text = f"{id_service}.{access_key}.{secret_key}.{date_request}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- refund request signature (modelled) --------------------------------------------
+
+def _canonical_value(name: str, value: Any) -> str:
+    if name in AMOUNT_FIELDS:
+        return f"{Decimal(str(value)):.2f}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def canonical_string(fields: Mapping[str, Any]) -> str:
+    """Every field but ``signature`` with a non-empty value, sorted by name, as name=value joined by &."""
+    parts = [
+        f"{name}={_canonical_value(name, value)}"
+        for name, value in sorted(fields.items())
+        if name != "signature" and value is not None and value != ""
+    ]
+    return "&".join(parts)
+
+
+def load_private_key(pem: bytes) -> rsa.RSAPrivateKey:
+    key = serialization.load_pem_private_key(pem, password=None)
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ValueError("the private key is not an RSA key")
+    return key
+
+
+def public_key_pem(private_pem: bytes) -> str:
+    """The PEM public key (SubjectPublicKeyInfo) that the gateway verifies with."""
+    return load_private_key(private_pem).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+
+
+def sign_fields(fields: Mapping[str, Any], private_key: rsa.RSAPrivateKey) -> str:
+    """base64 RSA PKCS#1 v1.5 SHA-256 signature of the canonical string."""
+    data = canonical_string(fields).encode("utf-8")
+    return base64.b64encode(private_key.sign(data, padding.PKCS1v15(), hashes.SHA256())).decode()
+
+
+def verify_fields(fields: Mapping[str, Any], signature: str, public_pem: str | bytes) -> bool:
+    key = serialization.load_pem_public_key(public_pem.encode() if isinstance(public_pem, str) else public_pem)
+    if not isinstance(key, rsa.RSAPublicKey):
+        return False
+    try:
+        raw = base64.b64decode(signature, validate=True)
+        key.verify(raw, canonical_string(fields).encode("utf-8"), padding.PKCS1v15(), hashes.SHA256())
+        return True
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+
+
+# --- notifications (published form) -------------------------------------------------
+
+def notification_signature(body: bytes, secret_key: str) -> str:
+    """PE-Signature: lowercase hex HMAC-SHA256 of the raw body with the merchant's secretKey."""
+    return hmac.new(secret_key.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def verify_notification(body: bytes, signature: str | None, secret_key: str) -> bool:
+    if not signature:
+        return False
+    return hmac.compare_digest(notification_signature(body, secret_key), signature.strip().lower())
+
+
+# --- JSON ---------------------------------------------------------------------------
+
+def dumps(obj: Any) -> bytes:
+    """JSON with Decimal amounts written as numbers, never through float."""
+    return simplejson.dumps(obj, use_decimal=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def loads(raw: bytes | str) -> Any:
+    """JSON with every non-integer number parsed as Decimal."""
+    return json.loads(raw, parse_float=Decimal)
+
+
+def envelope(code: str, data: Any = None, message: str | None = None) -> dict:
+    """The published response envelope ``{"code","message","data"}``."""
+    return {"code": code, "message": message or MESSAGES.get(code, ""), "data": data}
+
+
+def error_detail(code: str, message: str, field: str | None = None) -> dict:
+    return {"code": code, "message": message, "field": field}

@@ -1,0 +1,1 @@
+"""The core every part shares: settings, money, the state machine, the store, the vault."""

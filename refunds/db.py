@@ -1,0 +1,37 @@
+"""Postgres connections and the schema migration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import asyncpg
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+MIGRATION_LOCK = 0x7265_6675_6E64  # advisory lock id: one migration at a time
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    conn = await asyncpg.connect(dsn)
+    await _init_connection(conn)
+    return conn
+
+
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    return await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, init=_init_connection)
+
+
+async def migrate(dsn: str) -> None:
+    """Apply schema.sql; every statement in it is idempotent."""
+    sql = SCHEMA_PATH.read_text()
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            await conn.execute(sql)
+    finally:
+        await conn.close()

@@ -1,0 +1,112 @@
+"""The refund record and its read queries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from uuid import UUID
+
+import asyncpg
+
+from .money import format_amount
+
+COLUMNS = (
+    "refund_id, merchant_id, external_ref, original_transaction_id, amount, currency, reason, state,"
+    " requested_by, attempts, claimed_until, delivered_at, status_checks, next_check_at, provider_refund_id, provider_code, provider_message,"
+    " created_at, updated_at, completed_at"
+)
+
+
+@dataclass(frozen=True)
+class Refund:
+    refund_id: UUID
+    merchant_id: str
+    external_ref: str
+    original_transaction_id: str
+    amount: Decimal
+    currency: str
+    reason: str | None
+    state: str
+    requested_by: str | None
+    attempts: int
+    claimed_until: datetime | None
+    delivered_at: datetime | None
+    status_checks: int
+    next_check_at: datetime | None
+    provider_refund_id: str | None
+    provider_code: str | None
+    provider_message: str | None
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+    def same_terms(self, *, original_transaction_id: str, amount: Decimal, currency: str, reason: str | None) -> bool:
+        """Whether a repeated request asks for exactly this refund (idempotent replay)."""
+        return (
+            self.original_transaction_id == original_transaction_id
+            and self.amount == amount
+            and self.currency == currency
+            and (self.reason or None) == (reason or None)
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "refund_id": str(self.refund_id),
+            "merchant_id": self.merchant_id,
+            "external_ref": self.external_ref,
+            "original_transaction_id": self.original_transaction_id,
+            "amount": format_amount(self.amount),
+            "currency": self.currency,
+            "reason": self.reason,
+            "state": self.state,
+            "requested_by": self.requested_by,
+            "attempts": self.attempts,
+            "provider_refund_id": self.provider_refund_id,
+            "provider_code": self.provider_code,
+            "provider_message": self.provider_message,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+        }
+
+
+def from_row(row: asyncpg.Record) -> Refund:
+    return Refund(**{name: row[name] for name in Refund.__dataclass_fields__})
+
+
+async def find_refund(conn: asyncpg.Connection, refund_id: UUID | str) -> Refund | None:
+    row = await conn.fetchrow(f"SELECT {COLUMNS} FROM refunds WHERE refund_id = $1", _uuid(refund_id))
+    return from_row(row) if row else None
+
+
+async def find_by_external_ref(conn: asyncpg.Connection, merchant_id: str, external_ref: str) -> Refund | None:
+    row = await conn.fetchrow(
+        f"SELECT {COLUMNS} FROM refunds WHERE merchant_id = $1 AND external_ref = $2", merchant_id, external_ref
+    )
+    return from_row(row) if row else None
+
+
+async def list_refunds(
+    conn: asyncpg.Connection, *, merchant_id: str | None = None, state: str | None = None, limit: int | None = None
+) -> list[Refund]:
+    rows = await conn.fetch(
+        f"""SELECT {COLUMNS} FROM refunds
+            WHERE ($1::text IS NULL OR merchant_id = $1) AND ($2::text IS NULL OR state = $2)
+            ORDER BY created_at, refund_id LIMIT $3""",
+        merchant_id, state, limit,
+    )
+    return [from_row(row) for row in rows]
+
+
+async def refund_events(conn: asyncpg.Connection, refund_id: UUID | str) -> list[dict]:
+    rows = await conn.fetch(
+        """SELECT from_state, to_state, actor, code, message, occurred_at
+           FROM refund_events WHERE refund_id = $1 ORDER BY event_id""",
+        _uuid(refund_id),
+    )
+    return [{**dict(row), "occurred_at": row["occurred_at"].isoformat()} for row in rows]
+
+
+def _uuid(value: UUID | str) -> UUID:
+    return value if isinstance(value, UUID) else UUID(str(value))

@@ -1,0 +1,89 @@
+"""Configuration from the environment (CONTRACT §2), validated once at start.
+
+Every service reads only the settings it needs through ``require``; a missing or
+malformed one stops the process with one line naming it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import ConfigError
+
+DEFAULT_BASE_URLS = {
+    "sandbox": "https://pre1a.services.pagoefectivo.pe",
+    "production": "https://services.pagoefectivo.pe",
+}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    database_url: str | None = None
+    redis_url: str | None = None
+    refunds_master_key: str | None = Field(default=None, repr=False)
+    refunds_master_key_file: Path | None = None
+    pagoefectivo_env: Literal["sandbox", "production"] = "sandbox"
+    pagoefectivo_base_url: str | None = None
+    refunds_notify_url: str | None = None
+    intake_port: int = Field(default=8080, ge=1, le=65535)
+    receiver_port: int = Field(default=8081, ge=1, le=65535)
+    metrics_port: int = Field(default=9191, ge=0, le=65535)
+    # Refund window per payment method, in days (cash: 90 by PagoEfectivo practice).
+    refund_window_days: dict[str, int] = {"cash": 90, "bank_transfer": 90}
+    # Worker: how long one claim on a refund lasts before another delivery may take it over.
+    refund_claim_seconds: int = Field(default=60, ge=5)
+    log_level: str = "INFO"
+
+    @field_validator("database_url", "redis_url", "pagoefectivo_base_url", "refunds_notify_url")
+    @classmethod
+    def _strip(cls, value: str | None) -> str | None:
+        return value.strip().rstrip("/") or None if value else None
+
+    def require(self, name: str):
+        """Return a setting that this process cannot run without."""
+        value = getattr(self, name)
+        if value is None or value == "":
+            raise ConfigError(f"{name.upper()} is not set")
+        return value
+
+    @property
+    def base_url(self) -> str:
+        return self.pagoefectivo_base_url or DEFAULT_BASE_URLS[self.pagoefectivo_env]
+
+    def master_key(self) -> bytes:
+        """The 32-byte master key from REFUNDS_MASTER_KEY or REFUNDS_MASTER_KEY_FILE."""
+        if self.refunds_master_key:
+            name, text = "REFUNDS_MASTER_KEY", self.refunds_master_key
+        elif self.refunds_master_key_file:
+            name = "REFUNDS_MASTER_KEY_FILE"
+            try:
+                text = self.refunds_master_key_file.read_text()
+            except OSError as exc:
+                raise ConfigError(f"{name} cannot be read: {exc.strerror}") from None
+        else:
+            raise ConfigError("REFUNDS_MASTER_KEY is not set (nor REFUNDS_MASTER_KEY_FILE)")
+        try:
+            key = base64.b64decode(text.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{name} is not valid base64") from None
+        if len(key) != 32:
+            raise ConfigError(f"{name} must decode to 32 bytes, not {len(key)}")
+        return key
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]).upper() if err["loc"] else "configuration"
+        raise ConfigError(f"{name} is malformed: {err['msg']}") from None

@@ -1,0 +1,137 @@
+"""The refund state machine: the only code that changes a refund's state.
+
+Moves go forward only. Each is one conditional UPDATE plus a ``refund_events`` audit
+row in the same transaction, so a late or duplicate event can never move a refund
+backwards, and two processes racing for the same move see exactly one winner.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import asyncpg
+
+from .errors import InvalidTransition
+from .records import COLUMNS, Refund, from_row
+
+STATES = (
+    "queued", "awaiting_approval", "submitted", "pending",
+    "succeeded", "failed", "rejected", "manual_review",
+)
+FINAL = frozenset({"succeeded", "failed", "rejected", "manual_review"})
+OPEN = frozenset({"queued", "submitted", "pending"})
+# a refund left pending is first asked about after this many seconds (see status_schedule)
+FIRST_STATUS_CHECK = 60.0
+
+# from-state -> the states it may move to
+MOVES: dict[str, frozenset[str]] = {
+    "awaiting_approval": frozenset({"queued", "rejected"}),
+    "queued": frozenset({"submitted", "succeeded", "failed", "manual_review"}),
+    "submitted": frozenset({"pending", "succeeded", "failed", "manual_review"}),
+    "pending": frozenset({"succeeded", "failed", "manual_review"}),
+    # an operator (or a late provider answer) may still settle a refund sent to review
+    "manual_review": frozenset({"succeeded", "failed"}),
+}
+
+
+def sources_of(to_state: str) -> list[str]:
+    if to_state not in STATES:
+        raise InvalidTransition(f"unknown state {to_state!r}")
+    return [source for source, targets in MOVES.items() if to_state in targets]
+
+
+async def transition(
+    conn: asyncpg.Connection,
+    refund_id: UUID,
+    to_state: str,
+    *,
+    actor: str,
+    code: str | None = None,
+    message: str | None = None,
+    only_from: tuple[str, ...] | None = None,
+    provider_refund_id: str | None = None,
+) -> Refund | None:
+    """Move a refund to ``to_state`` if the machine allows it from its current state.
+
+    Returns the updated refund, or None when the refund is not in a state this move may
+    start from (already moved by someone else, or a late event): nothing is written then.
+    """
+    sources = sources_of(to_state)
+    if only_from is not None:
+        sources = [s for s in sources if s in only_from]
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"""WITH previous AS (
+                    SELECT state FROM refunds WHERE refund_id = $1 FOR UPDATE
+                )
+                UPDATE refunds r SET
+                    state = $2,
+                    updated_at = now(),
+                    completed_at = CASE WHEN $2 = ANY($4::text[]) THEN now() ELSE r.completed_at END,
+                    claimed_until = CASE WHEN $2 = ANY($4::text[]) OR $2 = 'pending' THEN NULL ELSE r.claimed_until END,
+                    next_check_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $8)
+                                         WHEN $2 = ANY($4::text[]) THEN NULL ELSE r.next_check_at END,
+                    provider_code = COALESCE($5, r.provider_code),
+                    provider_message = COALESCE($6, r.provider_message),
+                    provider_refund_id = COALESCE($7, r.provider_refund_id)
+                FROM previous
+                WHERE r.refund_id = $1 AND previous.state = ANY($3::text[])
+                RETURNING {', '.join('r.' + c.strip() for c in COLUMNS.split(','))}, previous.state AS from_state""",
+            refund_id, to_state, sources, list(FINAL), code, message, provider_refund_id, FIRST_STATUS_CHECK,
+        )
+        if row is None:
+            return None
+        await record_event(conn, refund_id, row["from_state"], to_state, actor=actor, code=code, message=message)
+        return from_row(row)
+
+
+async def claim_for_submission(conn: asyncpg.Connection, refund_id: UUID, *, actor: str, claim_seconds: int) -> tuple[Refund, str] | None:
+    """Take the exclusive right to talk to the gateway about this refund for a while.
+
+    A queued refund becomes ``submitted``; a ``submitted`` refund whose previous claim
+    expired (its worker died or gave up) may be claimed again. Returns the refund and the
+    state it was claimed from, or None when another worker holds it or it has moved on.
+    """
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"""WITH previous AS (
+                    SELECT state FROM refunds WHERE refund_id = $1 FOR UPDATE
+                )
+                UPDATE refunds r SET
+                    state = 'submitted', attempts = r.attempts + 1, updated_at = now(),
+                    claimed_until = now() + make_interval(secs => $2)
+                FROM previous
+                WHERE r.refund_id = $1 AND (previous.state = 'queued'
+                      OR (previous.state = 'submitted' AND (r.claimed_until IS NULL OR r.claimed_until < now())))
+                RETURNING {', '.join('r.' + c.strip() for c in COLUMNS.split(','))}, previous.state AS from_state""",
+            refund_id, claim_seconds,
+        )
+        if row is None:
+            return None
+        refund = from_row(row)
+        await record_event(
+            conn, refund_id, row["from_state"], "submitted", actor=actor,
+            message=f"attempt {refund.attempts}" + (" (previous claim expired)" if row["from_state"] == "submitted" else ""),
+        )
+        return refund, row["from_state"]
+
+
+async def release_claim(conn: asyncpg.Connection, refund_id: UUID, *, code: str | None, message: str | None) -> None:
+    """Give up the claim early (a transient fault) so the next delivery may retry at once."""
+    await conn.execute(
+        """UPDATE refunds SET claimed_until = NULL, updated_at = now(),
+                  provider_code = COALESCE($2, provider_code), provider_message = COALESCE($3, provider_message)
+           WHERE refund_id = $1 AND state = 'submitted'""",
+        refund_id, code, message,
+    )
+
+
+async def record_event(
+    conn: asyncpg.Connection, refund_id: UUID, from_state: str | None, to_state: str, *,
+    actor: str, code: str | None = None, message: str | None = None,
+) -> None:
+    await conn.execute(
+        """INSERT INTO refund_events (refund_id, from_state, to_state, actor, code, message)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        refund_id, from_state, to_state, actor, code, message,
+    )

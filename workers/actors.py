@@ -1,0 +1,24 @@
+"""The dramatiq actors. Thin: each runs one coroutine on the worker's event loop."""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+import dramatiq
+
+from producers.delivery import QUEUE, SEND_REFUND
+
+from . import resources
+from .sender import process_refund
+
+# Delayed retries for long outages (RetryLater, or Postgres/Redis unreachable):
+# exponential backoff with jitter from 1 s up to 1 h, 60 times, which spans over 24 hours.
+# A rate-limit wait re-queues a new message instead, so it never uses this budget.
+
+
+@dramatiq.actor(
+    actor_name=SEND_REFUND, queue_name=QUEUE, time_limit=60_000,
+    max_retries=60, min_backoff=1_000, max_backoff=3_600_000,
+)
+async def send_refund(refund_id: str) -> None:
+    await process_refund(resources.current(), UUID(refund_id))

@@ -1,0 +1,78 @@
+"""What a worker process owns: the asyncpg pool, the aiohttp session, the gateway client,
+the vault and the rate limiter. Opened on the worker's event loop at boot and closed at
+shutdown, never at import time (dramatiq imports actor modules in every process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+import dramatiq
+import redis.asyncio as aioredis
+from dramatiq.asyncio import get_event_loop_thread
+
+from pagoefectivo.client import PagoEfectivoClient
+from refunds import db
+from refunds.settings import Settings, get_settings
+from refunds.vault import Vault
+
+from .ratelimit import RateLimiter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    pool: asyncpg.Pool
+    session: aiohttp.ClientSession
+    client: PagoEfectivoClient
+    vault: Vault
+    redis: aioredis.Redis
+    limiter: RateLimiter
+
+    @classmethod
+    async def open(cls, settings: Settings | None = None, *, pool_size: int = 10) -> "Resources":
+        settings = settings or get_settings()
+        vault = Vault(settings.master_key())
+        pool = await db.create_pool(settings.require("database_url"), min_size=1, max_size=pool_size)
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=200))
+        client = PagoEfectivoClient(session, base_url=settings.base_url, env=settings.pagoefectivo_env)
+        redis_client = aioredis.from_url(settings.require("redis_url"))
+        return cls(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))
+
+    async def close(self) -> None:
+        await self.session.close()
+        await self.redis.aclose()
+        await self.pool.close()
+
+
+_current: Resources | None = None
+
+
+def current() -> Resources:
+    if _current is None:
+        raise RuntimeError("worker resources are not open (the worker has not booted)")
+    return _current
+
+
+class WorkerResources(dramatiq.Middleware):
+    """Opens Resources on the AsyncIO middleware's event loop when the worker boots."""
+
+    def after_worker_boot(self, broker, worker):
+        global _current
+        threads = getattr(worker, "worker_threads", 8)
+        _current = get_event_loop_thread().run_coroutine(Resources.open(pool_size=max(4, threads + 2)))
+        log.info("worker resources open")
+
+    def before_worker_shutdown(self, broker, worker):
+        global _current
+        if _current is not None:
+            loop_thread = get_event_loop_thread()
+            if loop_thread is not None:
+                loop_thread.run_coroutine(asyncio.wait_for(_current.close(), 10))
+            _current = None

@@ -1,0 +1,102 @@
+"""Periodic duties (`python -m workers.scheduler`): the outbox sweep, status polling, gauges.
+
+Postgres is the truth and Redis may lose everything; this loop hands again to Redis
+every refund that should be moving but is not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+import asyncpg
+
+from producers.delivery import deliver
+from refunds import db, metrics
+from refunds.errors import ConfigError
+from refunds.settings import get_settings
+from refunds.states import STATES
+
+log = logging.getLogger("workers.scheduler")
+
+OUTBOX_GRACE_SECONDS = 30
+SWEEP_BATCH = 500
+
+
+async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_SECONDS) -> int:
+    """Re-deliver stranded refunds; returns how many were handed to Redis."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            """UPDATE refunds SET delivered_at = now()
+               WHERE refund_id IN (
+                   SELECT refund_id FROM refunds
+                   WHERE COALESCE(delivered_at, created_at) < now() - make_interval(secs => $1)
+                     AND (state = 'queued'
+                          OR (state = 'submitted' AND (claimed_until IS NULL OR claimed_until < now()))
+                          OR (state = 'pending' AND next_check_at < now()))
+                   ORDER BY created_at LIMIT $2
+                   FOR UPDATE SKIP LOCKED)
+               RETURNING refund_id""",
+            grace_seconds, SWEEP_BATCH,
+        )
+    delivered = 0
+    for row in rows:
+        if await asyncio.to_thread(deliver, row["refund_id"]):
+            delivered += 1
+    if rows:
+        log.info("outbox sweep re-delivered %d of %d refunds", delivered, len(rows))
+    return delivered
+
+
+async def update_gauges(pool: asyncpg.Pool) -> None:
+    async with pool.acquire() as conn:
+        counts = dict(await conn.fetch("SELECT state, count(*) FROM refunds GROUP BY state"))
+        oldest = await conn.fetchval(
+            "SELECT EXTRACT(EPOCH FROM now() - min(created_at)) FROM refunds WHERE state = 'queued'"
+        )
+    for state in STATES:
+        metrics.refunds_in_state.labels(state).set(counts.get(state, 0))
+    metrics.refund_outbox_oldest_seconds.set(float(oldest or 0))
+
+
+async def run(interval: float = 5.0) -> None:
+    settings = get_settings()
+    pool = await db.create_pool(settings.require("database_url"), max_size=3)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("scheduler running every %.1fs", interval)
+    try:
+        while not stop.is_set():
+            try:
+                await sweep_once(pool)
+                await update_gauges(pool)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("scheduler pass failed: %s", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+    finally:
+        await pool.close()
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        settings = get_settings()
+        settings.require("database_url")
+        settings.require("redis_url")
+        interval = float(__import__("os").environ.get("SCHEDULER_INTERVAL", "5"))
+    except ConfigError as exc:
+        print(f"scheduler: {exc}", file=sys.stderr)
+        return 2
+    asyncio.run(run(interval))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Send one refund to the gateway, exactly once, and record what it answered.
+
+The order of steps is what makes double refunds impossible:
+rate-limit slot → claim (a row lock decides who talks to the gateway) → if a previous
+attempt may have reached the gateway, ask for its status first → send → record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from datetime import datetime, timezone
+from uuid import UUID
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
+
+from pagoefectivo.client import Credentials, RefundAnswer, RefundOrder
+from pagoefectivo.errors import (
+    EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError,
+)
+from producers.delivery import deliver
+from refunds import metrics
+from refunds.merchants import Merchant, find_merchant
+from refunds.records import Refund, find_refund
+from refunds.states import claim_for_submission, release_claim, transition
+
+from .resources import Resources
+from .status_schedule import next_check_delay
+
+log = logging.getLogger(__name__)
+
+ACTOR = "worker"
+# delayed retries continue at least this long before a refund is sent to manual review
+RETRY_HORIZON_SECONDS = 26 * 3600
+MAX_BACKOFF_SECONDS = 3600
+ANSWER_STATES = {"success": "succeeded", "failure": "failed", "pending": "pending"}
+
+
+class RetryLater(Exception):
+    """A transient fault outlived the in-attempt retries: retry the refund later, with backoff."""
+
+
+def _transient_not_rate_limit(exc: BaseException) -> bool:
+    return isinstance(exc, TransientError) and not isinstance(exc, RateLimited)
+
+
+def in_attempt_retries() -> AsyncRetrying:
+    """Short retries inside one attempt: a few seconds in all, well within the actor's time limit."""
+    return AsyncRetrying(
+        retry=retry_if_exception(_transient_not_rate_limit),
+        stop=stop_after_attempt(4) | stop_after_delay(5),
+        wait=wait_exponential_jitter(initial=0.1, max=1.5),
+        reraise=True,
+    )
+
+
+async def process_refund(res: Resources, refund_id: UUID) -> None:
+    async with res.pool.acquire() as conn:
+        refund = await find_refund(conn, refund_id)
+        if refund is None:
+            log.warning("refund %s: no such refund, message dropped", refund_id)
+            return
+        merchant = await find_merchant(conn, refund.merchant_id)
+    try:
+        if refund.state == "pending":
+            if refund.next_check_at is None or refund.next_check_at <= datetime.now(timezone.utc):
+                await check_status(res, refund, merchant)
+        elif refund.state in ("queued", "submitted"):
+            await _submit(res, refund, merchant)
+        # any other state is settled: a duplicate or late message has nothing to do
+    except RetryLater as exc:
+        await _retry_later(res, refund, str(exc))
+
+
+async def _submit(res: Resources, refund: Refund, merchant: Merchant) -> None:
+    creds = _credentials(res, merchant)
+    wait_ms = await res.limiter.reserve(merchant.merchant_id, merchant.rate_limit)
+    if wait_ms:
+        await _defer(res, refund, wait_ms, rate_limited=True)
+        return
+    async with res.pool.acquire() as conn:
+        claimed = await claim_for_submission(
+            conn, refund.refund_id, actor=ACTOR, claim_seconds=res.settings.refund_claim_seconds
+        )
+    if claimed is None:
+        return  # another worker holds the claim, or the refund moved on
+    refund, claimed_from = claimed
+    try:
+        if claimed_from == "submitted":
+            # a previous attempt may have reached the gateway: settle it, never resend blind
+            answer = await _status_with_retries(res, creds, refund.external_ref)
+            if answer is not None:
+                await record_answer(res, refund, answer)
+                return
+        answer = await _send(res, creds, merchant, refund)
+        await record_answer(res, refund, answer)
+    except RateLimited as exc:
+        await _release(res, refund, exc)
+        await _defer(res, refund, int(exc.retry_after * 1000), rate_limited=True)
+    except EnvironmentMismatch as exc:
+        await _settle(res, refund, "manual_review", code="environment_mismatch", message=str(exc))
+    except PermanentError as exc:
+        await _settle(res, refund, "failed", code=exc.code, message=exc.message)
+    except OutcomeUnknown as exc:
+        answer = await _status_with_retries(res, creds, refund.external_ref)
+        if answer is not None:
+            await record_answer(res, refund, answer)
+            return
+        await _release(res, refund, exc)
+        raise RetryLater("outcome unknown and the gateway has no record of it yet") from None
+    except GatewayError as exc:
+        await _release(res, refund, exc)
+        raise RetryLater(exc.message) from None
+
+
+async def _send(res: Resources, creds: Credentials, merchant: Merchant, refund: Refund) -> RefundAnswer:
+    notify_url = merchant.notify_url_or(res.settings.refunds_notify_url)
+    if notify_url is None:
+        raise TransientError("no notify URL: set REFUNDS_NOTIFY_URL or the merchant's own")
+    order = RefundOrder(
+        merchant_id=refund.merchant_id, original_transaction_id=refund.original_transaction_id,
+        amount=refund.amount, currency=refund.currency, external_ref=refund.external_ref,
+        notify_url=notify_url, reason=refund.reason,
+    )
+    async for attempt in in_attempt_retries():
+        with attempt:
+            started = time.perf_counter()
+            try:
+                answer = await res.client.request_refund(creds, order)
+            except GatewayError as exc:
+                metrics.refund_gateway_requests_total.labels(_outcome_of(exc)).inc()
+                raise
+            finally:
+                metrics.refund_gateway_request_seconds.observe(time.perf_counter() - started)
+            metrics.refund_gateway_requests_total.labels(answer.status if answer.status in ANSWER_STATES else "error").inc()
+            return answer
+    raise AssertionError("unreachable")
+
+
+async def _status_with_retries(res: Resources, creds: Credentials, external_ref: str) -> RefundAnswer | None:
+    try:
+        async for attempt in in_attempt_retries():
+            with attempt:
+                return await res.client.refund_status(creds, external_ref)
+    except (TransientError, OutcomeUnknown) as exc:
+        raise RetryLater(f"status of {external_ref} unavailable: {exc.message}") from None
+    return None
+
+
+async def record_answer(res: Resources, refund: Refund, answer: RefundAnswer) -> None:
+    to_state = ANSWER_STATES.get(answer.status)
+    if to_state is None:
+        await _settle(res, refund, "manual_review", code="unknown_status", message=f"gateway status {answer.status!r}")
+        return
+    await _settle(res, refund, to_state, code=answer.code, message=answer.message, provider_refund_id=answer.refund_id)
+
+
+async def check_status(res: Resources, refund: Refund, merchant: Merchant) -> None:
+    """Poll a pending refund that no notification settled; after the schedule, manual review."""
+    answer = await _status_with_retries(res, _credentials(res, merchant), refund.external_ref)
+    if answer is not None and answer.status in ("success", "failure"):
+        await record_answer(res, refund, answer)
+        return
+    delay = next_check_delay(refund.status_checks + 1)
+    async with res.pool.acquire() as conn:
+        if delay is None:
+            await _settle(res, refund, "manual_review", code="unsettled",
+                          message=f"no final outcome after {refund.status_checks + 1} status checks")
+            return
+        await conn.execute(
+            """UPDATE refunds SET status_checks = status_checks + 1,
+                      next_check_at = now() + make_interval(secs => $2)
+               WHERE refund_id = $1 AND state = 'pending'""",
+            refund.refund_id, delay,
+        )
+
+
+async def _settle(res: Resources, refund: Refund, to_state: str, **details) -> None:
+    async with res.pool.acquire() as conn:
+        moved = await transition(conn, refund.refund_id, to_state, actor=ACTOR, **details)
+    if moved is not None:
+        metrics.observe_completion(moved, to_state)
+        log.info("refund %s %s -> %s", refund.refund_id, refund.state, to_state,
+                 extra={"refund_id": str(refund.refund_id), "merchant": refund.merchant_id})
+
+
+async def _release(res: Resources, refund: Refund, exc: GatewayError) -> None:
+    async with res.pool.acquire() as conn:
+        await release_claim(conn, refund.refund_id, code=exc.code, message=exc.message)
+
+
+async def _retry_later(res: Resources, refund: Refund, reason: str) -> None:
+    """Delayed retry for longer outages: exponential backoff with jitter, 1 s up to 1 h.
+
+    The refund keeps exactly one live message (a new delayed one), so the outbox sweep and
+    retries never multiply messages. Past the retry horizon it goes to manual review.
+    """
+    async with res.pool.acquire() as conn:
+        current = await find_refund(conn, refund.refund_id)
+    if current is None or current.state not in ("queued", "submitted", "pending"):
+        return
+    age = (datetime.now(timezone.utc) - current.created_at).total_seconds()
+    if age > RETRY_HORIZON_SECONDS:
+        await _settle(res, current, "manual_review", code="retries_exhausted", message=reason)
+        return
+    ceiling = min(MAX_BACKOFF_SECONDS, 2 ** min(current.attempts, 12))
+    delay_ms = int(1000 * random.uniform(ceiling / 2, ceiling))
+    log.warning("refund %s: retry in %.1fs (%s)", refund.refund_id, delay_ms / 1000, reason,
+                extra={"refund_id": str(refund.refund_id), "merchant": refund.merchant_id})
+    await _defer(res, current, delay_ms, rate_limited=False)
+
+
+async def _defer(res: Resources, refund: Refund, wait_ms: int, *, rate_limited: bool) -> None:
+    """Re-queue with a delay (plus jitter for rate-limit waits, which use no retry budget)."""
+    delay = wait_ms + (random.randint(0, max(10, wait_ms // 10)) if rate_limited else 0)
+    if rate_limited:
+        metrics.refund_rate_limit_waits_total.labels(metrics.merchant_label(refund.merchant_id)).inc()
+    async with res.pool.acquire() as conn:
+        await conn.execute(
+            "UPDATE refunds SET delivered_at = now() + make_interval(secs => $2) WHERE refund_id = $1",
+            refund.refund_id, delay / 1000,
+        )
+    if not await asyncio.to_thread(deliver, refund.refund_id, delay_ms=delay):
+        log.warning("refund %s: re-queue failed (Redis unreachable); the outbox sweep will deliver it",
+                    refund.refund_id)
+
+
+def _credentials(res: Resources, merchant: Merchant) -> Credentials:
+    return Credentials(
+        merchant_id=merchant.merchant_id, env=merchant.env, service_id=merchant.service_id,
+        access_key=merchant.access_key, secret_key=merchant.secret_key(res.vault),
+        private_key_pem=merchant.private_key_pem(res.vault),
+    )
+
+
+def _outcome_of(exc: GatewayError) -> str:
+    if isinstance(exc, RateLimited):
+        return "rate_limited"
+    if isinstance(exc, OutcomeUnknown):
+        return "timeout"
+    return "error"
