@@ -155,7 +155,7 @@ def notification_signature(body: bytes, secret_key: str) -> str:
 
 
 def verify_notification(body: bytes, signature: str | None, secret_key: str) -> bool:
-    if not signature:
+    if not signature or not signature.isascii():
         return False
     return hmac.compare_digest(notification_signature(body, secret_key), signature.strip().lower())
 

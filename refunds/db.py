@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from pathlib import Path
 
 import asyncpg
+import simplejson
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
 MIGRATION_LOCK = 0x7265_6675_6E64  # advisory lock id: one migration at a time
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec(
+        "jsonb", schema="pg_catalog",
+        encoder=lambda value: simplejson.dumps(value, use_decimal=True),
+        decoder=lambda text: json.loads(text, parse_float=Decimal),
+    )
 
 
 async def connect(dsn: str) -> asyncpg.Connection:

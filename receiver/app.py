@@ -1,0 +1,220 @@
+"""The notify_url service: HTTP in front of ``events`` (CONTRACT §4.4).
+
+Order of checks on a notification, cheapest and least trusting first: path → declared
+size → merchant (404) → body read with a hard cap (413) → HMAC signature over the raw
+bytes (401) → JSON (400) → one transaction (200). Nothing from the body, including its
+event type, is believed before the signature is checked. Any "database not there now"
+answers 503 so that PagoEfectivo retries; nothing a sender can send yields a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from pagoefectivo.protocol import SIGNATURE_HEADER
+from refunds import metrics
+from refunds.errors import VaultError
+from refunds.merchants import NOTIFY_PATH
+from refunds.vault import Vault
+
+from . import events
+from .credentials import KeyCache
+from .database import Database, Unavailable
+
+log = logging.getLogger("receiver")
+
+MAX_BODY = 64 * 1024
+BODY_TIMEOUT = 30.0  # seconds to receive a body of at most MAX_BODY; a stalled sender gets 408
+MERCHANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as the merchants table's CHECK
+
+DATABASE = web.AppKey("database", Database)
+KEYS = web.AppKey("keys", KeyCache)
+
+
+def create_app(*, database_url: str, vault: Vault, key_ttl: float = 60.0) -> web.Application:
+    """The receiver application; its Postgres pool is made on start (or first use), never here."""
+    app = web.Application(client_max_size=MAX_BODY)
+    database = Database(database_url)
+    app[DATABASE] = database
+    app[KEYS] = KeyCache(database, vault, ttl=key_ttl)
+    app.on_startup.append(_start)
+    app.on_cleanup.append(_stop)
+    app.router.add_post(NOTIFY_PATH, notification)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+async def _start(app: web.Application) -> None:
+    await app[DATABASE].start()
+
+
+async def _stop(app: web.Application) -> None:
+    await app[DATABASE].close()
+
+
+# --- notifications ------------------------------------------------------------------------
+
+@dataclass
+class Delivery:
+    """What one request did: the metric labels and the log line are made from it."""
+
+    merchant: str
+    status: int = 500
+    event_type: str = "unknown"        # metric label: unknown until the signature is checked
+    result: str | None = None          # metric result; None: not counted
+    operation_number: str | None = None
+    raw_event_type: str | None = None
+    stored: str | None = None          # notifications.result
+    detail: str | None = None
+
+    def reply(self, status: int, body: dict, *, result: str | None = None, detail: str | None = None) -> web.Response:
+        self.status, self.result = status, result
+        if detail:
+            self.detail = detail
+        return web.json_response(body, status=status)
+
+
+async def notification(request: web.Request) -> web.StreamResponse:
+    started = time.perf_counter()
+    delivery = Delivery(merchant=request.match_info["merchant_id"][:64])
+    try:
+        return await _receive(request, delivery)
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.refund_notification_seconds.observe(elapsed)
+        if delivery.result is not None:
+            metrics.refund_notifications_total.labels(delivery.event_type, delivery.result).inc()
+        _log(delivery, elapsed)
+
+
+async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
+    merchant_id = request.match_info["merchant_id"]
+    if not MERCHANT_ID.fullmatch(merchant_id):
+        return d.reply(404, {"error": "not found"}, result="unknown", detail="no such merchant")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return _too_large(d)
+
+    keys_cache = request.app[KEYS]
+    try:
+        keys = await keys_cache.get(merchant_id)
+    except Unavailable as exc:
+        return d.reply(503, {"error": "unavailable"}, detail=str(exc))
+    except VaultError:
+        log.error("merchant %s: its secret does not open with this master key", merchant_id)
+        return d.reply(503, {"error": "unavailable"}, detail="merchant secret does not open")
+    if keys is None:
+        return d.reply(404, {"error": "not found"}, result="unknown", detail="no such merchant")
+
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            body = await _read_limited(request, MAX_BODY)
+    except TimeoutError:
+        return d.reply(408, {"error": "request timeout"}, result="malformed", detail="body too slow")
+    except (OSError, aiohttp.ClientPayloadError, HttpProcessingError):
+        return d.reply(400, {"error": "malformed"}, result="malformed", detail="body not received")
+    if body is None:
+        return _too_large(d)
+
+    signature = request.headers.get(SIGNATURE_HEADER)
+    if not keys.verifies(body, signature):
+        # the secret may have been rotated since it was cached: reload once, then decide
+        try:
+            fresh = await keys_cache.reload_if_stale(merchant_id)
+        except (Unavailable, VaultError):
+            fresh = None
+        if fresh is None or not fresh.verifies(body, signature):
+            detail = "no signature" if not signature else "signature does not match"
+            return d.reply(401, {"error": "invalid signature"}, result="invalid_signature", detail=detail)
+
+    try:
+        note = events.parse(body)
+    except events.Malformed as exc:
+        return _malformed(d, exc)
+    d.event_type = events.event_label(note.event_type)
+    d.raw_event_type = note.event_type
+    d.operation_number = note.operation_number
+
+    try:
+        async with request.app[DATABASE].connection() as conn:
+            outcome = await events.store_and_apply(conn, merchant_id, note)
+    except Unavailable as exc:
+        return d.reply(503, {"error": "unavailable"}, detail=str(exc))
+    except events.Malformed as exc:
+        return _malformed(d, exc)
+    if outcome.completed is not None:
+        metrics.observe_completion(outcome.completed, outcome.completed.state)
+    d.stored = None if outcome.result == "duplicate" else outcome.result
+    return d.reply(200, {"result": outcome.result}, result=outcome.metric_result, detail=outcome.detail)
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes | None:
+    """The raw body, or None as soon as it passes ``limit`` bytes (the rest is not kept)."""
+    received = bytearray()
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return bytes(received)
+        received += chunk
+        if len(received) > limit:
+            return None
+
+
+def _too_large(d: Delivery) -> web.Response:
+    response = d.reply(413, {"error": "body too large"}, result="malformed", detail=f"over {MAX_BODY} bytes")
+    response.force_close()  # do not keep a connection whose request body we did not read
+    return response
+
+
+def _malformed(d: Delivery, exc: events.Malformed) -> web.Response:
+    if exc.event_type is not None:
+        d.event_type = events.event_label(exc.event_type)
+        d.raw_event_type = exc.event_type
+    return d.reply(400, {"error": "malformed", "message": str(exc)}, result="malformed", detail=str(exc))
+
+
+def _log(d: Delivery, elapsed: float) -> None:
+    """One line per notification; never the body, the signature or a secret."""
+    line = {
+        "event": "notification",
+        "merchant": d.merchant,
+        "operationNumber": d.operation_number,
+        "eventType": (d.raw_event_type or "")[:64] or None,
+        "status": d.status,
+        "result": d.stored or d.result,
+        "detail": d.detail,
+        "ms": round(elapsed * 1000, 1),
+    }
+    level = logging.INFO if d.status < 400 else logging.WARNING
+    log.log(level, json.dumps(line, ensure_ascii=True, separators=(",", ":")))
+
+
+# --- probes -------------------------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    try:
+        async with request.app[DATABASE].connection() as conn:
+            await conn.fetchval("SELECT 1")
+    except Unavailable as exc:
+        log.warning("readyz: Postgres unavailable (%s)", exc)
+        return web.json_response({"status": "unavailable"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def metrics_view(request: web.Request) -> web.Response:
+    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
