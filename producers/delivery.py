@@ -24,7 +24,9 @@ log = logging.getLogger(__name__)
 @lru_cache(maxsize=1)
 def producer_broker() -> RedisBroker:
     """A broker used only to enqueue (no middleware: workers own retries and limits)."""
-    return RedisBroker(url=get_settings().require("redis_url"), middleware=[])
+    return RedisBroker(
+        url=get_settings().require("redis_url"), middleware=[], socket_connect_timeout=2, socket_timeout=5,
+    )
 
 
 def send_refund_message(refund_id: UUID | str, *, delay_ms: int | None = None) -> Message:

@@ -58,7 +58,7 @@ class RefundRequest:
         for name, value in (("merchant_id", merchant_id), ("original_transaction_id", original_transaction_id)):
             if not isinstance(value, str) or not value.strip() or len(value) > 64:
                 raise RefundRefused("invalid_field", f"{name} must be a non-empty string of at most 64 characters", name)
-        if not isinstance(external_ref, str) or not EXTERNAL_REF.match(external_ref):
+        if not isinstance(external_ref, str) or not EXTERNAL_REF.fullmatch(external_ref):
             raise RefundRefused(
                 "invalid_field", "external_ref must be 1-64 characters of letters, digits, and _ . : -", "external_ref"
             )

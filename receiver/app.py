@@ -29,7 +29,7 @@ from refunds.vault import Vault
 
 from . import events
 from .credentials import KeyCache
-from .database import Database, Unavailable
+from refunds.database import Database, Unavailable
 
 log = logging.getLogger("receiver")
 

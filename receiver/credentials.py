@@ -18,7 +18,7 @@ from pagoefectivo.protocol import verify_notification
 from refunds.merchants import find_merchant
 from refunds.vault import Vault
 
-from .database import Database
+from refunds.database import Database
 
 
 @dataclass(frozen=True)

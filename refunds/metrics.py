@@ -48,9 +48,13 @@ refund_outbox_oldest_seconds = Gauge(
 
 
 def observe_completion(refund, to_state: str) -> None:
-    """Count a refund that just reached a final state."""
+    """Count a refund that just reached its first final state (call after COMMIT).
+
+    A refund settled later out of manual review is not counted again: its completed_at
+    stays at the first final state, so it differs from updated_at.
+    """
     status = {"succeeded": "succeeded", "failed": "failed", "manual_review": "manual_review"}.get(to_state)
-    if status is None:
+    if status is None or refund.completed_at != refund.updated_at:
         return
     refunds_completed_total.labels(status).inc()
     if refund.completed_at and refund.created_at:

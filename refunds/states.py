@@ -67,7 +67,7 @@ async def transition(
                 UPDATE refunds r SET
                     state = $2,
                     updated_at = now(),
-                    completed_at = CASE WHEN $2 = ANY($4::text[]) THEN now() ELSE r.completed_at END,
+                    completed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(r.completed_at, now()) ELSE r.completed_at END,
                     claimed_until = CASE WHEN $2 = ANY($4::text[]) OR $2 = 'pending' THEN NULL ELSE r.claimed_until END,
                     next_check_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $8)
                                          WHEN $2 = ANY($4::text[]) THEN NULL ELSE r.next_check_at END,

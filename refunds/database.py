@@ -1,7 +1,7 @@
-"""The receiver's Postgres pool: created lazily, and every outage reported as one error.
+"""A service's Postgres pool: created lazily, and every outage reported as one error.
 
-The receiver must start (and answer /healthz) while Postgres is down, and answer 503 to
-notifications it cannot persist so that PagoEfectivo retries them. So the pool is made on
+The receiver and the intake API must start (and answer /healthz) while Postgres is down,
+and answer 503 to what they cannot persist so that the sender retries. So the pool is made on
 first use rather than at import or start, a failed attempt is retried at most once per
 ``retry_interval``, and every "the database is not there right now" error becomes
 ``Unavailable``.
@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from refunds import db as dbmod
+from . import db as dbmod
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Database:
         try:
             await self._ensure_pool()
         except Unavailable as exc:
-            log.warning("receiver: Postgres not reachable at start (%s); will retry on demand", exc)
+            log.warning("Postgres not reachable at start (%s); will retry on demand", exc)
 
     async def close(self) -> None:
         self._closed = True
@@ -88,13 +88,17 @@ class Database:
                 async with pool.acquire(timeout=self._acquire_timeout) as conn:
                     yield conn
         except OUTAGE_ERRORS as exc:
-            raise Unavailable(_describe(exc)) from exc
+            raise Unavailable(describe(exc)) from exc
+
+    async def pool(self) -> asyncpg.Pool:
+        """The pool itself (for callers that acquire their own connections)."""
+        return await self._ensure_pool()
 
     async def _ensure_pool(self) -> asyncpg.Pool:
         if self._pool is not None:
             return self._pool
         if self._closed:
-            raise Unavailable("the receiver is shutting down")
+            raise Unavailable("the service is shutting down")
         if self._lock is None:
             self._lock = asyncio.Lock()  # made here, so on the running loop
         async with self._lock:
@@ -110,16 +114,16 @@ class Database:
                 )
             except OUTAGE_ERRORS as exc:
                 self._failed_at = time.monotonic()
-                raise Unavailable(_describe(exc)) from exc
+                raise Unavailable(describe(exc)) from exc
             except asyncpg.PostgresError as exc:
                 # e.g. the database does not exist (yet) or auth fails: still "not ready"
                 self._failed_at = time.monotonic()
-                raise Unavailable(_describe(exc)) from exc
+                raise Unavailable(describe(exc)) from exc
             self._failed_at = None
             return self._pool
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """The error's class and message: never the DSN (it may carry a password)."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
