@@ -1,0 +1,12 @@
+"""A faithful simulated PagoEfectivo gateway (CONTRACT §4.5) for the demo and the tests.
+
+It speaks the wire protocol of ``pagoefectivo.protocol`` only (never the client), keeps
+its own tokens, CIPs, refunds and ledger in memory, reads merchants and payments from the
+project's database, sends real signed notifications and injects faults on demand.
+"""
+
+from .app import SANDBOX, Sandbox, create_app
+from .chaos import ChaosConfig, ChaosError
+from .cli import main
+
+__all__ = ["SANDBOX", "ChaosConfig", "ChaosError", "Sandbox", "create_app", "main"]

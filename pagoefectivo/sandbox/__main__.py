@@ -1,0 +1,7 @@
+"""``python -m pagoefectivo.sandbox --port P [chaos flags]``."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

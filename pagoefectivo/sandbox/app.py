@@ -1,0 +1,336 @@
+"""The sandbox PagoEfectivo gateway's HTTP surface (CONTRACT §4.1-4.5).
+
+Order of checks on a refund request (the first failing one answers):
+latency → Bearer token (401/508) → token issued to that merchantId (401/508) → rate limits
+(429) and injected errors (500/166) → required fields (112) → valid values (113) →
+timestamp within 5 minutes (606) → RSA signature (605) → externalRef replay or reuse (604)
+→ original transaction paid to that merchant (603) → currency (113) → refund window (602)
+→ refundable amount (601) → provider decision (success | pending | failure) and execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+from aiohttp import web
+
+from pagoefectivo import protocol
+from refunds.merchants import Merchant
+from refunds.vault import Vault
+
+from .chaos import Chaos, ChaosConfig, ChaosError
+from .directory import Directory
+from .notifier import Notifier
+from .state import Conflict, OverRefundable, RefundRecord, SandboxState
+from .wire import (
+    RATE_LIMITED, RefundOrder, Refusal, bearer_token, json_response, parse_authorization, parse_payment,
+    parse_refund, read_object, refusal, token_refusal,
+)
+
+log = logging.getLogger("pagoefectivo.sandbox")
+
+# The gateway's own rule, not the project's setting: days after payment a refund is accepted.
+REFUND_WINDOW_DAYS = {"cash": 90, "bank_transfer": 90}
+PENDING_SETTLE_SECONDS = (0.05, 0.2)
+DECLINED = "failure"
+
+
+@dataclass
+class Sandbox:
+    """Everything one gateway instance holds; reachable as ``app[SANDBOX]`` (tests use it)."""
+
+    state: SandboxState
+    chaos: Chaos
+    directory: Directory
+    notifier: Notifier
+    notify_base_url: str | None
+
+
+SANDBOX = web.AppKey("sandbox", Sandbox)
+
+
+def create_app(config: ChaosConfig | None = None, *, database_url: str, vault: Vault,
+               notify_base_url: str | None = None) -> web.Application:
+    """The gateway application; its database pool and HTTP session are made on start."""
+    chaos = Chaos(config)
+    app = web.Application(middlewares=[_errors])
+    app[SANDBOX] = Sandbox(SandboxState(), chaos, Directory(database_url, vault), Notifier(chaos),
+                           notify_base_url.rstrip("/") if notify_base_url else None)
+    app.cleanup_ctx.append(_lifecycle)
+    app.router.add_post("/v1/authorizations", authorize)
+    app.router.add_post("/v1/refunds", post_refund)
+    app.router.add_get("/v1/refunds/{external_ref}", get_refund)
+    app.router.add_post("/sandbox/payments", sandbox_payment)
+    app.router.add_get("/sandbox/ledger", ledger)
+    app.router.add_get("/sandbox/chaos", get_chaos)
+    app.router.add_post("/sandbox/chaos", post_chaos)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def _lifecycle(app: web.Application):
+    sandbox = app[SANDBOX]
+    await sandbox.directory.start()
+    await sandbox.notifier.start()
+    try:
+        yield
+    finally:
+        await sandbox.notifier.close()
+        await sandbox.directory.close()
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    """Refusals become envelopes; anything unexpected is a 500/166, never a stack trace on the wire."""
+    try:
+        return await handler(request)
+    except Refusal as exc:
+        return exc.response()
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        return Refusal(500, protocol.INTERNAL_ERROR).response()
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+# --- 4.1 authorization --------------------------------------------------------------
+
+async def authorize(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    await sandbox.chaos.latency()
+    auth = parse_authorization(await read_object(request))
+    now = _now()
+    if not protocol.within_tolerance(auth.date_request, now):
+        raise refusal(protocol.INVALID_VALUE, "dateRequest must be Lima time within 5 minutes of the gateway clock",
+                      "dateRequest")
+    given = auth.hash_string.strip().lower().encode("utf-8")
+    for merchant in await sandbox.directory.merchants_by_credentials(auth.access_key, auth.service_id):
+        secret = sandbox.directory.secret_key(merchant)
+        expected = protocol.auth_hash(auth.service_id, auth.access_key, secret, auth.date_request).encode("ascii")
+        if hmac.compare_digest(expected, given):
+            token, grant = sandbox.state.issue_token(merchant.merchant_id, merchant.service_id, now)
+            return json_response(protocol.envelope(protocol.OK, {
+                "token": token, "codeService": str(merchant.service_id),
+                "tokenStart": protocol.lima_timestamp(grant.start),
+                "tokenExpires": protocol.lima_timestamp(grant.expires),
+            }), status=201)
+    raise token_refusal("accessKey, idService or hashString is not valid", "hashString")
+
+
+def _grant(request: web.Request, sandbox: Sandbox):
+    grant = sandbox.state.token_grant(bearer_token(request), _now())
+    if grant is None:
+        raise token_refusal("the token is unknown or expired")
+    return grant
+
+
+# --- 4.2 refund request ---------------------------------------------------------------
+
+def _faults(sandbox: Sandbox, merchant_id: str, *, merchant_limit: bool) -> None:
+    chaos, config = sandbox.chaos, sandbox.chaos.config
+    if merchant_limit and (wait := chaos.over_merchant_limit(merchant_id)) is not None:
+        raise _rate_limited(wait)
+    if chaos.hit(config.rate_limited_rate):
+        raise _rate_limited(config.retry_after_s)
+    if chaos.hit(config.error_rate):
+        raise Refusal(500, protocol.INTERNAL_ERROR)
+
+
+def _rate_limited(seconds: int) -> Refusal:
+    return Refusal(429, RATE_LIMITED, message="Demasiadas solicitudes.", headers={"Retry-After": str(seconds)})
+
+
+@dataclass(frozen=True)
+class _Original:
+    amount: Decimal
+    currency: str
+    method: str
+    paid_at: datetime
+
+
+async def _original(sandbox: Sandbox, order: RefundOrder) -> _Original:
+    """The paid transaction: a CIP this sandbox created, or one in the project's database."""
+    cip = sandbox.state.cip(order.merchant_id, order.original_transaction_id)
+    if cip is not None:
+        return _Original(cip.amount, cip.currency, cip.method, cip.paid_at)
+    payment = await sandbox.directory.payment(order.merchant_id, order.original_transaction_id)
+    if payment is not None:
+        return _Original(payment.amount, payment.currency, payment.method, payment.paid_at)
+    raise refusal(protocol.TRANSACTION_UNKNOWN, "no paid transaction with this id for this merchant",
+                  "originalTransactionId")
+
+
+def _signed_by(merchant: Merchant, order: RefundOrder) -> bool:
+    try:
+        return protocol.verify_fields(order.fields, order.signature, merchant.public_key_pem)
+    except ValueError:  # a registered key that does not load: nothing verifies against it
+        return False
+
+
+async def post_refund(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    await sandbox.chaos.latency()
+    grant = _grant(request, sandbox)
+    body = await read_object(request)
+    claimed = body.get("merchantId")
+    if claimed not in (None, "") and str(claimed) != grant.merchant_id:
+        raise token_refusal("the token was not issued to this merchantId", "merchantId")
+    _faults(sandbox, grant.merchant_id, merchant_limit=True)
+    order = parse_refund(body)
+    now = _now()
+    if abs(order.timestamp - now) > protocol.MAX_CLOCK_SKEW:
+        raise refusal(protocol.TIMESTAMP_OUT_OF_TOLERANCE, "timestamp is more than 5 minutes off the gateway clock",
+                      "timestamp")
+    merchant = await sandbox.directory.merchant(order.merchant_id)
+    if merchant is None:
+        raise token_refusal("the merchant is not registered", "merchantId")
+    if not _signed_by(merchant, order):
+        merchant = await sandbox.directory.merchant(order.merchant_id, fresh=True)  # the key may have rotated
+        if merchant is None or not _signed_by(merchant, order):
+            raise refusal(protocol.SIGNATURE_INVALID, "signature does not verify with the registered public key",
+                          "signature")
+    try:
+        earlier = sandbox.state.replay(order)
+    except Conflict:
+        raise _reused() from None
+    if earlier is not None:
+        return _refund_answer(earlier)
+    original = await _original(sandbox, order)
+    if original.currency != order.currency:
+        raise refusal(protocol.INVALID_VALUE, f"the transaction was paid in {original.currency}", "currency")
+    window = timedelta(days=REFUND_WINDOW_DAYS.get(original.method, 90))
+    if now - original.paid_at > window:
+        raise refusal(protocol.REFUND_WINDOW_CLOSED, f"refunds are accepted up to {window.days} days after payment",
+                      "originalTransactionId")
+    try:
+        record, new = sandbox.state.record_refund(order, paid_amount=original.amount,
+                                                  status=sandbox.chaos.draw_status(), now=now)
+    except Conflict:
+        raise _reused() from None
+    except OverRefundable as exc:
+        raise refusal(protocol.AMOUNT_OVER_REFUNDABLE, f"at most {exc.available:.2f} can still be refunded",
+                      "refundAmount") from None
+    if new:
+        log.info("refund %s/%s %s: %s %s %s", record.merchant_id, record.external_ref, record.refund_id,
+                 record.status, record.amount, record.currency)
+        _notify_refund(sandbox, merchant, order, record)
+        if sandbox.chaos.hit(sandbox.chaos.config.timeout_after_commit_rate):
+            await _lose_answer(request, sandbox.chaos.config.timeout_hold_s)
+    return _refund_answer(record)
+
+
+def _reused() -> Refusal:
+    return refusal(protocol.EXTERNAL_REF_REUSED, "externalRef was used before with other parameters", "externalRef")
+
+
+def _refund_answer(record: RefundRecord) -> web.Response:
+    return json_response(protocol.envelope(protocol.OK, record.answer()))
+
+
+async def _lose_answer(request: web.Request, hold_seconds: float) -> None:
+    """Chaos: the refund is committed, but its answer never arrives (the connection drops)."""
+    if hold_seconds > 0:
+        await asyncio.sleep(hold_seconds)
+    if request.transport is not None:
+        request.transport.close()
+    raise web.HTTPInternalServerError()  # written to a closed transport: nothing reaches the client
+
+
+def _notify_refund(sandbox: Sandbox, merchant: Merchant, order: RefundOrder, record: RefundRecord) -> None:
+    """refund.succeeded for an executed refund (a pending one settles ~50-200 ms later),
+    refund.failed for a decline."""
+    data = {
+        "refundId": record.refund_id, "externalRef": record.external_ref,
+        "originalTransactionId": record.original_transaction_id, "refundAmount": record.amount,
+        "currency": record.currency, "merchantId": record.merchant_id,
+        "status": "success" if record.executed else DECLINED,
+    }
+    if not record.executed:
+        data.update(code=record.reason_code, reason=record.decline_reason)
+    payload = {
+        "eventType": "refund.succeeded" if record.executed else "refund.failed",
+        "operationNumber": sandbox.state.next_operation_number(),
+        "data": data,
+    }
+    pending = record.status == "pending"
+    sandbox.notifier.send(
+        order.notify_url, merchant.merchant_id, payload, sandbox.directory.secret_key(merchant),
+        delay=sandbox.chaos.uniform(*PENDING_SETTLE_SECONDS) if pending else 0.0,
+        on_due=(lambda: sandbox.state.settle(record)) if pending else None,
+    )
+
+
+# --- 4.3 refund status ----------------------------------------------------------------
+
+async def get_refund(request: web.Request) -> web.Response:
+    sandbox = request.app[SANDBOX]
+    await sandbox.chaos.latency()
+    grant = _grant(request, sandbox)
+    merchant_id = request.headers.get(protocol.MERCHANT_HEADER, "").strip()
+    if not merchant_id:
+        raise refusal(protocol.REQUIRED, f"{protocol.MERCHANT_HEADER} is required", protocol.MERCHANT_HEADER)
+    if merchant_id != grant.merchant_id:
+        raise token_refusal("the token was not issued to this merchant", protocol.MERCHANT_HEADER)
+    _faults(sandbox, merchant_id, merchant_limit=False)
+    record = sandbox.state.refund(merchant_id, request.match_info["external_ref"])
+    if record is None:
+        raise refusal(protocol.TRANSACTION_UNKNOWN, "no refund with this externalRef", "externalRef", status=404)
+    return _refund_answer(record)
+
+
+# --- 4.5 sandbox-only endpoints ---------------------------------------------------------
+
+async def sandbox_payment(request: web.Request) -> web.Response:
+    """A customer pays: a new CIP, paid now, announced to the merchant by a signed cip.paid."""
+    sandbox = request.app[SANDBOX]
+    order = parse_payment(await read_object(request))
+    merchant = await sandbox.directory.merchant(order.merchant_id)
+    if merchant is None:
+        raise refusal(protocol.INVALID_VALUE, "no sandbox merchant with this id", "merchantId")
+    now = _now()
+    cip = sandbox.state.add_cip(merchant_id=merchant.merchant_id, transaction_code=order.transaction_code,
+                                amount=order.amount, currency=order.currency, method=order.method, paid_at=now)
+    url = merchant.notify_url_or(sandbox.notify_base_url)
+    if url is None:
+        log.warning("cip %s for %s: no notify URL (merchant has none, REFUNDS_NOTIFY_URL unset)",
+                    cip.cip, merchant.merchant_id)
+    else:
+        sandbox.notifier.send(url, merchant.merchant_id, {
+            "eventType": "cip.paid",
+            "operationNumber": sandbox.state.next_operation_number(),
+            "data": {"cip": cip.cip, "currency": cip.currency, "amount": cip.amount,
+                     "transactionCode": cip.transaction_code, "paymentDate": protocol.lima_timestamp(now),
+                     "merchantId": merchant.merchant_id, "method": cip.method},
+        }, sandbox.directory.secret_key(merchant))
+    return json_response({"cip": cip.cip})
+
+
+async def ledger(request: web.Request) -> web.Response:
+    return json_response([entry.to_json() for entry in request.app[SANDBOX].state.ledger])
+
+
+async def get_chaos(request: web.Request) -> web.Response:
+    return json_response(request.app[SANDBOX].chaos.config.to_json())
+
+
+async def post_chaos(request: web.Request) -> web.Response:
+    chaos = request.app[SANDBOX].chaos
+    try:
+        config = chaos.update(await read_object(request))
+    except ChaosError as exc:
+        raise refusal(protocol.INVALID_VALUE, exc.message, exc.key) from None
+    log.info("chaos now %s", config.to_json())
+    return json_response(config.to_json())
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})

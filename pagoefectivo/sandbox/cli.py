@@ -1,0 +1,107 @@
+"""``python -m pagoefectivo.sandbox`` / ``refundctl sandbox serve``: run the gateway until SIGTERM or SIGINT.
+
+Settings: DATABASE_URL and REFUNDS_MASTER_KEY (or REFUNDS_MASTER_KEY_FILE) are required;
+REFUNDS_NOTIFY_URL is where merchants without their own notify URL get ``cip.paid``.
+Every chaos key is also a flag (``latency_ms`` → ``--latency-ms``); mappings take JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import fields
+
+from aiohttp import web
+
+from refunds.errors import ConfigError
+from refunds.settings import get_settings
+from refunds.vault import Vault
+
+from .app import create_app
+from .chaos import ChaosConfig, ChaosError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8090
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+_FLAG_TYPES = {"rate": float, "duration": float, "seconds": int, "limits": _json_object, "mix": _json_object}
+_METAVARS = {"rate": "P", "duration": "N", "seconds": "S", "limits": "JSON", "mix": "JSON"}
+
+
+def flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def build_parser(prog: str = "python -m pagoefectivo.sandbox") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="The PagoEfectivo sandbox gateway (CONTRACT §4.5).")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"listen address (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
+    chaos = parser.add_argument_group("chaos", "gateway faults; the same keys as POST /sandbox/chaos")
+    for f in fields(ChaosConfig):
+        kind = f.metadata["kind"]
+        chaos.add_argument(flag(f.name), dest=f.name, type=_FLAG_TYPES[kind], default=None, metavar=_METAVARS[kind],
+                           help=f"{f.metadata['help']} (default {json.dumps(ChaosConfig().to_json()[f.name])})")
+    return parser
+
+
+def chaos_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> ChaosConfig:
+    changes = {key: getattr(args, key) for key in ChaosConfig.keys() if getattr(args, key) is not None}
+    try:
+        return ChaosConfig().merged(changes)
+    except ChaosError as exc:
+        name, _, inner = exc.key.partition(".")
+        parser.error(f"{flag(name)}{' ' + inner if inner else ''}: {exc.message}")
+        raise  # not reached: parser.error exits
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = chaos_from_args(parser, args)
+    try:
+        settings = get_settings()
+        database_url = settings.require("database_url")
+        vault = Vault(settings.master_key())
+        level = logging.getLevelName(settings.log_level.upper())
+        if not isinstance(level, int):
+            raise ConfigError(f"LOG_LEVEL is malformed: {settings.log_level!r} is not a logging level")
+    except ConfigError as exc:
+        print(f"sandbox: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    app = create_app(config, database_url=database_url, vault=vault, notify_base_url=settings.refunds_notify_url)
+    try:
+        asyncio.run(serve(app, args.host, args.port))
+    except OSError as exc:  # the port is taken, the host is not ours, or Postgres is not there
+        print(f"sandbox: cannot start on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def serve(app: web.Application, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    runner = web.AppRunner(app, access_log=None)  # refunds are logged by the app; tokens never are
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        print(f"sandbox listening on http://{host}:{port}", flush=True)
+        await stop.wait()
+    finally:
+        await runner.cleanup()

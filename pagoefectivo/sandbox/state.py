@@ -1,0 +1,198 @@
+"""The gateway's own memory: tokens, the CIPs it created, refunds and the ledger.
+
+The ledger is what exactly-once is judged against, so a refund is executed at most once
+per (merchant, externalRef), ever. ``record_refund`` is synchronous on purpose: with no
+``await`` inside, the idempotency re-check, the cap and the execution cannot interleave
+with another request on the same event loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from pagoefectivo import protocol
+
+from .wire import RefundOrder
+
+DECLINE_CODE = "701"
+DECLINE_REASON = "declined by issuer"
+
+
+def _token_key(token: str) -> str:
+    """Tokens are kept by digest, so the store never holds a usable credential."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    merchant_id: str
+    service_id: int
+    start: datetime
+    expires: datetime
+
+
+@dataclass(frozen=True)
+class Cip:
+    """A payment made through ``POST /sandbox/payments``; ``cip`` is its transaction id."""
+
+    cip: str
+    merchant_id: str
+    transaction_code: str
+    amount: Decimal
+    currency: str
+    method: str
+    paid_at: datetime
+
+
+@dataclass
+class RefundRecord:
+    refund_id: str
+    merchant_id: str
+    external_ref: str
+    original_transaction_id: str
+    amount: Decimal
+    currency: str
+    reason: str | None
+    status: str  # pending | success | failure; pending moves to success when its notification is due
+    executed: bool
+    recorded_at: datetime
+    reason_code: str | None = None
+    decline_reason: str | None = None
+
+    def answer(self) -> dict:
+        """The ``data`` of the synchronous answer and of the status lookup."""
+        data = {"refundId": self.refund_id, "externalRef": self.external_ref, "status": self.status}
+        if self.status == "failure":
+            data.update(reasonCode=self.reason_code, reason=self.decline_reason)
+        return data
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    merchant_id: str
+    external_ref: str
+    amount: Decimal
+    currency: str
+    executed_at: datetime
+
+    def to_json(self) -> dict:
+        return {"merchantId": self.merchant_id, "externalRef": self.external_ref, "refundAmount": self.amount,
+                "currency": self.currency, "executedAt": protocol.lima_timestamp(self.executed_at)}
+
+
+class Conflict(Exception):
+    """The externalRef was used before with other parameters (604)."""
+
+
+class OverRefundable(Exception):
+    """The amount exceeds what is left of the payment (601)."""
+
+    def __init__(self, available: Decimal):
+        super().__init__(str(available))
+        self.available = available
+
+
+class _Sequence:
+    """Numeric ids that stay unique across restarts: a microsecond clock base plus a counter
+    (the receiver deduplicates on operationNumber, so a restarted sandbox must not reuse one)."""
+
+    def __init__(self) -> None:
+        self._next = time.time_ns() // 1000
+
+    def __call__(self) -> str:
+        self._next += 1
+        return str(self._next)
+
+
+@dataclass
+class SandboxState:
+    tokens: dict[str, TokenGrant] = field(default_factory=dict)
+    cips: dict[tuple[str, str], Cip] = field(default_factory=dict)
+    refunds: dict[tuple[str, str], RefundRecord] = field(default_factory=dict)
+    ledger: list[LedgerEntry] = field(default_factory=list)
+    executed: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    next_cip: _Sequence = field(default_factory=_Sequence)
+    next_operation_number: _Sequence = field(default_factory=_Sequence)
+
+    # --- tokens ----------------------------------------------------------------------
+
+    def issue_token(self, merchant_id: str, service_id: int, now: datetime) -> tuple[str, TokenGrant]:
+        self._drop_expired_tokens(now)
+        token = secrets.token_urlsafe(32)
+        grant = TokenGrant(merchant_id, service_id, now, now + protocol.TOKEN_LIFETIME)
+        self.tokens[_token_key(token)] = grant
+        return token, grant
+
+    def token_grant(self, token: str, now: datetime) -> TokenGrant | None:
+        grant = self.tokens.get(_token_key(token))
+        return grant if grant is not None and grant.expires > now else None
+
+    def _drop_expired_tokens(self, now: datetime) -> None:
+        for key in [key for key, grant in self.tokens.items() if grant.expires <= now]:
+            del self.tokens[key]
+
+    # --- payments --------------------------------------------------------------------
+
+    def add_cip(self, *, merchant_id: str, transaction_code: str, amount: Decimal, currency: str, method: str,
+                paid_at: datetime) -> Cip:
+        cip = Cip(self.next_cip(), merchant_id, transaction_code, amount, currency, method, paid_at)
+        self.cips[(merchant_id, cip.cip)] = cip
+        return cip
+
+    def cip(self, merchant_id: str, number: str) -> Cip | None:
+        return self.cips.get((merchant_id, number))
+
+    # --- refunds ---------------------------------------------------------------------
+
+    def refund(self, merchant_id: str, external_ref: str) -> RefundRecord | None:
+        return self.refunds.get((merchant_id, external_ref))
+
+    def replay(self, order: RefundOrder) -> RefundRecord | None:
+        """The earlier refund with this externalRef, or None; Conflict if its parameters differ."""
+        earlier = self.refund(order.merchant_id, order.external_ref)
+        if earlier is not None and not order.same_parameters(
+            earlier.original_transaction_id, earlier.amount, earlier.currency
+        ):
+            raise Conflict(order.external_ref)
+        return earlier
+
+    def executed_total(self, merchant_id: str, transaction_id: str) -> Decimal:
+        return self.executed.get((merchant_id, transaction_id), Decimal("0.00"))
+
+    def record_refund(self, order: RefundOrder, *, paid_amount: Decimal, status: str,
+                      now: datetime) -> tuple[RefundRecord, bool]:
+        """Record (and unless declined, execute) a refund; returns it and whether it is new.
+
+        A concurrent request with the same externalRef may have finished while this one was
+        looking things up, so idempotency is checked again here, before the cap.
+        """
+        earlier = self.replay(order)
+        if earlier is not None:
+            return earlier, False
+        key = (order.merchant_id, order.original_transaction_id)
+        available = paid_amount - self.executed_total(*key)
+        if order.amount > available:
+            raise OverRefundable(available)
+        record = RefundRecord(
+            refund_id=str(uuid.uuid4()), merchant_id=order.merchant_id, external_ref=order.external_ref,
+            original_transaction_id=order.original_transaction_id, amount=order.amount, currency=order.currency,
+            reason=order.reason, status=status, executed=status != "failure", recorded_at=now,
+        )
+        if record.executed:
+            self.executed[key] = self.executed_total(*key) + order.amount
+            self.ledger.append(LedgerEntry(order.merchant_id, order.external_ref, order.amount, order.currency, now))
+        else:
+            record.reason_code, record.decline_reason = DECLINE_CODE, DECLINE_REASON
+        self.refunds[(order.merchant_id, order.external_ref)] = record
+        return record, True
+
+    def settle(self, record: RefundRecord) -> None:
+        """A pending refund becomes final when its refund.succeeded notification is due."""
+        if record.status == "pending":
+            record.status = "success"

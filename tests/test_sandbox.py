@@ -1,0 +1,480 @@
+"""The sandbox gateway over real HTTP and a real Postgres, with a real notify-URL receiver.
+
+Requests are built from ``pagoefectivo.protocol`` alone (never the client), so these tests
+check the sandbox against the published and modelled formats, not against our own client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from pagoefectivo import protocol
+from pagoefectivo.sandbox import SANDBOX, create_app
+from refunds.payments import record_payment
+from refunds.processes import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTIFY = "/pagoefectivo/notifications/{}"
+
+
+# --- a notify URL that records what it receives --------------------------------------------
+
+@dataclass(frozen=True)
+class Received:
+    path: str
+    headers: dict
+    body: bytes
+
+    @property
+    def json(self) -> dict:
+        return protocol.loads(self.body)
+
+
+class Receiver:
+    def __init__(self) -> None:
+        self.received: list[Received] = []
+        self.answers: list[int] = []  # statuses to answer before 200s
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.received.append(Received(request.path, dict(request.headers), await request.read()))
+        return web.Response(status=self.answers.pop(0) if self.answers else 200)
+
+    async def wait_for(self, count: int, timeout: float = 5.0) -> list[Received]:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while len(self.received) < count:
+            assert asyncio.get_running_loop().time() < deadline, f"only {len(self.received)} of {count} arrived"
+            await asyncio.sleep(0.02)
+        return self.received
+
+
+@pytest_asyncio.fixture
+async def receiver():
+    rec = Receiver()
+    app = web.Application()
+    app.router.add_post("/{tail:.*}", rec.handle)
+    async with TestServer(app) as server:
+        rec.url = str(server.make_url("")).rstrip("/")
+        yield rec
+
+
+@pytest_asyncio.fixture
+async def gateway(db, database_url, vault, receiver):
+    app = create_app(database_url=database_url, vault=vault, notify_base_url=receiver.url)
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+@pytest_asyncio.fixture
+async def keys(make_merchant, gateway):
+    """Merchant m1, registered after the gateway started (it must still be found)."""
+    return await make_merchant("m1")
+
+
+@pytest_asyncio.fixture
+async def paid(db, keys):
+    """A paid 100.00 PEN cash transaction CIP-1 of m1, recorded in the project's database."""
+    await record_payment(db, merchant_id="m1", transaction_id="CIP-1", amount=Decimal("100.00"), currency="PEN",
+                         method="cash", paid_at=datetime.now(timezone.utc) - timedelta(days=1))
+    return "CIP-1"
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def call(client, method: str, path: str, body=None, *, token=None, headers=None):
+    sent = {"Content-Type": "application/json", **(headers or {})}
+    if token:
+        sent["Authorization"] = f"Bearer {token}"
+    response = await client.request(method, path, data=None if body is None else protocol.dumps(body), headers=sent)
+    raw = await response.read()
+    return response, (protocol.loads(raw) if raw else None)
+
+
+def auth_body(keys, *, date_request=None, secret=None) -> dict:
+    merchant = keys.merchant
+    date_request = date_request or protocol.lima_timestamp(now())
+    return {"accessKey": merchant.access_key, "idService": merchant.service_id, "dateRequest": date_request,
+            "hashString": protocol.auth_hash(merchant.service_id, merchant.access_key, secret or keys.secret_key,
+                                             date_request)}
+
+
+async def token_for(client, keys) -> str:
+    response, payload = await call(client, "POST", "/v1/authorizations", auth_body(keys))
+    assert response.status == 201, payload
+    return payload["data"]["token"]
+
+
+def refund_body(keys, receiver, *, sign=True, tamper=None, **overrides) -> dict:
+    """A signed refund request; ``tamper`` changes fields after signing."""
+    fields = {
+        "merchantId": keys.merchant.merchant_id, "originalTransactionId": "CIP-1",
+        "refundAmount": Decimal("10.50"), "currency": "PEN", "refundReason": "customer returned the item",
+        "externalRef": "R-1", "notifyUrl": f"{receiver.url}/refunds", "timestamp": protocol.lima_timestamp(now()),
+    }
+    fields.update(overrides)
+    if sign:
+        fields["signature"] = protocol.sign_fields(fields, protocol.load_private_key(keys.private_key_pem))
+    fields.update(tamper or {})
+    return fields
+
+
+async def refund(client, token, body):
+    return await call(client, "POST", "/v1/refunds", body, token=token)
+
+
+async def set_chaos(client, **knobs):
+    response, payload = await call(client, "POST", "/sandbox/chaos", knobs)
+    assert response.status == 200, payload
+    return payload
+
+
+async def ledger(client) -> list[dict]:
+    response, payload = await call(client, "GET", "/sandbox/ledger")
+    assert response.status == 200
+    return payload
+
+
+def error_fields(payload) -> list[tuple[str, str]]:
+    return [(d["code"], d["field"]) for d in payload["data"]]
+
+
+def assert_signed(note: Received, secret: str) -> None:
+    assert note.headers["Content-Type"].startswith("application/json")
+    assert protocol.verify_notification(note.body, note.headers[protocol.SIGNATURE_HEADER], secret)
+
+
+# --- 4.1 authorization --------------------------------------------------------------------
+
+async def test_authorization_issues_a_two_hour_token(gateway, keys):
+    response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(keys))
+    assert response.status == 201
+    assert (payload["code"], payload["message"]) == ("100", "Solicitud exitosa.")
+    data = payload["data"]
+    assert data["token"] and data["codeService"] == str(keys.merchant.service_id)
+    start, expires = protocol.parse_timestamp(data["tokenStart"]), protocol.parse_timestamp(data["tokenExpires"])
+    assert expires - start == timedelta(hours=2)
+    assert data["tokenStart"].endswith("-05:00")
+
+
+async def test_authorization_refuses_bad_hash_stale_date_and_missing_fields(gateway, keys):
+    response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(keys, secret="not-the-secret"))
+    assert (response.status, payload["code"]) == (401, "508")
+
+    stale = protocol.lima_timestamp(now() - timedelta(minutes=10))
+    response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(keys, date_request=stale))
+    assert (response.status, payload["code"], error_fields(payload)) == (400, "113", [("113", "dateRequest")])
+
+    response, payload = await call(gateway, "POST", "/v1/authorizations", {"accessKey": "AKM1"})
+    assert (response.status, payload["code"]) == (400, "112")
+    assert {field for _, field in error_fields(payload)} == {"idService", "dateRequest", "hashString"}
+
+
+# --- 4.2 refunds --------------------------------------------------------------------------
+
+async def test_refund_is_executed_once_and_notified_with_a_valid_signature(gateway, keys, paid, receiver):
+    await set_chaos(gateway, sync_status_mix={"success": 1})
+    token = await token_for(gateway, keys)
+    response, payload = await refund(gateway, token, refund_body(keys, receiver))
+    assert response.status == 200, payload
+    assert payload["code"] == "100"
+    assert payload["data"]["externalRef"] == "R-1" and payload["data"]["status"] == "success"
+    refund_id = payload["data"]["refundId"]
+
+    entries = await ledger(gateway)
+    assert [(e["merchantId"], e["externalRef"], e["refundAmount"], e["currency"]) for e in entries] == [
+        ("m1", "R-1", Decimal("10.50"), "PEN")]
+    assert protocol.parse_timestamp(entries[0]["executedAt"])
+
+    [note] = await receiver.wait_for(1)
+    assert note.path == "/refunds"
+    assert_signed(note, keys.secret_key)
+    body = note.json
+    assert body["eventType"] == "refund.succeeded" and body["operationNumber"]
+    assert body["data"] == {"refundId": refund_id, "externalRef": "R-1", "originalTransactionId": "CIP-1",
+                            "refundAmount": Decimal("10.50"), "currency": "PEN", "merchantId": "m1",
+                            "status": "success"}
+
+
+async def test_bad_signature_is_605(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    body = refund_body(keys, receiver, tamper={"refundAmount": Decimal("99.00")})
+    response, payload = await refund(gateway, token, body)
+    assert (response.status, payload["code"], error_fields(payload)) == (400, "605", [("605", "signature")])
+    assert await ledger(gateway) == []
+
+
+async def test_timestamp_ten_minutes_off_is_606(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    body = refund_body(keys, receiver, timestamp=protocol.lima_timestamp(now() - timedelta(minutes=10)))
+    response, payload = await refund(gateway, token, body)
+    assert (response.status, payload["code"]) == (400, "606")
+
+
+async def test_missing_and_invalid_fields_are_112_and_113(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    body = refund_body(keys, receiver)
+    del body["notifyUrl"]
+    response, payload = await refund(gateway, token, body)
+    assert (response.status, payload["code"], error_fields(payload)) == (400, "112", [("112", "notifyUrl")])
+    body = refund_body(keys, receiver, refundAmount=Decimal("-1.00"), currency="EUR")
+    response, payload = await refund(gateway, token, body)
+    assert (response.status, payload["code"]) == (400, "113")
+    assert {field for _, field in error_fields(payload)} == {"refundAmount", "currency"}
+
+
+async def test_unknown_transaction_is_603(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    response, payload = await refund(gateway, token, refund_body(keys, receiver, originalTransactionId="NOPE"))
+    assert (response.status, payload["code"]) == (400, "603")
+
+
+async def test_currency_mismatch_is_113_currency(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    response, payload = await refund(gateway, token, refund_body(keys, receiver, currency="USD"))
+    assert (response.status, payload["code"], error_fields(payload)) == (400, "113", [("113", "currency")])
+
+
+async def test_refund_window_closed_is_602(gateway, db, keys, receiver):
+    await record_payment(db, merchant_id="m1", transaction_id="OLD-1", amount=Decimal("50.00"), currency="PEN",
+                         method="cash", paid_at=now() - timedelta(days=100))
+    token = await token_for(gateway, keys)
+    response, payload = await refund(gateway, token, refund_body(keys, receiver, originalTransactionId="OLD-1"))
+    assert (response.status, payload["code"]) == (400, "602")
+    assert await ledger(gateway) == []
+
+
+async def test_refunds_over_the_paid_amount_are_601(gateway, keys, paid, receiver):
+    await set_chaos(gateway, sync_status_mix={"success": 1, "pending": 1})
+    token = await token_for(gateway, keys)
+    first = refund_body(keys, receiver, externalRef="R-1", refundAmount=Decimal("60.00"))
+    assert (await refund(gateway, token, first))[0].status == 200
+    second = refund_body(keys, receiver, externalRef="R-2", refundAmount=Decimal("40.01"))
+    response, payload = await refund(gateway, token, second)
+    assert (response.status, payload["code"], error_fields(payload)) == (400, "601", [("601", "refundAmount")])
+    last = refund_body(keys, receiver, externalRef="R-3", refundAmount=Decimal("40.00"))
+    assert (await refund(gateway, token, last))[0].status == 200  # exactly the rest still fits
+    assert [e["externalRef"] for e in await ledger(gateway)] == ["R-1", "R-3"]
+
+
+async def test_replay_returns_the_first_answer_and_other_parameters_are_604(gateway, keys, paid, receiver):
+    await set_chaos(gateway, sync_status_mix={"success": 1})
+    token = await token_for(gateway, keys)
+    _, first = await refund(gateway, token, refund_body(keys, receiver))
+    await asyncio.sleep(0.01)
+    response, again = await refund(gateway, token, refund_body(keys, receiver))  # re-signed, new timestamp
+    assert response.status == 200 and again["data"] == first["data"]
+    assert len(await ledger(gateway)) == 1
+
+    response, payload = await refund(gateway, token, refund_body(keys, receiver, refundAmount=Decimal("11.00")))
+    assert (response.status, payload["code"], error_fields(payload)) == (400, "604", [("604", "externalRef")])
+    assert len(await ledger(gateway)) == 1
+    await receiver.wait_for(1)
+    await asyncio.sleep(0.1)
+    assert len(receiver.received) == 1  # one execution, one notification
+
+
+async def test_pending_settles_by_notification_and_status_follows(gateway, keys, paid, receiver):
+    await set_chaos(gateway, sync_status_mix={"pending": 1})
+    token = await token_for(gateway, keys)
+    _, payload = await refund(gateway, token, refund_body(keys, receiver))
+    assert payload["data"]["status"] == "pending"
+    assert len(await ledger(gateway)) == 1  # pending is executed
+    [note] = await receiver.wait_for(1)
+    assert note.json["eventType"] == "refund.succeeded" and note.json["data"]["status"] == "success"
+    _, status = await call(gateway, "GET", "/v1/refunds/R-1", token=token, headers={protocol.MERCHANT_HEADER: "m1"})
+    assert status["data"]["status"] == "success"
+
+
+async def test_decline_is_not_executed_and_is_notified_as_failed(gateway, keys, paid, receiver):
+    await set_chaos(gateway, sync_status_mix={"failure": 1})
+    token = await token_for(gateway, keys)
+    body = refund_body(keys, receiver, refundAmount=Decimal("100.00"))
+    response, payload = await refund(gateway, token, body)
+    assert response.status == 200
+    assert payload["data"]["status"] == "failure" and payload["data"]["reasonCode"] == "701"
+    assert payload["data"]["reason"]
+    assert await ledger(gateway) == []
+    [note] = await receiver.wait_for(1)
+    assert_signed(note, keys.secret_key)
+    assert note.json["eventType"] == "refund.failed"
+    assert (note.json["data"]["status"], note.json["data"]["code"]) == ("failure", "701")
+    await set_chaos(gateway, sync_status_mix={"success": 1})
+    other = refund_body(keys, receiver, externalRef="R-2", refundAmount=Decimal("100.00"))
+    assert (await refund(gateway, token, other))[0].status == 200  # a decline reserves nothing
+
+
+async def test_token_of_another_merchant_is_508(gateway, make_merchant, keys, paid, receiver):
+    other = await make_merchant("m2")
+    token = await token_for(gateway, other)
+    response, payload = await refund(gateway, token, refund_body(keys, receiver))
+    assert (response.status, payload["code"]) == (401, "508")
+    response, payload = await refund(gateway, "not-a-token", refund_body(keys, receiver))
+    assert (response.status, payload["code"]) == (401, "508")
+
+
+# --- 4.3 status ---------------------------------------------------------------------------
+
+async def test_status_lookup_finds_the_refund_or_answers_404(gateway, keys, paid, receiver):
+    await set_chaos(gateway, sync_status_mix={"success": 1})
+    token = await token_for(gateway, keys)
+    _, sent = await refund(gateway, token, refund_body(keys, receiver))
+    response, payload = await call(gateway, "GET", "/v1/refunds/R-1", token=token,
+                                   headers={protocol.MERCHANT_HEADER: "m1"})
+    assert response.status == 200 and payload["data"] == sent["data"]
+    response, payload = await call(gateway, "GET", "/v1/refunds/R-404", token=token,
+                                   headers={protocol.MERCHANT_HEADER: "m1"})
+    assert (response.status, payload["code"]) == (404, "603")
+    response, payload = await call(gateway, "GET", "/v1/refunds/R-1", token=token,
+                                   headers={protocol.MERCHANT_HEADER: "m2"})
+    assert (response.status, payload["code"]) == (401, "508")
+
+
+# --- 4.5 sandbox payments, chaos ------------------------------------------------------------
+
+async def test_sandbox_payment_sends_a_signed_cip_paid_and_can_be_refunded(gateway, keys, receiver):
+    response, payload = await call(gateway, "POST", "/sandbox/payments", {
+        "merchantId": "m1", "transactionCode": "ORDER-1", "amount": Decimal("150.50"), "currency": "PEN"})
+    assert response.status == 200
+    cip = payload["cip"]
+    assert isinstance(cip, str) and cip.isdigit()
+    [note] = await receiver.wait_for(1)
+    assert note.path == NOTIFY.format("m1")
+    assert_signed(note, keys.secret_key)
+    body = note.json
+    assert body["eventType"] == "cip.paid" and body["operationNumber"]
+    data = body["data"]
+    assert (data["cip"], data["amount"], data["currency"], data["transactionCode"], data["merchantId"],
+            data["method"]) == (cip, Decimal("150.50"), "PEN", "ORDER-1", "m1", "cash")
+    assert abs(protocol.parse_timestamp(data["paymentDate"]) - now()) < timedelta(minutes=1)
+
+    _, second = await call(gateway, "POST", "/sandbox/payments", {
+        "merchantId": "m1", "transactionCode": "ORDER-2", "amount": Decimal("5.00"), "currency": "PEN"})
+    assert second["cip"] != cip
+    token = await token_for(gateway, keys)  # the CIP is known to the gateway, not (yet) to the database
+    response, payload = await refund(gateway, token, refund_body(keys, receiver, originalTransactionId=cip))
+    assert response.status == 200, payload
+
+
+async def test_chaos_errors_execute_nothing(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    await set_chaos(gateway, error_rate=1.0)
+    body = refund_body(keys, receiver)
+    response, payload = await refund(gateway, token, body)
+    assert (response.status, payload["code"]) == (500, "166")
+    assert await ledger(gateway) == []
+    response, _ = await call(gateway, "GET", "/v1/refunds/R-1", token=token, headers={protocol.MERCHANT_HEADER: "m1"})
+    assert response.status == 500
+    await set_chaos(gateway, error_rate=0, sync_status_mix={"success": 1})
+    assert (await refund(gateway, token, body))[0].status == 200  # the retry goes through, once
+    assert len(await ledger(gateway)) == 1
+
+
+async def test_merchant_rate_limit_is_429_with_retry_after(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    await set_chaos(gateway, merchant_rate_limits={"m1": 2}, sync_status_mix={"success": 1})
+    statuses = []
+    for index in range(3):
+        response, _ = await refund(gateway, token, refund_body(keys, receiver, externalRef=f"R-{index}",
+                                                               refundAmount=Decimal("1.00")))
+        statuses.append(response.status)
+        retry_after = response.headers.get("Retry-After")
+    assert statuses == [200, 200, 429]
+    assert retry_after is not None and int(retry_after) >= 1
+    assert len(await ledger(gateway)) == 2
+
+
+async def test_random_rate_limit_uses_retry_after_s(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    await set_chaos(gateway, rate_limited_rate=1, retry_after_s=7)
+    response, _ = await refund(gateway, token, refund_body(keys, receiver))
+    assert (response.status, response.headers["Retry-After"]) == (429, "7")
+
+
+async def test_lost_answer_after_commit(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    await set_chaos(gateway, timeout_after_commit_rate=1, sync_status_mix={"success": 1})
+    with pytest.raises(aiohttp.ClientError):
+        await refund(gateway, token, refund_body(keys, receiver))
+    assert len(await ledger(gateway)) == 1
+    response, payload = await call(gateway, "GET", "/v1/refunds/R-1", token=token,
+                                   headers={protocol.MERCHANT_HEADER: "m1"})
+    assert response.status == 200 and payload["data"]["status"] == "success"
+    await receiver.wait_for(1)
+
+
+async def test_chaos_merges_keys_and_refuses_unknown_ones(gateway):
+    response, config = await call(gateway, "GET", "/sandbox/chaos")
+    assert response.status == 200
+    assert config["error_rate"] == 0 and config["sync_status_mix"] == {"success": 1, "pending": 1}
+    merged = await set_chaos(gateway, latency_ms=5, merchant_rate_limits={"m1": 5})
+    assert (merged["latency_ms"], merged["merchant_rate_limits"], merged["error_rate"]) == (5, {"m1": 5}, 0)
+    response, payload = await call(gateway, "POST", "/sandbox/chaos", {"no_such_knob": 1})
+    assert (response.status, error_fields(payload)) == (400, [("113", "no_such_knob")])
+    response, payload = await call(gateway, "POST", "/sandbox/chaos", {"error_rate": 2})
+    assert response.status == 400
+    _, after = await call(gateway, "GET", "/sandbox/chaos")
+    assert after == merged
+
+
+async def test_notifications_are_retried_until_answered_200(gateway, keys, paid, receiver):
+    receiver.answers = [503, 503]
+    await set_chaos(gateway, sync_status_mix={"success": 1})
+    token = await token_for(gateway, keys)
+    assert (await refund(gateway, token, refund_body(keys, receiver)))[0].status == 200
+    notes = await receiver.wait_for(3, timeout=5)
+    assert len({(n.body, n.headers[protocol.SIGNATURE_HEADER]) for n in notes}) == 1  # the same bytes each time
+    assert_signed(notes[-1], keys.secret_key)
+    await asyncio.sleep(0.3)
+    assert len(receiver.received) == 3 and gateway.app[SANDBOX].notifier.in_flight == 0
+
+
+async def test_chaos_duplicate_resends_the_same_notification(gateway, keys, paid, receiver):
+    await set_chaos(gateway, sync_status_mix={"success": 1}, notification_duplicate_rate=1)
+    token = await token_for(gateway, keys)
+    await refund(gateway, token, refund_body(keys, receiver))
+    first, second = await receiver.wait_for(2)
+    assert first.body == second.body
+    assert len(await ledger(gateway)) == 1
+
+
+# --- the process --------------------------------------------------------------------------
+
+async def test_module_serves_until_sigterm(database_url):
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": database_url}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pagoefectivo.sandbox", "--port", str(port), "--sync-status-mix",
+        '{"success": 1, "pending": 3}', cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=15)
+        assert line.decode().strip() == f"sandbox listening on http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as response:
+                assert response.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/sandbox/chaos") as response:
+                assert (await response.json())["sync_status_mix"] == {"success": 1, "pending": 3}
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        returncode = await asyncio.wait_for(proc.wait(), timeout=10)
+        stderr = (await proc.stderr.read()).decode()
+    assert returncode == 0, stderr
+    assert "Traceback" not in stderr, stderr

@@ -1,0 +1,178 @@
+"""The worker's sender against a real sandbox gateway and a real receiver, over real HTTP."""
+
+import asyncio
+from decimal import Decimal
+from datetime import datetime, timezone
+
+import aiohttp
+import pytest
+import pytest_asyncio
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from pagoefectivo.client import PagoEfectivoClient
+from producers import enqueue_refund
+from refunds import db as dbmod
+from refunds.payments import find_payment, record_payment
+from refunds.processes import free_port
+from refunds.records import find_refund, refund_events
+from refunds.settings import get_settings
+
+
+def process_refund(res, refund_id):
+    from workers.sender import process_refund as process  # importing workers sets up the broker
+
+    return process(res, refund_id)
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+@pytest_asyncio.fixture
+async def stack(db, database_url, redis_url, vault, monkeypatch):
+    """Sandbox + receiver on real ports, and worker Resources pointing at them."""
+    from pagoefectivo.sandbox import create_app as sandbox_app
+    from receiver import create_app as receiver_app
+    from workers.ratelimit import RateLimiter
+    from workers.resources import Resources
+
+    receiver_runner, receiver_url = await _serve(receiver_app(database_url=database_url, vault=vault))
+    sandbox_runner, sandbox_url = await _serve(
+        sandbox_app(database_url=database_url, vault=vault, notify_base_url=receiver_url)
+    )
+    monkeypatch.setenv("REFUNDS_NOTIFY_URL", receiver_url)
+    monkeypatch.setenv("PAGOEFECTIVO_BASE_URL", sandbox_url)
+    get_settings.cache_clear()
+    settings = get_settings()
+    pool = await dbmod.create_pool(database_url, max_size=5)
+    session = aiohttp.ClientSession()
+    client = PagoEfectivoClient(session, base_url=sandbox_url, env="sandbox", timeout=1.0)
+    redis_client = aioredis.from_url(redis_url)
+    await redis_client.flushdb()
+    res = Resources(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))
+    http = aiohttp.ClientSession()
+    try:
+        yield res, sandbox_url, http
+    finally:
+        await http.close()
+        await res.close()
+        await sandbox_runner.cleanup()
+        await receiver_runner.cleanup()
+        get_settings.cache_clear()
+
+
+async def chaos(http, sandbox_url, **knobs):
+    async with http.post(f"{sandbox_url}/sandbox/chaos", json=knobs) as response:
+        assert response.status == 200, await response.text()
+
+
+async def ledger(http, sandbox_url) -> list[dict]:
+    async with http.get(f"{sandbox_url}/sandbox/ledger") as response:
+        return await response.json()
+
+
+async def accepted_refund(db, external_ref="R-1", amount="25.00", merchant="m1"):
+    await record_payment(db, merchant_id=merchant, transaction_id="CIP-9", amount=Decimal("100.00"), currency="PEN",
+                         method="cash", paid_at=datetime.now(timezone.utc))
+    result = await enqueue_refund(db, merchant_id=merchant, original_transaction_id="CIP-9", amount=amount,
+                                  currency="PEN", external_ref=external_ref)
+    return result.refund
+
+
+async def wait_state(db, refund_id, states, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        refund = await find_refund(db, refund_id)
+        if refund.state in states or asyncio.get_running_loop().time() > deadline:
+            return refund
+        await asyncio.sleep(0.05)
+
+
+async def test_refund_is_signed_sent_and_settled_by_notification(db, make_merchant, stack):
+    res, sandbox_url, http = stack
+    await make_merchant("m1")
+    await chaos(http, sandbox_url, sync_status_mix={"pending": 1})
+    refund = await accepted_refund(db)
+    await process_refund(res, refund.refund_id)
+    assert (await find_refund(db, refund.refund_id)).state in ("pending", "succeeded")
+    settled = await wait_state(db, refund.refund_id, {"succeeded"})
+    assert settled.state == "succeeded" and settled.provider_refund_id
+    assert [e["to_state"] for e in await refund_events(db, refund.refund_id)] == [
+        "queued", "submitted", "pending", "succeeded"]
+    entries = await ledger(http, sandbox_url)
+    assert [(e["merchantId"], e["externalRef"], Decimal(str(e["refundAmount"]))) for e in entries] == [
+        ("m1", "R-1", Decimal("25.00"))]
+
+
+async def test_duplicate_deliveries_reach_the_gateway_once(db, make_merchant, stack):
+    res, sandbox_url, http = stack
+    await make_merchant("m1")
+    await chaos(http, sandbox_url, sync_status_mix={"success": 1})
+    refund = await accepted_refund(db)
+    await asyncio.gather(*(process_refund(res, refund.refund_id) for _ in range(5)))
+    await process_refund(res, refund.refund_id)  # a late duplicate message
+    assert (await find_refund(db, refund.refund_id)).state == "succeeded"
+    assert len(await ledger(http, sandbox_url)) == 1
+
+
+async def test_signature_refused_is_a_permanent_failure_that_releases_the_amount(db, make_merchant, stack):
+    from pagoefectivo.protocol import public_key_pem
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    res, sandbox_url, http = stack
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    await make_merchant("m1", public_key_pem=public_key_pem(other))  # gateway knows another key
+    refund = await accepted_refund(db)
+    await process_refund(res, refund.refund_id)
+    failed = await find_refund(db, refund.refund_id)
+    assert (failed.state, failed.provider_code) == ("failed", "605")
+    assert (await find_payment(db, "m1", "CIP-9")).refunded_amount == Decimal("0.00")
+    assert await ledger(http, sandbox_url) == []
+
+
+async def test_lost_answer_is_settled_by_status_not_resent(db, make_merchant, stack):
+    res, sandbox_url, http = stack
+    await make_merchant("m1")
+    await chaos(http, sandbox_url, timeout_after_commit_rate=1.0, sync_status_mix={"success": 1})
+    refund = await accepted_refund(db)
+    await process_refund(res, refund.refund_id)  # times out after the gateway executed it
+    settled = await find_refund(db, refund.refund_id)
+    assert settled.state in ("succeeded", "pending")
+    assert len(await ledger(http, sandbox_url)) == 1
+
+
+async def test_transient_errors_leave_the_refund_for_a_later_retry(db, make_merchant, stack):
+    res, sandbox_url, http = stack
+    await make_merchant("m1")
+    await chaos(http, sandbox_url, error_rate=1.0)
+    refund = await accepted_refund(db)
+    await process_refund(res, refund.refund_id)
+    waiting = await find_refund(db, refund.refund_id)
+    assert waiting.state == "submitted" and waiting.claimed_until is None
+    assert waiting.delivered_at > datetime.now(timezone.utc)  # a delayed retry is scheduled
+    await chaos(http, sandbox_url, error_rate=0.0, sync_status_mix={"success": 1})
+    await process_refund(res, refund.refund_id)  # the retry: status first, then send
+    assert (await find_refund(db, refund.refund_id)).state == "succeeded"
+    assert len(await ledger(http, sandbox_url)) == 1
+
+
+async def test_merchant_rate_limit_defers_instead_of_sending(db, make_merchant, stack):
+    res, sandbox_url, http = stack
+    await make_merchant("m1", rate_limit=Decimal("1"))
+    await chaos(http, sandbox_url, sync_status_mix={"success": 1})
+    ids = []
+    for index in range(4):
+        ids.append((await accepted_refund(db, external_ref=f"R-{index}", amount="5.00")).refund_id)
+    for refund_id in ids:
+        await process_refund(res, refund_id)
+    states = [(await find_refund(db, rid)).state for rid in ids]
+    assert states.count("succeeded") == 2  # GCRA: one now plus a burst of one
+    assert states.count("queued") == 2
+    assert len(await ledger(http, sandbox_url)) == 2
