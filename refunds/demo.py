@@ -276,12 +276,14 @@ async def _submit(http, intake_url, token, plan: Plan) -> Outcome:
 
 async def _await_final(conn, group, outcome: Outcome) -> bool:
     """Show progress until every accepted refund is final (or stop making progress)."""
-    total = len(outcome.accepted)
+    total, ids = len(outcome.accepted), list(outcome.accepted)
     stall_limit, last_count, last_change = 120.0, -1, time.monotonic()
     with _progress() as progress:
         task = progress.add_task("refunds reaching a final state", total=total)
         while True:
-            done = await conn.fetchval("SELECT count(*) FROM refunds WHERE state = ANY($1::text[])", list(FINAL))
+            done = await conn.fetchval(
+                "SELECT count(*) FROM refunds WHERE refund_id = ANY($1::uuid[]) AND state = ANY($2::text[])",
+                ids, list(FINAL))
             progress.update(task, completed=done)
             if done >= total:
                 return True
@@ -294,16 +296,22 @@ async def _await_final(conn, group, outcome: Outcome) -> bool:
 
 
 async def _summarise(conn, outcome, plan, ledger, receiver_metrics, metrics_dir, finished, elapsed) -> bool:
-    states = dict(await conn.fetch("SELECT state, count(*) FROM refunds GROUP BY state"))
+    ids = list(outcome.accepted)
+    states = dict(await conn.fetch(
+        "SELECT state, count(*) FROM refunds WHERE refund_id = ANY($1::uuid[]) GROUP BY state", ids))
     p50, p95, p99 = await conn.fetchval(
         """SELECT percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP
                   (ORDER BY EXTRACT(EPOCH FROM completed_at - created_at))
-           FROM refunds WHERE completed_at IS NOT NULL""") or (None, None, None)
+           FROM refunds WHERE refund_id = ANY($1::uuid[]) AND completed_at IS NOT NULL""", ids) or (None, None, None)
     span = await conn.fetchval(
-        "SELECT EXTRACT(EPOCH FROM max(completed_at) - min(created_at)) FROM refunds WHERE completed_at IS NOT NULL")
+        """SELECT EXTRACT(EPOCH FROM max(completed_at) - min(created_at))
+           FROM refunds WHERE refund_id = ANY($1::uuid[]) AND completed_at IS NOT NULL""", ids)
+    # the sandbox started with this run, so its ledger must hold exactly this run's succeeded refunds
     succeeded = {
         (r["merchant_id"], r["external_ref"]): r["amount"]
-        for r in await conn.fetch("SELECT merchant_id, external_ref, amount FROM refunds WHERE state = 'succeeded'")
+        for r in await conn.fetch(
+            "SELECT merchant_id, external_ref, amount FROM refunds WHERE state = 'succeeded' AND refund_id = ANY($1::uuid[])",
+            ids)
     }
     executed = Counter((e["merchantId"], e["externalRef"]) for e in ledger)
     ledger_amounts = {(e["merchantId"], e["externalRef"]): Decimal(str(e["refundAmount"])) for e in ledger}

@@ -51,7 +51,7 @@ def in_attempt_retries() -> AsyncRetrying:
     return AsyncRetrying(
         retry=retry_if_exception(_transient_not_rate_limit),
         stop=stop_after_attempt(4) | stop_after_delay(5),
-        wait=wait_exponential_jitter(initial=0.1, max=1.5),
+        wait=wait_exponential_jitter(multiplier=0.1, max=1.5),
         reraise=True,
     )
 
