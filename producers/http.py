@@ -20,9 +20,7 @@ import json
 import logging
 import os
 import re
-import signal
 import sys
-import time
 from dataclasses import dataclass
 from decimal import Decimal
 from uuid import UUID
@@ -33,8 +31,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
-from refunds import metrics
-from refunds.errors import ConfigError, IdempotencyConflict, RefundRefused
+from refunds import metrics, service
+from refunds.errors import IdempotencyConflict, RefundRefused
 from refunds.money import CURRENCIES
 from refunds.records import Refund, find_by_external_ref, find_refund, refund_events
 from refunds.settings import get_settings
@@ -600,41 +598,12 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'  # the request line has no token: it is
 
 
 def main() -> int:
-    try:
-        settings = get_settings()
-        database_url = settings.require("database_url")
-        redis_url = settings.require("redis_url")
-        port = settings.intake_port
-        level = logging.getLevelName(settings.log_level.upper())
-        if not isinstance(level, int):
-            raise ConfigError(f"LOG_LEVEL is malformed: {settings.log_level!r} is not a logging level")
-    except ConfigError as exc:
-        print(f"intake: {exc}", file=sys.stderr)
+    settings = service.load_settings("intake", lambda s: (s.require("database_url"), s.require("redis_url")))
+    if settings is None:
         return 2
     host = os.environ.get("INTAKE_HOST", "").strip() or DEFAULT_HOST
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    try:
-        asyncio.run(serve(create_app(database_url=database_url, redis_url=redis_url), host, port))
-    except OSError as exc:  # the port is taken, or the host is not ours
-        print(f"intake: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-async def serve(app: web.Application, host: str, port: int) -> None:
-    """Serve until SIGTERM or SIGINT, then finish in-flight requests and close the pool."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, access_log_format=ACCESS_LOG_FORMAT)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        print(f"intake listening on http://{host}:{port}", flush=True)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    app = create_app(database_url=settings.database_url, redis_url=settings.redis_url)
+    return service.run("intake", app, host, settings.intake_port, access_log_format=ACCESS_LOG_FORMAT)
 
 
 if __name__ == "__main__":

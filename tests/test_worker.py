@@ -5,7 +5,6 @@ from decimal import Decimal
 from datetime import datetime, timezone
 
 import aiohttp
-import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 from aiohttp import web

@@ -8,17 +8,11 @@ Every chaos key is also a flag (``latency_ms`` → ``--latency-ms``); mappings t
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
-import signal
-import sys
 from dataclasses import fields
 
-from aiohttp import web
 
-from refunds.errors import ConfigError
-from refunds.settings import get_settings
+from refunds import service
 from refunds.vault import Vault
 
 from .app import create_app
@@ -72,36 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = chaos_from_args(parser, args)
-    try:
-        settings = get_settings()
-        database_url = settings.require("database_url")
-        vault = Vault(settings.master_key())
-        level = logging.getLevelName(settings.log_level.upper())
-        if not isinstance(level, int):
-            raise ConfigError(f"LOG_LEVEL is malformed: {settings.log_level!r} is not a logging level")
-    except ConfigError as exc:
-        print(f"sandbox: {exc}", file=sys.stderr)
+    settings = service.load_settings("sandbox", lambda s: (s.require("database_url"), s.master_key()))
+    if settings is None:
         return 2
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    app = create_app(config, database_url=database_url, vault=vault, notify_base_url=settings.refunds_notify_url)
-    try:
-        asyncio.run(serve(app, args.host, args.port))
-    except OSError as exc:  # the port is taken, the host is not ours, or Postgres is not there
-        print(f"sandbox: cannot start on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-async def serve(app: web.Application, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, access_log=None)  # refunds are logged by the app; tokens never are
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-        print(f"sandbox listening on http://{host}:{port}", flush=True)
-        await stop.wait()
-    finally:
-        await runner.cleanup()
+    app = create_app(config, database_url=settings.database_url, vault=Vault(settings.master_key()),
+                     notify_base_url=settings.refunds_notify_url)
+    # access_log off: refunds are logged by the app, tokens never are
+    return service.run("sandbox", app, args.host, args.port, access_log=None)
