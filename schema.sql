@@ -116,7 +116,9 @@ BEGIN
         UPDATE payments SET refunded_amount = refunded_amount - OLD.amount
          WHERE merchant_id = OLD.merchant_id AND transaction_id = OLD.original_transaction_id;
     ELSIF OLD.state = ANY (releases) AND NOT NEW.state = ANY (releases) THEN
-        RAISE EXCEPTION 'refund % cannot leave final state %', OLD.refund_id, OLD.state;
+        -- an operator's retry of a failed refund reserves its amount again
+        UPDATE payments SET refunded_amount = refunded_amount + NEW.amount
+         WHERE merchant_id = NEW.merchant_id AND transaction_id = NEW.original_transaction_id;
     END IF;
     RETURN NEW;
 END $$;

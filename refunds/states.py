@@ -11,8 +11,8 @@ from uuid import UUID
 
 import asyncpg
 
-from .errors import InvalidTransition
-from .records import COLUMNS, Refund, from_row
+from .errors import InvalidTransition, NotFound
+from .records import COLUMNS, Refund, find_refund, from_row
 
 STATES = (
     "queued", "awaiting_approval", "submitted", "pending",
@@ -29,9 +29,14 @@ MOVES: dict[str, frozenset[str]] = {
     "queued": frozenset({"submitted", "succeeded", "failed", "manual_review"}),
     "submitted": frozenset({"pending", "succeeded", "failed", "manual_review"}),
     "pending": frozenset({"succeeded", "failed", "manual_review"}),
-    # an operator (or a late provider answer) may still settle a refund sent to review
-    "manual_review": frozenset({"succeeded", "failed"}),
+    # an operator (or a late provider answer) may still settle a refund sent to review,
+    # and an operator may retry it (see ``retry``)
+    "manual_review": frozenset({"succeeded", "failed", "queued"}),
+    # only through ``retry``: an operator's new attempt after a failure that was not the request's fault
+    "failed": frozenset({"queued"}),
 }
+# Provider codes that say the request itself is wrong: retrying cannot help.
+NOT_RETRYABLE_CODES = frozenset({"111", "112", "113", "601", "602", "603", "604", "605", "606", "607"})
 
 
 def sources_of(to_state: str) -> list[str]:
@@ -67,7 +72,7 @@ async def transition(
                 UPDATE refunds r SET
                     state = $2,
                     updated_at = now(),
-                    completed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(r.completed_at, now()) ELSE r.completed_at END,
+                    completed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(r.completed_at, now()) END,
                     claimed_until = CASE WHEN $2 = ANY($4::text[]) OR $2 = 'pending' THEN NULL ELSE r.claimed_until END,
                     next_check_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $8)
                                          WHEN $2 = ANY($4::text[]) THEN NULL ELSE r.next_check_at END,
@@ -83,6 +88,41 @@ async def transition(
             return None
         await record_event(conn, refund_id, row["from_state"], to_state, actor=actor, code=code, message=message)
         return from_row(row)
+
+
+async def retry(conn: asyncpg.Connection, refund_id: UUID, *, actor: str) -> Refund:
+    """An operator's retry of a refund in manual_review, or failed for a cause retrying can fix.
+
+    The refund goes back to ``queued`` (its amount is reserved again, so this is refused if
+    the payment no longer has room); the caller delivers it after COMMIT. The worker asks
+    the gateway for its status before sending again, since an earlier attempt may have landed.
+    """
+    async with conn.transaction():
+        return await _retry(conn, refund_id, actor)
+
+
+async def _retry(conn: asyncpg.Connection, refund_id: UUID, actor: str) -> Refund:
+    current = await conn.fetchrow(
+        "SELECT state, provider_code FROM refunds WHERE refund_id = $1 FOR UPDATE", refund_id)
+    if current is None:
+        raise NotFound(f"refund {refund_id} does not exist")
+    if current["state"] not in ("manual_review", "failed"):
+        raise InvalidTransition(f"only a refund in manual_review or failed can be retried, not one in {current['state']}")
+    if current["state"] == "failed" and current["provider_code"] in NOT_RETRYABLE_CODES:
+        raise InvalidTransition(
+            f"refund failed with provider code {current['provider_code']}: the request itself was refused, "
+            "a retry cannot succeed")
+    try:
+        moved = await transition(conn, refund_id, "queued", actor=actor, message="operator retry",
+                                 only_from=("manual_review", "failed"))
+    except asyncpg.CheckViolationError:
+        raise InvalidTransition("the payment no longer has enough refundable amount for this refund") from None
+    if moved is None:
+        raise InvalidTransition("the refund changed state meanwhile; look again")
+    await conn.execute(
+        "UPDATE refunds SET delivered_at = now(), status_checks = 0, next_check_at = NULL WHERE refund_id = $1",
+        refund_id)
+    return await find_refund(conn, refund_id)
 
 
 async def claim_for_submission(conn: asyncpg.Connection, refund_id: UUID, *, actor: str, claim_seconds: int) -> tuple[Refund, str] | None:

@@ -146,3 +146,31 @@ async def test_failed_refund_releases_its_amount_and_final_states_are_final(db, 
     assert await transition(db, refund_id, "succeeded", actor="late") is None  # never backwards
     again = await enqueue_refund(db, **request(external_ref="R-2", amount="100.00"))
     assert again.created
+
+
+async def test_operator_retry_reserves_again_and_refuses_what_cannot_succeed(db, make_merchant, queue):
+    from refunds.errors import InvalidTransition
+    from refunds.states import retry, transition
+
+    await make_merchant("m1")
+    await paid(db)
+    declined = (await enqueue_refund(db, **request(amount="60.00"))).refund
+    refused = (await enqueue_refund(db, **request(external_ref="R-2", amount="40.00"))).refund
+    for refund, code in ((declined, "701"), (refused, "605")):
+        await transition(db, refund.refund_id, "submitted", actor="test")
+        await transition(db, refund.refund_id, "failed", actor="test", code=code)
+    assert (await find_payment(db, "m1", "CIP-1")).refunded_amount == Decimal("0.00")
+    with pytest.raises(InvalidTransition, match="605"):
+        await retry(db, refused.refund_id, actor="ops")
+    await enqueue_refund(db, **request(external_ref="R-3", amount="50.00"))  # room left: 50.00
+    with pytest.raises(InvalidTransition, match="refundable"):
+        await retry(db, declined.refund_id, actor="ops")  # 60.00 no longer fits
+    assert (await find_payment(db, "m1", "CIP-1")).refunded_amount == Decimal("50.00")
+    await db.execute("UPDATE payments SET amount = 200.00")
+    again = await retry(db, declined.refund_id, actor="ops")
+    assert again.state == "queued" and again.completed_at is None
+    assert (await find_payment(db, "m1", "CIP-1")).refunded_amount == Decimal("110.00")
+    history = [(e["from_state"], e["to_state"], e["actor"]) for e in await refund_events(db, declined.refund_id)]
+    assert history[-1] == ("failed", "queued", "ops")
+    with pytest.raises(InvalidTransition, match="queued"):
+        await retry(db, declined.refund_id, actor="ops")

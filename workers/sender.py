@@ -88,7 +88,7 @@ async def _submit(res: Resources, refund: Refund, merchant: Merchant) -> None:
         return  # another worker holds the claim, or the refund moved on
     refund, claimed_from = claimed
     try:
-        if claimed_from == "submitted":
+        if claimed_from == "submitted" or refund.attempts > 1:
             # a previous attempt may have reached the gateway: settle it, never resend blind
             answer = await _status_with_retries(res, creds, refund.external_ref)
             if answer is not None:

@@ -1,0 +1,43 @@
+"""refundctl: the operator's command line (CONTRACT §1). One module per command group."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import ConfigError, RefundsError
+from . import admin, merchants, payments, refunds, services, tokens
+
+GROUPS = (services, admin, merchants, tokens, payments, refunds)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="refundctl", description="PagoEfectivo refunds for marketplaces")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if getattr(args, "passthrough", False):
+            return args.func(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"refundctl: {exc}", file=sys.stderr)
+        return 2
+    except (RefundsError, OSError) as exc:
+        print(f"refundctl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""refundctl db and keys: schema migration and master keys."""
+
+from __future__ import annotations
+
+import asyncio
+
+from .common import (
+    dsn,
+)
+
+
+def cmd_db_migrate(args) -> int:
+    from .. import db
+
+    asyncio.run(db.migrate(dsn()))
+    print("schema applied")
+    return 0
+
+
+def cmd_keys_generate(args) -> int:
+    from ..vault import generate_master_key
+
+    print(generate_master_key())
+    return 0
+
+
+
+def register(sub) -> None:
+    dbp = sub.add_parser("db").add_subparsers(dest="db_command", required=True)
+    dbp.add_parser("migrate", help="apply schema.sql (safe to run again)").set_defaults(func=cmd_db_migrate)
+
+    keys = sub.add_parser("keys").add_subparsers(dest="keys_command", required=True)
+    keys.add_parser("generate", help="print a new REFUNDS_MASTER_KEY").set_defaults(func=cmd_keys_generate)

@@ -1,0 +1,69 @@
+"""refundctl merchant: marketplace sellers and their PagoEfectivo credentials."""
+
+from __future__ import annotations
+
+import asyncio
+from decimal import Decimal
+from pathlib import Path
+
+from .common import (
+    RefundsError, emit, table, vault, with_conn, with_json,
+)
+
+
+def cmd_merchant_add(args) -> int:
+    from pagoefectivo.protocol import public_key_pem
+
+    from ..merchants import add_merchant
+
+    secret = Path(args.secret_key_file).read_text().strip()
+    private_pem = Path(args.private_key_file).read_bytes()
+    try:
+        public_pem = public_key_pem(private_pem)
+    except (ValueError, TypeError) as exc:
+        raise RefundsError(f"--private-key-file is not an unencrypted PEM RSA private key: {exc}") from None
+    if not secret:
+        raise RefundsError("--secret-key-file is empty")
+    sealer = vault()
+
+    async def run(conn):
+        return await add_merchant(
+            conn, sealer, merchant_id=args.id, env=args.env, service_id=args.service_id, access_key=args.access_key,
+            secret_key=secret, private_key_pem=private_pem, public_key_pem=public_pem,
+            rate_limit=Decimal(args.rate_limit), refund_mode=args.refund_mode, notify_url=args.notify_url,
+            approval_threshold=Decimal(args.approval_threshold) if args.approval_threshold else None,
+        )
+
+    merchant = asyncio.run(with_conn(run))
+    emit(args, merchant.public_view(), lambda: print(f"merchant {merchant.merchant_id} saved ({merchant.env})"))
+    return 0
+
+
+def cmd_merchant_list(args) -> int:
+    from ..merchants import list_merchants
+
+    merchants = asyncio.run(with_conn(list_merchants))
+    views = [m.public_view() for m in merchants]
+    emit(args, views, lambda: table(
+        "merchants", ["merchant", "env", "service id", "rate/s", "mode", "approval above"],
+        [[v["merchant_id"], v["env"], v["service_id"], v["rate_limit"], v["refund_mode"], v["approval_threshold"]] for v in views],
+    ))
+    return 0
+
+
+
+def register(sub) -> None:
+    merchant = sub.add_parser("merchant").add_subparsers(dest="merchant_command", required=True)
+    add = with_json(merchant.add_parser("add", help="add or update a seller and its credentials"))
+    add.add_argument("--id", required=True)
+    add.add_argument("--env", required=True, choices=["sandbox", "production"])
+    add.add_argument("--service-id", required=True, type=int)
+    add.add_argument("--access-key", required=True)
+    add.add_argument("--secret-key-file", required=True)
+    add.add_argument("--private-key-file", required=True)
+    add.add_argument("--rate-limit", default="10", help="refunds per second at the gateway")
+    add.add_argument("--approval-threshold", default=None)
+    add.add_argument("--refund-mode", default="auto", choices=["auto", "approval", "off"])
+    add.add_argument("--notify-url", default=None)
+    add.set_defaults(func=cmd_merchant_add)
+    with_json(merchant.add_parser("list")).set_defaults(func=cmd_merchant_list)
