@@ -130,7 +130,8 @@ class PagoEfectivoClient:
             "timestamp": protocol.lima_timestamp(_now()),
         }
         fields = {name: value for name, value in fields.items() if value is not None and value != ""}
-        key = protocol.load_private_key(creds.private_key_pem)
+        # validated when the merchant was added; the vault's AES-GCM proves it is unchanged
+        key = protocol.load_private_key(creds.private_key_pem, validated=True)
         fields["signature"] = protocol.sign_fields(fields, key)
         return fields
 

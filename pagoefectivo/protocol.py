@@ -115,8 +115,11 @@ def canonical_string(fields: Mapping[str, Any]) -> str:
     return "&".join(parts)
 
 
-def load_private_key(pem: bytes) -> rsa.RSAPrivateKey:
-    key = serialization.load_pem_private_key(pem, password=None)
+def load_private_key(pem: bytes, *, validated: bool = False) -> rsa.RSAPrivateKey:
+    """Load an RSA key. ``validated``: the key was checked before (e.g. when the merchant was
+    added) and comes back from authenticated storage, so the costly RSA consistency check
+    (about 30 ms, on every refund otherwise) is skipped."""
+    key = serialization.load_pem_private_key(pem, password=None, unsafe_skip_rsa_key_validation=validated)
     if not isinstance(key, rsa.RSAPrivateKey):
         raise ValueError("the private key is not an RSA key")
     return key
