@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from refunds.merchants import Merchant, add_merchant
 from refunds.vault import Vault, generate_master_key
 from pagoefectivo.protocol import public_key_pem
 
+SERVICES = pytest.StashKey()
+DATABASE_URL = pytest.StashKey()
 TABLES = "notifications, refund_events, refunds, payments, api_tokens, merchants"
 
 
@@ -28,19 +31,52 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
-@pytest.fixture(scope="session")
-def services():
+_session = contextlib.ExitStack()
+
+
+def pytest_configure(config):
+    """Start (or find) Postgres and Redis before collection: importing `workers` needs REDIS_URL."""
     from refunds.embedded import provide_services
 
-    with provide_services() as found:
-        yield found
+    found = _session.enter_context(provide_services())
+    os.environ.setdefault("REFUNDS_MASTER_KEY", generate_master_key())
+    name = f"refunds_test_{secrets.token_hex(4)}"
+
+    async def create():
+        conn = await asyncpg.connect(found.database_url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        await dbmod.migrate(_with_database(found.database_url, name))
+
+    async def drop():
+        conn = await asyncpg.connect(found.database_url)
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    _session.callback(lambda: asyncio.run(drop()))
+    config.stash[SERVICES] = found
+    config.stash[DATABASE_URL] = _with_database(found.database_url, name)
+    os.environ["DATABASE_URL"] = config.stash[DATABASE_URL]
+    os.environ["REDIS_URL"] = found.redis_url
+
+
+def pytest_unconfigure(config):
+    _session.close()
+
+
+@pytest.fixture(scope="session")
+def services(pytestconfig):
+    return pytestconfig.stash[SERVICES]
 
 
 @pytest.fixture(scope="session")
 def master_key() -> str:
-    key = generate_master_key()
-    os.environ["REFUNDS_MASTER_KEY"] = key
-    return key
+    return os.environ["REFUNDS_MASTER_KEY"]
 
 
 @pytest.fixture(scope="session")
@@ -51,34 +87,12 @@ def vault(master_key) -> Vault:
 
 
 @pytest.fixture(scope="session")
-def database_url(services, master_key):
-    """A fresh, migrated database for this test session; dropped at the end."""
-    name = f"refunds_test_{secrets.token_hex(4)}"
-
-    async def create():
-        conn = await asyncpg.connect(services.database_url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        await dbmod.migrate(_with_database(services.database_url, name))
-
-    async def drop():
-        conn = await asyncpg.connect(services.database_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    url = _with_database(services.database_url, name)
-    os.environ["DATABASE_URL"] = url
-    os.environ["REDIS_URL"] = services.redis_url
+def database_url(pytestconfig):
+    """A fresh, migrated database for this test session (dropped at the end)."""
     from refunds.settings import get_settings
 
     get_settings.cache_clear()
-    yield url
-    asyncio.run(drop())
+    return pytestconfig.stash[DATABASE_URL]
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,16 @@
 """Dramatiq workers: `dramatiq workers` sets up the Redis broker and loads the actors."""
 
+import sys
+
+from refunds.errors import ConfigError
+
 from .broker import setup_broker
 
-broker = setup_broker()
+try:
+    broker = setup_broker()
+except ConfigError as exc:  # one line naming the setting, not a traceback
+    print(f"worker: {exc}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 from . import actors  # noqa: E402  (actors need the broker set first)
 

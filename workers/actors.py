@@ -20,5 +20,5 @@ from .sender import process_refund
     actor_name=SEND_REFUND, queue_name=QUEUE, time_limit=60_000,
     max_retries=60, min_backoff=1_000, max_backoff=3_600_000,
 )
-async def send_refund(refund_id: str) -> None:
-    await process_refund(resources.current(), UUID(refund_id))
+async def send_refund(refund_id: str, slot_ms: int | None = None) -> None:
+    await process_refund(resources.current(), UUID(refund_id), slot_ms)

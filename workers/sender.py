@@ -14,13 +14,14 @@ import time
 from datetime import datetime, timezone
 from uuid import UUID
 
+import dramatiq
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from pagoefectivo.client import Credentials, RefundAnswer, RefundOrder
 from pagoefectivo.errors import (
     EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError,
 )
-from producers.delivery import deliver
+from producers.delivery import QUEUE, SEND_REFUND
 from refunds import metrics
 from refunds.merchants import Merchant, find_merchant
 from refunds.records import Refund, find_refund
@@ -56,7 +57,8 @@ def in_attempt_retries() -> AsyncRetrying:
     )
 
 
-async def process_refund(res: Resources, refund_id: UUID) -> None:
+async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = None) -> None:
+    """Handle one send_refund message. ``slot_ms``: a rate-limit slot this message already booked."""
     async with res.pool.acquire() as conn:
         refund = await find_refund(conn, refund_id)
         if refund is None:
@@ -68,17 +70,17 @@ async def process_refund(res: Resources, refund_id: UUID) -> None:
             if refund.next_check_at is None or refund.next_check_at <= datetime.now(timezone.utc):
                 await check_status(res, refund, merchant)
         elif refund.state in ("queued", "submitted"):
-            await _submit(res, refund, merchant)
+            await _submit(res, refund, merchant, slot_ms)
         # any other state is settled: a duplicate or late message has nothing to do
     except RetryLater as exc:
         await _retry_later(res, refund, str(exc))
 
 
-async def _submit(res: Resources, refund: Refund, merchant: Merchant) -> None:
+async def _submit(res: Resources, refund: Refund, merchant: Merchant, slot_ms: int | None) -> None:
     creds = _credentials(res, merchant)
-    wait_ms = await res.limiter.reserve(merchant.merchant_id, merchant.rate_limit)
-    if wait_ms:
-        await _defer(res, refund, wait_ms, rate_limited=True)
+    decision = await res.limiter.acquire(merchant.merchant_id, merchant.rate_limit, slot_ms=slot_ms)
+    if decision.wait_ms:
+        await _defer(res, refund, decision.wait_ms, rate_limited=True, slot_ms=decision.slot_ms)
         return
     async with res.pool.acquire() as conn:
         claimed = await claim_for_submission(
@@ -97,6 +99,7 @@ async def _submit(res: Resources, refund: Refund, merchant: Merchant) -> None:
         answer = await _send(res, creds, merchant, refund)
         await record_answer(res, refund, answer)
     except RateLimited as exc:
+        await res.limiter.pause(refund.merchant_id, exc.retry_after)
         await _release(res, refund, exc)
         await _defer(res, refund, int(exc.retry_after * 1000), rate_limited=True)
     except EnvironmentMismatch as exc:
@@ -212,9 +215,14 @@ async def _retry_later(res: Resources, refund: Refund, reason: str) -> None:
     await _defer(res, current, delay_ms, rate_limited=False)
 
 
-async def _defer(res: Resources, refund: Refund, wait_ms: int, *, rate_limited: bool) -> None:
-    """Re-queue with a delay (plus jitter for rate-limit waits, which use no retry budget)."""
-    delay = wait_ms + (random.randint(0, max(10, wait_ms // 10)) if rate_limited else 0)
+async def _defer(res: Resources, refund: Refund, wait_ms: int, *, rate_limited: bool, slot_ms: int | None = None) -> None:
+    """Re-queue with a delay; a rate-limit wait uses no retry budget.
+
+    A message that booked a slot arrives exactly at it; other waits get jitter so that
+    many refunds paused together do not come back together.
+    """
+    jitter = random.randint(0, max(10, wait_ms // 10)) if rate_limited and slot_ms is None else 0
+    delay = wait_ms + jitter
     if rate_limited:
         metrics.refund_rate_limit_waits_total.labels(metrics.merchant_label(refund.merchant_id)).inc()
     async with res.pool.acquire() as conn:
@@ -222,9 +230,22 @@ async def _defer(res: Resources, refund: Refund, wait_ms: int, *, rate_limited: 
             "UPDATE refunds SET delivered_at = now() + make_interval(secs => $2) WHERE refund_id = $1",
             refund.refund_id, delay / 1000,
         )
-    if not await asyncio.to_thread(deliver, refund.refund_id, delay_ms=delay):
+    if not await asyncio.to_thread(requeue, refund.refund_id, delay_ms=delay, slot_ms=slot_ms):
         log.warning("refund %s: re-queue failed (Redis unreachable); the outbox sweep will deliver it",
                     refund.refund_id)
+
+
+def requeue(refund_id: UUID, *, delay_ms: int, slot_ms: int | None) -> bool:
+    """Put a send_refund message back with a delay; False if Redis is unreachable."""
+    kwargs = {} if slot_ms is None else {"slot_ms": slot_ms}
+    message = dramatiq.Message(queue_name=QUEUE, actor_name=SEND_REFUND, args=(str(refund_id),), kwargs=kwargs,
+                               options={})
+    try:
+        dramatiq.get_broker().enqueue(message, delay=delay_ms)
+        return True
+    except Exception as exc:  # the outbox sweep delivers it later
+        log.warning("refund %s: re-queue failed: %s", refund_id, type(exc).__name__)
+        return False
 
 
 def _credentials(res: Resources, merchant: Merchant) -> Credentials:
