@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     refund_window_days: dict[str, int] = {"cash": 90, "bank_transfer": 90}
     # Worker: how long one claim on a refund lasts before another delivery may take it over.
     refund_claim_seconds: int = Field(default=60, ge=5)
+    # Scheduler: a refund not picked up this long after its hand-off is handed over again.
+    refund_outbox_grace_seconds: float = Field(default=30, gt=0)
     log_level: str = "INFO"
 
     @field_validator("database_url", "redis_url", "pagoefectivo_base_url", "refunds_notify_url")

@@ -72,7 +72,7 @@ async def run(interval: float = 5.0) -> None:
     try:
         while not stop.is_set():
             try:
-                await sweep_once(pool)
+                await sweep_once(pool, grace_seconds=settings.refund_outbox_grace_seconds)
                 await update_gauges(pool)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("scheduler pass failed: %s", exc)
