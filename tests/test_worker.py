@@ -177,3 +177,32 @@ async def test_merchant_rate_limit_defers_instead_of_sending(db, make_merchant, 
     assert len(await ledger(http, sandbox_url)) == 1
     deferred = [await find_refund(db, rid) for rid in ids[1:]]
     assert all(r.delivered_at > datetime.now(timezone.utc) for r in deferred)
+
+
+async def test_pending_refund_is_polled_then_sent_to_manual_review(db, make_merchant, stack):
+    from workers.status_schedule import SCHEDULE_SECONDS, next_check_delay
+
+    assert next_check_delay(1) == 300 and next_check_delay(6) == 3600 and next_check_delay(len(SCHEDULE_SECONDS) + 1) is None
+    assert sum(SCHEDULE_SECONDS) >= 24 * 3600  # hourly for a day after the five-minute checks
+    res, sandbox_url, http = stack
+    await make_merchant("m1")
+    # the gateway accepts but its notification would take far longer than this test
+    await chaos(http, sandbox_url, sync_status_mix={"pending": 1}, notification_delay_ms=600_000)
+    refund = await accepted_refund(db)
+    await process_refund(res, refund.refund_id)
+    pending = await find_refund(db, refund.refund_id)
+    assert pending.state == "pending" and pending.next_check_at > datetime.now(timezone.utc)
+    await process_refund(res, refund.refund_id)  # a stray message before the check is due: nothing
+    assert (await find_refund(db, refund.refund_id)).status_checks == 0
+    await db.execute("UPDATE refunds SET next_check_at = now() - interval '1 second' WHERE refund_id = $1",
+                     refund.refund_id)
+    await process_refund(res, refund.refund_id)  # first check: still pending at the gateway
+    checked = await find_refund(db, refund.refund_id)
+    assert checked.state == "pending" and checked.status_checks == 1
+    assert 290 < (checked.next_check_at - datetime.now(timezone.utc)).total_seconds() <= 300
+    await db.execute("""UPDATE refunds SET status_checks = $2, next_check_at = now() - interval '1 second'
+                        WHERE refund_id = $1""", refund.refund_id, len(SCHEDULE_SECONDS))
+    await process_refund(res, refund.refund_id)  # the schedule is over
+    review = await find_refund(db, refund.refund_id)
+    assert (review.state, review.provider_code) == ("manual_review", "unsettled")
+    assert len(await ledger(http, sandbox_url)) == 1
