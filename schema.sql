@@ -18,6 +18,10 @@ CREATE TABLE IF NOT EXISTS merchants (
     updated_at          timestamptz NOT NULL DEFAULT now()
 );
 
+-- Secret rotation: the previous secretKey still verifies notifications until the overlap ends.
+ALTER TABLE merchants ADD COLUMN IF NOT EXISTS previous_secret_key_sealed bytea;
+ALTER TABLE merchants ADD COLUMN IF NOT EXISTS previous_secret_valid_until timestamptz;
+
 -- Original paid transactions (PagoEfectivo CIPs). refunded_amount is the sum of every
 -- refund of this payment that is not failed or rejected, kept by the trigger below.
 CREATE TABLE IF NOT EXISTS payments (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import asyncpg
@@ -32,9 +33,21 @@ class Merchant:
     notify_url: str | None
     secret_key_sealed: bytes = field(repr=False)
     private_key_sealed: bytes = field(repr=False)
+    previous_secret_key_sealed: bytes | None = field(default=None, repr=False)
+    previous_secret_valid_until: datetime | None = None
 
     def secret_key(self, vault: Vault) -> str:
         return vault.open(self.secret_key_sealed, _identity(self.merchant_id, "secret_key")).decode()
+
+    def notification_secrets(self, vault: Vault, now: datetime | None = None) -> tuple[str, ...]:
+        """Secrets a notification may be signed with: the current one, and the previous one
+        until the rotation overlap ends."""
+        secrets_ = [self.secret_key(vault)]
+        now = now or datetime.now(timezone.utc)
+        if self.previous_secret_key_sealed and self.previous_secret_valid_until and now < self.previous_secret_valid_until:
+            secrets_.append(vault.open(self.previous_secret_key_sealed,
+                                       _identity(self.merchant_id, "previous_secret_key")).decode())
+        return tuple(secrets_)
 
     def private_key_pem(self, vault: Vault) -> bytes:
         return vault.open(self.private_key_sealed, _identity(self.merchant_id, "private_key"))
@@ -62,8 +75,10 @@ class Merchant:
 
 _COLUMNS = (
     "merchant_id, env, service_id, access_key, public_key_pem, rate_limit, approval_threshold,"
-    " refund_mode, notify_url, secret_key_sealed, private_key_sealed"
+    " refund_mode, notify_url, secret_key_sealed, private_key_sealed, previous_secret_key_sealed,"
+    " previous_secret_valid_until"
 )
+_SEALED = ("secret_key_sealed", "private_key_sealed", "previous_secret_key_sealed")
 
 
 async def add_merchant(
@@ -85,7 +100,7 @@ async def add_merchant(
     """Insert or update a merchant; secrets are sealed before they reach the database."""
     row = await conn.fetchrow(
         f"""INSERT INTO merchants ({_COLUMNS})
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, NULL)
             ON CONFLICT (merchant_id) DO UPDATE SET
               env = EXCLUDED.env, service_id = EXCLUDED.service_id, access_key = EXCLUDED.access_key,
               public_key_pem = EXCLUDED.public_key_pem, rate_limit = EXCLUDED.rate_limit,
@@ -116,3 +131,47 @@ async def get_merchant(conn: asyncpg.Connection, merchant_id: str) -> Merchant:
 async def list_merchants(conn: asyncpg.Connection) -> list[Merchant]:
     rows = await conn.fetch(f"SELECT {_COLUMNS} FROM merchants ORDER BY merchant_id")
     return [Merchant(**row) for row in rows]
+
+
+async def rotate_secret(
+    conn: asyncpg.Connection, vault: Vault, merchant_id: str, new_secret: str, *, overlap: timedelta
+) -> datetime:
+    """Make ``new_secret`` current; the old one keeps verifying notifications for ``overlap``."""
+    if not new_secret:
+        raise ValueError("the new secret is empty")
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT secret_key_sealed FROM merchants WHERE merchant_id = $1 FOR UPDATE", merchant_id)
+        if row is None:
+            raise NotFound(f"merchant {merchant_id!r} does not exist")
+        old = vault.open(row["secret_key_sealed"], _identity(merchant_id, "secret_key"))
+        if old.decode() == new_secret:
+            raise ValueError("the new secret is the same as the current one")
+        valid_until = await conn.fetchval(
+            """UPDATE merchants SET secret_key_sealed = $2, previous_secret_key_sealed = $3,
+                      previous_secret_valid_until = now() + $4, updated_at = now()
+               WHERE merchant_id = $1 RETURNING previous_secret_valid_until""",
+            merchant_id, vault.seal(new_secret.encode(), _identity(merchant_id, "secret_key")),
+            vault.seal(old, _identity(merchant_id, "previous_secret_key")), overlap,
+        )
+    return valid_until
+
+
+async def rewrap_all(conn: asyncpg.Connection, vault: Vault) -> int:
+    """Re-wrap every merchant's data keys with the current master key, one short transaction per row."""
+    done = 0
+    for merchant_id in [r["merchant_id"] for r in await conn.fetch("SELECT merchant_id FROM merchants")]:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT {', '.join(_SEALED)} FROM merchants WHERE merchant_id = $1 FOR UPDATE", merchant_id)
+            if row is None:
+                continue
+            names = {"secret_key_sealed": "secret_key", "private_key_sealed": "private_key",
+                     "previous_secret_key_sealed": "previous_secret_key"}
+            values = [vault.rewrap(row[c], _identity(merchant_id, names[c])) if row[c] else None for c in _SEALED]
+            await conn.execute(
+                """UPDATE merchants SET secret_key_sealed = $2, private_key_sealed = $3,
+                          previous_secret_key_sealed = $4 WHERE merchant_id = $1""",
+                merchant_id, *values)
+        done += 1
+    return done

@@ -30,11 +30,17 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     refunds_master_key: str | None = Field(default=None, repr=False)
     refunds_master_key_file: Path | None = None
+    # During a master-key rotation: the old key(s), comma-separated base64, still able to open.
+    refunds_previous_master_keys: str | None = Field(default=None, repr=False)
     pagoefectivo_env: Literal["sandbox", "production"] = "sandbox"
     pagoefectivo_base_url: str | None = None
     refunds_notify_url: str | None = None
     intake_port: int = Field(default=8080, ge=1, le=65535)
     receiver_port: int = Field(default=8081, ge=1, le=65535)
+    # Receiver: networks that may deliver notifications (comma-separated CIDRs; empty: any), and
+    # the reverse proxies whose X-Forwarded-For is believed (see receiver/sources.py).
+    receiver_allowed_cidrs: str = ""
+    receiver_trusted_proxies: str = ""
     metrics_port: int = Field(default=9191, ge=0, le=65535)
     # Refund window per payment method, in days (cash: 90 by PagoEfectivo practice).
     refund_window_days: dict[str, int] = {"cash": 90, "bank_transfer": 90}
@@ -60,6 +66,13 @@ class Settings(BaseSettings):
     def base_url(self) -> str:
         return self.pagoefectivo_base_url or DEFAULT_BASE_URLS[self.pagoefectivo_env]
 
+    def previous_master_keys(self) -> tuple[bytes, ...]:
+        keys = []
+        for text in (self.refunds_previous_master_keys or "").split(","):
+            if text.strip():
+                keys.append(_decode_key("REFUNDS_PREVIOUS_MASTER_KEYS", text))
+        return tuple(keys)
+
     def master_key(self) -> bytes:
         """The 32-byte master key from REFUNDS_MASTER_KEY or REFUNDS_MASTER_KEY_FILE."""
         if self.refunds_master_key:
@@ -72,13 +85,17 @@ class Settings(BaseSettings):
                 raise ConfigError(f"{name} cannot be read: {exc.strerror}") from None
         else:
             raise ConfigError("REFUNDS_MASTER_KEY is not set (nor REFUNDS_MASTER_KEY_FILE)")
-        try:
-            key = base64.b64decode(text.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            raise ConfigError(f"{name} is not valid base64") from None
-        if len(key) != 32:
-            raise ConfigError(f"{name} must decode to 32 bytes, not {len(key)}")
-        return key
+        return _decode_key(name, text)
+
+
+def _decode_key(name: str, text: str) -> bytes:
+    try:
+        key = base64.b64decode(text.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{name} is not valid base64") from None
+    if len(key) != 32:
+        raise ConfigError(f"{name} must decode to 32 bytes, not {len(key)}")
+    return key
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
 """The worker's sender against a real sandbox gateway and a real receiver, over real HTTP."""
 
 import asyncio
+import contextlib
 from decimal import Decimal
 from datetime import datetime, timezone
 
@@ -32,8 +33,8 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{port}"
 
 
-@pytest_asyncio.fixture
-async def stack(db, database_url, redis_url, vault, monkeypatch):
+@contextlib.asynccontextmanager
+async def running_stack(database_url, redis_url, vault, monkeypatch):
     """Sandbox + receiver on real ports, and worker Resources pointing at them."""
     from pagoefectivo.sandbox import create_app as sandbox_app
     from receiver import create_app as receiver_app
@@ -63,6 +64,12 @@ async def stack(db, database_url, redis_url, vault, monkeypatch):
         await sandbox_runner.cleanup()
         await receiver_runner.cleanup()
         get_settings.cache_clear()
+
+
+@pytest_asyncio.fixture
+async def stack(db, database_url, redis_url, vault, monkeypatch):
+    async with running_stack(database_url, redis_url, vault, monkeypatch) as running:
+        yield running
 
 
 async def chaos(http, sandbox_url, **knobs):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .common import (
-    dsn,
-)
+from .common import dsn, vault, with_conn
 
 
 def cmd_db_migrate(args) -> int:
@@ -24,6 +22,20 @@ def cmd_keys_generate(args) -> int:
     return 0
 
 
+def cmd_keys_rotate_master(args) -> int:
+    """Re-wrap every data key with REFUNDS_MASTER_KEY (the new key).
+
+    Runs while the services keep working: first give every process the new key as
+    REFUNDS_MASTER_KEY and the old one in REFUNDS_PREVIOUS_MASTER_KEYS, then run this,
+    then drop the old key.
+    """
+    from ..merchants import rewrap_all
+
+    sealer = vault()
+    count = asyncio.run(with_conn(lambda conn: rewrap_all(conn, sealer)))
+    print(f"re-wrapped the data keys of {count} merchants with the current master key")
+    return 0
+
 
 def register(sub) -> None:
     dbp = sub.add_parser("db").add_subparsers(dest="db_command", required=True)
@@ -31,3 +43,6 @@ def register(sub) -> None:
 
     keys = sub.add_parser("keys").add_subparsers(dest="keys_command", required=True)
     keys.add_parser("generate", help="print a new REFUNDS_MASTER_KEY").set_defaults(func=cmd_keys_generate)
+    keys.add_parser(
+        "rotate-master", help="re-wrap every data key with REFUNDS_MASTER_KEY (old key in REFUNDS_PREVIOUS_MASTER_KEYS)"
+    ).set_defaults(func=cmd_keys_rotate_master)

@@ -18,9 +18,9 @@ def dsn() -> str:
 
 
 def vault():
-    from ..vault import Vault
+    from ..vault import vault_from_settings
 
-    return Vault(settings().master_key())
+    return vault_from_settings(settings())
 
 
 def emit(args, document, human) -> None:

@@ -52,6 +52,23 @@ def cmd_merchant_list(args) -> int:
 
 
 
+def cmd_merchant_rotate_secret(args) -> int:
+    from datetime import timedelta
+
+    from ..merchants import rotate_secret
+
+    secret = Path(args.secret_key_file).read_text().strip()
+    sealer = vault()
+    try:
+        until = asyncio.run(with_conn(lambda conn: rotate_secret(
+            conn, sealer, args.id, secret, overlap=timedelta(hours=args.overlap_hours))))
+    except ValueError as exc:
+        raise RefundsError(f"--secret-key-file: {exc}") from None
+    emit(args, {"merchant_id": args.id, "previous_secret_valid_until": until.isoformat()},
+         lambda: print(f"merchant {args.id}: new secret in use; the old one verifies notifications until {until}"))
+    return 0
+
+
 def register(sub) -> None:
     merchant = sub.add_parser("merchant").add_subparsers(dest="merchant_command", required=True)
     add = with_json(merchant.add_parser("add", help="add or update a seller and its credentials"))
@@ -67,3 +84,9 @@ def register(sub) -> None:
     add.add_argument("--notify-url", default=None)
     add.set_defaults(func=cmd_merchant_add)
     with_json(merchant.add_parser("list")).set_defaults(func=cmd_merchant_list)
+    rotate = with_json(merchant.add_parser("rotate-secret", help="replace a merchant's secretKey, with an overlap"))
+    rotate.add_argument("--id", required=True)
+    rotate.add_argument("--secret-key-file", required=True)
+    rotate.add_argument("--overlap-hours", type=float, default=24.0,
+                        help="how long the old secret still verifies notifications (default 24)")
+    rotate.set_defaults(func=cmd_merchant_rotate_secret)
