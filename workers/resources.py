@@ -18,7 +18,7 @@ from dramatiq.asyncio import get_event_loop_thread
 from pagoefectivo.client import PagoEfectivoClient
 from refunds import db
 from refunds.settings import Settings, get_settings
-from refunds.vault import Vault
+from refunds.vault import Vault, vault_from_settings
 
 from .ratelimit import RateLimiter
 
@@ -38,7 +38,7 @@ class Resources:
     @classmethod
     async def open(cls, settings: Settings | None = None, *, pool_size: int = 10) -> "Resources":
         settings = settings or get_settings()
-        vault = Vault(settings.master_key())
+        vault = vault_from_settings(settings)
         pool = await db.create_pool(settings.require("database_url"), min_size=1, max_size=pool_size)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=200))
         client = PagoEfectivoClient(session, base_url=settings.base_url, env=settings.pagoefectivo_env)
