@@ -77,7 +77,7 @@ async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = 
 
 
 async def _submit(res: Resources, refund: Refund, merchant: Merchant, slot_ms: int | None) -> None:
-    creds = _credentials(res, merchant)
+    creds = merchant.credentials(res.vault)
     decision = await res.limiter.acquire(merchant.merchant_id, merchant.rate_limit, slot_ms=slot_ms)
     if decision.wait_ms:
         await _defer(res, refund, decision.wait_ms, rate_limited=True, slot_ms=decision.slot_ms)
@@ -162,7 +162,7 @@ async def record_answer(res: Resources, refund: Refund, answer: RefundAnswer) ->
 
 async def check_status(res: Resources, refund: Refund, merchant: Merchant) -> None:
     """Poll a pending refund that no notification settled; after the schedule, manual review."""
-    answer = await _status_with_retries(res, _credentials(res, merchant), refund.external_ref)
+    answer = await _status_with_retries(res, merchant.credentials(res.vault), refund.external_ref)
     if answer is not None and answer.status in ("success", "failure"):
         await record_answer(res, refund, answer)
         return
@@ -246,14 +246,6 @@ def requeue(refund_id: UUID, *, delay_ms: int, slot_ms: int | None) -> bool:
     except Exception as exc:  # the outbox sweep delivers it later
         log.warning("refund %s: re-queue failed: %s", refund_id, type(exc).__name__)
         return False
-
-
-def _credentials(res: Resources, merchant: Merchant) -> Credentials:
-    return Credentials(
-        merchant_id=merchant.merchant_id, env=merchant.env, service_id=merchant.service_id,
-        access_key=merchant.access_key, secret_key=merchant.secret_key(res.vault),
-        private_key_pem=merchant.private_key_pem(res.vault),
-    )
 
 
 def _outcome_of(exc: GatewayError) -> str:

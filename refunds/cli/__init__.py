@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from ..errors import ConfigError, RefundsError
-from . import admin, merchants, payments, refunds, services, tokens
+from . import admin, merchants, payments, refunds, reports, services, tokens
 
-GROUPS = (services, admin, merchants, tokens, payments, refunds)
+GROUPS = (services, admin, merchants, tokens, payments, refunds, reports)
 
 
 def build_parser() -> argparse.ArgumentParser:
