@@ -120,6 +120,13 @@ class System:
         return sum(s.value for m in registry.collect() for s in m.samples
                    if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
+    def stop_worker_gracefully(self, timeout: float = 90) -> int:
+        """SIGTERM to the main process, as a deployment does; its exit status and log tail."""
+        self.worker.process.send_signal(signal.SIGTERM)
+        code = self.worker.process.wait(timeout)
+        self.group.services.remove(self.worker)
+        return code, self.worker.log_tail(40)
+
     def stop(self) -> None:
         self.group.stop()
 
@@ -205,6 +212,22 @@ async def test_worker_processes_killed_at_random_moments(db, make_merchant, data
         await asyncio.sleep(0.5)
         await asyncio.to_thread(system.start_worker)
     await wait_all_final(db, len(requests), timeout=240)
+    await assert_exactly_once(db, system.sandbox_url)
+
+
+async def test_sigterm_lets_in_flight_refunds_finish_or_return_safely(db, make_merchant, database_url, system):
+    requests = await seed(db, make_merchant, {"ta": 500}, 300)
+    await asyncio.to_thread(system.start, "--latency-ms", "300", "--sync-status-mix", '{"success": 1}')
+    await enqueue_all(database_url, requests)
+    await asyncio.sleep(1.5)
+    in_flight = await db.fetchval("SELECT count(*) FROM refunds WHERE state = 'submitted'")
+    assert in_flight > 0  # the signal lands while refunds are at the gateway
+    code, log = await asyncio.to_thread(system.stop_worker_gracefully)
+    assert code == 0, log
+    stranded = await db.fetchval("SELECT count(*) FROM refunds WHERE state = 'submitted' AND claimed_until > now()")
+    assert stranded == 0  # every in-flight refund finished before the worker exited
+    await asyncio.to_thread(system.start_worker)
+    await wait_all_final(db, len(requests), timeout=120)
     await assert_exactly_once(db, system.sandbox_url)
 
 

@@ -14,6 +14,6 @@ from .resources import WorkerResources
 def setup_broker() -> RedisBroker:
     broker = RedisBroker(url=get_settings().require("redis_url"))
     broker.add_middleware(AsyncIO())
-    broker.add_middleware(WorkerResources())
+    broker.add_middleware(WorkerResources(), before=AsyncIO)
     dramatiq.set_broker(broker)
     return broker

@@ -61,7 +61,9 @@ def current() -> Resources:
 
 
 class WorkerResources(dramatiq.Middleware):
-    """Opens Resources on the AsyncIO middleware's event loop when the worker boots."""
+    """Opens Resources on the AsyncIO middleware's event loop when the worker boots, and closes
+    them after the worker threads have finished their messages (so an in-flight refund is never
+    cut off by a closed pool). Must be added before AsyncIO, whose shutdown stops the loop."""
 
     def after_worker_boot(self, broker, worker):
         global _current
@@ -69,7 +71,7 @@ class WorkerResources(dramatiq.Middleware):
         _current = get_event_loop_thread().run_coroutine(Resources.open(pool_size=max(4, threads + 2)))
         log.info("worker resources open")
 
-    def before_worker_shutdown(self, broker, worker):
+    def after_worker_shutdown(self, broker, worker):
         global _current
         if _current is not None:
             loop_thread = get_event_loop_thread()
