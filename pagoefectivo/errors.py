@@ -1,30 +1,54 @@
 """Every gateway answer that is not a success, as one flat hierarchy.
 
-The worker treats each class differently:
-- TransientError: nothing happened at the gateway; safe to send again (after a pause).
-- RateLimited: a TransientError that must wait ``retry_after`` and never uses retry budget.
-- PermanentError: the gateway refused the request; sending it again cannot help.
-- OutcomeUnknown: the request may have reached the gateway; settle it with the status
-  call before anything else, never by a blind resend.
-- EnvironmentMismatch / ClockSkew: refused locally, before any network call.
+::
+
+    GatewayError                  code, message, field, http_status, details
+    ├── TransientError            nothing was executed; send again after a pause
+    │   ├── RateLimited           HTTP 429; wait ``retry_after`` seconds (no retry budget used)
+    │   └── ClockSkew             local clock > 5 min off the gateway's Date header: signed
+    │                             requests are refused locally, and a refusal of one while
+    │                             the skew shows (113 on dateRequest, 606) is reported as this
+    ├── PermanentError            the gateway refused this request; resending cannot help
+    │   └── EnvironmentMismatch   sandbox credentials or URL meet production (or the reverse);
+    │                             refused locally, before any network call
+    └── OutcomeUnknown            the request may have been executed; settle it with the
+                                  status lookup, never by a blind resend
+
+What maps where (``pagoefectivo.client``):
+
+- TransientError: HTTP 500/502/503/504, code 166, connection refused or failed before
+  the request was written (DNS, connect timeout), and any answer that is not the gateway's
+  envelope (a proxy's error page: nothing was executed by the gateway).
+- RateLimited: HTTP 429, ``retry_after`` from ``Retry-After`` (seconds or an HTTP date).
+- PermanentError: codes 111, 112, 113, 601-607 (each with its code, message and field),
+  508 when it survives one token refresh and one retry, and any other code the gateway
+  answers with its envelope.
+- OutcomeUnknown: a read timeout or a dropped connection after a refund request was sent,
+  or a 2xx answer that cannot be read. (On a call that changes nothing, such as the
+  status lookup or the authorization, the same faults are TransientError.)
+
+The worker (``workers.sender``) acts on the class, never on the message: retry later,
+wait, fail the refund with the code, or ask for the status first.
 """
 
 from __future__ import annotations
 
 
 class GatewayError(Exception):
-    """Base of all PagoEfectivo client errors."""
+    """Base of all PagoEfectivo client errors. Messages never carry secrets or tokens."""
 
-    def __init__(self, message: str, *, code: str | None = None, field: str | None = None, http_status: int | None = None):
+    def __init__(self, message: str, *, code: str | None = None, field: str | None = None,
+                 http_status: int | None = None, details: list[dict] | None = None):
         super().__init__(message)
         self.message = message
         self.code = code
         self.field = field
         self.http_status = http_status
+        self.details = details or []  # the envelope's data: [{"code","message","field"}]
 
 
 class TransientError(GatewayError):
-    """HTTP 500/502/503/504, code 166, or a connection that failed before sending."""
+    """Nothing happened at the gateway: HTTP 500/502/503/504, code 166, or no connection."""
 
 
 class RateLimited(TransientError):
@@ -38,13 +62,17 @@ class RateLimited(TransientError):
 class ClockSkew(TransientError):
     """The local clock is more than 5 minutes off the gateway's: signatures would be refused."""
 
+    def __init__(self, message: str, *, skew_seconds: float, **kwargs):
+        super().__init__(message, **kwargs)
+        self.skew_seconds = skew_seconds
+
 
 class PermanentError(GatewayError):
     """Codes 111, 112, 113, 508 (after one refresh) and 601-607: the request itself is refused."""
 
 
 class EnvironmentMismatch(PermanentError):
-    """Sandbox credentials aimed at production, or the other way round."""
+    """Sandbox credentials or URL aimed at production, or the other way round."""
 
 
 class OutcomeUnknown(GatewayError):

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import simplejson
 from cryptography.exceptions import InvalidSignature
@@ -89,6 +90,9 @@ def within_tolerance(text: str, now: datetime) -> bool:
 
 # --- authorization (published) ----------------------------------------------------
 
+AUTHORIZATIONS_PATH = "/v1/authorizations"
+
+
 def auth_hash(id_service: int | str, access_key: str, secret_key: str, date_request: str) -> str:
     """hashString = hex SHA-256 of idService.accessKey.secretKey.dateRequest (UTF-8)."""
     text = f"{id_service}.{access_key}.{secret_key}.{date_request}"
@@ -148,6 +152,48 @@ def verify_fields(fields: Mapping[str, Any], signature: str, public_pem: str | b
         return True
     except (InvalidSignature, ValueError, TypeError):
         return False
+
+
+# --- refund request, answer and status lookup (modelled) --------------------------------
+
+REFUNDS_PATH = "/v1/refunds"
+REFUND_STATUSES = ("success", "pending", "failure")
+CENT = Decimal("0.01")
+
+
+def refund_status_path(external_ref: str) -> str:
+    """``GET /v1/refunds/{externalRef}``; the reference is percent-encoded (it may hold ``/``)."""
+    return f"{REFUNDS_PATH}/{quote(external_ref, safe='')}"
+
+
+def signed_refund_request(*, merchant_id: str, original_transaction_id: str, amount: Decimal, currency: str,
+                          external_ref: str, notify_url: str, reason: str | None, moment: datetime,
+                          private_key: rsa.RSAPrivateKey) -> dict:
+    """The JSON body of ``POST /v1/refunds``: the fields with a value, plus their signature."""
+    fields = {
+        "merchantId": merchant_id,
+        "originalTransactionId": original_transaction_id,
+        "refundAmount": amount.quantize(CENT),
+        "currency": currency,
+        "refundReason": reason,
+        "externalRef": external_ref,
+        "notifyUrl": notify_url,
+        "timestamp": lima_timestamp(moment),
+    }
+    fields = {name: value for name, value in fields.items() if value is not None and value != ""}
+    fields["signature"] = sign_fields(fields, private_key)
+    return fields
+
+
+def refund_answer(data: Mapping[str, Any]) -> dict:
+    """The ``data`` of a refund answer (sync or status) in the client's terms."""
+    return {
+        "status": str(data.get("status", "")),
+        "refund_id": data.get("refundId"),
+        "external_ref": str(data.get("externalRef", "")),
+        "code": data.get("reasonCode"),
+        "message": data.get("reason"),
+    }
 
 
 # --- notifications (published form) -------------------------------------------------

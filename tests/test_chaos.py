@@ -97,7 +97,8 @@ class System:
 
     def start(self, *sandbox_args: str) -> None:
         port = self.sandbox_url.rsplit(":", 1)[1]
-        sandbox = self.group.start("sandbox", "-m", "pagoefectivo.sandbox", "--port", port, *sandbox_args)
+        sandbox = self.group.start("sandbox", "-m", "pagoefectivo.sandbox", "--port", port,
+                                   "--notification-time-scale", "0.01", *sandbox_args)
         receiver = self.group.start("receiver", "-m", "receiver")
         self.start_worker()
         self.group.start("scheduler", "-m", "workers.scheduler")

@@ -76,3 +76,22 @@ def test_json_keeps_decimals_exact():
     raw = protocol.dumps({"refundAmount": Decimal("10.50")})
     assert raw == b'{"refundAmount":10.50}'
     assert protocol.loads(raw)["refundAmount"] == Decimal("10.50")
+
+
+def test_signed_refund_request_is_the_documented_example():
+    """docs/PROTOCOL.md shows this body; the signature is the openssl vector above."""
+    body = protocol.signed_refund_request(
+        merchant_id="m1", original_transaction_id="123456", amount=Decimal("10.5"), currency="PEN",
+        external_ref="R-1", notify_url="https://example.test/n", reason="", moment=datetime(2026, 11, 25, 15, 0,
+                                                                                            tzinfo=timezone.utc),
+        private_key=protocol.load_private_key(KEY_PEM))
+    assert body == {**{k: v for k, v in REFUND_FIELDS.items() if v != ""}, "refundAmount": Decimal("10.50"),
+                    "signature": SIGNATURE}
+    assert protocol.dumps(body).startswith(b'{"merchantId":"m1","originalTransactionId":"123456","refundAmount":10.50,')
+
+
+def test_status_path_and_answer():
+    assert protocol.refund_status_path("R/1 ñ") == "/v1/refunds/R%2F1%20%C3%B1"
+    assert protocol.refund_answer({"refundId": "X", "externalRef": "R-1", "status": "failure", "reasonCode": "701",
+                                   "reason": "declined"}) == {
+        "status": "failure", "refund_id": "X", "external_ref": "R-1", "code": "701", "message": "declined"}

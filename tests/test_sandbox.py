@@ -435,7 +435,7 @@ async def test_chaos_merges_keys_and_refuses_unknown_ones(gateway):
 
 async def test_notifications_are_retried_until_answered_200(gateway, keys, paid, receiver):
     receiver.answers = [503, 503]
-    await set_chaos(gateway, sync_status_mix={"success": 1})
+    await set_chaos(gateway, sync_status_mix={"success": 1}, notification_time_scale=0.001)
     token = await token_for(gateway, keys)
     assert (await refund(gateway, token, refund_body(keys, receiver)))[0].status == 200
     notes = await receiver.wait_for(3, timeout=5)
@@ -478,3 +478,262 @@ async def test_module_serves_until_sigterm(database_url):
         stderr = (await proc.stderr.read()).decode()
     assert returncode == 0, stderr
     assert "Traceback" not in stderr, stderr
+
+
+# --- field types, tokens ----------------------------------------------------------------------
+
+async def test_wrong_json_types_are_111_and_name_every_field(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    body = refund_body(keys, receiver, refundAmount="10.50", refundReason={"text": "x"}, currency="EUR")
+    response, payload = await refund(gateway, token, body)
+    assert (response.status, payload["code"]) == (400, "111")
+    assert sorted(error_fields(payload)) == [("111", "refundAmount"), ("111", "refundReason"), ("113", "currency")]
+    response, payload = await call(gateway, "POST", "/v1/authorizations", {**auth_body(keys), "idService": [1]})
+    assert (response.status, payload["code"], error_fields(payload)) == (400, "111", [("111", "idService")])
+
+
+async def test_authorizations_are_counted_and_tokens_can_be_revoked(gateway, keys, paid, receiver):
+    state = gateway.app[SANDBOX].state
+    token = await token_for(gateway, keys)
+    assert state.authorizations["m1"] == 1
+    assert state.revoke_tokens("m1") == 1
+    response, payload = await refund(gateway, token, refund_body(keys, receiver))
+    assert (response.status, payload["code"]) == (401, "508")
+
+
+# --- notification retry schedule ----------------------------------------------------------
+
+async def test_notifications_follow_the_schedule_then_are_abandoned(gateway, keys, paid, receiver):
+    from pagoefectivo.sandbox.notifier import RETRY_SCHEDULE_S
+
+    notifier = gateway.app[SANDBOX].notifier
+    assert RETRY_SCHEDULE_S[0] == 10 and list(RETRY_SCHEDULE_S) == sorted(RETRY_SCHEDULE_S)  # growing delays
+    assert sum(RETRY_SCHEDULE_S) > 2 * 86400  # days, as real providers do
+    await set_chaos(gateway, sync_status_mix={"success": 1}, notification_time_scale=0.00001)
+    assert notifier.retry_delays() == pytest.approx([d * 0.00001 for d in RETRY_SCHEDULE_S])
+    receiver.answers = [503] * 100
+    token = await token_for(gateway, keys)
+    assert (await refund(gateway, token, refund_body(keys, receiver)))[0].status == 200
+    attempts = 1 + len(RETRY_SCHEDULE_S)
+    notes = await receiver.wait_for(attempts, timeout=10)
+    deadline = asyncio.get_running_loop().time() + 5
+    while notifier.abandoned == 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    assert (notifier.abandoned, notifier.delivered, notifier.in_flight) == (1, 0, 0)
+    await asyncio.sleep(0.1)
+    assert len(receiver.received) == attempts == notifier.attempts
+    assert len({(n.body, n.headers[protocol.SIGNATURE_HEADER]) for n in notes}) == 1
+
+
+# --- source-IP allow list (607) -------------------------------------------------------------
+
+async def test_global_allow_list_answers_607_outside_it(gateway, keys, paid, receiver):
+    token = await token_for(gateway, keys)
+    await set_chaos(gateway, allowed_ips="10.0.0.0/8, 192.168.1.7")
+    config = (await call(gateway, "GET", "/sandbox/chaos"))[1]
+    assert config["allowed_ips"] == ["10.0.0.0/8", "192.168.1.7/32"]
+    response, payload = await refund(gateway, token, refund_body(keys, receiver))
+    assert (response.status, payload["code"]) == (403, "607")
+    response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(keys))
+    assert (response.status, payload["code"]) == (403, "607")
+    response, payload = await call(gateway, "GET", "/v1/refunds/R-1", token=token,
+                                   headers={protocol.MERCHANT_HEADER: "m1"})
+    assert (response.status, payload["code"]) == (403, "607")
+    assert await ledger(gateway) == []
+    await set_chaos(gateway, allowed_ips=["127.0.0.0/8", "::1"], sync_status_mix={"success": 1})
+    response, payload = await refund(gateway, token, refund_body(keys, receiver))
+    assert response.status == 200, payload
+    response, payload = await call(gateway, "POST", "/sandbox/chaos", {"allowed_ips": ["10.0.0.300/8"]})
+    assert (response.status, error_fields(payload)) == (400, [("113", "allowed_ips")])
+
+
+async def test_merchant_allow_list_applies_to_that_merchant_only(gateway, make_merchant, keys, paid, receiver):
+    other = await make_merchant("m2")
+    await set_chaos(gateway, merchant_allowed_ips={"m1": ["10.0.0.0/8"]})
+    response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(keys))
+    assert (response.status, payload["code"], error_fields(payload)) == (403, "607", [("607", None)])
+    assert (await call(gateway, "POST", "/v1/authorizations", auth_body(other)))[0].status == 201
+    await set_chaos(gateway, merchant_allowed_ips={"m1": ["127.0.0.1/32"]})
+    assert (await call(gateway, "POST", "/v1/authorizations", auth_body(keys)))[0].status == 201
+
+
+def test_allowed_ips_flag_takes_cidrs():
+    from pagoefectivo.sandbox.cli import build_parser, chaos_from_args
+
+    parser = build_parser()
+    args = parser.parse_args(["--allowed-ips", "10.0.0.0/8,127.0.0.1", "--notification-time-scale", "0.001",
+                              "--merchant-allowed-ips", '{"m1": ["192.168.0.0/16"]}'])
+    config = chaos_from_args(parser, args)
+    assert config.allowed_ips == ("10.0.0.0/8", "127.0.0.1/32")
+    assert config.merchant_allowed_ips == {"m1": ("192.168.0.0/16",)}
+    assert config.notification_time_scale == 0.001
+    with pytest.raises(SystemExit):
+        chaos_from_args(parser, parser.parse_args(["--allowed-ips", "not-an-ip"]))
+
+
+def test_allow_list_matching():
+    from pagoefectivo.sandbox.allowlist import parse_cidrs, permits
+
+    cidrs = parse_cidrs(["10.0.0.0/8", "2001:db8::/32"])
+    assert permits((), None) and permits((), "203.0.113.9")
+    assert permits(cidrs, "10.1.2.3") and permits(cidrs, "::ffff:10.1.2.3") and permits(cidrs, "2001:db8::1")
+    assert not permits(cidrs, "11.0.0.1") and not permits(cidrs, None) and not permits(cidrs, "garbage")
+
+
+# --- no chaos, no cost ------------------------------------------------------------------------
+
+async def test_knobs_at_zero_never_sleep(gateway, keys, paid, receiver, monkeypatch):
+    """With every fault knob at zero the request path and deliveries do not sleep at all."""
+    real_sleep = asyncio.sleep
+    sleeps = []
+
+    async def recording_sleep(delay, *args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__", "")
+        if caller.startswith("pagoefectivo.sandbox"):
+            sleeps.append((caller, delay))
+        return await real_sleep(delay, *args, **kwargs)
+
+    await set_chaos(gateway, sync_status_mix={"success": 1})
+    monkeypatch.setattr(asyncio, "sleep", recording_sleep)
+    token = await token_for(gateway, keys)
+    for index in range(3):
+        response, _ = await refund(gateway, token, refund_body(keys, receiver, externalRef=f"R-{index}",
+                                                               refundAmount=Decimal("1.00")))
+        assert response.status == 200
+    await call(gateway, "GET", "/v1/refunds/R-1", token=token, headers={protocol.MERCHANT_HEADER: "m1"})
+    await receiver.wait_for(3)
+    assert sleeps == []
+
+
+# --- seed file --------------------------------------------------------------------------------
+
+KEY_PEM = (ROOT / "tests" / "fixtures" / "merchant_test_key.pem").read_bytes()
+
+
+def seed_document(notify_url: str) -> dict:
+    return {
+        "merchants": [
+            {"merchantId": "s1", "env": "sandbox", "serviceId": 4001, "accessKey": "AKS1", "secretKey": "seed-secret",
+             "publicKeyPem": protocol.public_key_pem(KEY_PEM), "notifyUrl": notify_url},
+            {"merchantId": "p1", "env": "production", "serviceId": 4002, "accessKey": "AKP1",
+             "secretKey": "prod-secret", "publicKeyPem": protocol.public_key_pem(KEY_PEM)},
+        ],
+        "payments": [
+            {"merchantId": "s1", "transactionId": "CIP-1", "amount": "100.00", "currency": "PEN",
+             "paidAt": protocol.lima_timestamp(now() - timedelta(days=1))},
+            {"merchantId": "s1", "transactionId": "CIP-OLD", "amount": 20, "currency": "USD",
+             "method": "bank_transfer", "paidAt": "2020-01-01T10:00:00-05:00"},
+        ],
+    }
+
+
+def seed_keys(merchant_id="s1", service_id=4001, access_key="AKS1", secret="seed-secret"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(merchant=SimpleNamespace(merchant_id=merchant_id, service_id=service_id,
+                                                    access_key=access_key),
+                           secret_key=secret, private_key_pem=KEY_PEM)
+
+
+async def test_seeded_sandbox_needs_no_database(receiver, tmp_path):
+    from pagoefectivo.sandbox import load_seed
+
+    path = tmp_path / "seed.json"
+    path.write_bytes(protocol.dumps(seed_document(f"{receiver.url}/hooks/s1")))
+    keys = seed_keys()
+    app = create_app(seed=load_seed(path))
+    async with TestClient(TestServer(app)) as gateway:
+        await set_chaos(gateway, sync_status_mix={"success": 1})
+        token = await token_for(gateway, keys)
+        response, payload = await refund(gateway, token, refund_body(keys, receiver, merchantId="s1"))
+        assert response.status == 200, payload
+        [note] = await receiver.wait_for(1)
+        assert note.path == "/refunds" and note.json["data"]["merchantId"] == "s1"
+        assert_signed(note, "seed-secret")
+        response, payload = await refund(gateway, token, refund_body(
+            keys, receiver, merchantId="s1", externalRef="R-2", originalTransactionId="CIP-OLD", currency="USD"))
+        assert (response.status, payload["code"]) == (400, "602")
+        response, payload = await refund(gateway, token, refund_body(
+            keys, receiver, merchantId="s1", externalRef="R-3", originalTransactionId="NOPE"))
+        assert (response.status, payload["code"]) == (400, "603")
+        # a production merchant in the seed is not known to a sandbox gateway
+        prod = seed_keys("p1", 4002, "AKP1", "prod-secret")
+        response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(prod))
+        assert (response.status, payload["code"]) == (401, "508")
+        # cip.paid goes to the seeded notify URL
+        _, paid_payload = await call(gateway, "POST", "/sandbox/payments", {
+            "merchantId": "s1", "transactionCode": "O-1", "amount": "5.00", "currency": "PEN"})
+        notes = await receiver.wait_for(2)
+        assert notes[1].path == "/hooks/s1" and notes[1].json["data"]["cip"] == paid_payload["cip"]
+
+
+async def test_seeded_merchant_allow_list(receiver):
+    from pagoefectivo.sandbox.seed import parse_seed
+
+    document = seed_document(f"{receiver.url}/hooks/s1")
+    document["merchants"][0]["allowedIps"] = ["10.9.0.0/16"]
+    async with TestClient(TestServer(create_app(seed=parse_seed(document)))) as gateway:
+        response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(seed_keys()))
+        assert (response.status, payload["code"]) == (403, "607")
+
+
+@pytest.mark.parametrize("change, place", [
+    (lambda d: d["merchants"][0].update(serviceId=-1), "merchants[0].serviceId"),
+    (lambda d: d["merchants"][0].update(publicKeyPem="nope"), "merchants[0].publicKeyPem"),
+    (lambda d: d["merchants"][0].pop("secretKey"), "merchants[0].secretKey"),
+    (lambda d: d["merchants"][1].update(env="staging"), "merchants[1].env"),
+    (lambda d: d["merchants"][1].update(merchantId="s1"), "merchants[1].merchantId"),
+    (lambda d: d["merchants"][0].update(allowedIps=["300.1.1.1"]), "merchants[0].allowedIps"),
+    (lambda d: d["payments"][0].update(amount="10.005"), "payments[0].amount"),
+    (lambda d: d["payments"][0].update(merchantId="ghost"), "payments[0].merchantId"),
+    (lambda d: d["payments"][1].update(paidAt="2020-01-01T10:00:00"), "payments[1].paidAt"),
+    (lambda d: d["payments"][1].update(transactionId="CIP-1", currency="PEN"), "payments[1].transactionId"),
+    (lambda d: d.update(extra=[]), "unknown key"),
+])
+def test_seed_errors_name_their_place(change, place):
+    from pagoefectivo.sandbox.seed import SeedError, parse_seed
+
+    document = seed_document("https://example.test/n")
+    change(document)
+    with pytest.raises(SeedError, match=place.replace("[", r"\[").replace("]", r"\]")):
+        parse_seed(document)
+
+
+async def test_module_serves_a_seed_without_database_or_master_key(tmp_path):
+    seed_file = tmp_path / "seed.json"
+    seed_file.write_bytes(protocol.dumps(seed_document("https://example.test/n")))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DATABASE_URL", "REFUNDS_MASTER_KEY", "REFUNDS_MASTER_KEY_FILE")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "pagoefectivo.sandbox", "--port", str(port), "--seed", str(seed_file),
+        "--allowed-ips", "127.0.0.1/32", cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), timeout=15)
+        assert line.decode().strip() == f"sandbox listening on http://127.0.0.1:{port}"
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/sandbox/chaos") as response:
+                assert (await response.json())["allowed_ips"] == ["127.0.0.1/32"]
+            async with http.post(f"http://127.0.0.1:{port}/v1/authorizations",
+                                 data=protocol.dumps(auth_body(seed_keys())),
+                                 headers={"Content-Type": "application/json"}) as response:
+                assert response.status == 201
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        returncode = await asyncio.wait_for(proc.wait(), timeout=10)
+        stderr = (await proc.stderr.read()).decode()
+    assert returncode == 0, stderr
+    assert "seed-secret" not in stderr
+
+
+def test_module_reports_a_bad_seed_in_one_line(tmp_path):
+    import subprocess
+
+    seed_file = tmp_path / "seed.json"
+    seed_file.write_text('{"merchants": [{"merchantId": "s1"}]}')
+    run = subprocess.run([sys.executable, "-m", "pagoefectivo.sandbox", "--seed", str(seed_file)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert run.returncode == 2
+    assert run.stderr.strip().count("\n") == 0 and "merchants[0].env" in run.stderr, run.stderr

@@ -1,11 +1,16 @@
 """The sandbox PagoEfectivo gateway's HTTP surface (CONTRACT §4.1-4.5).
 
 Order of checks on a refund request (the first failing one answers):
-latency → Bearer token (401/508) → token issued to that merchantId (401/508) → rate limits
-(429) and injected errors (500/166) → required fields (112) → valid values (113) →
-timestamp within 5 minutes (606) → RSA signature (605) → externalRef replay or reuse (604)
-→ original transaction paid to that merchant (603) → currency (113) → refund window (602)
-→ refundable amount (601) → provider decision (success | pending | failure) and execution.
+latency → source IP in the global allow list (607) → Bearer token (401/508) → token issued
+to that merchantId, merchant registered (401/508) → source IP in the merchant's allow list
+(607) → rate limits (429) and injected errors (500/166) → required fields (112) → field
+types (111) and values (113) → timestamp within 5 minutes (606) → RSA signature (605) →
+externalRef replay or reuse (604) → original transaction paid to that merchant (603) →
+currency (113) → refund window (602) → refundable amount (601) → provider decision
+(success | pending | failure) and execution.
+
+With every chaos knob at its default the only extra work is a few dictionary lookups:
+nothing sleeps, not even ``sleep(0)``.
 """
 
 from __future__ import annotations
@@ -20,16 +25,17 @@ from decimal import Decimal
 from aiohttp import web
 
 from pagoefectivo import protocol
-from refunds.merchants import Merchant
 from refunds.vault import Vault
 
+from .allowlist import permits
 from .chaos import Chaos, ChaosConfig, ChaosError
-from .directory import Directory
+from .directory import DatabaseDirectory, Directory, Registration
 from .notifier import Notifier
+from .seed import Seed
 from .state import Conflict, OverRefundable, RefundRecord, SandboxState
 from .wire import (
     RATE_LIMITED, RefundOrder, Refusal, bearer_token, json_response, parse_authorization, parse_payment,
-    parse_refund, read_object, refusal, token_refusal,
+    parse_refund, read_object, refusal, source_ip_refusal, token_refusal,
 )
 
 log = logging.getLogger("pagoefectivo.sandbox")
@@ -54,12 +60,22 @@ class Sandbox:
 SANDBOX = web.AppKey("sandbox", Sandbox)
 
 
-def create_app(config: ChaosConfig | None = None, *, database_url: str, vault: Vault,
-               notify_base_url: str | None = None) -> web.Application:
-    """The gateway application; its database pool and HTTP session are made on start."""
+def create_app(config: ChaosConfig | None = None, *, database_url: str | None = None, vault: Vault | None = None,
+               seed: Seed | None = None, notify_base_url: str | None = None) -> web.Application:
+    """The gateway application; its database pool and HTTP session are made on start.
+
+    Merchants and payments come from ``seed`` when given (the database is then not read),
+    else from the project's database at ``database_url`` (secrets opened with ``vault``).
+    """
+    if seed is not None:
+        directory: Directory = seed.directory()
+    elif database_url and vault is not None:
+        directory = DatabaseDirectory(database_url, vault)
+    else:
+        raise ValueError("the sandbox needs a seed, or a database URL and the vault")
     chaos = Chaos(config)
     app = web.Application(middlewares=[_errors])
-    app[SANDBOX] = Sandbox(SandboxState(), chaos, Directory(database_url, vault), Notifier(chaos),
+    app[SANDBOX] = Sandbox(SandboxState(), chaos, directory, Notifier(chaos),
                            notify_base_url.rstrip("/") if notify_base_url else None)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/authorizations", authorize)
@@ -107,6 +123,7 @@ def _now() -> datetime:
 async def authorize(request: web.Request) -> web.Response:
     sandbox = request.app[SANDBOX]
     await sandbox.chaos.latency()
+    _check_source(request, sandbox)
     auth = parse_authorization(await read_object(request))
     now = _now()
     if not protocol.within_tolerance(auth.date_request, now):
@@ -114,9 +131,10 @@ async def authorize(request: web.Request) -> web.Response:
                       "dateRequest")
     given = auth.hash_string.strip().lower().encode("utf-8")
     for merchant in await sandbox.directory.merchants_by_credentials(auth.access_key, auth.service_id):
-        secret = sandbox.directory.secret_key(merchant)
-        expected = protocol.auth_hash(auth.service_id, auth.access_key, secret, auth.date_request).encode("ascii")
+        expected = protocol.auth_hash(auth.service_id, auth.access_key, merchant.secret_key,
+                                      auth.date_request).encode("utf-8")
         if hmac.compare_digest(expected, given):
+            _check_source(request, sandbox, merchant)
             token, grant = sandbox.state.issue_token(merchant.merchant_id, merchant.service_id, now)
             return json_response(protocol.envelope(protocol.OK, {
                 "token": token, "codeService": str(merchant.service_id),
@@ -131,6 +149,27 @@ def _grant(request: web.Request, sandbox: Sandbox):
     if grant is None:
         raise token_refusal("the token is unknown or expired")
     return grant
+
+
+def _check_source(request: web.Request, sandbox: Sandbox, merchant: Registration | None = None) -> None:
+    """607 unless the caller's address is in every allow list that applies: the global one
+    and, once the merchant is known, its own (from the seed, or ``merchant_allowed_ips``)."""
+    config = sandbox.chaos.config
+    if merchant is None:
+        lists = (config.allowed_ips,)
+    else:
+        lists = (merchant.allowed_ips, config.merchant_allowed_ips.get(merchant.merchant_id, ()))
+    for cidrs in lists:
+        if cidrs and not permits(cidrs, request.remote):
+            raise source_ip_refusal(request.remote)
+
+
+async def _registered(request: web.Request, sandbox: Sandbox, merchant_id: str) -> Registration:
+    merchant = await sandbox.directory.merchant(merchant_id)
+    if merchant is None:
+        raise token_refusal("the merchant is not registered", "merchantId")
+    _check_source(request, sandbox, merchant)
+    return merchant
 
 
 # --- 4.2 refund request ---------------------------------------------------------------
@@ -169,7 +208,7 @@ async def _original(sandbox: Sandbox, order: RefundOrder) -> _Original:
                   "originalTransactionId")
 
 
-def _signed_by(merchant: Merchant, order: RefundOrder) -> bool:
+def _signed_by(merchant: Registration, order: RefundOrder) -> bool:
     try:
         return protocol.verify_fields(order.fields, order.signature, merchant.public_key_pem)
     except ValueError:  # a registered key that does not load: nothing verifies against it
@@ -179,20 +218,19 @@ def _signed_by(merchant: Merchant, order: RefundOrder) -> bool:
 async def post_refund(request: web.Request) -> web.Response:
     sandbox = request.app[SANDBOX]
     await sandbox.chaos.latency()
+    _check_source(request, sandbox)
     grant = _grant(request, sandbox)
     body = await read_object(request)
     claimed = body.get("merchantId")
     if claimed not in (None, "") and str(claimed) != grant.merchant_id:
         raise token_refusal("the token was not issued to this merchantId", "merchantId")
+    merchant = await _registered(request, sandbox, grant.merchant_id)
     _faults(sandbox, grant.merchant_id, merchant_limit=True)
     order = parse_refund(body)
     now = _now()
     if abs(order.timestamp - now) > protocol.MAX_CLOCK_SKEW:
         raise refusal(protocol.TIMESTAMP_OUT_OF_TOLERANCE, "timestamp is more than 5 minutes off the gateway clock",
                       "timestamp")
-    merchant = await sandbox.directory.merchant(order.merchant_id)
-    if merchant is None:
-        raise token_refusal("the merchant is not registered", "merchantId")
     if not _signed_by(merchant, order):
         merchant = await sandbox.directory.merchant(order.merchant_id, fresh=True)  # the key may have rotated
         if merchant is None or not _signed_by(merchant, order):
@@ -245,7 +283,7 @@ async def _lose_answer(request: web.Request, hold_seconds: float) -> None:
     raise web.HTTPInternalServerError()  # written to a closed transport: nothing reaches the client
 
 
-def _notify_refund(sandbox: Sandbox, merchant: Merchant, order: RefundOrder, record: RefundRecord) -> None:
+def _notify_refund(sandbox: Sandbox, merchant: Registration, order: RefundOrder, record: RefundRecord) -> None:
     """refund.succeeded for an executed refund (a pending one settles ~50-200 ms later),
     refund.failed for a decline."""
     data = {
@@ -263,7 +301,7 @@ def _notify_refund(sandbox: Sandbox, merchant: Merchant, order: RefundOrder, rec
     }
     pending = record.status == "pending"
     sandbox.notifier.send(
-        order.notify_url, merchant.merchant_id, payload, sandbox.directory.secret_key(merchant),
+        order.notify_url, merchant.merchant_id, payload, merchant.secret_key,
         delay=sandbox.chaos.uniform(*PENDING_SETTLE_SECONDS) if pending else 0.0,
         on_due=(lambda: sandbox.state.settle(record)) if pending else None,
     )
@@ -274,12 +312,14 @@ def _notify_refund(sandbox: Sandbox, merchant: Merchant, order: RefundOrder, rec
 async def get_refund(request: web.Request) -> web.Response:
     sandbox = request.app[SANDBOX]
     await sandbox.chaos.latency()
+    _check_source(request, sandbox)
     grant = _grant(request, sandbox)
     merchant_id = request.headers.get(protocol.MERCHANT_HEADER, "").strip()
     if not merchant_id:
         raise refusal(protocol.REQUIRED, f"{protocol.MERCHANT_HEADER} is required", protocol.MERCHANT_HEADER)
     if merchant_id != grant.merchant_id:
         raise token_refusal("the token was not issued to this merchant", protocol.MERCHANT_HEADER)
+    await _registered(request, sandbox, merchant_id)
     _faults(sandbox, merchant_id, merchant_limit=False)
     record = sandbox.state.refund(merchant_id, request.match_info["external_ref"])
     if record is None:
@@ -310,7 +350,7 @@ async def sandbox_payment(request: web.Request) -> web.Response:
             "data": {"cip": cip.cip, "currency": cip.currency, "amount": cip.amount,
                      "transactionCode": cip.transaction_code, "paymentDate": protocol.lima_timestamp(now),
                      "merchantId": merchant.merchant_id, "method": cip.method},
-        }, sandbox.directory.secret_key(merchant))
+        }, merchant.secret_key)
     return json_response({"cip": cip.cip})
 
 

@@ -2,8 +2,10 @@
 
 ``ChaosConfig`` is the set of knobs (the same names as ``POST /sandbox/chaos`` keys and, in
 kebab case, as ``sandbox serve`` flags); ``Chaos`` makes the random decisions from it.
-Defaults are no faults at all. Rates and weights are probabilities, not money, so they are
-floats; anything else that is not a plain number is refused.
+Defaults are no faults at all, and a knob at zero costs nothing (no sleep, no random draw).
+Rates and weights are probabilities, not money, so they are floats; anything else that is not
+a plain number is refused. ``allowed_ips`` / ``merchant_allowed_ips`` are not faults but the
+gateway's source-IP allow list (607), kept here so that they change the same way.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from decimal import Decimal
 from typing import Any
+
+from .allowlist import parse_cidrs
 
 STATUSES = ("success", "pending", "failure")
 
@@ -42,7 +46,9 @@ class ChaosConfig:
     jitter_ms: float = field(default=0.0, metadata={"kind": "duration", "help": "random extra latency, 0..N ms"})
     error_rate: float = field(default=0.0, metadata={"kind": "rate", "help": "HTTP 500 (code 166), nothing executed"})
     timeout_after_commit_rate: float = field(
-        default=0.0, metadata={"kind": "rate", "help": "refund executed, then the connection is dropped unanswered"})
+        default=0.0, metadata={"kind": "rate",
+                                "help": "a new refund is executed, then its connection dropped unanswered"
+                                        " (replays and status lookups are answered)"})
     timeout_hold_s: float = field(
         default=0.0, metadata={"kind": "duration", "help": "seconds to hold a lost answer before dropping it"})
     rate_limited_rate: float = field(default=0.0, metadata={"kind": "rate", "help": "random HTTP 429"})
@@ -58,6 +64,14 @@ class ChaosConfig:
     sync_status_mix: Mapping[str, float] = field(
         default_factory=_default_mix,
         metadata={"kind": "mix", "help": 'JSON weights {"success": w, "pending": w, "failure": w}'})
+    notification_time_scale: float = field(
+        default=1.0, metadata={"kind": "scale",
+                               "help": "multiplies the notification retry schedule (0.001: seconds become ms)"})
+    allowed_ips: tuple[str, ...] = field(
+        default=(), metadata={"kind": "cidrs", "help": "source-IP allow list for /v1 calls, CIDR,... (607)"})
+    merchant_allowed_ips: Mapping[str, tuple[str, ...]] = field(
+        default_factory=dict, metadata={"kind": "merchant_cidrs",
+                                        "help": 'JSON {"M": ["CIDR", ...]}: allow list of one merchant (607)'})
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -77,11 +91,15 @@ class ChaosConfig:
         out: dict[str, Any] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            out[f.name] = {k: _plain(v) for k, v in value.items()} if isinstance(value, Mapping) else _plain(value)
+            out[f.name] = _plain(value)
         return out
 
 
 def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
@@ -140,7 +158,33 @@ def _mix(key: str, value: Any) -> dict[str, float]:
     return mix
 
 
-_VALIDATORS = {"rate": _rate, "duration": _duration, "seconds": _seconds, "limits": _limits, "mix": _mix}
+def _scale(key: str, value: Any) -> float:
+    number = _number(key, value)
+    if number <= 0:
+        raise ChaosError(key, "must be greater than 0")
+    return number
+
+
+def _cidrs(key: str, value: Any) -> tuple[str, ...]:
+    try:
+        return parse_cidrs(value)
+    except ValueError as exc:
+        raise ChaosError(key, str(exc)) from None
+
+
+def _merchant_cidrs(key: str, value: Any) -> dict[str, tuple[str, ...]]:
+    if not isinstance(value, Mapping):
+        raise ChaosError(key, 'must be an object {"merchant_id": ["CIDR", ...]}')
+    lists = {}
+    for merchant_id, cidrs in value.items():
+        parsed = _cidrs(f"{key}.{merchant_id}", cidrs)
+        if parsed:  # an empty list lifts that merchant's restriction
+            lists[str(merchant_id)] = parsed
+    return lists
+
+
+_VALIDATORS = {"rate": _rate, "duration": _duration, "seconds": _seconds, "limits": _limits, "mix": _mix,
+               "scale": _scale, "cidrs": _cidrs, "merchant_cidrs": _merchant_cidrs}
 
 
 class Chaos:

@@ -1,22 +1,26 @@
 """``python -m pagoefectivo.sandbox`` / ``refundctl sandbox serve``: run the gateway until SIGTERM or SIGINT.
 
-Settings: DATABASE_URL and REFUNDS_MASTER_KEY (or REFUNDS_MASTER_KEY_FILE) are required;
+Merchants and payments come from the project's database (DATABASE_URL, with
+REFUNDS_MASTER_KEY or REFUNDS_MASTER_KEY_FILE to open the secrets) or, with ``--seed FILE``,
+from a seed file alone (then neither is required, and the database is not read).
 REFUNDS_NOTIFY_URL is where merchants without their own notify URL get ``cip.paid``.
-Every chaos key is also a flag (``latency_ms`` → ``--latency-ms``); mappings take JSON.
+Every chaos key is also a flag (``latency_ms`` → ``--latency-ms``); mappings take JSON,
+``--allowed-ips`` takes ``CIDR,CIDR``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import fields
-
 
 from refunds import service
 from refunds.vault import Vault
 
 from .app import create_app
 from .chaos import ChaosConfig, ChaosError
+from .seed import SeedError, load_seed
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8090
@@ -32,8 +36,10 @@ def _json_object(text: str) -> dict:
     return value
 
 
-_FLAG_TYPES = {"rate": float, "duration": float, "seconds": int, "limits": _json_object, "mix": _json_object}
-_METAVARS = {"rate": "P", "duration": "N", "seconds": "S", "limits": "JSON", "mix": "JSON"}
+_FLAG_TYPES = {"rate": float, "duration": float, "seconds": int, "limits": _json_object, "mix": _json_object,
+               "scale": float, "cidrs": str, "merchant_cidrs": _json_object}
+_METAVARS = {"rate": "P", "duration": "N", "seconds": "S", "limits": "JSON", "mix": "JSON", "scale": "X",
+             "cidrs": "CIDR,...", "merchant_cidrs": "JSON"}
 
 
 def flag(key: str) -> str:
@@ -44,6 +50,8 @@ def build_parser(prog: str = "python -m pagoefectivo.sandbox") -> argparse.Argum
     parser = argparse.ArgumentParser(prog=prog, description="The PagoEfectivo sandbox gateway (CONTRACT §4.5).")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"listen address (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
+    parser.add_argument("--seed", metavar="FILE", default=None,
+                        help="merchants and payments from this JSON file instead of DATABASE_URL (docs/PROTOCOL.md)")
     chaos = parser.add_argument_group("chaos", "gateway faults; the same keys as POST /sandbox/chaos")
     for f in fields(ChaosConfig):
         kind = f.metadata["kind"]
@@ -66,10 +74,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = chaos_from_args(parser, args)
-    settings = service.load_settings("sandbox", lambda s: (s.require("database_url"), s.master_key()))
-    if settings is None:
-        return 2
-    app = create_app(config, database_url=settings.database_url, vault=Vault(settings.master_key()),
-                     notify_base_url=settings.refunds_notify_url)
+    if args.seed is not None:
+        try:
+            seed = load_seed(args.seed)
+        except SeedError as exc:
+            print(f"sandbox: --seed {exc}", file=sys.stderr)
+            return 2
+        settings = service.load_settings("sandbox")
+        if settings is None:
+            return 2
+        app = create_app(config, seed=seed, notify_base_url=settings.refunds_notify_url)
+    else:
+        settings = service.load_settings("sandbox", lambda s: (s.require("database_url"), s.master_key()))
+        if settings is None:
+            return 2
+        app = create_app(config, database_url=settings.database_url, vault=Vault(settings.master_key()),
+                         notify_base_url=settings.refunds_notify_url)
     # access_log off: refunds are logged by the app, tokens never are
     return service.run("sandbox", app, args.host, args.port, access_log=None)

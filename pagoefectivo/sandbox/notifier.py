@@ -1,5 +1,13 @@
 """Signed notification delivery, as PagoEfectivo does it: retried until answered 200.
 
+Retries follow a schedule modelled on real payment providers (Stripe, Adyen, Mercado Pago
+all do much the same): the first attempt at once, then growing delays (10 s, 1 min, 5 min,
+15 min, 30 min, 1 h, 2 h, 4 h, 8 h, 16 h, 24 h: about 2⅓ days), then the notification is
+abandoned and only the status lookup can tell the merchant. The chaos knob
+``notification_time_scale`` multiplies every delay, so 0.001 runs the whole schedule in
+about 3⅓ minutes and 0.00001 in 2 seconds; it is read before each wait, so a change
+reaches deliveries already waiting.
+
 Each notification's body is serialized once and signed once (``PE-Signature``: HMAC-SHA256
 of those exact bytes with the merchant's secretKey), so retries and chaos duplicates send
 the very same bytes and the same operationNumber. Deliveries run as background tasks that
@@ -32,16 +40,19 @@ class Notification:
     signature: str = field(repr=False)
 
 
+# seconds to wait before each retry (after the immediate first attempt), at time scale 1
+RETRY_SCHEDULE_S: tuple[float, ...] = (10, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 57600, 86400)
+
+
 class Notifier:
-    def __init__(self, chaos: Chaos, *, first_backoff: float = 0.2, max_backoff: float = 5.0,
-                 give_up_after: float = 600.0, attempt_timeout: float = 10.0):
+    def __init__(self, chaos: Chaos, *, schedule: tuple[float, ...] = RETRY_SCHEDULE_S,
+                 attempt_timeout: float = 10.0):
         self._chaos = chaos
-        self._first_backoff = first_backoff
-        self._max_backoff = max_backoff
-        self._give_up_after = give_up_after
+        self._schedule = tuple(schedule)
         self._timeout = aiohttp.ClientTimeout(total=attempt_timeout)
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.attempts = 0  # POSTs made, answered or not
         self.delivered = 0
         self.abandoned = 0
 
@@ -89,15 +100,17 @@ class Notifier:
             await asyncio.sleep(self._chaos.uniform(0.0, 0.3))
             await self._deliver(note)
 
+    def retry_delays(self) -> list[float]:
+        """The waits before each retry, in seconds, at the current time scale."""
+        scale = self._chaos.config.notification_time_scale
+        return [delay * scale for delay in self._schedule]
+
     async def _deliver(self, note: Notification) -> bool:
-        """POST until a 200, backing off 0.2 s doubling to 5 s; give up after ~10 minutes."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._give_up_after
-        backoff = self._first_backoff
+        """POST until a 200, waiting out the schedule between attempts; False when abandoned."""
         headers = {"Content-Type": "application/json", protocol.SIGNATURE_HEADER: note.signature}
-        attempt = 0
-        while True:
-            attempt += 1
+        attempts = 1 + len(self._schedule)
+        for attempt in range(1, attempts + 1):
+            self.attempts += 1
             try:
                 assert self._session is not None, "the notifier is not started"
                 async with self._session.post(note.url, data=note.body, headers=headers,
@@ -109,14 +122,16 @@ class Notifier:
                                   note.event_type, note.operation_number, note.merchant_id, attempt)
                         return True
                     outcome = f"HTTP {response.status}"
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 outcome = type(exc).__name__
-            if loop.time() + backoff > deadline:
-                self.abandoned += 1
-                log.warning("notification %s %s for %s abandoned after %d attempts (last: %s)",
-                            note.event_type, note.operation_number, note.merchant_id, attempt, outcome)
-                return False
-            log.info("notification %s %s for %s: %s, retrying in %.1fs",
-                     note.event_type, note.operation_number, note.merchant_id, outcome, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self._max_backoff)
+            if attempt == attempts:
+                break
+            wait = self._schedule[attempt - 1] * self._chaos.config.notification_time_scale
+            log.info("notification %s %s for %s: %s, retry %d of %d in %.3gs",
+                     note.event_type, note.operation_number, note.merchant_id, outcome, attempt,
+                     len(self._schedule), wait)
+            await asyncio.sleep(wait)
+        self.abandoned += 1
+        log.warning("notification %s %s for %s abandoned after %d attempts (last: %s)",
+                    note.event_type, note.operation_number, note.merchant_id, attempts, outcome)
+        return False

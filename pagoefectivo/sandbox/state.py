@@ -12,6 +12,7 @@ import hashlib
 import secrets
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -113,6 +114,7 @@ class _Sequence:
 @dataclass
 class SandboxState:
     tokens: dict[str, TokenGrant] = field(default_factory=dict)
+    authorizations: Counter[str] = field(default_factory=Counter)  # tokens issued, per merchant
     cips: dict[tuple[str, str], Cip] = field(default_factory=dict)
     refunds: dict[tuple[str, str], RefundRecord] = field(default_factory=dict)
     ledger: list[LedgerEntry] = field(default_factory=list)
@@ -127,7 +129,15 @@ class SandboxState:
         token = secrets.token_urlsafe(32)
         grant = TokenGrant(merchant_id, service_id, now, now + protocol.TOKEN_LIFETIME)
         self.tokens[_token_key(token)] = grant
+        self.authorizations[merchant_id] += 1
         return token, grant
+
+    def revoke_tokens(self, merchant_id: str | None = None) -> int:
+        """Invalidate the tokens of one merchant (or all): their next call is answered 401/508."""
+        doomed = [key for key, grant in self.tokens.items() if merchant_id in (None, grant.merchant_id)]
+        for key in doomed:
+            del self.tokens[key]
+        return len(doomed)
 
     def token_grant(self, token: str, now: datetime) -> TokenGrant | None:
         grant = self.tokens.get(_token_key(token))

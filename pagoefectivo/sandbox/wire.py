@@ -3,6 +3,11 @@
 Only ``pagoefectivo.protocol`` is used for formats, never the client, so that a bug in
 the shared client cannot hide on both sides of the wire. Every refusal is a ``Refusal``
 carrying its HTTP status and the published envelope ``{"code","message","data":[...]}``.
+
+Field problems are told apart as the published codes suggest: 112 a required field is
+missing, 111 a field has the wrong JSON type (a string where a number belongs, an object
+where text belongs), 113 the type is right but the value is not allowed. One answer names
+every problem; its envelope code is 111 if any field has the wrong type, else 113.
 """
 
 from __future__ import annotations
@@ -52,6 +57,11 @@ def token_refusal(message: str, field: str | None = "Authorization") -> Refusal:
     return refusal(protocol.TOKEN_INVALID, message, field, status=401)
 
 
+def source_ip_refusal(remote: str | None) -> Refusal:
+    return refusal(protocol.SOURCE_IP_NOT_ALLOWED, f"source IP {remote or 'unknown'} is not allowed", None,
+                   status=403)
+
+
 def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(body=protocol.dumps(payload), status=status, headers=headers,
                         content_type="application/json")
@@ -89,17 +99,24 @@ def require(body: dict, names: tuple[str, ...]) -> None:
 
 
 class _Problems:
-    """Collects 113 details so that one answer names every invalid field."""
+    """Collects 111/113 details so that one answer names every invalid field."""
 
     def __init__(self) -> None:
         self.details: list[dict] = []
 
     def add(self, field: str, message: str) -> None:
+        """A value that is not allowed (113)."""
         self.details.append(protocol.error_detail(protocol.INVALID_VALUE, message, field))
+
+    def wrong_type(self, field: str, message: str) -> None:
+        """A value of the wrong JSON type (111)."""
+        self.details.append(protocol.error_detail(protocol.INVALID_DATA, message, field))
 
     def raise_any(self) -> None:
         if self.details:
-            raise Refusal(400, protocol.INVALID_VALUE, self.details)
+            codes = {detail["code"] for detail in self.details}
+            raise Refusal(400, protocol.INVALID_DATA if protocol.INVALID_DATA in codes else protocol.INVALID_VALUE,
+                          self.details)
 
 
 def _identifier(problems: _Problems, body: dict, name: str, *, optional: bool = False) -> str | None:
@@ -107,7 +124,7 @@ def _identifier(problems: _Problems, body: dict, name: str, *, optional: bool = 
     if optional and not _present(value):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        problems.add(name, f"{name} must be a string")
+        problems.wrong_type(name, f"{name} must be a string")
         return None
     text = str(value)
     if len(text) > MAX_IDENTIFIER or text != text.strip():
@@ -124,7 +141,7 @@ def _amount(problems: _Problems, body: dict, name: str, *, strings: bool = False
         except ArithmeticError:
             value = None
     if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
-        problems.add(name, f"{name} must be a JSON number such as 10.50")
+        problems.wrong_type(name, f"{name} must be a JSON number such as 10.50")
         return None
     amount = Decimal(value)
     if not amount.is_finite() or amount <= 0 or amount > MAX_AMOUNT:
@@ -138,6 +155,9 @@ def _amount(problems: _Problems, body: dict, name: str, *, strings: bool = False
 
 def _currency(problems: _Problems, body: dict) -> str | None:
     value = body.get("currency")
+    if not isinstance(value, str):
+        problems.wrong_type("currency", f"currency must be a string, one of {', '.join(CURRENCIES)}")
+        return None
     if value not in CURRENCIES:
         problems.add("currency", f"currency must be one of {', '.join(CURRENCIES)}")
         return None
@@ -160,11 +180,13 @@ def parse_authorization(body: dict) -> AuthRequest:
     service = body["idService"]
     if isinstance(service, str) and service.isdigit():
         service = int(service)
-    if isinstance(service, bool) or not isinstance(service, int) or service <= 0:
+    if isinstance(service, bool) or not isinstance(service, int):
+        problems.wrong_type("idService", "idService must be a number")
+    elif service <= 0:
         problems.add("idService", "idService must be a positive number")
     for name in ("accessKey", "dateRequest", "hashString"):
         if not isinstance(body[name], str):
-            problems.add(name, f"{name} must be a string")
+            problems.wrong_type(name, f"{name} must be a string")
     problems.raise_any()
     return AuthRequest(body["accessKey"], service, body["dateRequest"], body["hashString"])
 
@@ -203,20 +225,25 @@ def parse_refund(body: dict) -> RefundOrder:
     currency = _currency(problems, body)
     external_ref = _identifier(problems, body, "externalRef")
     reason = body.get("refundReason")
-    if _present(reason) and (not isinstance(reason, str) or len(reason) > MAX_REASON):
-        problems.add("refundReason", f"refundReason must be a string of at most {MAX_REASON} characters")
+    if _present(reason) and not isinstance(reason, str):
+        problems.wrong_type("refundReason", "refundReason must be a string")
+    elif _present(reason) and len(reason) > MAX_REASON:
+        problems.add("refundReason", f"refundReason must be at most {MAX_REASON} characters")
     notify_url = body.get("notifyUrl")
-    if not _valid_url(notify_url):
+    if not isinstance(notify_url, str):
+        problems.wrong_type("notifyUrl", "notifyUrl must be a string")
+    elif not _valid_url(notify_url):
         problems.add("notifyUrl", "notifyUrl must be an http(s) URL")
     timestamp = None
-    try:
-        timestamp = protocol.parse_timestamp(body["timestamp"]) if isinstance(body["timestamp"], str) else None
-    except ValueError:
-        pass
-    if timestamp is None:
-        problems.add("timestamp", "timestamp must be yyyy-MM-ddTHH:mm:ss-05:00")
+    if not isinstance(body["timestamp"], str):
+        problems.wrong_type("timestamp", "timestamp must be a string")
+    else:
+        try:
+            timestamp = protocol.parse_timestamp(body["timestamp"])
+        except ValueError:
+            problems.add("timestamp", "timestamp must be yyyy-MM-ddTHH:mm:ss-05:00")
     if not isinstance(body["signature"], str):
-        problems.add("signature", "signature must be a base64 string")
+        problems.wrong_type("signature", "signature must be a base64 string")
     problems.raise_any()
     return RefundOrder(
         merchant_id=merchant_id, original_transaction_id=transaction_id, amount=amount,  # type: ignore[arg-type]
