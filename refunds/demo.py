@@ -4,11 +4,18 @@ Every service runs as its own process, as in the Procfile. Payments arrive as re
 signed `cip.paid` notifications from the sandbox gateway; refunds go in through the
 intake API; the run ends with a summary and a check of the sandbox ledger against the
 database. Exit 0 only if every accepted refund reached a final state and they agree.
+
+Once the services are up it prints one line ``METRICS {"targets": {...}, "logs": DIR}``
+(what a Prometheus should scrape). Hooks for tests, from the environment:
+REFUNDS_DEMO_LOG_DIR (keep the services' logs there), REFUNDS_DEMO_HOLD_FILE (wait for
+that file before sending traffic), REFUNDS_DEMO_SECRET_KEY and REFUNDS_DEMO_PRIVATE_KEY_FILE
+(known credentials for every merchant, to prove they never reach a log).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import secrets
@@ -60,15 +67,20 @@ class Outcome:
     unexpected: list[str] = field(default_factory=list)
 
 
-def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, keep_running: bool = False) -> int:
+def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, keep_running: bool = False,
+             log_dir: str | None = None) -> int:
+    """``log_dir`` (or REFUNDS_DEMO_LOG_DIR): keep each service's log there instead of in the temp dir."""
     if refunds < 1 or merchants < 1:
         console.print("[red]--refunds and --merchants must be at least 1[/red]")
         return 2
+    log_dir = log_dir or os.environ.get("REFUNDS_DEMO_LOG_DIR") or None
     with provide_services() as services, tempfile.TemporaryDirectory(prefix="refunds-demo-") as work:
         work_dir = Path(work)
         metrics_dir = work_dir / "metrics"
         metrics_dir.mkdir()
-        ports = {name: free_port() for name in ("sandbox", "receiver", "intake", "metrics")}
+        logs_dir = Path(log_dir) if log_dir else work_dir
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        ports = {name: free_port() for name in ("sandbox", "receiver", "intake", "metrics", "scheduler_metrics")}
         env = {
             **os.environ,
             "DATABASE_URL": services.database_url,
@@ -82,6 +94,8 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
             "INTAKE_PORT": str(ports["intake"]),
             "INTAKE_HOST": "127.0.0.1",
             "METRICS_PORT": str(ports["metrics"]),
+            "METRICS_HOST": "127.0.0.1",
+            "SCHEDULER_METRICS_PORT": str(ports["scheduler_metrics"]),
             "SCHEDULER_INTERVAL": "1",
         }
         os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "REFUNDS_MASTER_KEY")})
@@ -94,7 +108,7 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
         vault = Vault(get_settings().master_key())
         merchant_ids, token = asyncio.run(_seed_merchants(services.database_url, vault, merchants))
 
-        group = ServiceGroup(env=env, log_dir=work_dir)
+        group = ServiceGroup(env=env, log_dir=logs_dir)
         try:
             sandbox_args = ["-m", "pagoefectivo.sandbox", "--port", str(ports["sandbox"])]
             if chaos:
@@ -103,12 +117,20 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
             sandbox = group.start("sandbox", *sandbox_args)
             receiver = group.start("receiver", "-m", "receiver")
             intake = group.start("intake", "-m", "producers.http")
-            group.start("worker", "-m", "dramatiq", "workers", "--processes", "2", "--threads", "8",
-                        extra_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
-            group.start("scheduler", "-m", "workers.scheduler")
+            worker = group.start("worker", "-m", "dramatiq", "workers", "--processes", "2", "--threads", "8",
+                                 extra_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+            scheduler = group.start("scheduler", "-m", "workers.scheduler")
             group.wait_healthy(sandbox, f"{env['PAGOEFECTIVO_BASE_URL']}/healthz")
             group.wait_healthy(receiver, f"{env['REFUNDS_NOTIFY_URL']}/healthz")
             group.wait_healthy(intake, f"http://127.0.0.1:{ports['intake']}/healthz")
+            scrape = {"intake": f"127.0.0.1:{ports['intake']}", "receiver": f"127.0.0.1:{ports['receiver']}",
+                      "worker": f"127.0.0.1:{ports['metrics']}", "scheduler": f"127.0.0.1:{ports['scheduler_metrics']}"}
+            group.wait_healthy(worker, f"http://{scrape['worker']}/metrics")
+            group.wait_healthy(scheduler, f"http://{scrape['scheduler']}/metrics")
+            # one machine-readable line: what to scrape (a Prometheus can follow the run) and where the logs are
+            print("METRICS " + json.dumps({"targets": scrape, "logs": str(logs_dir)}), flush=True)
+            if os.environ.get("REFUNDS_DEMO_HOLD_FILE"):  # test hook: let a Prometheus scrape the idle services first
+                _hold_until(Path(os.environ["REFUNDS_DEMO_HOLD_FILE"]), group)
             ok = asyncio.run(_drive(
                 group, env, services.database_url, merchant_ids, token, refunds, ports, metrics_dir,
             ))
@@ -129,18 +151,19 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
 
 
 async def _seed_merchants(dsn: str, vault: Vault, count: int) -> tuple[list[str], str]:
+    # test hooks: known credentials for every merchant, so a test can prove they never reach a log
+    known_secret = os.environ.get("REFUNDS_DEMO_SECRET_KEY") or None
+    known_key_file = os.environ.get("REFUNDS_DEMO_PRIVATE_KEY_FILE")
+    known_private_pem = Path(known_key_file).read_bytes() if known_key_file else None
     conn = await db.connect(dsn)
     try:
         ids = []
         for index in range(count):
             merchant_id = f"demo-seller-{index + 1}"
-            key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            private_pem = key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
+            private_pem = known_private_pem or _new_private_pem()
             await add_merchant(
                 conn, vault, merchant_id=merchant_id, env="sandbox", service_id=1000 + index,
-                access_key=f"AKDEMO{index + 1:04d}", secret_key=secrets.token_urlsafe(30),
+                access_key=f"AKDEMO{index + 1:04d}", secret_key=known_secret or secrets.token_urlsafe(30),
                 private_key_pem=private_pem, public_key_pem=public_key_pem(private_pem),
                 rate_limit=Decimal(40 + 20 * index),
             )
@@ -150,6 +173,20 @@ async def _seed_merchants(dsn: str, vault: Vault, count: int) -> tuple[list[str]
         return ids, token
     finally:
         await conn.close()
+
+
+def _hold_until(path: Path, group: ServiceGroup, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} did not appear within {timeout:.0f}s (REFUNDS_DEMO_HOLD_FILE)")
+        group.check_alive()
+        time.sleep(0.1)
+
+
+def _new_private_pem() -> bytes:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 async def _drive(group, env, dsn, merchant_ids, token, total, ports, metrics_dir) -> bool:

@@ -2,13 +2,22 @@
 
 Label values are bounded (no refund ids, no amounts). The ``merchant`` label can be
 turned off with REFUNDS_METRICS_MERCHANT_LABEL=0 for marketplaces with very many sellers.
+
+Who exports what: the intake (accepted, rejected) and the receiver (notifications,
+completions) on their own /metrics; the workers (gateway requests, rate-limit waits,
+completions, dramatiq_*) from all their processes on METRICS_PORT (``workers.metrics``);
+the scheduler the gauges read from Postgres and Redis (``DatabaseGauges``) on
+SCHEDULER_METRICS_PORT. Dashboards and alerts sum across them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 MERCHANT_LABEL = os.environ.get("REFUNDS_METRICS_MERCHANT_LABEL", "1").lower() not in ("0", "false", "no", "off")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -40,11 +49,71 @@ refund_notification_seconds = Histogram(
 refund_rate_limit_waits_total = Counter(
     "refund_rate_limit_waits_total", "Refunds deferred by the per-merchant rate limit", ["merchant"]
 )
-refunds_in_state = Gauge("refunds_in_state", "Refunds per state", ["state"], multiprocess_mode="max")
-refund_outbox_oldest_seconds = Gauge(
-    "refund_outbox_oldest_seconds", "Age of the oldest accepted refund not yet handed to the gateway",
-    multiprocess_mode="max",
-)
+
+GATEWAY_OUTCOMES = ("success", "pending", "failure", "rate_limited", "timeout", "error")
+COMPLETION_STATUSES = ("succeeded", "failed", "manual_review")
+
+
+def initialise_worker_series() -> None:
+    """Create the worker's bounded label sets at 0, so a ratio such as errors / all exists
+    (as 0) before the first error, and alerts and dashboards never see "no data" in a healthy system."""
+    for outcome in GATEWAY_OUTCOMES:
+        refund_gateway_requests_total.labels(outcome)
+    for status in COMPLETION_STATUSES:
+        refunds_completed_total.labels(status)
+
+
+def initialise_receiver_series(event_types: Iterable[str]) -> None:
+    """The receiver's label sets at 0. A series born at 1 shows no increase() in Prometheus, so
+    without this the first invalid signature after a start would not fire the alert."""
+    refund_notifications_total.labels("unknown", "invalid_signature")  # the type is unknown before the signature
+    for event_type in event_types:
+        for result in ("applied", "duplicate"):
+            refund_notifications_total.labels(event_type, result)
+    for status in COMPLETION_STATUSES:
+        refunds_completed_total.labels(status)
+
+
+class DatabaseGauges(Collector):
+    """refunds_in_state, refund_outbox_oldest_seconds and the queue depth, as the scheduler last read them.
+
+    A collector registered by the scheduler alone, not module-level Gauges: those would be
+    exported (as zeros) by every process that imports this module, and a dashboard summing
+    them could not tell the scheduler's truth from the others' zeros.
+    """
+
+    def __init__(self) -> None:
+        self.in_state: dict[str, int] = {}
+        self.outbox_oldest: float | None = None
+        self.queue: dict[tuple[str, str], int] = {}
+        self.last_pass: float | None = None
+
+    def collect(self):
+        if self.in_state:
+            family = GaugeMetricFamily("refunds_in_state", "Refunds per state (from Postgres)", labels=["state"])
+            for state, count in sorted(self.in_state.items()):
+                family.add_metric([state], count)
+            yield family
+        if self.outbox_oldest is not None:
+            yield GaugeMetricFamily(
+                "refund_outbox_oldest_seconds",
+                "Age of the oldest accepted refund not yet handed to the gateway (0 when none)",
+                value=self.outbox_oldest,
+            )
+        if self.queue:
+            family = GaugeMetricFamily(
+                "refund_queue_messages", "Messages in the Redis work queue (ready, delayed, dead_letter)",
+                labels=["queue", "kind"],
+            )
+            for (queue, kind), count in sorted(self.queue.items()):
+                family.add_metric([queue, kind], count)
+            yield family
+        if self.last_pass is not None:
+            yield GaugeMetricFamily(
+                "refund_scheduler_last_pass_timestamp_seconds",
+                "Unix time of the scheduler's last complete pass (outbox sweep and gauges)",
+                value=self.last_pass,
+            )
 
 
 def observe_completion(refund, to_state: str) -> None:

@@ -13,6 +13,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from . import logs
 from .errors import ConfigError
 from .settings import Settings, get_settings
 
@@ -29,7 +30,7 @@ def load_settings(name: str, check: Callable[[Settings], object] | None = None) 
     except ConfigError as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return None
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(name, level)  # one JSON object per line on stderr
     return settings
 
 

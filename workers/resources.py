@@ -68,7 +68,7 @@ class WorkerResources(dramatiq.Middleware):
     def after_worker_boot(self, broker, worker):
         global _current
         threads = getattr(worker, "worker_threads", 8)
-        _current = get_event_loop_thread().run_coroutine(Resources.open(pool_size=max(4, threads + 2)))
+        _current = get_event_loop_thread().run_coroutine(Resources.open(pool_size=min(max(4, threads + 2), 20)))
         log.info("worker resources open")
 
     def after_worker_shutdown(self, broker, worker):

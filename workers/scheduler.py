@@ -10,14 +10,17 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 
 import asyncpg
 
-from producers.delivery import deliver
-from refunds import db, metrics
+from producers.delivery import QUEUE, deliver, producer_broker
+from refunds import db, logs, metrics
 from refunds.errors import ConfigError
 from refunds.settings import get_settings
 from refunds.states import STATES
+
+from . import metrics as worker_metrics
 
 log = logging.getLogger("workers.scheduler")
 
@@ -50,15 +53,24 @@ async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_
     return delivered
 
 
-async def update_gauges(pool: asyncpg.Pool) -> None:
+GAUGES = metrics.DatabaseGauges()
+
+
+async def update_gauges(pool: asyncpg.Pool, gauges: metrics.DatabaseGauges = GAUGES) -> None:
+    """Read refunds_in_state, refund_outbox_oldest_seconds and the queue depth for the next scrape."""
     async with pool.acquire() as conn:
         counts = dict(await conn.fetch("SELECT state, count(*) FROM refunds GROUP BY state"))
         oldest = await conn.fetchval(
             "SELECT EXTRACT(EPOCH FROM now() - min(created_at)) FROM refunds WHERE state = 'queued'"
         )
-    for state in STATES:
-        metrics.refunds_in_state.labels(state).set(counts.get(state, 0))
-    metrics.refund_outbox_oldest_seconds.set(float(oldest or 0))
+    gauges.in_state = {state: counts.get(state, 0) for state in STATES}
+    gauges.outbox_oldest = float(oldest or 0)
+    try:
+        gauges.queue = await asyncio.to_thread(worker_metrics.read_queue_depth, producer_broker().client, QUEUE)
+    except Exception as exc:  # Redis may be away; Postgres is the truth and the sweep still runs
+        gauges.queue = {}
+        log.warning("queue depth unavailable: %s", type(exc).__name__)
+    gauges.last_pass = time.time()
 
 
 async def run(interval: float = 5.0) -> None:
@@ -85,15 +97,21 @@ async def run(interval: float = 5.0) -> None:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         settings = get_settings()
         settings.require("database_url")
         settings.require("redis_url")
         interval = float(__import__("os").environ.get("SCHEDULER_INTERVAL", "5"))
+        metrics_port = worker_metrics.scheduler_metrics_port()
     except ConfigError as exc:
         print(f"scheduler: {exc}", file=sys.stderr)
         return 2
+    logs.configure("scheduler", settings.log_level.upper())
+    try:
+        worker_metrics.serve_scheduler_metrics(GAUGES, metrics_port)
+    except OSError as exc:  # the sweep matters more than its metrics: run on; the target-down alert tells
+        log.error("scheduler metrics: cannot listen on port %d (SCHEDULER_METRICS_PORT): %s",
+                  metrics_port, exc.strerror or exc)
     asyncio.run(run(interval))
     return 0
 
