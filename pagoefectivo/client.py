@@ -28,6 +28,8 @@ from urllib.parse import urlsplit
 import aiohttp
 from prometheus_client import Gauge
 
+from refunds import logs
+
 from . import protocol
 from .errors import (
     ClockSkew, EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError,
@@ -284,6 +286,7 @@ class PagoEfectivoClient:
                 raw = await response.read()
                 status = response.status
                 payload = _envelope(raw)
+                logs.log_exchange(log, method, path, json_body, status, payload, headers=all_headers)
                 if timed and not 200 <= status < 300 and self._skewed():
                     raise self._clock_skew(code=payload.get("code") if payload else None, http_status=status)
                 if status == 429:

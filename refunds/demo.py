@@ -43,7 +43,7 @@ from .payments import record_payment
 from .processes import ServiceGroup, free_port
 from .states import FINAL
 from .tokens import create_token
-from .vault import Vault, generate_master_key
+from .vault import Vault, generate_master_key, vault_from_settings
 
 console = Console()
 PAYMENT_AMOUNT = Decimal("300.00")
@@ -105,12 +105,14 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
         console.print(f"[bold]refundctl demo[/bold]: {refunds} refunds across {merchants} merchants"
                       f" ({'embedded' if services.embedded else 'external'} Postgres and Redis)")
         asyncio.run(db.migrate(services.database_url))
-        vault = Vault(get_settings().master_key())
+        vault = vault_from_settings(get_settings())
         merchant_ids, token = asyncio.run(_seed_merchants(services.database_url, vault, merchants))
 
         group = ServiceGroup(env=env, log_dir=logs_dir)
         try:
-            sandbox_args = ["-m", "pagoefectivo.sandbox", "--port", str(ports["sandbox"])]
+            # the provider-like notification retry schedule, compressed to the demo's time scale
+            sandbox_args = ["-m", "pagoefectivo.sandbox", "--port", str(ports["sandbox"]),
+                            "--notification-time-scale", "0.01"]
             if chaos:
                 sandbox_args += ["--error-rate", "0.05", "--timeout-after-commit-rate", "0.02",
                                  "--notification-duplicate-rate", "0.2", "--notification-reorder-rate", "0.1"]

@@ -22,7 +22,7 @@ from pagoefectivo.errors import (
     EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError,
 )
 from producers.delivery import QUEUE, SEND_REFUND
-from refunds import metrics
+from refunds import logs, metrics
 from refunds.merchants import Merchant, find_merchant
 from refunds.records import Refund, find_refund
 from refunds.states import claim_for_submission, release_claim, transition
@@ -65,15 +65,16 @@ async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = 
             log.warning("refund %s: no such refund, message dropped", refund_id)
             return
         merchant = await find_merchant(conn, refund.merchant_id)
-    try:
-        if refund.state == "pending":
-            if refund.next_check_at is None or refund.next_check_at <= datetime.now(timezone.utc):
-                await check_status(res, refund, merchant)
-        elif refund.state in ("queued", "submitted"):
-            await _submit(res, refund, merchant, slot_ms)
-        # any other state is settled: a duplicate or late message has nothing to do
-    except RetryLater as exc:
-        await _retry_later(res, refund, str(exc))
+    with logs.context(refund_id=str(refund.refund_id), merchant=refund.merchant_id, external_ref=refund.external_ref):
+        try:
+            if refund.state == "pending":
+                if refund.next_check_at is None or refund.next_check_at <= datetime.now(timezone.utc):
+                    await check_status(res, refund, merchant)
+            elif refund.state in ("queued", "submitted"):
+                await _submit(res, refund, merchant, slot_ms)
+            # any other state is settled: a duplicate or late message has nothing to do
+        except RetryLater as exc:
+            await _retry_later(res, refund, str(exc))
 
 
 async def _submit(res: Resources, refund: Refund, merchant: Merchant, slot_ms: int | None) -> None:
@@ -210,8 +211,7 @@ async def _retry_later(res: Resources, refund: Refund, reason: str) -> None:
         return
     ceiling = min(MAX_BACKOFF_SECONDS, 2 ** min(current.attempts, 12))
     delay_ms = int(1000 * random.uniform(ceiling / 2, ceiling))
-    log.warning("refund %s: retry in %.1fs (%s)", refund.refund_id, delay_ms / 1000, reason,
-                extra={"refund_id": str(refund.refund_id), "merchant": refund.merchant_id})
+    log.warning("refund %s: retry in %.1fs (%s)", refund.refund_id, delay_ms / 1000, reason, extra={"cause": reason})
     await _defer(res, current, delay_ms, rate_limited=False)
 
 

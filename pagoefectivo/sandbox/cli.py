@@ -16,7 +16,7 @@ import sys
 from dataclasses import fields
 
 from refunds import service
-from refunds.vault import Vault
+from refunds.vault import vault_from_settings
 
 from .app import create_app
 from .chaos import ChaosConfig, ChaosError
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = service.load_settings("sandbox", lambda s: (s.require("database_url"), s.master_key()))
         if settings is None:
             return 2
-        app = create_app(config, database_url=settings.database_url, vault=Vault(settings.master_key()),
+        app = create_app(config, database_url=settings.database_url, vault=vault_from_settings(settings),
                          notify_base_url=settings.refunds_notify_url)
     # access_log off: refunds are logged by the app, tokens never are
     return service.run("sandbox", app, args.host, args.port, access_log=None)

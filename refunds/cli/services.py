@@ -24,6 +24,7 @@ def register(sub) -> None:
     demo.add_argument("--merchants", type=int, default=5)
     demo.add_argument("--chaos", action="store_true", help="turn on gateway faults")
     demo.add_argument("--keep-running", action="store_true", help="keep the services up after the summary")
+    demo.add_argument("--log-dir", default=None, help="keep each service's log in this folder")
     demo.set_defaults(func=cmd_demo)
 
     sandbox = sub.add_parser("sandbox").add_subparsers(dest="sandbox_command", required=True)
