@@ -1,8 +1,9 @@
 """The notify_url service: HTTP in front of ``events`` (CONTRACT §4.4).
 
-Order of checks on a notification, cheapest and least trusting first: path → declared
-size → merchant (404) → body read with a hard cap (413) → HMAC signature over the raw
-bytes (401) → JSON (400) → one transaction (200). Nothing from the body, including its
+Order of checks on a notification, cheapest and least trusting first: source address (403,
+only with an allow list, see ``sources``) → path → declared size → merchant (404) → body
+read with a hard cap (413) → HMAC signature over the raw bytes (401) → JSON (400) → stored
+and applied atomically (200; ``events``, ``batch``). Nothing from the body, including its
 event type, is believed before the signature is checked. Any "database not there now"
 answers 503 so that PagoEfectivo retries; nothing a sender can send yields a 500.
 """
@@ -10,7 +11,6 @@ answers 503 so that PagoEfectivo retries; nothing a sender can send yields a 500
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -28,7 +28,9 @@ from refunds.merchants import NOTIFY_PATH
 from refunds.vault import Vault
 
 from . import events
+from .batch import PaymentBatcher
 from .credentials import KeyCache
+from .sources import FORWARDED_FOR, SourcePolicy, refused_total
 from refunds.database import Database, Unavailable
 
 log = logging.getLogger("receiver")
@@ -39,21 +41,51 @@ MERCHANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as the merchants table's CH
 
 DATABASE = web.AppKey("database", Database)
 KEYS = web.AppKey("keys", KeyCache)
+PAYMENTS = web.AppKey("payments", PaymentBatcher)
+SOURCES = web.AppKey("sources", SourcePolicy)
 
 
-def create_app(*, database_url: str, vault: Vault, key_ttl: float = 60.0) -> web.Application:
-    """The receiver application; its Postgres pool is made on start (or first use), never here."""
+def create_app(*, database_url: str, vault: Vault, key_ttl: float = 60.0, sources: SourcePolicy | None = None,
+               keys: KeyCache | None = None) -> web.Application:
+    """The receiver application; its Postgres pool is made on start (or first use), never here.
+
+    ``sources`` restricts who may deliver (default: anyone); ``keys`` replaces the merchant
+    secrets read from the database (tests).
+    """
     app = web.Application(client_max_size=MAX_BODY)
     database = Database(database_url)
     app[DATABASE] = database
-    app[KEYS] = KeyCache(database, vault, ttl=key_ttl)
+    app[PAYMENTS] = PaymentBatcher(database)
+    app[KEYS] = keys or KeyCache.from_database(database, vault, ttl=key_ttl)
+    app[SOURCES] = sources or SourcePolicy()
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
-    app.router.add_post(NOTIFY_PATH, notification)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
+    app.router.add_post(NOTIFY_PATH, notification, expect_handler=expect_continue)
+    app.router.add_get("/healthz", healthz, expect_handler=expect_continue)
+    app.router.add_get("/readyz", readyz, expect_handler=expect_continue)
+    app.router.add_get("/metrics", metrics_view, expect_handler=expect_continue)
+    # everything else, so that no request reaches aiohttp's own routes and their expect handler
+    app.router.add_route("*", "/{path:.*}", not_found, expect_handler=expect_continue)
     return app
+
+
+async def not_found(request: web.Request) -> web.Response:
+    return web.json_response({"error": "not found"}, status=404)
+
+
+async def expect_continue(request: web.Request) -> None:
+    """``Expect: 100-continue`` as aiohttp does it; any other expectation is 417.
+
+    aiohttp's own handler echoes the header into its 417 text and fails with a 500 when the
+    value is not valid UTF-8 (found by tests/test_receiver_fuzz.py).
+    """
+    expect = request.headers.get("Expect", "")
+    if request.version != aiohttp.HttpVersion11:
+        return
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text="unsupported Expect header")
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
 
 
 async def _start(app: web.Application) -> None:
@@ -78,6 +110,7 @@ class Delivery:
     raw_event_type: str | None = None
     stored: str | None = None          # notifications.result
     detail: str | None = None
+    source: str | None = None          # the sender's address, when an allow list asks for it
 
     def reply(self, status: int, body: dict, *, result: str | None = None, detail: str | None = None) -> web.Response:
         self.status, self.result = status, result
@@ -100,6 +133,15 @@ async def notification(request: web.Request) -> web.StreamResponse:
 
 
 async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
+    sources = request.app[SOURCES]
+    if sources.active:
+        address = sources.client(request.remote, request.headers.getall(FORWARDED_FOR, ()))
+        d.source = str(address) if address is not None else "unknown"
+        if not sources.allows(address):
+            refused_total.labels("source").inc()
+            response = d.reply(403, {"error": "forbidden"}, detail="source not allowed")
+            response.force_close()  # the body is not read
+            return response
     merchant_id = request.match_info["merchant_id"]
     if not MERCHANT_ID.fullmatch(merchant_id):
         return d.reply(404, {"error": "not found"}, result="unknown", detail="no such merchant")
@@ -147,8 +189,11 @@ async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
     d.operation_number = note.operation_number
 
     try:
-        async with request.app[DATABASE].connection() as conn:
-            outcome = await events.store_and_apply(conn, merchant_id, note)
+        if isinstance(note.event, events.CipPaid):  # most of the traffic: stored together with its neighbours
+            outcome = await request.app[PAYMENTS].store(merchant_id, note)
+        else:
+            async with request.app[DATABASE].connection() as conn:
+                outcome = await events.store_and_apply(conn, merchant_id, note)
     except Unavailable as exc:
         return d.reply(503, {"error": "unavailable"}, detail=str(exc))
     except events.Malformed as exc:
@@ -185,19 +230,23 @@ def _malformed(d: Delivery, exc: events.Malformed) -> web.Response:
 
 
 def _log(d: Delivery, elapsed: float) -> None:
-    """One line per notification; never the body, the signature or a secret."""
-    line = {
+    """One line per notification, its facts as fields (refunds.logs writes them as JSON);
+    never the body, the signature or a secret."""
+    result = d.stored or d.result
+    fields = {
         "event": "notification",
         "merchant": d.merchant,
-        "operationNumber": d.operation_number,
-        "eventType": (d.raw_event_type or "")[:64] or None,
+        "operation_number": d.operation_number,
+        "event_type": (d.raw_event_type or "")[:64] or None,
         "status": d.status,
-        "result": d.stored or d.result,
+        "result": result,
         "detail": d.detail,
         "ms": round(elapsed * 1000, 1),
     }
+    if d.source is not None:
+        fields["source"] = d.source
     level = logging.INFO if d.status < 400 else logging.WARNING
-    log.log(level, json.dumps(line, ensure_ascii=True, separators=(",", ":")))
+    log.log(level, "notification %s %s %s", d.merchant, d.status, result, extra=fields)
 
 
 # --- probes -------------------------------------------------------------------------------

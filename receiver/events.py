@@ -2,10 +2,10 @@
 
 A notification is first read into a typed event (``parse``), so that anything the
 receiver cannot interpret is refused with 400 before a row is written. ``store_and_apply``
-then inserts the ``notifications`` row and applies the event in one transaction: the row's
-primary key (merchant, operationNumber) is the deduplication, so a redelivered or
-concurrently delivered notification finds the row (or waits for the first delivery's
-transaction) and applies nothing again.
+then writes the ``notifications`` row and applies the event atomically (one statement, or
+one transaction): the row's primary key (merchant, operationNumber) is the deduplication,
+so a redelivered or concurrently delivered notification finds the row (or loses the race
+to insert it, and its transaction is rolled back) and applies nothing again.
 
 What happened is kept in ``notifications.result``:
 
@@ -35,8 +35,8 @@ import asyncpg
 from pagoefectivo.protocol import LIMA, dumps, loads, parse_timestamp
 from refunds.errors import RefundRefused
 from refunds.money import parse_amount, parse_currency
-from refunds.payments import METHODS, record_payment
-from refunds.records import Refund, find_by_external_ref
+from refunds.payments import METHODS
+from refunds.records import Refund
 from refunds.states import transition
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,13 @@ def _payment_date(value: Any) -> datetime | None:
 
 
 # --- applying -------------------------------------------------------------------------
+#
+# Every round trip to Postgres costs more than everything else a notification needs, so each
+# kind is stored with as few as possible: an unhandled type is one INSERT; payments are one
+# statement (dedup row and payment together, atomic as any single statement; the receiver
+# stores concurrent ones together, see batch.py); a refund outcome is one read (seen before?
+# which refund?) and, when there is something to do, one transaction holding the state
+# machine's move and the dedup row. A duplicate costs one statement and writes nothing.
 
 @dataclass(frozen=True)
 class Outcome:
@@ -218,84 +225,185 @@ class Outcome:
         return METRIC_RESULT[self.result]
 
 
+DUPLICATE = Outcome("duplicate")
+
+
+class _StoredMeanwhile(Exception):
+    """Another delivery of this notification stored its row first: roll this one back."""
+
+
 async def store_and_apply(conn: asyncpg.Connection, merchant_id: str, note: Notification) -> Outcome:
-    """Insert the notification row and apply its event, all in one transaction."""
-    async with conn.transaction():
-        try:
-            inserted = await conn.fetchval(
-                """INSERT INTO notifications (merchant_id, operation_number, event_type, result, body)
-                   VALUES ($1, $2, $3, 'received', $4::text::jsonb)
-                   ON CONFLICT (merchant_id, operation_number) DO NOTHING
-                   RETURNING true""",
-                merchant_id, note.operation_number, note.event_type, note.body_json,
-            )
-        except asyncpg.DataError as exc:
-            # valid JSON that jsonb refuses (\u0000 in a string, a number out of range)
-            raise Malformed(f"body cannot be stored: {type(exc).__name__}", note.event_type) from None
-        if not inserted:
-            return Outcome("duplicate")
-        outcome = await _apply(conn, merchant_id, note)
-        await conn.execute(
-            "UPDATE notifications SET result = $3 WHERE merchant_id = $1 AND operation_number = $2",
-            merchant_id, note.operation_number, outcome.result,
-        )
-    return outcome
+    """Store the notification row and apply its event once; ``duplicate`` when stored before."""
+    try:
+        if isinstance(note.event, CipPaid):
+            [outcome] = await store_payments(conn, [(merchant_id, note)])
+            return outcome
+        if isinstance(note.event, RefundOutcome):
+            return await _refund_move(conn, merchant_id, note, note.event)
+        return await _store(conn, merchant_id, note, Outcome("unknown", "event type not handled"))
+    except asyncpg.DataError as exc:
+        # what the sender wrote and Postgres refuses: \u0000 in a string, a number jsonb cannot hold
+        raise Malformed(f"body cannot be stored: {type(exc).__name__}", note.event_type) from None
 
 
-async def _apply(conn: asyncpg.Connection, merchant_id: str, note: Notification) -> Outcome:
-    if isinstance(note.event, CipPaid):
-        return await _apply_payment(conn, merchant_id, note.event)
-    if isinstance(note.event, RefundOutcome):
-        return await _apply_refund_outcome(conn, merchant_id, note.operation_number, note.event)
-    return Outcome("unknown", "event type not handled")
+_STORE = """
+INSERT INTO notifications (merchant_id, operation_number, event_type, result, body)
+VALUES ($1, $2, $3, $4, $5::text::jsonb)
+ON CONFLICT (merchant_id, operation_number) DO NOTHING
+RETURNING true"""
 
 
-async def _apply_payment(conn: asyncpg.Connection, merchant_id: str, paid: CipPaid) -> Outcome:
+async def _store(conn: asyncpg.Connection, merchant_id: str, note: Notification, outcome: Outcome) -> Outcome:
+    """Only the row (nothing to apply): ``outcome``, or DUPLICATE if it was there."""
+    stored = await conn.fetchval(_STORE, merchant_id, note.operation_number, note.event_type, outcome.result,
+                                 note.body_json)
+    return outcome if stored else DUPLICATE
+
+
+# cip.paid, for one or many notifications at once (receiver.batch gathers those that arrive
+# together): the verdict comes from the payment as it was before the statement; a payment is
+# inserted only where the same statement inserted the notification row with the verdict
+# "applied". (The same INSERT as refunds.payments.record_payment, made part of the statement.)
+# A batch never holds the same notification or the same payment twice (see batch.py), and
+# rows are inserted in key order, so that two batches running at once cannot deadlock.
+_PAYMENTS = """
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::numeric[], $7::text[],
+                         $8::text[], $9::timestamptz[], $10::text[], $11::bool[])
+           WITH ORDINALITY AS i (merchant_id, operation_number, event_type, body, cip, amount, currency,
+                                 method, paid_at, transaction_code, same_merchant, n)
+), verdict AS (
+    SELECT i.*, CASE WHEN NOT i.same_merchant THEN 'mismatch'
+                     WHEN p.transaction_id IS NULL THEN 'applied'
+                     WHEN p.amount = i.amount AND p.currency = i.currency THEN 'already'
+                     ELSE 'mismatch' END AS result
+      FROM input i
+      LEFT JOIN payments p ON p.merchant_id = i.merchant_id AND p.transaction_id = i.cip
+), note AS (
+    INSERT INTO notifications (merchant_id, operation_number, event_type, result, body)
+    SELECT merchant_id, operation_number, event_type, result, body::jsonb FROM verdict
+     ORDER BY merchant_id, operation_number
+    ON CONFLICT (merchant_id, operation_number) DO NOTHING
+    RETURNING merchant_id, operation_number, result
+), paid AS (
+    INSERT INTO payments (merchant_id, transaction_id, amount, currency, method, paid_at, transaction_code)
+    SELECT v.merchant_id, v.cip, v.amount, v.currency, v.method, v.paid_at, v.transaction_code
+      FROM verdict v JOIN note USING (merchant_id, operation_number)
+     WHERE note.result = 'applied'
+     ORDER BY v.merchant_id, v.cip
+    ON CONFLICT (merchant_id, transaction_id) DO NOTHING
+    RETURNING merchant_id, transaction_id
+)
+SELECT v.n, note.result, paid.transaction_id IS NOT NULL AS recorded
+  FROM verdict v
+  LEFT JOIN note USING (merchant_id, operation_number)
+  LEFT JOIN paid ON paid.merchant_id = v.merchant_id AND paid.transaction_id = v.cip
+ ORDER BY v.n"""
+
+
+async def store_payments(conn: asyncpg.Connection, notes: list[tuple[str, Notification]]) -> list[Outcome]:
+    """Store and apply cip.paid notifications ``(merchant_id, note)`` with one statement.
+
+    Raises ``asyncpg.DataError`` for the whole batch when Postgres refuses one of the bodies
+    (the caller stores them one by one to find it).
+    """
+    now = datetime.now(timezone.utc)
+    columns: list[list] = [[] for _ in range(11)]
+    for merchant_id, note in notes:
+        paid = note.event
+        assert isinstance(paid, CipPaid)
+        for column, value in zip(columns, (
+            merchant_id, note.operation_number, note.event_type, note.body_json, paid.cip, paid.amount,
+            paid.currency, paid.method, paid.paid_at or now, paid.transaction_code,
+            paid.merchant_id is None or paid.merchant_id == merchant_id,
+        ), strict=True):
+            column.append(value)
+    rows = await conn.fetch(_PAYMENTS, *columns)
+    outcomes = []
+    for (merchant_id, note), row in zip(notes, rows, strict=True):
+        result = row["result"]
+        if result == "applied" and not row["recorded"]:
+            # another notification recorded this cip between our read and our insert: judge again
+            result = await _payment_recorded_meanwhile(conn, merchant_id, note, note.event)
+        outcomes.append(_payment_outcome(merchant_id, note.event, result))
+    return outcomes
+
+
+def _payment_outcome(merchant_id: str, paid: CipPaid, result: str | None) -> Outcome:
+    if result is None:
+        return DUPLICATE
+    if result == "applied":
+        return Outcome("applied", f"payment {paid.cip} recorded")
+    if result == "already":
+        return Outcome("already", f"payment {paid.cip} was already recorded")
     if paid.merchant_id is not None and paid.merchant_id != merchant_id:
         log.warning("cip.paid for cip %s names merchant %r, signed by %r: not recorded",
                     paid.cip, paid.merchant_id, merchant_id)
         return Outcome("mismatch", "merchantId differs from the notify URL's merchant")
-    payment, created = await record_payment(
-        conn, merchant_id=merchant_id, transaction_id=paid.cip, amount=paid.amount, currency=paid.currency,
-        method=paid.method, paid_at=paid.paid_at or datetime.now(timezone.utc),
-        transaction_code=paid.transaction_code,
-    )
-    if created:
-        return Outcome("applied", f"payment {paid.cip} recorded")
-    if payment.amount == paid.amount and payment.currency == paid.currency:
-        return Outcome("already", f"payment {paid.cip} was already recorded")
     log.warning("cip.paid for cip %s of merchant %s differs from the recorded payment (amount/currency)",
                 paid.cip, merchant_id)
     return Outcome("mismatch", f"payment {paid.cip} recorded earlier with other terms")
 
 
-async def _apply_refund_outcome(
-    conn: asyncpg.Connection, merchant_id: str, operation_number: str, ev: RefundOutcome
-) -> Outcome:
-    refund = await find_by_external_ref(conn, merchant_id, ev.external_ref)
-    if refund is None:
-        return Outcome("unknown", "no refund with this externalRef")
+async def _payment_recorded_meanwhile(conn: asyncpg.Connection, merchant_id: str, note: Notification,
+                                      paid: CipPaid) -> str:
+    result = await conn.fetchval(
+        """UPDATE notifications n
+              SET result = CASE WHEN p.amount = $4 AND p.currency = $5 THEN 'already' ELSE 'mismatch' END
+             FROM payments p
+            WHERE n.merchant_id = $1 AND n.operation_number = $2 AND p.merchant_id = $1 AND p.transaction_id = $3
+        RETURNING n.result""",
+        merchant_id, note.operation_number, paid.cip, paid.amount, paid.currency,
+    )
+    return result or "applied"
+
+
+# refund outcomes: is the notification known, and the refund it names (terms never change after
+# acceptance, so reading them outside the transaction is safe; the move itself is conditional)
+_REFUND_LOOKUP = """
+SELECT EXISTS (SELECT 1 FROM notifications WHERE merchant_id = $1 AND operation_number = $2) AS seen,
+       r.refund_id, r.state, r.amount, r.currency, r.merchant_id, r.original_transaction_id
+  FROM (SELECT 1) AS one
+  LEFT JOIN refunds r ON r.merchant_id = $1 AND r.external_ref = $3"""
+
+
+async def _refund_move(conn: asyncpg.Connection, merchant_id: str, note: Notification,
+                       ev: RefundOutcome) -> Outcome:
+    found = await conn.fetchrow(_REFUND_LOOKUP, merchant_id, note.operation_number, ev.external_ref)
+    if found["seen"]:
+        return DUPLICATE
+    refund_id = found["refund_id"]
+    if refund_id is None:
+        return await _store(conn, merchant_id, note, Outcome("unknown", "no refund with this externalRef"))
     differs = [
         name for name, ours, theirs in (
-            ("refundAmount", refund.amount, ev.amount),
-            ("currency", refund.currency, ev.currency),
-            ("merchantId", refund.merchant_id, ev.merchant_id),
-            ("originalTransactionId", refund.original_transaction_id, ev.original_transaction_id),
+            ("refundAmount", found["amount"], ev.amount),
+            ("currency", found["currency"], ev.currency),
+            ("merchantId", found["merchant_id"], ev.merchant_id),
+            ("originalTransactionId", found["original_transaction_id"], ev.original_transaction_id),
         )
         if theirs is not None and ours != theirs
     ]
     if differs:
         log.warning("notification %s for refund %s contradicts our record (%s): not applied",
-                    operation_number, refund.refund_id, ", ".join(differs))
-        return Outcome("mismatch", f"refund {refund.refund_id}: {', '.join(differs)} differ")
-    moved = await transition(
-        conn, refund.refund_id, ev.to_state, actor=ACTOR, code=ev.code, message=ev.reason,
-        provider_refund_id=ev.provider_refund_id,
-    )
-    if moved is not None:
-        return Outcome("applied", f"refund {refund.refund_id} {refund.state} -> {ev.to_state}", completed=moved)
-    current = await find_by_external_ref(conn, merchant_id, ev.external_ref)
-    state = current.state if current else refund.state
-    if state == ev.to_state:
-        return Outcome("already", f"refund {refund.refund_id} already {state}")
-    return Outcome("late", f"refund {refund.refund_id} is {state}; {ev.to_state} not applied")
+                    note.operation_number, refund_id, ", ".join(differs))
+        return await _store(conn, merchant_id, note,
+                            Outcome("mismatch", f"refund {refund_id}: {', '.join(differs)} differ"))
+    try:
+        async with conn.transaction():
+            moved = await transition(
+                conn, refund_id, ev.to_state, actor=ACTOR, code=ev.code, message=ev.reason,
+                provider_refund_id=ev.provider_refund_id,
+            )
+            if moved is not None:
+                outcome = Outcome("applied", f"refund {refund_id} {found['state']} -> {ev.to_state}", completed=moved)
+            else:
+                state = await conn.fetchval("SELECT state FROM refunds WHERE refund_id = $1", refund_id)
+                outcome = (Outcome("already", f"refund {refund_id} already {state}") if state == ev.to_state
+                           else Outcome("late", f"refund {refund_id} is {state}; {ev.to_state} not applied"))
+            if not await conn.fetchval(_STORE, merchant_id, note.operation_number, note.event_type, outcome.result,
+                                       note.body_json):
+                raise _StoredMeanwhile
+    except _StoredMeanwhile:
+        return DUPLICATE
+    return outcome

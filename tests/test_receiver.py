@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
@@ -22,6 +24,9 @@ from prometheus_client import REGISTRY
 from pagoefectivo.protocol import SIGNATURE_HEADER, dumps, notification_signature
 from receiver import MAX_BODY, create_app
 from receiver import events as events_module
+from receiver.credentials import KeyCache, MerchantKeys, Secret, database_loader
+from receiver.sources import SourcePolicy
+from refunds.database import Database
 from refunds.payments import find_payment, record_payment
 from refunds.records import find_by_external_ref, refund_events
 from refunds.vault import Vault
@@ -134,6 +139,22 @@ async def test_missing_signature_is_401(client, db, merchant):
     assert await notification_rows(db) == []
 
 
+@pytest.mark.parametrize("path", ["/pagoefectivo/notifications/m1", "/nowhere", "/healthz"])
+async def test_an_expect_header_that_is_not_utf8_is_417_not_500(client, merchant, path):
+    """Found by the fuzz test: aiohttp's own Expect handler fails on such a value."""
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n".encode()
+                 + b"Expect: \xfe\xff\r\nConnection: close\r\n\r\n{}")
+    status_line = await reader.readline()
+    writer.close()
+    assert status_line.split()[1] == b"417"
+
+
+async def test_other_paths_and_methods_are_404(client):
+    assert (await client.get("/pagoefectivo/notifications/m1")).status == 404
+    assert (await client.post("/nowhere", data=b"{}")).status == 404
+
+
 @pytest.mark.parametrize("merchant_id", ["nobody", "bad%20id", "x" * 65])
 async def test_unknown_merchant_is_404_revealing_nothing(client, db, merchant, merchant_id):
     response = await post(client, merchant_id, cip_paid(), merchant.secret_key)
@@ -244,6 +265,34 @@ async def test_cip_paid_for_another_merchant_is_not_recorded(client, db, merchan
     assert await find_payment(db, "m2", "10001") is None
     [row] = await notification_rows(db)
     assert row["result"] == "mismatch"
+
+
+async def test_cip_paid_again_with_other_terms_is_a_mismatch(client, db, merchant):
+    assert (await post(client, "m1", cip_paid("op-1", "1", amount=Decimal("10.00")), merchant.secret_key)).status == 200
+    assert (await post(client, "m1", cip_paid("op-2", "1", amount=Decimal("10.00")), merchant.secret_key)).status == 200
+    assert (await post(client, "m1", cip_paid("op-3", "1", amount=Decimal("11.00")), merchant.secret_key)).status == 200
+    results = {row["operation_number"]: row["result"] for row in await notification_rows(db)}
+    assert results == {"op-1": "applied", "op-2": "already", "op-3": "mismatch"}
+    assert (await find_payment(db, "m1", "1")).amount == Decimal("10.00")
+
+
+async def test_concurrent_notifications_of_one_payment_record_it_once(client, db, merchant):
+    """Several operationNumbers about the same cip at once: one applied, the others already."""
+    responses = await asyncio.gather(*(
+        post(client, "m1", cip_paid(f"op-{i}", "77", amount=Decimal("10.00")), merchant.secret_key) for i in range(6)))
+    assert [r.status for r in responses] == [200] * 6
+    results = sorted(row["result"] for row in await notification_rows(db))
+    assert results == ["already"] * 5 + ["applied"]
+    assert await db.fetchval("SELECT count(*) FROM payments WHERE transaction_id = '77'") == 1
+
+
+async def test_a_refund_outcome_with_an_unstorable_reference_is_400(client, db, merchant):
+    refund = await make_refund(db)
+    payload = refund_event("refund.succeeded", {**refund, "external_ref": "R-1\u0000"})
+    response = await post(client, "m1", payload, merchant.secret_key)
+    assert response.status == 400
+    assert await notification_rows(db) == []
+    assert (await find_by_external_ref(db, "m1", "R-1")).state == "submitted"
 
 
 # --- refund outcomes ----------------------------------------------------------------------
@@ -408,12 +457,18 @@ async def test_postgres_unreachable_is_503_so_the_sender_retries(vault):
         assert (await post(client, "m1", cip_paid(), "whatever")).status == 503
 
 
-async def test_connection_lost_while_applying_is_503(client, db, merchant, monkeypatch):
-    async def lose_connection(conn, merchant_id, note):
+@pytest.mark.parametrize("kind", ["cip.paid", "refund.succeeded"])
+async def test_connection_lost_while_applying_is_503(client, db, merchant, monkeypatch, kind):
+    async def lose_connection(*args):
         raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation")
 
-    monkeypatch.setattr(events_module, "store_and_apply", lose_connection)
-    response = await post(client, "m1", cip_paid(), merchant.secret_key)
+    monkeypatch.setattr(events_module, "store_and_apply", lose_connection)  # refund outcomes, other types
+    monkeypatch.setattr(events_module, "store_payments", lose_connection)   # cip.paid, batched
+    if kind == "cip.paid":
+        payload = cip_paid()
+    else:
+        payload = refund_event(kind, await make_refund(db))
+    response = await post(client, "m1", payload, merchant.secret_key)
     assert response.status == 503
 
 
@@ -461,3 +516,373 @@ async def test_the_process_serves_and_stops_on_sigterm(database_url, master_key)
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+# --- secret rotation overlap ----------------------------------------------------------------
+
+def fixed_loader(*secrets):
+    async def load(merchant_id):
+        return secrets if merchant_id == "m1" else None
+
+    return load
+
+
+async def test_during_a_rotation_the_old_secret_verifies_until_the_overlap_ends(database_url, db, vault, make_merchant):
+    await make_merchant("m1", secret_key="new-secret")
+    ends = datetime.now(timezone.utc) + timedelta(hours=1)
+    keys = KeyCache(fixed_loader(Secret("new-secret"), Secret("old-secret", ends)))
+    async with TestClient(TestServer(create_app(database_url=database_url, vault=vault, keys=keys))) as client:
+        assert (await post(client, "m1", cip_paid("op-1", "1"), "old-secret")).status == 200
+        assert (await post(client, "m1", cip_paid("op-2", "2"), "new-secret")).status == 200
+        assert (await post(client, "m1", cip_paid("op-3", "3"), "other-secret")).status == 401
+        assert (await post(client, "nobody", cip_paid("op-4", "4"), "new-secret")).status == 404
+    assert {row["operation_number"] for row in await notification_rows(db)} == {"op-1", "op-2"}
+
+
+async def test_after_the_overlap_only_the_current_secret_verifies(database_url, db, vault, make_merchant):
+    await make_merchant("m1", secret_key="new-secret")
+    ended = datetime.now(timezone.utc) - timedelta(seconds=1)
+    keys = KeyCache(fixed_loader(Secret("new-secret"), Secret("old-secret", ended)))
+    async with TestClient(TestServer(create_app(database_url=database_url, vault=vault, keys=keys))) as client:
+        assert (await post(client, "m1", cip_paid("op-1", "1"), "old-secret")).status == 401
+        assert (await post(client, "m1", cip_paid("op-2", "2"), "new-secret")).status == 200
+
+
+def test_the_overlap_end_is_checked_at_each_verification_not_at_load():
+    ends = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    keys = MerchantKeys("m1", (Secret("new"), Secret("old", ends)), loaded_at=0.0)
+    body = b'{"x":1}'
+    old = notification_signature(body, "old")
+    assert keys.verifies(body, old, now=ends - timedelta(microseconds=1))
+    assert not keys.verifies(body, old, now=ends)
+    assert keys.verifies(body, notification_signature(body, "new"), now=ends + timedelta(days=365))
+    assert "old" not in repr(keys) and "new'" not in repr(keys)
+
+
+async def test_a_rotation_in_the_database_keeps_the_old_secret_for_the_overlap(database_url, db, vault, make_merchant):
+    from refunds.merchants import rotate_secret
+
+    await make_merchant("m1", secret_key="old-secret")
+    await make_merchant("m2", secret_key="old-secret-2")
+    await rotate_secret(db, vault, "m1", "new-secret", overlap=timedelta(hours=1))
+    await rotate_secret(db, vault, "m2", "new-secret-2", overlap=timedelta(seconds=-1))  # overlap already over
+    async with TestClient(TestServer(create_app(database_url=database_url, vault=vault))) as client:
+        assert (await post(client, "m1", cip_paid("op-1", "1"), "old-secret")).status == 200
+        assert (await post(client, "m1", cip_paid("op-2", "2"), "new-secret")).status == 200
+        assert (await post(client, "m2", cip_paid("op-1", "1", merchantId="m2"), "old-secret-2")).status == 401
+        assert (await post(client, "m2", cip_paid("op-2", "2", merchantId="m2"), "new-secret-2")).status == 200
+    database = Database(database_url)
+    try:
+        load = database_loader(database, vault)
+        [current, previous] = await load("m1")
+        assert await load("nobody") is None
+    finally:
+        await database.close()
+    assert current == Secret("new-secret") and previous.value == "old-secret"
+    assert previous.valid_until > datetime.now(timezone.utc) + timedelta(minutes=59)
+
+
+# --- source allow list ----------------------------------------------------------------------
+
+async def send_from(database_url, vault, merchant, sources, headers=None, operation="op-1"):
+    app = create_app(database_url=database_url, vault=vault, sources=sources)
+    async with TestClient(TestServer(app)) as client:  # the peer is 127.0.0.1
+        return (await post(client, "m1", cip_paid(operation, operation), merchant.secret_key, headers=headers)).status
+
+
+def refused_by_source() -> float:
+    return REGISTRY.get_sample_value("refund_notifications_refused_total", {"reason": "source"}) or 0.0
+
+
+async def test_a_sender_inside_the_allow_list_is_served(database_url, vault, db, merchant):
+    policy = SourcePolicy.from_settings("10.0.0.0/8, 127.0.0.0/8", "")
+    assert await send_from(database_url, vault, merchant, policy) == 200
+    assert len(await notification_rows(db)) == 1
+
+
+async def test_a_sender_outside_the_allow_list_is_403_and_nothing_is_read(database_url, vault, db, merchant):
+    before = refused_by_source()
+    policy = SourcePolicy.from_settings("10.0.0.0/8", "")
+    assert await send_from(database_url, vault, merchant, policy) == 403
+    assert await notification_rows(db) == []
+    assert refused_by_source() == before + 1
+
+
+async def test_behind_a_trusted_proxy_the_forwarded_address_decides(database_url, vault, db, merchant):
+    policy = SourcePolicy.from_settings("203.0.113.0/24", "127.0.0.1")
+    allowed = {"X-Forwarded-For": "203.0.113.9"}
+    assert await send_from(database_url, vault, merchant, policy, allowed, "op-1") == 200
+    assert await send_from(database_url, vault, merchant, policy, None, "op-2") == 403  # the proxy itself
+    # the client wrote an allowed address first; our proxy appended the real one
+    spoofed = {"X-Forwarded-For": "203.0.113.9, 198.51.100.7"}
+    assert await send_from(database_url, vault, merchant, policy, spoofed, "op-3") == 403
+    assert [row["operation_number"] for row in await notification_rows(db)] == ["op-1"]
+
+
+async def test_forwarded_for_from_an_untrusted_peer_is_ignored(database_url, vault, db, merchant):
+    policy = SourcePolicy.from_settings("203.0.113.0/24", "10.0.0.1")
+    spoofed = {"X-Forwarded-For": "203.0.113.9"}
+    assert await send_from(database_url, vault, merchant, policy, spoofed) == 403
+    assert await notification_rows(db) == []
+
+
+@pytest.mark.parametrize("peer, forwarded, expected", [
+    ("198.51.100.7", [], "198.51.100.7"),
+    ("198.51.100.7", ["203.0.113.9"], "198.51.100.7"),                  # untrusted peer: header ignored
+    ("10.0.0.1", ["203.0.113.9"], "203.0.113.9"),
+    ("10.0.0.1", ["1.1.1.1, 203.0.113.9, 10.0.0.2"], "203.0.113.9"),   # right-most untrusted hop
+    ("10.0.0.1", ["1.1.1.1", "203.0.113.9"], "203.0.113.9"),           # several headers are one list
+    ("10.0.0.1", ["10.0.0.3, 10.0.0.2"], "10.0.0.3"),                  # proxies only: the first of them
+    ("10.0.0.1", [], "10.0.0.1"),
+    ("10.0.0.1", ["203.0.113.9:4711"], "203.0.113.9"),
+    ("10.0.0.1", ["[2001:db8::1]:443"], "2001:db8::1"),
+    ("10.0.0.1", ["unknown"], None),
+    ("10.0.0.1", ["203.0.113.9, garbage"], None),                      # unreadable hop nearer than the client
+    ("::ffff:10.0.0.1", ["203.0.113.9"], "203.0.113.9"),               # dual-stack socket
+    ("", ["203.0.113.9"], None),
+    (None, [], None),
+])
+def test_the_client_address(peer, forwarded, expected):
+    policy = SourcePolicy.from_settings("0.0.0.0/0", "10.0.0.0/24")
+    found = policy.client(peer, forwarded)
+    assert (None if found is None else str(found)) == expected
+
+
+def test_the_allow_list():
+    policy = SourcePolicy.from_settings("203.0.113.0/24, 2001:db8::/32", "")
+    assert policy.allows(policy.client("203.0.113.200")) and policy.allows(policy.client("2001:db8::5"))
+    assert not policy.allows(policy.client("203.0.114.1")) and not policy.allows(None)
+    assert SourcePolicy().allows(None)  # no list: everyone
+
+
+@pytest.mark.parametrize("name, value", [("RECEIVER_ALLOWED_CIDRS", "10.0.0.0/8, 300.1.2.3/8"),
+                                         ("RECEIVER_TRUSTED_PROXIES", "proxy.internal")])
+def test_a_malformed_network_stops_the_process_naming_it(database_url, master_key, name, value):
+    done = subprocess.run([sys.executable, "-m", "receiver"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env=_env(DATABASE_URL=database_url, REFUNDS_MASTER_KEY=master_key, **{name: value}))
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(f"receiver: {name} is malformed")
+
+
+# --- notifications for operators ------------------------------------------------------------
+
+def refundctl(database_url, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "refunds.cli", *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "DATABASE_URL": database_url, "COLUMNS": "200"}, timeout=60)
+
+
+async def test_refundctl_lists_unknown_refund_notifications(client, db, merchant, make_merchant, database_url):
+    other = await make_merchant("m2")
+    refund = await make_refund(db)
+    stranger = {"external_ref": "NEVER-SEEN", "transaction_id": "X", "amount": Decimal("12.30"), "merchant_id": "m1"}
+    for merchant_id, secret, payload in [
+        ("m1", merchant.secret_key, refund_event("refund.succeeded", refund, "op-ok")),
+        ("m1", merchant.secret_key, refund_event("refund.succeeded", stranger, "op-unknown")),
+        ("m2", other.secret_key, refund_event("refund.failed", {**stranger, "merchant_id": "m2"}, "op-unknown-2")),
+    ]:
+        assert (await post(client, merchant_id, payload, secret)).status == 200
+
+    done = await asyncio.to_thread(refundctl, database_url, "notifications", "list", "--result", "unknown", "--json")
+    assert done.returncode == 0, done.stderr
+    listed = json.loads(done.stdout)
+    assert sorted(n["operation_number"] for n in listed) == ["op-unknown", "op-unknown-2"]
+    first = next(n for n in listed if n["operation_number"] == "op-unknown")
+    assert first["merchant_id"] == "m1" and first["event_type"] == "refund.succeeded" and first["result"] == "unknown"
+    assert (first["reference"], first["amount"], first["currency"]) == ("NEVER-SEEN", "12.30", "PEN")
+    assert datetime.fromisoformat(first["received_at"]).tzinfo is not None
+
+    done = await asyncio.to_thread(refundctl, database_url, "notifications", "list", "--result", "unknown",
+                                   "--merchant", "m2", "--json")
+    assert [n["operation_number"] for n in json.loads(done.stdout)] == ["op-unknown-2"]
+
+    done = await asyncio.to_thread(refundctl, database_url, "notifications", "list", "--result", "unknown")
+    assert done.returncode == 0, done.stderr
+    assert "op-unknown" in done.stdout and "NEVER-SEEN" in done.stdout and "op-ok" not in done.stdout
+
+    done = await asyncio.to_thread(refundctl, database_url, "notifications", "list", "--result", "nonsense")
+    assert done.returncode == 2
+
+
+# --- Postgres going away in the middle of a run ---------------------------------------------
+
+class TcpProxy:
+    """A loopback TCP relay in front of Postgres that a test can cut and restore."""
+
+    def __init__(self, host: str, port: int):
+        self._target = (host, port)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Refuse new connections and cut every open one (both sides), like a crashed server."""
+        self._server.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+        await self._server.wait_closed()
+
+    async def _relay(self, reader, writer) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._writers |= {writer, up_writer}
+        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+
+    async def _pipe(self, reader, writer) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.transport.abort()
+            self._writers.discard(writer)
+
+
+@pytest_asyncio.fixture
+async def proxied(database_url):
+    parts = urlsplit(database_url)
+    proxy = TcpProxy(parts.hostname, parts.port)
+    await proxy.start()
+    proxy.url = urlunsplit(parts._replace(netloc=f"{parts.username}@127.0.0.1:{proxy.port}"))
+    try:
+        yield proxy
+    finally:
+        await proxy.stop()
+
+
+async def deliver_until_accepted(client, payload, secret, attempts=20):
+    """What PagoEfectivo does: retry any non-200."""
+    for _ in range(attempts):
+        response = await post(client, "m1", payload, secret)
+        if response.status == 200:
+            return await response.json()
+        assert response.status == 503
+        await asyncio.sleep(0.2)
+    raise AssertionError("never accepted")
+
+
+async def test_postgres_gone_then_back_503_then_applied_once(proxied, vault, db, merchant):
+    refund = await make_refund(db)
+    payload = refund_event("refund.succeeded", refund, "op-r1")
+    async with TestClient(TestServer(create_app(database_url=proxied.url, vault=vault))) as client:
+        assert (await post(client, "m1", cip_paid("op-1", "1"), merchant.secret_key)).status == 200  # pool is up
+
+        await proxied.stop()
+        assert (await post(client, "m1", payload, merchant.secret_key)).status == 503
+        assert (await client.get("/readyz")).status == 503
+        assert (await client.get("/healthz")).status == 200
+        assert await notification_rows(db) != [] and (await find_by_external_ref(db, "m1", "R-1")).state == "submitted"
+
+        await proxied.start()  # same port: Postgres is back
+        assert await deliver_until_accepted(client, payload, merchant.secret_key) == {"result": "applied"}
+        assert (await post(client, "m1", payload, merchant.secret_key)).status == 200
+    assert (await find_by_external_ref(db, "m1", "R-1")).state == "succeeded"
+    assert len(await refund_events(db, refund["refund_id"])) == 1
+    assert sorted(row["operation_number"] for row in await notification_rows(db)) == ["op-1", "op-r1"]
+
+
+async def test_postgres_lost_in_the_middle_of_applying_is_503_then_applied_once(proxied, vault, db, merchant, database_url):
+    refund = await make_refund(db)
+    payload = refund_event("refund.succeeded", refund, "op-r1")
+    blocker = await asyncpg.connect(database_url)
+    try:
+        async with TestClient(TestServer(create_app(database_url=proxied.url, vault=vault))) as client:
+            assert (await client.get("/readyz")).status == 200
+            # hold the refund's row lock so the receiver's transaction stops half way (row inserted, not committed)
+            lock = blocker.transaction()
+            await lock.start()
+            await blocker.execute("SELECT 1 FROM refunds WHERE refund_id = $1 FOR UPDATE", refund["refund_id"])
+            in_flight = asyncio.create_task(post(client, "m1", payload, merchant.secret_key))
+            for _ in range(200):
+                waiting = await db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
+                if waiting:
+                    break
+                await asyncio.sleep(0.02)
+            assert waiting, "the receiver never reached the refund row"
+
+            await proxied.stop()
+            assert (await in_flight).status == 503
+            await lock.rollback()
+
+            await proxied.start()
+            assert await deliver_until_accepted(client, payload, merchant.secret_key) == {"result": "applied"}
+            assert (await (await post(client, "m1", payload, merchant.secret_key)).json()) == {"result": "duplicate"}
+    finally:
+        await blocker.close()
+    assert (await find_by_external_ref(db, "m1", "R-1")).state == "succeeded"
+    assert len(await refund_events(db, refund["refund_id"])) == 1
+    [row] = await notification_rows(db)
+    assert (row["operation_number"], row["result"]) == ("op-r1", "applied")
+
+
+# --- cip.paid stored in batches -------------------------------------------------------------
+
+def parsed(payload) -> events_module.Notification:
+    return events_module.parse(dumps(payload))
+
+
+async def test_concurrent_payments_are_stored_together_each_with_its_own_answer(client, db, merchant, monkeypatch):
+    calls = []
+    real = events_module.store_payments
+
+    async def counting(conn, notes):
+        calls.append(len(notes))
+        return await real(conn, notes)
+
+    monkeypatch.setattr(events_module, "store_payments", counting)
+    first = [cip_paid(f"op-{i}", f"cip-{i}") for i in range(40)]
+    responses = await asyncio.gather(*(post(client, "m1", p, merchant.secret_key) for p in first))
+    assert [r.status for r in responses] == [200] * 40
+    assert [(await r.json())["result"] for r in responses] == ["applied"] * 40
+    # then, once the payments exist, concurrent redeliveries and other notifications about them
+    later = [cip_paid("op-0", "cip-0")] * 3                                        # redeliveries
+    later += [cip_paid(f"op-again-{i}", "cip-1") for i in range(3)]              # same payment, new notifications
+    later += [cip_paid("op-other", "cip-2", amount=Decimal("1.00"))]             # same payment, other terms
+    responses = await asyncio.gather(*(post(client, "m1", p, merchant.secret_key) for p in later))
+    assert [r.status for r in responses] == [200] * len(later)
+    answers = [(await r.json())["result"] for r in responses]
+    assert answers == ["duplicate"] * 3 + ["already"] * 3 + ["mismatch"]
+    assert await db.fetchval("SELECT count(*) FROM payments") == 40
+    assert await db.fetchval("SELECT count(*) FROM notifications") == 44
+    assert len(calls) < len(first) + len(later) and sum(calls) >= len(first)  # batched
+
+
+async def test_a_body_postgres_refuses_fails_alone_in_its_batch(database_url, db, merchant):
+    from receiver.batch import PaymentBatcher
+
+    database = Database(database_url)
+    batcher = PaymentBatcher(database, max_inflight=1)
+    try:
+        good = [parsed(cip_paid(f"op-{i}", f"cip-{i}")) for i in range(5)]
+        bad = parsed(cip_paid("op-bad", "cip-bad", transactionCode="nul\u0000"))
+        results = await asyncio.gather(*(batcher.store("m1", note) for note in [*good[:2], bad, *good[2:]]),
+                                       return_exceptions=True)
+    finally:
+        await database.close()
+    assert isinstance(results[2], events_module.Malformed)
+    assert [r.result for i, r in enumerate(results) if i != 2] == ["applied"] * 5
+    assert await db.fetchval("SELECT count(*) FROM notifications") == 5
+
+
+async def test_when_postgres_is_unreachable_every_payment_of_the_batch_is_503(vault):
+    from receiver.batch import PaymentBatcher
+    from refunds.database import Unavailable
+
+    database = Database("postgresql://postgres@127.0.0.1:1/x", connect_timeout=2)
+    batcher = PaymentBatcher(database)
+    try:
+        results = await asyncio.gather(*(batcher.store("m1", parsed(cip_paid(f"op-{i}", str(i)))) for i in range(5)),
+                                       return_exceptions=True)
+    finally:
+        await database.close()
+    assert all(isinstance(r, Unavailable) for r in results)

@@ -6,9 +6,9 @@ import argparse
 import sys
 
 from ..errors import ConfigError, RefundsError
-from . import admin, merchants, payments, refunds, reports, services, tokens
+from . import admin, merchants, notifications, payments, refunds, reports, services, tokens
 
-GROUPS = (services, admin, merchants, tokens, payments, refunds, reports)
+GROUPS = (services, admin, merchants, tokens, payments, refunds, notifications, reports)
 
 
 def build_parser() -> argparse.ArgumentParser:
