@@ -93,6 +93,8 @@ CREATE TABLE IF NOT EXISTS notifications (
     PRIMARY KEY (merchant_id, operation_number)
 );
 
+CREATE INDEX IF NOT EXISTS notifications_received_idx ON notifications (received_at);
+
 -- Intake API tokens: only the SHA-256 of the token is kept.
 CREATE TABLE IF NOT EXISTS api_tokens (
     name        text PRIMARY KEY,

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     refund_claim_seconds: int = Field(default=60, ge=5)
     # Scheduler: a refund not picked up this long after its hand-off is handed over again.
     refund_outbox_grace_seconds: float = Field(default=30, gt=0)
+    # Retention: notification dedup rows at least 30 days (providers retry that long), audit
+    # rows at least 180 days (every refund auditable for six months).
+    notification_retention_days: int = Field(default=45, ge=30)
+    audit_retention_days: int = Field(default=400, ge=180)
     log_level: str = "INFO"
 
     @field_validator("database_url", "redis_url", "pagoefectivo_base_url", "refunds_notify_url")

@@ -15,7 +15,7 @@ import time
 import asyncpg
 
 from producers.delivery import QUEUE, deliver, producer_broker
-from refunds import db, logs, metrics
+from refunds import db, logs, metrics, retention
 from refunds.errors import ConfigError
 from refunds.settings import get_settings
 from refunds.states import STATES
@@ -25,6 +25,7 @@ from . import metrics as worker_metrics
 log = logging.getLogger("workers.scheduler")
 
 OUTBOX_GRACE_SECONDS = 30
+RETENTION_INTERVAL_SECONDS = 3600
 SWEEP_BATCH = 500
 
 
@@ -73,6 +74,18 @@ async def update_gauges(pool: asyncpg.Pool, gauges: metrics.DatabaseGauges = GAU
     gauges.last_pass = time.time()
 
 
+async def purge_expired(pool: asyncpg.Pool, settings) -> None:
+    """Retention: dedup rows after their window (≥ 30 days), audit rows after theirs (≥ 180 days).
+
+    Small batches, each its own short transaction, so traffic never waits on a long lock.
+    """
+    async with pool.acquire() as conn:
+        notifications = await retention.purge_notifications(conn, older_than_days=settings.notification_retention_days)
+        events = await retention.purge_audit_events(conn, settings.audit_retention_days)
+    if notifications or events:
+        log.info("retention purged %d notification rows and %d audit rows", notifications, events)
+
+
 async def run(interval: float = 5.0) -> None:
     settings = get_settings()
     pool = await db.create_pool(settings.require("database_url"), max_size=3)
@@ -81,11 +94,15 @@ async def run(interval: float = 5.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("scheduler running every %.1fs", interval)
+    next_purge = 0.0
     try:
         while not stop.is_set():
             try:
                 await sweep_once(pool, grace_seconds=settings.refund_outbox_grace_seconds)
                 await update_gauges(pool)
+                if time.monotonic() >= next_purge:
+                    await purge_expired(pool, settings)
+                    next_purge = time.monotonic() + RETENTION_INTERVAL_SECONDS
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("scheduler pass failed: %s", exc)
             try:

@@ -1,0 +1,77 @@
+"""The scheduler's duties against real Postgres and Redis: outbox sweep and retention."""
+
+import json
+import os
+import subprocess
+import sys
+from decimal import Decimal
+
+import pytest
+import redis
+
+from refunds import db as dbmod
+from refunds.settings import Settings
+from tests.test_producers import paid, request
+from producers import enqueue_refund
+
+
+@pytest.fixture
+def queue(redis_url):
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    yield client
+    client.close()
+
+
+def queued_ids(client) -> list[str]:
+    return [json.loads(raw)["args"][0] for raw in client.hgetall("dramatiq:refunds.msgs").values()]
+
+
+async def test_outbox_sweep_redelivers_only_refunds_redis_lost(db, database_url, make_merchant, queue):
+    from workers.scheduler import sweep_once
+
+    await make_merchant("m1")
+    await paid(db)
+    stranded = (await enqueue_refund(db, **request(external_ref="OLD"))).refund
+    fresh = (await enqueue_refund(db, **request(external_ref="NEW"))).refund
+    queue.flushdb()  # Redis lost everything
+    await db.execute("UPDATE refunds SET created_at = now() - interval '1 minute' WHERE refund_id = $1",
+                     stranded.refund_id)
+    pool = await dbmod.create_pool(database_url, max_size=2)
+    try:
+        assert await sweep_once(pool, grace_seconds=30) == 1
+        assert queued_ids(queue) == [str(stranded.refund_id)]
+        assert await sweep_once(pool, grace_seconds=30) == 0  # handed over again: not twice in a row
+    finally:
+        await pool.close()
+    assert fresh.state == "queued"
+
+
+async def test_retention_purges_old_dedup_rows_and_keeps_audit_for_its_window(db, database_url, make_merchant, queue):
+    from workers.scheduler import purge_expired
+
+    await make_merchant("m1")
+    await paid(db)
+    refund = (await enqueue_refund(db, **request())).refund
+    for number, age in (("old", 60), ("recent", 10)):
+        await db.execute(
+            """INSERT INTO notifications (merchant_id, operation_number, event_type, result, body, received_at)
+               VALUES ('m1', $1, 'cip.paid', 'applied', '{}'::jsonb, now() - make_interval(days => $2))""",
+            number, age)
+    await db.execute("UPDATE refund_events SET occurred_at = now() - interval '300 days'")
+    pool = await dbmod.create_pool(database_url, max_size=2)
+    try:
+        await purge_expired(pool, Settings(notification_retention_days=45, audit_retention_days=400))
+    finally:
+        await pool.close()
+    assert [r["operation_number"] for r in await db.fetch("SELECT operation_number FROM notifications")] == ["recent"]
+    assert await db.fetchval("SELECT count(*) FROM refund_events WHERE refund_id = $1", refund.refund_id) == 1
+    assert (await db.fetchval("SELECT amount FROM refunds")) == Decimal("10.00")
+
+
+@pytest.mark.parametrize("name, value", [("AUDIT_RETENTION_DAYS", "100"), ("NOTIFICATION_RETENTION_DAYS", "7")])
+def test_retention_below_the_rules_stops_the_scheduler_with_one_line(name, value):
+    run = subprocess.run([sys.executable, "-m", "workers.scheduler"], env={**os.environ, name: value},
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert name in run.stderr and len(run.stderr.strip().splitlines()) == 1
