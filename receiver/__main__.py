@@ -12,7 +12,7 @@ import os
 import sys
 
 from refunds import service
-from refunds.vault import Vault
+from refunds.vault import vault_from_settings
 
 from .app import create_app
 from .sources import SourcePolicy
@@ -31,7 +31,7 @@ def main() -> int:
         return 2
     host = os.environ.get("RECEIVER_HOST", "").strip() or DEFAULT_HOST
     sources = SourcePolicy.from_settings(settings.receiver_allowed_cidrs, settings.receiver_trusted_proxies)
-    app = create_app(database_url=settings.database_url, vault=Vault(settings.master_key()), sources=sources)
+    app = create_app(database_url=settings.database_url, vault=vault_from_settings(settings), sources=sources)
     # access_log off: the app logs one line per notification itself
     return service.run("receiver", app, host, settings.receiver_port, access_log=None)
 
