@@ -2,11 +2,20 @@
 
 The same function serves the intake API, the CLI, CSV import and Python callers, so
 every door has the same validation and the same idempotency.
+
+One statement (one round trip, one implicit transaction) decides and writes, because
+intake throughput is bounded by round trips to Postgres. From one snapshot it reads the
+earlier refund with this ``external_ref`` (if any), the merchant and the payment, takes
+the verdict (a replay is recognised before anything else is judged), and only when the
+verdict is to accept inserts the refund and its first audit row. ``ON CONFLICT DO
+NOTHING`` turns a concurrent identical request into a replay, and the trigger's CHECK on
+the payment row refuses the refund that would take the payment over its paid amount
+(whatever the snapshot said). Python then phrases the verdict; the rules are in
+``_ACCEPT`` below, in the order of the ``CASE``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from dataclasses import dataclass
@@ -17,17 +26,64 @@ import asyncpg
 
 from refunds import metrics
 from refunds.errors import IdempotencyConflict, RefundRefused
-from refunds.merchants import find_merchant
 from refunds.money import format_amount, parse_amount, parse_currency
-from refunds.payments import find_payment
-from refunds.records import Refund, find_by_external_ref, from_row, COLUMNS
+from refunds.records import COLUMNS, Refund, find_by_external_ref
 from refunds.settings import get_settings
-from refunds.states import record_event
+from refunds.tokens import ACTIVE_TOKEN_SQL, TokenRevoked
 
-from .delivery import deliver
+from .delivery import deliver_async
 
 EXTERNAL_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+AMOUNT = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,2})?$")
 MAX_REASON = 255
+DEFAULT_WINDOW_DAYS = 90
+
+_REFUND_FIELDS = tuple(name.strip() for name in COLUMNS.split(","))
+ACCEPTED_STATES = ("queued", "awaiting_approval")
+# $1 refund_id, $2 merchant_id, $3 external_ref, $4 original_transaction_id, $5 amount, $6 currency,
+# $7 reason, $8 requested_by, $9 audit actor, $10 now, $11/$12 refund window days per payment method,
+# $13 the hash of the API token that asks (NULL for other doors), re-checked here: see refunds.tokens.
+# The audit row is the one states.record_event writes, written here so that the refund and
+# its first event are one statement.
+_ACCEPT = f"""
+    WITH found AS (
+        SELECT {', '.join(f'r.{name} AS r_{name}' for name in _REFUND_FIELDS)},
+               m.merchant_id IS NOT NULL AS merchant_found, m.refund_mode, m.approval_threshold,
+               p.transaction_id IS NOT NULL AS payment_found, p.amount AS paid_amount, p.refunded_amount,
+               p.currency AS paid_currency, p.method, p.paid_at,
+               COALESCE((SELECT w.days FROM unnest($11::text[], $12::int[]) AS w (method, days)
+                         WHERE w.method = p.method), {DEFAULT_WINDOW_DAYS}) AS window_days
+        FROM (VALUES (1)) AS one (x)
+        LEFT JOIN refunds r ON r.merchant_id = $2 AND r.external_ref = $3
+        LEFT JOIN merchants m ON m.merchant_id = $2
+        LEFT JOIN payments p ON p.merchant_id = $2 AND p.transaction_id = $4
+    ), judged AS (
+        SELECT found.*, CASE
+            WHEN $13::text IS NOT NULL AND NOT {ACTIVE_TOKEN_SQL.format(token_hash="$13", merchant_id="$2")}
+                THEN 'token_revoked'
+            WHEN r_refund_id IS NOT NULL THEN 'replay'
+            WHEN NOT merchant_found THEN 'unknown_merchant'
+            WHEN refund_mode = 'off' THEN 'refunds_disabled'
+            WHEN NOT payment_found THEN 'unknown_transaction'
+            WHEN paid_currency <> $6::text THEN 'currency_mismatch'
+            WHEN $10::timestamptz > paid_at + make_interval(secs => window_days * 86400) THEN 'refund_window_closed'
+            WHEN $5::numeric > paid_amount - refunded_amount THEN 'amount_over_refundable'
+            WHEN refund_mode = 'approval' OR $5::numeric > approval_threshold THEN 'awaiting_approval'
+            ELSE 'queued'
+        END AS verdict
+        FROM found
+    ), inserted AS (
+        INSERT INTO refunds (refund_id, merchant_id, external_ref, original_transaction_id, amount,
+                             currency, reason, state, requested_by)
+        SELECT $1, $2, $3, $4, $5, $6, $7, verdict, $8 FROM judged WHERE verdict IN {ACCEPTED_STATES}
+        ON CONFLICT ON CONSTRAINT refunds_external_ref_unique DO NOTHING
+        RETURNING {COLUMNS}
+    ), audit AS (
+        INSERT INTO refund_events (refund_id, from_state, to_state, actor, message)
+        SELECT refund_id, NULL, state, $9, 'accepted' FROM inserted
+    )
+    SELECT judged.*, {', '.join(f'i.{name} AS i_{name}' for name in _REFUND_FIELDS)}
+    FROM judged LEFT JOIN inserted AS i ON true"""
 
 
 @dataclass(frozen=True)
@@ -43,6 +99,22 @@ class EnqueueResult:
         return {"refund_id": str(self.refund.refund_id), "external_ref": self.refund.external_ref, "state": self.refund.state}
 
 
+def check_text(name: str, value: object, *, max_length: int, required: bool = True) -> str | None:
+    """A string Postgres can store (no NUL, valid UTF-8) within the length; else RefundRefused naming it."""
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or (required and not value.strip()) or len(value) > max_length:
+        wanted = "a non-empty string" if required else "a string"
+        raise RefundRefused("invalid_field", f"{name} must be {wanted} of at most {max_length} characters", name)
+    if "\x00" in value:
+        raise RefundRefused("invalid_field", f"{name} must not contain NUL characters", name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RefundRefused("invalid_field", f"{name} is not valid Unicode text", name) from None
+    return value
+
+
 @dataclass(frozen=True)
 class RefundRequest:
     merchant_id: str
@@ -55,15 +127,17 @@ class RefundRequest:
     @classmethod
     def parse(cls, *, merchant_id, original_transaction_id, amount, currency, external_ref, reason=None) -> "RefundRequest":
         """Check the shape of each field; raise RefundRefused naming the first bad one."""
-        for name, value in (("merchant_id", merchant_id), ("original_transaction_id", original_transaction_id)):
-            if not isinstance(value, str) or not value.strip() or len(value) > 64:
-                raise RefundRefused("invalid_field", f"{name} must be a non-empty string of at most 64 characters", name)
+        merchant_id = check_text("merchant_id", merchant_id, max_length=64)
+        original_transaction_id = check_text("original_transaction_id", original_transaction_id, max_length=64)
+        if isinstance(amount, str) and not AMOUNT.fullmatch(amount):
+            raise RefundRefused(
+                "invalid_amount", 'amount must be a decimal string with at most 2 decimals, such as "10.50"', "amount"
+            )
         if not isinstance(external_ref, str) or not EXTERNAL_REF.fullmatch(external_ref):
             raise RefundRefused(
                 "invalid_field", "external_ref must be 1-64 characters of letters, digits, and _ . : -", "external_ref"
             )
-        if reason is not None and (not isinstance(reason, str) or len(reason) > MAX_REASON):
-            raise RefundRefused("invalid_field", f"reason must be a string of at most {MAX_REASON} characters", "reason")
+        reason = check_text("reason", reason, max_length=MAX_REASON, required=False)
         return cls(
             merchant_id=merchant_id.strip(), original_transaction_id=original_transaction_id.strip(),
             amount=parse_amount(amount), currency=parse_currency(currency), external_ref=external_ref,
@@ -86,60 +160,95 @@ async def enqueue_refund(
     """Validate and accept one refund; deliver it to the workers after COMMIT.
 
     Raises RefundRefused (422-like: nothing written) or IdempotencyConflict (409-like).
+    A replay (same merchant, external_ref and terms) returns the first refund with
+    ``created=False``, even if the payment has no room left for a new one.
+    """
+    result = await accept_refund(
+        pool, merchant_id=merchant_id, original_transaction_id=original_transaction_id, amount=amount,
+        currency=currency, external_ref=external_ref, reason=reason, requested_by=requested_by, now=now,
+    )
+    await hand_over(result)
+    return result
+
+
+async def accept_refund(
+    pool: asyncpg.Pool | asyncpg.Connection, *, merchant_id, original_transaction_id, amount, currency,
+    external_ref, reason=None, requested_by: str | None = None, now: datetime | None = None,
+    token_hash: str | None = None,
+) -> EnqueueResult:
+    """``enqueue_refund`` without the delivery: for a caller that holds a pooled connection and
+    hands the refund over (``hand_over``) once it has released it.
+
+    ``token_hash``: the intake API token that asks; the statement re-checks that it is still
+    active and scoped to the merchant, and raises TokenRevoked (nothing written) if not.
     """
     try:
         request = RefundRequest.parse(
             merchant_id=merchant_id, original_transaction_id=original_transaction_id, amount=amount,
             currency=currency, external_ref=external_ref, reason=reason,
         )
-        result = await _accept(pool, request, requested_by, now or datetime.now(timezone.utc))
+        result = await _accept(pool, request, requested_by, now or datetime.now(timezone.utc), token_hash)
     except RefundRefused as refused:
         metrics.refunds_rejected_total.labels(refused.code).inc()
         raise
     if result.created:
         metrics.refunds_accepted_total.labels(metrics.merchant_label(request.merchant_id)).inc()
-        if result.refund.state == "queued":
-            await asyncio.to_thread(deliver, result.refund.refund_id)
     return result
 
 
-async def _accept(pool, request: RefundRequest, requested_by: str | None, now: datetime) -> EnqueueResult:
+async def hand_over(result: EnqueueResult) -> bool:
+    """Deliver a newly accepted, queued refund to the workers (it is committed already).
+
+    False when Redis is unreachable (the outbox sweep delivers it later) or when there is
+    nothing to deliver: a replay was delivered the first time, and a refund awaiting
+    approval is delivered when it is approved.
+    """
+    if result.created and result.refund.state == "queued":
+        return await deliver_async(result.refund.refund_id)
+    return False
+
+
+async def _accept(pool, request: RefundRequest, requested_by: str | None, now: datetime,
+                  token_hash: str | None = None) -> EnqueueResult:
     if isinstance(pool, asyncpg.Connection):
-        return await _accept_on(pool, request, requested_by, now)
+        return await _accept_on(pool, request, requested_by, now, token_hash)
     async with pool.acquire() as conn:
-        return await _accept_on(conn, request, requested_by, now)
+        return await _accept_on(conn, request, requested_by, now, token_hash)
 
 
-async def _accept_on(conn: asyncpg.Connection, request: RefundRequest, requested_by: str | None, now: datetime) -> EnqueueResult:
-    existing = await find_by_external_ref(conn, request.merchant_id, request.external_ref)
-    if existing is not None:
-        return _replay(existing, request)
-    state = await _validate(conn, request, now)
+async def _accept_on(conn: asyncpg.Connection, request: RefundRequest, requested_by: str | None, now: datetime,
+                     token_hash: str | None) -> EnqueueResult:
+    windows = get_settings().refund_window_days
     try:
-        async with conn.transaction():
-            row = await conn.fetchrow(
-                f"""INSERT INTO refunds (refund_id, merchant_id, external_ref, original_transaction_id, amount,
-                                         currency, reason, state, requested_by)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING {COLUMNS}""",
-                uuid.uuid4(), request.merchant_id, request.external_ref, request.original_transaction_id,
-                request.amount, request.currency, request.reason, state, requested_by,
-            )
-            refund = from_row(row)
-            await record_event(conn, refund.refund_id, None, state, actor=requested_by or "producer", message="accepted")
-    except asyncpg.UniqueViolationError:
-        # a concurrent request with the same external_ref won the race
-        existing = await find_by_external_ref(conn, request.merchant_id, request.external_ref)
-        assert existing is not None
-        return _replay(existing, request)
+        row = await conn.fetchrow(
+            _ACCEPT, uuid.uuid4(), request.merchant_id, request.external_ref, request.original_transaction_id,
+            request.amount, request.currency, request.reason, requested_by, requested_by or "producer", now,
+            list(windows), list(windows.values()), token_hash,
+        )
     except asyncpg.CheckViolationError as exc:
         if exc.constraint_name != "refunds_within_paid_amount":
             raise
-        payment = await find_payment(conn, request.merchant_id, request.original_transaction_id)
-        left = format_amount(payment.refundable) if payment else "0.00"
-        raise RefundRefused(
-            "amount_over_refundable", f"amount {request.amount} is over the {left} still refundable on this payment", "amount"
-        ) from None
-    return EnqueueResult(refund, created=True)
+        left = await conn.fetchval(
+            "SELECT amount - refunded_amount FROM payments WHERE merchant_id = $1 AND transaction_id = $2",
+            request.merchant_id, request.original_transaction_id,
+        )
+        raise _over_refundable(request, left) from None
+    verdict = row["verdict"]
+    if verdict == "token_revoked":
+        raise TokenRevoked("the token is unknown or revoked, or not scoped to this merchant")
+    if verdict == "replay":
+        return _replay(_refund(row, "r_"), request)
+    if verdict not in ACCEPTED_STATES:
+        raise _refusal(verdict, row, request)
+    if row["i_refund_id"] is None:  # a concurrent request with the same external_ref committed first
+        existing = await find_by_external_ref(conn, request.merchant_id, request.external_ref)
+        assert existing is not None
+        return _replay(existing, request)
+    return EnqueueResult(_refund(row, "i_"), created=True)
+
+
+def _refund(row: asyncpg.Record, prefix: str) -> Refund:
+    return Refund(**{name: row[prefix + name] for name in _REFUND_FIELDS})
 
 
 def _replay(existing: Refund, request: RefundRequest) -> EnqueueResult:
@@ -153,39 +262,35 @@ def _replay(existing: Refund, request: RefundRequest) -> EnqueueResult:
     )
 
 
-async def _validate(conn: asyncpg.Connection, request: RefundRequest, now: datetime) -> str:
-    """Check the request against the merchant and the payment; return the initial state."""
-    merchant = await find_merchant(conn, request.merchant_id)
-    if merchant is None:
-        raise RefundRefused("unknown_merchant", f"merchant {request.merchant_id!r} does not exist", "merchant_id")
-    if merchant.refund_mode == "off":
-        raise RefundRefused("refunds_disabled", f"refunds are switched off for merchant {request.merchant_id!r}", "merchant_id")
-    payment = await find_payment(conn, request.merchant_id, request.original_transaction_id)
-    if payment is None:
-        raise RefundRefused(
-            "unknown_transaction",
-            f"transaction {request.original_transaction_id!r} is unknown or not paid for this merchant",
-            "original_transaction_id",
-        )
-    if payment.currency != request.currency:
-        raise RefundRefused(
-            "currency_mismatch", f"currency {request.currency} differs from the payment's {payment.currency}", "currency"
-        )
-    window_days = get_settings().refund_window_days.get(payment.method, 90)
-    closes = payment.paid_at + timedelta(days=window_days)
-    if now > closes:
-        raise RefundRefused(
-            "refund_window_closed",
-            f"the {window_days}-day refund window for {payment.method} payments closed on {closes.date().isoformat()}",
-            "original_transaction_id",
-        )
-    if request.amount > payment.refundable:
-        raise RefundRefused(
-            "amount_over_refundable",
-            f"amount {request.amount} is over the {format_amount(payment.refundable)} still refundable on this payment",
-            "amount",
-        )
-    needs_approval = merchant.refund_mode == "approval" or (
-        merchant.approval_threshold is not None and request.amount > merchant.approval_threshold
+def _over_refundable(request: RefundRequest, left: Decimal | None) -> RefundRefused:
+    return RefundRefused(
+        "amount_over_refundable",
+        f"amount {request.amount} is over the {format_amount(left or Decimal(0))} still refundable on this payment",
+        "amount",
     )
-    return "awaiting_approval" if needs_approval else "queued"
+
+
+def _refusal(verdict: str, row: asyncpg.Record, request: RefundRequest) -> RefundRefused:
+    """The statement's verdict in words, naming the field at fault."""
+    if verdict == "unknown_merchant":
+        return RefundRefused(verdict, f"merchant {request.merchant_id!r} does not exist", "merchant_id")
+    if verdict == "refunds_disabled":
+        return RefundRefused(verdict, f"refunds are switched off for merchant {request.merchant_id!r}", "merchant_id")
+    if verdict == "unknown_transaction":
+        return RefundRefused(
+            verdict, f"transaction {request.original_transaction_id!r} is unknown or not paid for this merchant",
+            "original_transaction_id",
+        )
+    if verdict == "currency_mismatch":
+        return RefundRefused(
+            verdict, f"currency {request.currency} differs from the payment's {row['paid_currency']}", "currency")
+    if verdict == "refund_window_closed":
+        closes = row["paid_at"] + timedelta(days=row["window_days"])
+        return RefundRefused(
+            verdict,
+            f"the {row['window_days']}-day refund window for {row['method']} payments closed on {closes.date().isoformat()}",
+            "original_transaction_id",
+        )
+    if verdict == "amount_over_refundable":
+        return _over_refundable(request, row["paid_amount"] - row["refunded_amount"])
+    raise AssertionError(f"unknown verdict {verdict!r}")

@@ -5,8 +5,12 @@ merchant scope; ``enqueue_refund`` does everything else, so the API, the CLI and
 callers accept exactly the same refunds with the same idempotency.
 
 Order of checks on ``POST /v1/refunds``, cheapest and least trusting first: declared size
-(413) → token (401) → body read with a hard cap (413) → JSON (400) → fields (422) →
-merchant scope (403, nothing written) → enqueue (202/200/409/422). Every error has the
+(413) → a Bearer header at all (401) → body read with a hard cap (413) → JSON (400) → the
+token itself (401) → fields (422) → merchant scope (403, nothing written) → enqueue
+(202/200/409/422). The token lookup and the refund share one pooled connection, taken only
+once the body is in (so a slow client never holds a database connection), and a token
+seen before costs no query at all: the accepting statement re-checks it (see
+``create_refund``). Round trips are what intake throughput is made of. Every error has the
 body ``{"error": {"code", "message", "field"?}}``. A Postgres outage answers 503, never a
 stack trace; retrying then is safe because ``external_ref`` makes the request idempotent.
 
@@ -32,15 +36,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
 from refunds import metrics, service
-from refunds.errors import IdempotencyConflict, RefundRefused
+from refunds.errors import IdempotencyConflict, NotFound, RefundRefused
 from refunds.money import CURRENCIES
 from refunds.records import Refund, find_by_external_ref, find_refund, refund_events
 from refunds.settings import get_settings
-from refunds.states import transition
-from refunds.tokens import ApiToken, authenticate
+from refunds.states import STATES
+from refunds.tokens import MAX_TOKEN_LENGTH, ApiToken, TokenCache, TokenRevoked, authenticate, hash_token
 
-from .delivery import deliver
-from .enqueue import EXTERNAL_REF, MAX_REASON, enqueue_refund
+from .approvals import ApprovalError, NotAwaitingApproval, SamePerson, decide
+from .enqueue import AMOUNT, EXTERNAL_REF, MAX_REASON, accept_refund, hand_over
 
 log = logging.getLogger("intake")
 
@@ -71,6 +75,8 @@ class Field:
         if not isinstance(value, str):
             kind = {bool: "a boolean", list: "an array", dict: "an object"}.get(type(value), "a number")
             raise RefundRefused(self.code, f"{self.name} must be a string ({self.rule}), not {kind}", self.name)
+        if "\x00" in value or not _encodable(value):
+            raise RefundRefused(self.code, f"{self.name} must be text without NUL characters or lone surrogates", self.name)
         if (
             (self.enum is not None and value not in self.enum)
             or (self.max_length is not None and len(value) > self.max_length)
@@ -95,6 +101,15 @@ class Field:
         return schema
 
 
+def _encodable(value: str) -> bool:
+    """Whether Postgres can store it: JSON may carry lone surrogates (\\ud800) that UTF-8 cannot."""
+    try:
+        value.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 REFUND_FIELDS: tuple[Field, ...] = (
     Field(
         "merchant_id", "The marketplace seller that took the payment; the token must be scoped to it.",
@@ -108,7 +123,7 @@ REFUND_FIELDS: tuple[Field, ...] = (
     ),
     Field(
         "amount", "Amount to refund: a decimal string with at most 2 decimals, greater than 0. Never a JSON number.",
-        "10.50", max_length=15, pattern=r"^[0-9]{1,12}(\.[0-9]{1,2})?$", code="invalid_amount",
+        "10.50", max_length=15, pattern=AMOUNT.pattern, code="invalid_amount",
         rule='a decimal string with at most 2 decimals, such as "10.50"',
     ),
     Field(
@@ -221,10 +236,12 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return error_response(500, "internal_error", "internal error; the request may be retried")
 
 
+CHALLENGE = {"WWW-Authenticate": 'Bearer realm="refunds"'}
 DATABASE = web.AppKey("database", Database)
 REDIS_URL = web.AppKey("redis_url", str)
 REDIS = web.AppKey("redis", aioredis.Redis)
 OPENAPI = web.AppKey("openapi", bytes)
+TOKENS = web.AppKey("tokens", TokenCache)
 
 
 # --- the application --------------------------------------------------------------------------
@@ -239,6 +256,7 @@ def create_app(*, database_url: str, redis_url: str | None = None) -> web.Applic
     app[DATABASE] = Database(database_url)
     app[REDIS_URL] = redis_url or get_settings().require("redis_url")
     app[OPENAPI] = json.dumps(openapi_document(), indent=2).encode()
+    app[TOKENS] = TokenCache()
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     app.router.add_post("/v1/refunds", create_refund)
@@ -268,17 +286,26 @@ async def _stop(app: web.Application) -> None:
 
 # --- request helpers --------------------------------------------------------------------------
 
-async def _authenticate(request: web.Request) -> ApiToken:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    challenge = {"WWW-Authenticate": 'Bearer realm="refunds"'}
+def _bearer(request: web.Request) -> str:
+    """The token of the Authorization header (401 without one); not yet checked."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "unauthorized", "an Authorization: Bearer <token> header is required", headers=challenge)
+        raise ApiError(401, "unauthorized", "an Authorization: Bearer <token> header is required", headers=CHALLENGE)
+    return token.strip()
+
+
+def _unauthorized() -> ApiError:
+    return ApiError(401, "unauthorized", "the token is unknown or revoked", headers=CHALLENGE)
+
+
+async def _authenticate(request: web.Request) -> ApiToken:
+    """The request's active token, looked up in the database (401 otherwise)."""
+    secret = _bearer(request)
     pool = await request.app[DATABASE].pool()
     async with pool.acquire() as conn:
-        found = await authenticate(conn, token.strip())
+        found = await authenticate(conn, secret)
     if found is None:
-        raise ApiError(401, "unauthorized", "the token is unknown or revoked", headers=challenge)
+        raise _unauthorized()
     return found
 
 
@@ -330,17 +357,44 @@ async def _with_events(conn: asyncpg.Connection, refund: Refund) -> dict:
 # --- refunds ----------------------------------------------------------------------------------
 
 async def create_refund(request: web.Request) -> web.Response:
-    _check_declared_size(request)  # before the token lookup: refusing it costs nothing
-    token = await _authenticate(request)
+    """POST /v1/refunds: one pooled connection and, for a known token, one statement.
+
+    The token comes from TokenCache when it was seen before; the accepting statement then
+    re-checks it (nothing is written for a token revoked meanwhile), and any other answer
+    is given only after the database confirmed the token, so a revoked token learns nothing.
+    """
+    _check_declared_size(request)  # before anything else: refusing it costs nothing
+    secret = _bearer(request)
     body = await _read_json(request)
-    try:
-        fields = validate(body, REFUND_FIELDS)
-    except RefundRefused as exc:
-        _refused(exc)
-        raise
-    if not token.allows(fields["merchant_id"]):
-        raise ApiError(403, "merchant_not_allowed", f"this token may not act for merchant {fields['merchant_id']!r}", "merchant_id")
-    result = await enqueue_refund(await request.app[DATABASE].pool(), **fields, requested_by=token.name)
+    tokens = request.app[TOKENS]
+    pool = await request.app[DATABASE].pool()
+    async with pool.acquire() as conn:
+        token = tokens.get(hash_token(secret)) if len(secret) <= MAX_TOKEN_LENGTH else None
+        confirmed = token is None
+        if token is None:
+            token = await authenticate(conn, secret)
+            if token is None:
+                raise _unauthorized()
+            tokens.put(token)
+        try:
+            try:
+                fields = validate(body, REFUND_FIELDS)
+            except RefundRefused as exc:
+                _refused(exc)
+                raise
+            if not token.allows(fields["merchant_id"]):
+                raise ApiError(403, "merchant_not_allowed",
+                               f"this token may not act for merchant {fields['merchant_id']!r}", "merchant_id")
+            result = await accept_refund(conn, **fields, requested_by=token.name, token_hash=token.token_hash)
+        except TokenRevoked:
+            tokens.forget(token.token_hash)
+            raise _unauthorized() from None
+        except (RefundRefused, ApiError):
+            if not confirmed and await authenticate(conn, secret) is None:
+                tokens.forget(token.token_hash)
+                raise _unauthorized() from None
+            raise
+    await hand_over(result)  # committed, and the connection is back in the pool
     return web.json_response(result.to_json(), status=result.http_status)
 
 
@@ -378,41 +432,31 @@ async def find_refund_by_external_ref(request: web.Request) -> web.Response:
 
 
 async def approve_refund(request: web.Request) -> web.Response:
-    return await _decide(request, "queued", "approved")
+    return await _decide(request, "approve")
 
 
 async def reject_refund(request: web.Request) -> web.Response:
-    return await _decide(request, "rejected", "rejected")
+    return await _decide(request, "reject")
 
 
-async def _decide(request: web.Request, to_state: str, verb: str) -> web.Response:
-    """Approve or reject a refund waiting for approval; the approver is the token, never the requester."""
+DECISION_STATUS = {SamePerson: 403, NotAwaitingApproval: 409}
+
+
+async def _decide(request: web.Request, decision: str) -> web.Response:
+    """Approve or reject a refund waiting for approval; the approver is the token (rules in producers.approvals)."""
     token = await _authenticate(request)
     refund_id = _refund_id(request)
     note = validate(await _read_json(request, optional=True), DECISION_FIELDS)["message"]
     pool = await request.app[DATABASE].pool()
     async with pool.acquire() as conn:
-        refund = await find_refund(conn, refund_id)
-        if refund is None or not token.allows(refund.merchant_id):
-            raise ApiError(404, "not_found", f"no refund {refund_id}")
-        if refund.state != "awaiting_approval":
-            raise ApiError(409, "not_awaiting_approval", f"refund {refund_id} is {refund.state}, not awaiting approval")
-        if refund.requested_by == token.name:
-            raise ApiError(403, "same_person", f"{token.name!r} requested this refund and cannot also decide on it")
-        async with conn.transaction():
-            moved = await transition(
-                conn, refund.refund_id, to_state, actor=f"approver:{token.name}",
-                message=f"{verb} by {token.name}" + (f": {note}" if note else ""), only_from=("awaiting_approval",),
-            )
-            if moved is None:
-                raise ApiError(409, "not_awaiting_approval", f"refund {refund_id} was decided by someone else meanwhile")
-            if to_state == "queued":  # the outbox grace period starts now, not at creation
-                await conn.execute("UPDATE refunds SET delivered_at = now() WHERE refund_id = $1", moved.refund_id)
-        body = await _with_events(conn, moved)
-    log.info("refund %s %s by %s", refund_id, verb, token.name)
-    if to_state == "queued":
-        await asyncio.to_thread(deliver, moved.refund_id)  # after COMMIT: a worker must find it queued
-    return web.json_response(body)
+        try:
+            moved = await decide(conn, refund_id, decision=decision, approver=token.name, note=note,
+                                 merchants=token.merchants)
+        except NotFound as exc:
+            raise ApiError(404, "not_found", str(exc)) from None
+        except ApprovalError as exc:
+            raise ApiError(DECISION_STATUS.get(type(exc), 409), exc.code, str(exc)) from None
+        return web.json_response(await _with_events(conn, moved))
 
 
 # --- probes, metrics, the document --------------------------------------------------------------
@@ -458,29 +502,64 @@ async def openapi_view(request: web.Request) -> web.Response:
 
 
 def openapi_document() -> dict:
-    """The OpenAPI 3.0 document; request bodies come from the same field tables the handlers validate with."""
+    """The OpenAPI 3.0 document; request bodies come from the same field tables the handlers validate with.
+
+    Every status a handler can answer is listed with its body schema, so a client generated
+    from it (and the schemathesis run in the tests) sees no undocumented answer.
+    """
 
     def ref(name: str) -> dict:
         return {"$ref": f"#/components/schemas/{name}"}
 
-    def answer(description: str, schema: str = "Error") -> dict:
-        return {"description": description, "content": {"application/json": {"schema": ref(schema)}}}
+    def answer(description: str, schema: str = "Error", headers: dict | None = None) -> dict:
+        response = {"description": description, "content": {"application/json": {"schema": ref(schema)}}}
+        if headers:
+            response["headers"] = headers
+        return response
 
+    unauthorized = answer("No token, or an unknown or revoked one", headers={
+        "WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}})
+    unavailable = answer("The refund store is unavailable; retry (every request here is idempotent)", headers={
+        "Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}})
+    too_large = answer(f"The body is over {MAX_BODY} bytes")
     refund_id = {"name": "refund_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
-    auth_errors = {"401": answer("No token, or an unknown or revoked one")}
-    decision = {
-        "parameters": [refund_id],
-        "requestBody": {"required": False, "content": {"application/json": {"schema": ref("Decision")}}},
-        "responses": {
-            "200": answer("Decided; the refund with its events", "RefundWithEvents"),
-            "400": answer("Malformed refund_id or body"), **auth_errors,
-            "403": answer("The token's name is the refund's requester (code same_person)"),
-            "404": answer("No such refund for this token's merchants"),
-            "409": answer("The refund is not awaiting approval"),
-            "422": answer("Invalid body field"),
-        },
+
+    def decision(verb: str) -> dict:
+        return {
+            "operationId": f"{verb}Refund",
+            "summary": f"{verb.capitalize()} a refund waiting for approval (the approver is the token's name)",
+            "parameters": [refund_id],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": ref("Decision")}}},
+            "responses": {
+                "200": answer("Decided; the refund with its events", "RefundWithEvents"),
+                "400": answer("Malformed refund_id, or the body is not JSON"),
+                "401": unauthorized,
+                "403": answer("The token's name is the refund's requester (code same_person)"),
+                "404": answer("No such refund for this token's merchants"),
+                "409": answer("The refund is not awaiting approval (code not_awaiting_approval)"),
+                "413": too_large,
+                "422": answer("Invalid body field"),
+                "503": unavailable,
+            },
+        }
+
+    def plain(operation_id: str, summary: str, responses: dict) -> dict:
+        return {"get": {"operationId": operation_id, "summary": summary, "security": [], "responses": responses}}
+
+    # what a client can do next with the refund_id an answer carries
+    follow = {
+        name: {"operationId": operation_id, "parameters": {"refund_id": "$response.body#/refund_id"}}
+        for name, operation_id in (("GetRefund", "getRefund"), ("ApproveRefund", "approveRefund"),
+                                   ("RejectRefund", "rejectRefund"))
     }
+
+    def with_links(response: dict) -> dict:
+        return {**response, "links": follow}
+
+    text = {"type": "string"}
     optional_string = {"type": "string", "nullable": True}
+    timestamp = {"type": "string", "format": "date-time"}
+    states = {"type": "string", "enum": list(STATES)}
     return {
         "openapi": "3.0.3",
         "info": {
@@ -493,20 +572,23 @@ def openapi_document() -> dict:
         "paths": {
             "/v1/refunds": {
                 "post": {
+                    "operationId": "createRefund",
                     "summary": "Request a refund",
                     "requestBody": {"required": True, "content": {"application/json": {"schema": ref("RefundRequest")}}},
                     "responses": {
-                        "202": answer("Accepted: queued, or waiting for approval", "Accepted"),
-                        "200": answer("A replay of an identical earlier request", "Accepted"),
-                        "400": answer("The body is not JSON, or not an object"), **auth_errors,
+                        "202": with_links(answer("Accepted: queued, or waiting for approval", "Accepted")),
+                        "200": with_links(answer("A replay of an identical earlier request", "Accepted")),
+                        "400": answer("The body is not JSON (code malformed_json)"),
+                        "401": unauthorized,
                         "403": answer("The token is not scoped to merchant_id; nothing was written"),
                         "409": answer("external_ref was already used with other parameters"),
-                        "413": answer(f"The body is over {MAX_BODY} bytes"),
-                        "422": answer("Validation failed; error.field names the field"),
-                        "503": answer("The refund store is unavailable; retry (the request is idempotent)"),
+                        "413": too_large,
+                        "422": answer("Validation failed (including refunds_disabled); error.field names the field"),
+                        "503": unavailable,
                     },
                 },
                 "get": {
+                    "operationId": "findRefund",
                     "summary": "Find a refund by its external_ref",
                     "parameters": [
                         {"name": f.name, "in": "query", "required": True, "schema": f.schema()}
@@ -514,31 +596,39 @@ def openapi_document() -> dict:
                     ],
                     "responses": {
                         "200": answer("The refund with its events", "RefundWithEvents"),
-                        "400": answer("A query parameter is missing or malformed"), **auth_errors,
+                        "400": answer("A query parameter is missing or malformed"),
+                        "401": unauthorized,
                         "403": answer("The token is not scoped to merchant_id"),
                         "404": answer("No such refund"),
+                        "503": unavailable,
                     },
                 },
             },
             "/v1/refunds/{refund_id}": {
                 "get": {
+                    "operationId": "getRefund",
                     "summary": "A refund's state and event history",
                     "parameters": [refund_id],
                     "responses": {
                         "200": answer("The refund with its events", "RefundWithEvents"),
-                        "400": answer("refund_id is not a UUID"), **auth_errors,
+                        "400": answer("refund_id is not a UUID"),
+                        "401": unauthorized,
                         "404": answer("No such refund for this token's merchants"),
+                        "503": unavailable,
                     },
                 },
             },
-            "/v1/refunds/{refund_id}/approve": {"post": {"summary": "Approve a refund waiting for approval", **decision}},
-            "/v1/refunds/{refund_id}/reject": {"post": {"summary": "Reject a refund waiting for approval", **decision}},
-            "/openapi.json": {"get": {"summary": "This document", "security": [], "responses": {"200": {"description": "OpenAPI 3 document"}}}},
-            "/healthz": {"get": {"summary": "The process is up", "security": [], "responses": {"200": {"description": "up"}}}},
-            "/readyz": {"get": {"summary": "Postgres and Redis are reachable", "security": [], "responses": {
-                "200": {"description": "ready"}, "503": {"description": "not ready; the body names what is down"}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "security": [], "responses": {
-                "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+            "/v1/refunds/{refund_id}/approve": {"post": decision("approve")},
+            "/v1/refunds/{refund_id}/reject": {"post": decision("reject")},
+            "/openapi.json": plain("openapi", "This document", {"200": {
+                "description": "OpenAPI 3 document", "content": {"application/json": {"schema": {"type": "object"}}}}}),
+            "/healthz": plain("healthz", "The process is up", {"200": answer("up", "Status")}),
+            "/readyz": plain("readyz", "Postgres and Redis are reachable", {
+                "200": answer("ready", "Status"),
+                "503": answer("not ready; down names what is unreachable", "NotReady"),
+            }),
+            "/metrics": plain("metrics", "Prometheus metrics", {"200": {
+                "description": "Prometheus text format", "content": {"text/plain": {"schema": text}}}}),
         },
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "description": "refundctl token create"}},
@@ -546,45 +636,55 @@ def openapi_document() -> dict:
                 "RefundRequest": object_schema(REFUND_FIELDS),
                 "Decision": object_schema(DECISION_FIELDS),
                 "Accepted": {
-                    "type": "object", "required": ["refund_id", "external_ref", "state"],
+                    "type": "object", "required": ["refund_id", "external_ref", "state"], "additionalProperties": False,
                     "properties": {
                         "refund_id": {"type": "string", "format": "uuid"},
-                        "external_ref": {"type": "string"},
-                        "state": {"type": "string", "enum": ["queued", "awaiting_approval", "submitted", "pending",
-                                                             "succeeded", "failed", "rejected", "manual_review"]},
+                        "external_ref": text,
+                        "state": states,
                     },
                 },
                 "Event": {
-                    "type": "object",
+                    "type": "object", "required": ["from_state", "to_state", "actor", "code", "message", "occurred_at"],
                     "properties": {
-                        "from_state": optional_string, "to_state": {"type": "string"}, "actor": {"type": "string"},
-                        "code": optional_string, "message": optional_string,
-                        "occurred_at": {"type": "string", "format": "date-time"},
+                        "from_state": {**states, "nullable": True}, "to_state": states, "actor": text,
+                        "code": optional_string, "message": optional_string, "occurred_at": timestamp,
                     },
                 },
                 "RefundWithEvents": {
                     "type": "object",
+                    "required": ["refund_id", "merchant_id", "external_ref", "original_transaction_id", "amount",
+                                 "currency", "state", "created_at", "updated_at", "events"],
                     "properties": {
                         "refund_id": {"type": "string", "format": "uuid"},
-                        "merchant_id": {"type": "string"}, "external_ref": {"type": "string"},
-                        "original_transaction_id": {"type": "string"},
-                        "amount": {"type": "string", "example": "10.50"}, "currency": {"type": "string"},
-                        "reason": optional_string, "state": {"type": "string"}, "requested_by": optional_string,
+                        "merchant_id": text, "external_ref": text, "original_transaction_id": text,
+                        "amount": {"type": "string", "pattern": AMOUNT.pattern, "example": "10.50"},
+                        "currency": {"type": "string", "enum": list(CURRENCIES)},
+                        "reason": optional_string, "state": states, "requested_by": optional_string,
                         "attempts": {"type": "integer"}, "provider_refund_id": optional_string,
                         "provider_code": optional_string, "provider_message": optional_string,
-                        "created_at": {"type": "string", "format": "date-time"},
-                        "updated_at": {"type": "string", "format": "date-time"},
-                        "completed_at": {"type": "string", "format": "date-time", "nullable": True},
+                        "created_at": timestamp, "updated_at": timestamp,
+                        "completed_at": {**timestamp, "nullable": True},
                         "events": {"type": "array", "items": ref("Event")},
                     },
                 },
+                "Status": {
+                    "type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}},
+                },
+                "NotReady": {
+                    "type": "object", "required": ["status", "down", "error"],
+                    "properties": {
+                        "status": {"type": "string", "enum": ["unavailable"]},
+                        "down": {"type": "array", "items": {"type": "string", "enum": ["postgres", "redis"]}},
+                        "error": ref("ErrorDetail"),
+                    },
+                },
+                "ErrorDetail": {
+                    "type": "object", "required": ["code", "message"],
+                    "properties": {"code": text, "message": text, "field": text},
+                },
                 "Error": {
-                    "type": "object", "required": ["error"],
-                    "properties": {"error": {
-                        "type": "object", "required": ["code", "message"],
-                        "properties": {"code": {"type": "string"}, "message": {"type": "string"},
-                                       "field": {"type": "string"}},
-                    }},
+                    "type": "object", "required": ["error"], "additionalProperties": False,
+                    "properties": {"error": ref("ErrorDetail")},
                 },
             },
         },

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import asyncpg
@@ -27,13 +28,56 @@ class TokenError(RefundsError):
     """A token cannot be created as asked (bad name, name taken, unknown merchant)."""
 
 
+class TokenRevoked(RefundsError):
+    """The token was revoked (or lost the merchant) while its request was on its way."""
+
+
 @dataclass(frozen=True)
 class ApiToken:
     name: str
     merchants: frozenset[str]
+    token_hash: str | None = None  # set by authenticate: what ACTIVE_TOKEN_SQL checks
 
     def allows(self, merchant_id: str) -> bool:
         return merchant_id in self.merchants
+
+
+# "The token that asked is still active and may act for this merchant", as SQL: a writer puts
+# it in the same statement as its write ($token_hash, $merchant_id), so a token revoked while
+# a request is in flight can no longer write, and a cached lookup (TokenCache) is safe to use.
+ACTIVE_TOKEN_SQL = (
+    "EXISTS (SELECT 1 FROM api_tokens WHERE token_hash = {token_hash} AND revoked_at IS NULL"
+    " AND {merchant_id} = ANY (merchants))"
+)
+
+
+class TokenCache:
+    """Recently authenticated tokens, by hash, so the intake's hot path skips one query.
+
+    A hit is a claim, not a proof: it may be revoked since. The intake only uses a hit
+    when the write itself re-checks the token (ACTIVE_TOKEN_SQL), and checks with the
+    database before any other answer. A hash always names the same token and scope: a
+    re-created token gets a new secret, so entries never go stale, they only go dead.
+    """
+
+    def __init__(self, size: int = 1024):
+        self._size = size
+        self._tokens: OrderedDict[str, ApiToken] = OrderedDict()
+
+    def get(self, token_hash: str) -> ApiToken | None:
+        found = self._tokens.get(token_hash)
+        if found is not None:
+            self._tokens.move_to_end(token_hash)
+        return found
+
+    def put(self, token: ApiToken) -> None:
+        self._tokens[token.token_hash] = token
+        self._tokens.move_to_end(token.token_hash)
+        while len(self._tokens) > self._size:
+            self._tokens.popitem(last=False)
+
+    def forget(self, token_hash: str) -> None:
+        self._tokens.pop(token_hash, None)
 
 
 def hash_token(token: str) -> str:
@@ -80,10 +124,11 @@ async def authenticate(conn: asyncpg.Connection, token: str | None) -> ApiToken 
     """The active token with this secret, or None (unknown, revoked or malformed)."""
     if not token or len(token) > MAX_TOKEN_LENGTH:
         return None
+    token_hash = hash_token(token)
     row = await conn.fetchrow(
-        "SELECT name, merchants FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL", hash_token(token)
+        "SELECT name, merchants FROM api_tokens WHERE token_hash = $1 AND revoked_at IS NULL", token_hash
     )
-    return ApiToken(row["name"], frozenset(row["merchants"])) if row else None
+    return ApiToken(row["name"], frozenset(row["merchants"]), token_hash) if row else None
 
 
 async def list_tokens(conn: asyncpg.Connection) -> list[dict]:

@@ -31,7 +31,8 @@ MISSING = object()
 
 # --- fixtures --------------------------------------------------------------------------------
 
-def _redis_db(url: str, db: int) -> str:
+def redis_db_url(url: str, db: int) -> str:
+    """The same Redis server, another database (so tests' deliveries never meet)."""
     parts = urlsplit(url)
     if parts.scheme in ("redis", "rediss"):
         return urlunsplit(parts._replace(path=f"/{db}"))
@@ -44,7 +45,7 @@ def intake_redis_url(database_url, redis_url):
     from producers.delivery import producer_broker
     from refunds.settings import get_settings
 
-    url = _redis_db(redis_url, INTAKE_REDIS_DB)
+    url = redis_db_url(redis_url, INTAKE_REDIS_DB)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("REDIS_URL", url)
         get_settings.cache_clear()
@@ -183,6 +184,9 @@ async def test_same_external_ref_other_terms_is_409(db, make_merchant, client, q
         ({}, {"external_ref": "R-1\n"}, "invalid_field", "external_ref"),
         ({}, {"reason": "x" * 256}, "invalid_field", "reason"),
         ({}, {"ammount": "10.00"}, "unknown_field", "ammount"),
+        ({}, {"reason": "nul \x00 byte"}, "invalid_field", "reason"),  # Postgres cannot store it: not a 500
+        ({}, {"reason": "lone \ud800 surrogate"}, "invalid_field", "reason"),  # nor UTF-8 encode it
+        ({}, {"original_transaction_id": "CIP\x00"}, "invalid_field", "original_transaction_id"),
     ],
 )
 async def test_refusals_are_422_naming_the_field(db, make_merchant, client, queue, payment_kwargs, overrides, code, field):
@@ -244,6 +248,24 @@ async def test_tokens_and_merchant_scope(db, make_merchant, client, queue):
     await error_of(await client.post("/v1/refunds", json=body(), headers=headers), 401)
 
 
+async def test_a_token_revoked_after_use_gets_only_401_and_writes_nothing(db, make_merchant, client, queue):
+    """The intake remembers tokens it has seen (one query less per refund): revocation still acts at once."""
+    await make_merchant("m1")
+    await make_merchant("m2")
+    await paid(db)
+    headers = await bearer(db, "alice", ["m1"])
+    assert (await client.post("/v1/refunds", json=body(), headers=headers)).status == 202  # now remembered
+    await revoke_token(db, "alice")
+    for attempt in (body(external_ref="R-2"), body(external_ref="R-1"), body(amount="1e2"), body(merchant_id="m2"),
+                    body(external_ref="R-1", amount="11.00")):
+        response = await client.post("/v1/refunds", json=attempt, headers=headers)
+        assert (await error_of(response, 401))["code"] == "unauthorized", attempt
+    assert await db.fetchval("SELECT count(*) FROM refunds") == 1
+    fresh = {"Authorization": f"Bearer {await create_token(db, 'alice', ['m1'])}"}  # the name, rotated
+    assert (await client.post("/v1/refunds", json=body(external_ref="R-3"), headers=fresh)).status == 202
+    await error_of(await client.post("/v1/refunds", json=body(external_ref="R-4"), headers=headers), 401)
+
+
 async def test_concurrent_requests_never_refund_more_than_paid(db, make_merchant, client, queue):
     """25 concurrent requests of 10.00 against a 100.00 payment: exactly 10 get in."""
     await make_merchant("m1")
@@ -264,6 +286,80 @@ async def test_concurrent_requests_never_refund_more_than_paid(db, make_merchant
     accepted = {a["refund_id"] for status, a in answers if status == 202}
     assert set(queued_ids(queue)) == accepted
     assert queue.llen("dramatiq:refunds") == 10
+
+
+async def test_fifty_identical_requests_at_once_make_exactly_one_refund(db, make_merchant, client, queue):
+    await make_merchant("m1")
+    await paid(db)
+    headers = await bearer(db)
+
+    async def post():
+        response = await client.post("/v1/refunds", json=body(amount="60.00"), headers=headers)
+        return response.status, await response.json()
+
+    answers = await asyncio.gather(*(post() for _ in range(50)))
+    statuses = sorted(status for status, _ in answers)
+    assert statuses == [200] * 49 + [202], answers
+    assert len({answer["refund_id"] for _, answer in answers}) == 1
+    assert await db.fetchval("SELECT count(*) FROM refunds") == 1
+    assert await db.fetchval("SELECT count(*) FROM refund_events") == 1
+    # 60.00 of 100.00: a late replay is still a replay, never "over the refundable amount"
+    assert (await find_payment(db, "m1", "CIP-1")).refunded_amount == Decimal("60.00")
+    assert queued_ids(queue) == [answers[0][1]["refund_id"]]
+
+
+async def test_fifty_different_requests_for_one_payment_never_exceed_it(db, make_merchant, client, queue):
+    """And none is refused while the payment still had room for it."""
+    await make_merchant("m1")
+    await paid(db, amount="100.00")
+    headers = await bearer(db)
+    amounts = [Decimal(a) for a in ("3.00", "7.50", "12.25", "1.01", "20.00", "0.99", "9.90", "15.00", "4.35", "30.00")]
+
+    async def post(index: int):
+        amount = amounts[index % len(amounts)]
+        response = await client.post(
+            "/v1/refunds", json=body(external_ref=f"D-{index}", amount=str(amount)), headers=headers)
+        return amount, response.status, await response.json()
+
+    answers = await asyncio.gather(*(post(index) for index in range(50)))
+    assert {status for _, status, _ in answers} <= {202, 422}
+    accepted = sum(amount for amount, status, _ in answers if status == 202)
+    refused = [amount for amount, status, _ in answers if status == 422]
+    assert accepted <= Decimal("100.00") and refused
+    assert {answer["error"]["code"] for _, status, answer in answers if status == 422} == {"amount_over_refundable"}
+    room = Decimal("100.00") - accepted
+    assert all(amount > room for amount in refused), (room, refused)
+    assert (await find_payment(db, "m1", "CIP-1")).refunded_amount == accepted
+    assert await db.fetchval("SELECT sum(amount) FROM refunds") == accepted
+    assert len(queued_ids(queue)) == sum(1 for _, status, _ in answers if status == 202)
+
+
+async def test_gradual_rollout_off_then_approval_then_auto(db, make_merchant, client, queue):
+    """refund_mode per merchant: off refuses, approval holds every refund, auto sends them on."""
+    await make_merchant("m1", refund_mode="off")
+    await paid(db, amount="100.00")
+    headers = await bearer(db, "checkout", ["m1"])
+
+    off = await client.post("/v1/refunds", json=body(external_ref="OFF-1", amount="0.01"), headers=headers)
+    error = await error_of(off, 422)
+    assert (error["code"], error["field"]) == ("refunds_disabled", "merchant_id")
+    assert await db.fetchval("SELECT count(*) FROM refunds") == 0
+
+    await make_merchant("m1", refund_mode="approval")  # the same seller, switched on behind four eyes
+    held = await client.post("/v1/refunds", json=body(external_ref="APP-1", amount="0.01"), headers=headers)
+    assert held.status == 202 and (await held.json())["state"] == "awaiting_approval"
+    assert queued_ids(queue) == []  # even a cent waits for a second person
+
+    await make_merchant("m1", refund_mode="auto")
+    sent = await client.post("/v1/refunds", json=body(external_ref="AUTO-1", amount="0.01"), headers=headers)
+    assert sent.status == 202 and (await sent.json())["state"] == "queued"
+    assert queued_ids(queue) == [(await sent.json())["refund_id"]]
+    assert await db.fetchval("SELECT state FROM refunds WHERE external_ref = 'APP-1'") == "awaiting_approval"
+
+    await make_merchant("m1", refund_mode="off")  # switched off again: what is waiting stays as it is
+    await error_of(await client.post("/v1/refunds", json=body(external_ref="OFF-2"), headers=headers), 422)
+    replay = await client.post("/v1/refunds", json=body(external_ref="AUTO-1", amount="0.01"), headers=headers)
+    assert replay.status == 200  # a replay of an accepted refund still answers with it
 
 
 # --- reading refunds ---------------------------------------------------------------------------

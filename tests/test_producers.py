@@ -174,3 +174,166 @@ async def test_operator_retry_reserves_again_and_refuses_what_cannot_succeed(db,
     assert history[-1] == ("failed", "queued", "ops")
     with pytest.raises(InvalidTransition, match="queued"):
         await retry(db, declined.refund_id, actor="ops")
+
+
+# --- the Python API from synchronous code and from other programs ------------------------------
+
+async def test_refund_producer_from_threads_shares_one_loop_and_pool(db, database_url, make_merchant, queue):
+    """Synchronous callers on many threads get enqueue_refund's exact results."""
+    from producers import RefundProducer
+
+    await make_merchant("m1")
+    await paid(db, amount="1000.00")
+    producer = RefundProducer(database_url, pool_size=3)
+
+    def sync_caller(index: int) -> list:
+        results = []
+        for n in range(5):
+            result = producer.enqueue(**request(external_ref=f"T-{index}-{n}"), requested_by=f"thread-{index}")
+            results.append((result.created, result.refund.state, str(result.refund.refund_id)))
+        results.append(producer.enqueue(**request(external_ref=f"T-{index}-0")).created)  # a replay
+        try:
+            producer.enqueue(**request(external_ref=f"T-{index}-x", amount="5000.00"))
+        except RefundRefused as refused:
+            results.append(refused.code)
+        return results
+
+    try:
+        answers = await asyncio.gather(*(asyncio.to_thread(sync_caller, index) for index in range(8)))
+        loop_thread = producer._thread
+        assert producer._pool is not None
+    finally:
+        await asyncio.to_thread(producer.close)
+    for answer in answers:
+        assert [a[:2] for a in answer[:5]] == [(True, "queued")] * 5
+        assert answer[5:] == [False, "amount_over_refundable"]
+    assert await db.fetchval("SELECT count(*) FROM refunds") == 40
+    assert len(queued_refund_ids(queue)) == 40
+    assert not loop_thread.is_alive()
+    with RefundProducer(database_url) as again:  # usable again after close, also as a context manager
+        assert (await asyncio.to_thread(again.enqueue, **request(external_ref="T-0-0"))).created is False
+
+
+async def test_sync_api_called_inside_a_running_event_loop(db, database_url, make_merchant, queue, monkeypatch):
+    """enqueue_refund_sync from a coroutine (a sync library used by async code): it blocks, but works."""
+    import producers.sync
+    from producers import enqueue_refund_sync
+
+    await make_merchant("m1")
+    await paid(db)
+    monkeypatch.setattr(producers.sync, "_default", None)
+    try:
+        result = enqueue_refund_sync(**request(), requested_by="inside-a-loop")  # no await: on purpose
+        assert result.created and result.refund.requested_by == "inside-a-loop"
+        assert enqueue_refund_sync(**request()).created is False
+        with pytest.raises(RefundRefused) as refused:
+            enqueue_refund_sync(**request(external_ref="R-2", currency="USD"))
+        assert refused.value.code == "currency_mismatch"
+    finally:
+        await asyncio.to_thread(producers.sync.default_producer().close)
+    assert str(result.refund.refund_id) in queued_refund_ids(queue)
+
+
+OTHER_PROGRAM = """
+import asyncio, json, os
+from producers import enqueue_refund, enqueue_refund_sync, RefundProducer
+from refunds import db
+from refunds.errors import RefundRefused
+
+def terms(ref, **more):
+    return dict(merchant_id="m1", original_transaction_id="CIP-1", amount="10.00", currency="PEN",
+                external_ref=ref, **more)
+
+out = {}
+first = enqueue_refund_sync(**terms("SYNC-1"), requested_by="script")  # plain synchronous code
+out["sync"] = [str(first.refund.refund_id), first.created, first.http_status]
+out["sync_replay"] = enqueue_refund_sync(**terms("SYNC-1")).created
+try:
+    enqueue_refund_sync(**terms("SYNC-1", reason="other terms"))
+except RefundRefused as refused:
+    out["conflict"] = refused.code
+
+async def main():  # another asyncio program, with its own pool
+    pool = await db.create_pool(os.environ["DATABASE_URL"])
+    try:
+        result = await enqueue_refund(pool, **terms("ASYNC-1"), requested_by="async-script")
+        return [str(result.refund.refund_id), result.created, result.refund.state]
+    finally:
+        await pool.close()
+
+out["async"] = asyncio.run(main())
+print(json.dumps(out))
+"""
+
+
+async def test_python_api_from_another_program(db, database_url, redis_url, make_merchant, queue):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    await make_merchant("m1")
+    await paid(db)
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
+    done = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", OTHER_PROGRAM], cwd=Path(__file__).resolve().parent.parent, env=env,
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["sync"][1:] == [True, 202] and out["sync_replay"] is False
+    assert out["conflict"] == "external_ref_conflict"
+    assert out["async"][1:] == [True, "queued"]
+    rows = {r["external_ref"]: r["requested_by"] for r in await db.fetch("SELECT external_ref, requested_by FROM refunds")}
+    assert rows == {"SYNC-1": "script", "ASYNC-1": "async-script"}
+    assert queued_refund_ids(queue) == {out["sync"][0], out["async"][0]}
+
+
+async def test_async_delivery_writes_exactly_what_dramatiq_enqueue_writes(queue):
+    """deliver_async runs dramatiq's dispatch script itself (batched); a dramatiq consumer must not
+    see any difference from RedisBroker.enqueue (deliver). Guards against a dramatiq upgrade."""
+    from producers.delivery import QUEUE, SEND_REFUND, deliver, deliver_async, producer_broker
+
+    by_dramatiq = str(uuid.uuid4())
+    batched = [str(uuid.uuid4()) for _ in range(3)]
+    assert deliver(by_dramatiq)
+    assert await asyncio.gather(*(deliver_async(refund_id) for refund_id in batched)) == [True] * 3
+    assert queue.llen("dramatiq:refunds") == 4
+    consumer = producer_broker().consume(QUEUE, prefetch=10, timeout=500)
+    try:
+        received = {}
+        for message in consumer:
+            if message is None:
+                break
+            received[message.args[0]] = message
+            consumer.ack(message)
+    finally:
+        consumer.close()
+    assert list(received) == [by_dramatiq, *batched]  # in order, all of them
+    shape = {(m.queue_name, m.actor_name, m.kwargs == {}, tuple(sorted(m.options))) for m in received.values()}
+    assert shape == {(QUEUE, SEND_REFUND, True, ("redis_message_id",))}
+    assert len({m.options["redis_message_id"] for m in received.values()}) == 4
+    assert queue.hlen("dramatiq:refunds.msgs") == 0 and queue.llen("dramatiq:refunds") == 0  # acked: gone
+
+
+async def test_async_delivery_reports_redis_away_without_raising(monkeypatch, redis_url):
+    """Redis unreachable: False for each refund of the batch (the outbox sweep delivers them later)."""
+    import socket
+
+    from producers.delivery import deliver_async, producer_broker
+    from refunds.settings import get_settings
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    get_settings.cache_clear()
+    producer_broker.cache_clear()
+    try:
+        results = await asyncio.gather(*(deliver_async(str(uuid.uuid4())) for _ in range(5)))
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+        producer_broker.cache_clear()
+    assert results == [False] * 5

@@ -1,11 +1,15 @@
-"""refundctl token: intake API tokens scoped to merchants."""
+"""refundctl token: intake API tokens scoped to merchants.
+
+A token's secret is printed once, at ``create``; ``list`` shows names, scopes and
+dates, never a secret or its hash. ``revoke`` takes effect on the next request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
 from .common import (
-    emit, with_conn, with_json,
+    NotFound, emit, table, with_conn, with_json,
 )
 
 
@@ -17,6 +21,25 @@ def cmd_token_create(args) -> int:
     return 0
 
 
+def cmd_token_list(args) -> int:
+    from ..tokens import list_tokens
+
+    tokens = asyncio.run(with_conn(list_tokens))
+    emit(args, tokens, lambda: table(
+        "intake API tokens", ["name", "merchants", "created", "revoked"],
+        [[t["name"], ", ".join(t["merchants"]), t["created_at"], t["revoked_at"] or ""] for t in tokens],
+    ))
+    return 0
+
+
+def cmd_token_revoke(args) -> int:
+    from ..tokens import revoke_token
+
+    if not asyncio.run(with_conn(lambda conn: revoke_token(conn, args.name))):
+        raise NotFound(f"no active token named {args.name!r}")
+    emit(args, {"name": args.name, "revoked": True}, lambda: print(f"token {args.name} revoked"))
+    return 0
+
 
 def register(sub) -> None:
     token = sub.add_parser("token").add_subparsers(dest="token_command", required=True)
@@ -24,3 +47,8 @@ def register(sub) -> None:
     create.add_argument("--name", required=True)
     create.add_argument("--merchant", required=True, action="append")
     create.set_defaults(func=cmd_token_create)
+    with_json(token.add_parser("list", help="every token, active or revoked (never the secret)")).set_defaults(
+        func=cmd_token_list)
+    revoke = with_json(token.add_parser("revoke", help="revoke a token at once"))
+    revoke.add_argument("name")
+    revoke.set_defaults(func=cmd_token_revoke)
