@@ -90,6 +90,20 @@ async def accepted_refund(db, external_ref="R-1", amount="25.00", merchant="m1")
     return result.refund
 
 
+async def settle_all(res, db, refund_ids, passes: int = 40):
+    """Process refunds until none is left queued: the ones the rate limit deferred come back,
+    as their re-queued messages would."""
+    await asyncio.gather(*(process_refund(res, rid) for rid in refund_ids))
+    for _ in range(passes):
+        waiting = [r["refund_id"] for r in await db.fetch(
+            "SELECT refund_id FROM refunds WHERE state = 'queued' AND refund_id = ANY($1::uuid[])", refund_ids)]
+        if not waiting:
+            return
+        await asyncio.sleep(0.05)
+        await asyncio.gather(*(process_refund(res, rid) for rid in waiting))
+    raise AssertionError("refunds still queued after every pass")
+
+
 async def wait_state(db, refund_id, states, timeout=10.0):
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
