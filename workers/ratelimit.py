@@ -20,7 +20,12 @@ from decimal import Decimal
 
 import redis.asyncio as aioredis
 
+# The window is a little longer than a second: a send counted on Redis's clock reaches the
+# gateway some milliseconds later, and the gateway's own one-second window must never see more.
+WINDOW_MS = 1050
+
 _ACQUIRE = """
+local WINDOW_MS = tonumber(ARGV[4])
 local sched, window, pause = KEYS[1], KEYS[2], KEYS[3]
 local interval = tonumber(ARGV[1])
 local per_window = tonumber(ARGV[2])
@@ -31,13 +36,13 @@ local paused = redis.call('PTTL', pause)
 if paused > 0 then
   return {paused, -1}
 end
-redis.call('ZREMRANGEBYSCORE', window, '-inf', now - 1000)
+redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_MS)
 local tat = tonumber(redis.call('GET', sched) or now)
 if tat < now then tat = now end
 local room = redis.call('ZCARD', window) < per_window
 if room and (slot >= 0 or tat <= now) then
   redis.call('ZADD', window, now, now .. ':' .. redis.call('INCR', window .. ':seq'))
-  redis.call('PEXPIRE', window, 2000)
+  redis.call('PEXPIRE', window, 2 * WINDOW_MS)
   redis.call('PEXPIRE', window .. ':seq', 2000)
   if slot < 0 then
     redis.call('SET', sched, tostring(tat + interval), 'PX', math.ceil(interval) + 60000)
@@ -48,7 +53,7 @@ if slot >= 0 then
   -- a booked slot arrived while the window is full: wait for the oldest send to age out
   local oldest = redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')
   local wait = 1
-  if oldest[2] then wait = math.max(1, tonumber(oldest[2]) + 1000 - now) end
+  if oldest[2] then wait = math.max(1, tonumber(oldest[2]) + WINDOW_MS - now) end
   return {wait, slot}
 end
 redis.call('SET', sched, tostring(tat + interval), 'PX', math.ceil(tat + interval - now) + 60000)
@@ -77,7 +82,8 @@ class RateLimiter:
         rate = float(per_second)  # a rate, not money
         per_window = max(1, math.floor(rate))
         wait, slot = await self._script(
-            keys=self._keys(merchant_id), args=[1000.0 / rate, per_window, -1 if slot_ms is None else slot_ms]
+            keys=self._keys(merchant_id),
+            args=[WINDOW_MS / rate, per_window, -1 if slot_ms is None else slot_ms, WINDOW_MS],
         )
         return Decision(int(wait), None if int(slot) < 0 else int(slot))
 
