@@ -23,9 +23,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from functools import cached_property
 from urllib.parse import urlsplit
 
 import aiohttp
+from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import Gauge
 
 from refunds import logs
@@ -59,6 +61,13 @@ class Credentials:
     access_key: str
     secret_key: str = field(repr=False)
     private_key_pem: bytes = field(repr=False)
+
+    @cached_property
+    def signing_key(self) -> rsa.RSAPrivateKey:
+        """The parsed private key, once per Credentials: parsing costs as much as signing. Not
+        re-validated: it was validated when the merchant was added, and the vault's AES-GCM
+        proves it is unchanged."""
+        return protocol.load_private_key(self.private_key_pem, validated=True)
 
 
 @dataclass(frozen=True)
@@ -216,8 +225,7 @@ class PagoEfectivoClient:
             merchant_id=order.merchant_id, original_transaction_id=order.original_transaction_id,
             amount=order.amount, currency=order.currency, external_ref=order.external_ref,
             notify_url=order.notify_url, reason=order.reason, moment=_now(),
-            # validated when the merchant was added; the vault's AES-GCM proves it is unchanged
-            private_key=protocol.load_private_key(creds.private_key_pem, validated=True),
+            private_key=creds.signing_key,
         )
 
     async def request_refund(self, creds: Credentials, order: RefundOrder) -> RefundAnswer:

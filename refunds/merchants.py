@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -35,6 +36,11 @@ class Merchant:
     private_key_sealed: bytes = field(repr=False)
     previous_secret_key_sealed: bytes | None = field(default=None, repr=False)
     previous_secret_valid_until: datetime | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping) -> "Merchant":
+        """From a merchants row, or the row as a composite value (``SELECT m FROM merchants m``)."""
+        return cls(**{name: row[name] for name in cls.__dataclass_fields__})
 
     def secret_key(self, vault: Vault) -> str:
         return vault.open(self.secret_key_sealed, _identity(self.merchant_id, "secret_key")).decode()

@@ -82,9 +82,15 @@ class ServiceGroup:
                 raise RuntimeError(f"{service.name} exited with {service.process.returncode}:\n{service.log_tail()}")
 
     def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM every service's process group, then SIGKILL what is left after ``timeout``."""
+        """SIGTERM every service's main process, then SIGKILL its whole process group after ``timeout``.
+
+        Only the main process gets SIGTERM: a supervisor (dramatiq's) forwards it to its own
+        children, which then finish their in-flight work; signalling the group would hit them
+        twice and make them give up at once.
+        """
         for service in reversed(self.services):
-            _signal_group(service.process, signal.SIGTERM)
+            if service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
         for service in self.services:
             try:

@@ -1,7 +1,7 @@
 """The refund state machine: the only code that changes a refund's state.
 
 Moves go forward only. Each is one conditional UPDATE plus a ``refund_events`` audit
-row in the same transaction, so a late or duplicate event can never move a refund
+row in the same statement, so a late or duplicate event can never move a refund
 backwards, and two processes racing for the same move see exactly one winner.
 """
 
@@ -39,6 +39,55 @@ MOVES: dict[str, frozenset[str]] = {
 NOT_RETRYABLE_CODES = frozenset({"111", "112", "113", "601", "602", "603", "604", "605", "606", "607"})
 
 
+def _with_audit_row(locked_update: str, event: str) -> str:
+    """One statement that locks the refund, moves it and writes its audit row.
+
+    A data-modifying CTE: one round trip and one implicit transaction (or part of the
+    caller's), so the move and its ``refund_events`` row are written together or not at
+    all. ``locked_update`` updates ``refunds r`` from ``previous`` (the row locked FOR
+    UPDATE, so ``previous.state`` is the state the move really started from);
+    ``event`` selects the audit row's to_state, actor, code and message from ``moved``.
+    """
+    return f"""
+        WITH previous AS (SELECT state FROM refunds WHERE refund_id = $1 FOR UPDATE),
+        moved AS ({locked_update}
+                  RETURNING {', '.join('r.' + c.strip() for c in COLUMNS.split(','))}, previous.state AS from_state),
+        audit AS (INSERT INTO refund_events (refund_id, from_state, to_state, actor, code, message)
+                  SELECT refund_id, from_state, {event} FROM moved)
+        SELECT * FROM moved"""
+
+
+# $1 refund, $2 to_state, $3 allowed sources, $4 final states, $5 code, $6 message,
+# $7 provider refund id, $8 first status check delay, $9 actor
+_MOVE_AND_RECORD = _with_audit_row(
+    """UPDATE refunds r SET
+           state = $2,
+           updated_at = now(),
+           completed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(r.completed_at, now()) END,
+           claimed_until = CASE WHEN $2 = ANY($4::text[]) OR $2 = 'pending' THEN NULL ELSE r.claimed_until END,
+           next_check_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $8)
+                                WHEN $2 = ANY($4::text[]) THEN NULL ELSE r.next_check_at END,
+           provider_code = COALESCE($5, r.provider_code),
+           provider_message = COALESCE($6, r.provider_message),
+           provider_refund_id = COALESCE($7, r.provider_refund_id)
+       FROM previous
+       WHERE r.refund_id = $1 AND previous.state = ANY($3::text[])""",
+    "$2, $9, $5, $6",
+)
+
+# $1 refund, $2 claim seconds, $3 actor
+_CLAIM_AND_RECORD = _with_audit_row(
+    """UPDATE refunds r SET
+           state = 'submitted', attempts = r.attempts + 1, updated_at = now(),
+           claimed_until = now() + make_interval(secs => $2)
+       FROM previous
+       WHERE r.refund_id = $1 AND (previous.state = 'queued'
+             OR (previous.state = 'submitted' AND (r.claimed_until IS NULL OR r.claimed_until < now())))""",
+    """'submitted', $3, NULL, 'attempt ' || attempts
+       || CASE WHEN from_state = 'submitted' THEN ' (previous claim expired)' ELSE '' END""",
+)
+
+
 def sources_of(to_state: str) -> list[str]:
     if to_state not in STATES:
         raise InvalidTransition(f"unknown state {to_state!r}")
@@ -64,30 +113,11 @@ async def transition(
     sources = sources_of(to_state)
     if only_from is not None:
         sources = [s for s in sources if s in only_from]
-    async with conn.transaction():
-        row = await conn.fetchrow(
-            f"""WITH previous AS (
-                    SELECT state FROM refunds WHERE refund_id = $1 FOR UPDATE
-                )
-                UPDATE refunds r SET
-                    state = $2,
-                    updated_at = now(),
-                    completed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(r.completed_at, now()) END,
-                    claimed_until = CASE WHEN $2 = ANY($4::text[]) OR $2 = 'pending' THEN NULL ELSE r.claimed_until END,
-                    next_check_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $8)
-                                         WHEN $2 = ANY($4::text[]) THEN NULL ELSE r.next_check_at END,
-                    provider_code = COALESCE($5, r.provider_code),
-                    provider_message = COALESCE($6, r.provider_message),
-                    provider_refund_id = COALESCE($7, r.provider_refund_id)
-                FROM previous
-                WHERE r.refund_id = $1 AND previous.state = ANY($3::text[])
-                RETURNING {', '.join('r.' + c.strip() for c in COLUMNS.split(','))}, previous.state AS from_state""",
-            refund_id, to_state, sources, list(FINAL), code, message, provider_refund_id, FIRST_STATUS_CHECK,
-        )
-        if row is None:
-            return None
-        await record_event(conn, refund_id, row["from_state"], to_state, actor=actor, code=code, message=message)
-        return from_row(row)
+    row = await conn.fetchrow(
+        _MOVE_AND_RECORD,
+        refund_id, to_state, sources, list(FINAL), code, message, provider_refund_id, FIRST_STATUS_CHECK, actor,
+    )
+    return None if row is None else from_row(row)
 
 
 async def retry(conn: asyncpg.Connection, refund_id: UUID, *, actor: str) -> Refund:
@@ -132,28 +162,8 @@ async def claim_for_submission(conn: asyncpg.Connection, refund_id: UUID, *, act
     expired (its worker died or gave up) may be claimed again. Returns the refund and the
     state it was claimed from, or None when another worker holds it or it has moved on.
     """
-    async with conn.transaction():
-        row = await conn.fetchrow(
-            f"""WITH previous AS (
-                    SELECT state FROM refunds WHERE refund_id = $1 FOR UPDATE
-                )
-                UPDATE refunds r SET
-                    state = 'submitted', attempts = r.attempts + 1, updated_at = now(),
-                    claimed_until = now() + make_interval(secs => $2)
-                FROM previous
-                WHERE r.refund_id = $1 AND (previous.state = 'queued'
-                      OR (previous.state = 'submitted' AND (r.claimed_until IS NULL OR r.claimed_until < now())))
-                RETURNING {', '.join('r.' + c.strip() for c in COLUMNS.split(','))}, previous.state AS from_state""",
-            refund_id, claim_seconds,
-        )
-        if row is None:
-            return None
-        refund = from_row(row)
-        await record_event(
-            conn, refund_id, row["from_state"], "submitted", actor=actor,
-            message=f"attempt {refund.attempts}" + (" (previous claim expired)" if row["from_state"] == "submitted" else ""),
-        )
-        return refund, row["from_state"]
+    row = await conn.fetchrow(_CLAIM_AND_RECORD, refund_id, claim_seconds, actor)
+    return None if row is None else (from_row(row), row["from_state"])
 
 
 async def release_claim(conn: asyncpg.Connection, refund_id: UUID, *, code: str | None, message: str | None) -> None:
@@ -165,13 +175,3 @@ async def release_claim(conn: asyncpg.Connection, refund_id: UUID, *, code: str 
         refund_id, code, message,
     )
 
-
-async def record_event(
-    conn: asyncpg.Connection, refund_id: UUID, from_state: str | None, to_state: str, *,
-    actor: str, code: str | None = None, message: str | None = None,
-) -> None:
-    await conn.execute(
-        """INSERT INTO refund_events (refund_id, from_state, to_state, actor, code, message)
-           VALUES ($1, $2, $3, $4, $5, $6)""",
-        refund_id, from_state, to_state, actor, code, message,
-    )

@@ -47,6 +47,34 @@ async def test_outbox_sweep_redelivers_only_refunds_redis_lost(db, database_url,
     assert fresh.state == "queued"
 
 
+
+async def test_outbox_sweep_leaves_refunds_waiting_behind_an_older_queued_message(db, database_url, make_merchant,
+                                                                                  queue):
+    """A backlog is not a loss: a refund handed over after the head of the ready queue is waiting, not lost."""
+    import time
+
+    import dramatiq
+    from producers.delivery import QUEUE, SEND_REFUND, producer_broker
+    from workers.scheduler import sweep_once
+
+    await make_merchant("m1")
+    await paid(db)
+    waiting = (await enqueue_refund(db, **request(external_ref="BEHIND"))).refund
+    await db.execute("UPDATE refunds SET created_at = now() - interval '1 minute', delivered_at = NULL"
+                     " WHERE refund_id = $1", waiting.refund_id)
+    queue.flushdb()
+    head = dramatiq.Message(queue_name=QUEUE, actor_name=SEND_REFUND, args=("00000000-0000-0000-0000-000000000000",),
+                            kwargs={}, options={}, message_timestamp=int((time.time() - 120) * 1000))
+    producer_broker().enqueue(head)  # queued two minutes ago and still not taken: a backlog
+    pool = await dbmod.create_pool(database_url, max_size=2)
+    try:
+        assert await sweep_once(pool, grace_seconds=30) == 0
+        queue.flushdb()  # the queue drained (or Redis lost it): now the refund is stranded
+        assert await sweep_once(pool, grace_seconds=30) == 1
+        assert queued_ids(queue) == [str(waiting.refund_id)]
+    finally:
+        await pool.close()
+
 async def test_retention_purges_old_dedup_rows_and_keeps_audit_for_its_window(db, database_url, make_merchant, queue):
     from workers.scheduler import purge_expired
 

@@ -16,11 +16,13 @@ The scheduler's gauges are served from its own process (``serve_scheduler_metric
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import multiprocessing
 import os
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 from refunds.errors import ConfigError
@@ -207,10 +209,26 @@ def read_queue_depth(client, queue: str) -> dict[tuple[str, str], int]:
     ready: waiting for a worker; delayed: scheduled for later (retries, rate-limit waits);
     dead_letter: given up by dramatiq (the outbox sweep still owns the refund).
     """
-    namespace = "dramatiq"
     pipe = client.pipeline(transaction=False)
-    pipe.llen(f"{namespace}:{queue}")
-    pipe.hlen(f"{namespace}:{queue}.DQ.msgs")
-    pipe.zcard(f"{namespace}:{queue}.XQ")
+    pipe.llen(_queue_key(queue))
+    pipe.hlen(_queue_key(queue, ".DQ.msgs"))
+    pipe.zcard(_queue_key(queue, ".XQ"))
     ready, delayed, dead = pipe.execute()
     return {(queue, "ready"): ready, (queue, "delayed"): delayed, (queue, "dead_letter"): dead}
+
+
+def oldest_ready_message_at(client, queue: str) -> datetime | None:
+    """When the message at the head of the ready queue was made (blocking); None if empty.
+
+    dramatiq's ready queue is a FIFO list, so every message behind the head is younger.
+    """
+    head = client.lindex(_queue_key(queue), 0)
+    data = None if head is None else client.hget(_queue_key(queue, ".msgs"), head)
+    if data is None:  # empty, or taken by a worker meanwhile
+        return None
+    return datetime.fromtimestamp(json.loads(data)["message_timestamp"] / 1000, timezone.utc)  # dramatiq's JSON encoding
+
+
+def _queue_key(queue: str, suffix: str = "") -> str:
+    """dramatiq's Redis key for a queue (its default namespace) or one of its companions."""
+    return f"dramatiq:{queue}{suffix}"

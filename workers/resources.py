@@ -1,5 +1,5 @@
 """What a worker process owns: the asyncpg pool, the aiohttp session, the gateway client,
-the vault and the rate limiter. Opened on the worker's event loop at boot and closed at
+the vault (and the credentials it opened) and the rate limiter. Opened on the worker's event loop at boot and closed at
 shutdown, never at import time (dramatiq imports actor modules in every process).
 """
 
@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import aiohttp
 import asyncpg
@@ -15,8 +17,9 @@ import dramatiq
 import redis.asyncio as aioredis
 from dramatiq.asyncio import get_event_loop_thread
 
-from pagoefectivo.client import PagoEfectivoClient
+from pagoefectivo.client import Credentials, PagoEfectivoClient
 from refunds import db
+from refunds.merchants import Merchant
 from refunds.settings import Settings, get_settings
 from refunds.vault import Vault, vault_from_settings
 
@@ -34,6 +37,12 @@ class Resources:
     vault: Vault
     redis: aioredis.Redis
     limiter: RateLimiter
+    # merchant row -> its opened credentials (vault opened, RSA key parsed once). Keyed by the
+    # whole row, sealed secrets included, so a rotation or any other change is a new entry.
+    credentials: Callable[[Merchant], Credentials] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.credentials = functools.lru_cache(maxsize=1024)(lambda merchant: merchant.credentials(self.vault))
 
     @classmethod
     async def open(cls, settings: Settings | None = None, *, pool_size: int = 10) -> "Resources":

@@ -30,20 +30,31 @@ SWEEP_BATCH = 500
 
 
 async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_SECONDS) -> int:
-    """Re-deliver stranded refunds; returns how many were handed to Redis."""
+    """Re-deliver stranded refunds; returns how many were handed to Redis.
+
+    A refund handed over after the oldest message still waiting in the ready queue may be
+    waiting behind it, not lost: under a backlog, re-delivering it would only add messages
+    (each costing a lookup, a rate-limit check and a failed claim). So the grace counts from
+    that oldest message's time when it is older than now.
+    """
+    try:
+        head = await asyncio.to_thread(worker_metrics.oldest_ready_message_at, producer_broker().client, QUEUE)
+    except Exception as exc:  # Redis away: deliveries would fail anyway; the grace counts from now
+        head = None
+        log.debug("ready queue head unavailable: %s", type(exc).__name__)
     async with pool.acquire() as conn:
         rows = await conn.fetch(
             """UPDATE refunds SET delivered_at = now()
                WHERE refund_id IN (
                    SELECT refund_id FROM refunds
-                   WHERE COALESCE(delivered_at, created_at) < now() - make_interval(secs => $1)
+                   WHERE COALESCE(delivered_at, created_at) < LEAST(now(), $3) - make_interval(secs => $1)
                      AND (state = 'queued'
                           OR (state = 'submitted' AND (claimed_until IS NULL OR claimed_until < now()))
                           OR (state = 'pending' AND next_check_at < now()))
                    ORDER BY created_at LIMIT $2
                    FOR UPDATE SKIP LOCKED)
                RETURNING refund_id""",
-            grace_seconds, SWEEP_BATCH,
+            grace_seconds, SWEEP_BATCH, head,
         )
     delivered = 0
     for row in rows:

@@ -23,8 +23,8 @@ from pagoefectivo.errors import (
 )
 from producers.delivery import QUEUE, SEND_REFUND
 from refunds import logs, metrics
-from refunds.merchants import Merchant, find_merchant
-from refunds.records import Refund, find_refund
+from refunds.merchants import Merchant
+from refunds.records import Refund, find_refund, from_row
 from refunds.states import claim_for_submission, release_claim, transition
 
 from .resources import Resources
@@ -60,25 +60,29 @@ def in_attempt_retries() -> AsyncRetrying:
 async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = None) -> None:
     """Handle one send_refund message. ``slot_ms``: a rate-limit slot this message already booked."""
     async with res.pool.acquire() as conn:
-        refund = await find_refund(conn, refund_id)
-        if refund is None:
-            log.warning("refund %s: no such refund, message dropped", refund_id)
-            return
-        merchant = await find_merchant(conn, refund.merchant_id)
+        row = await conn.fetchrow(_REFUND_AND_MERCHANT, refund_id)
+    if row is None:
+        log.warning("refund %s: no such refund, message dropped", refund_id)
+        return
+    refund, merchant = from_row(row["r"]), Merchant.from_row(row["m"])
+    creds = res.credentials(merchant)
     with logs.context(refund_id=str(refund.refund_id), merchant=refund.merchant_id, external_ref=refund.external_ref):
         try:
             if refund.state == "pending":
                 if refund.next_check_at is None or refund.next_check_at <= datetime.now(timezone.utc):
-                    await check_status(res, refund, merchant)
+                    await check_status(res, refund, creds)
             elif refund.state in ("queued", "submitted"):
-                await _submit(res, refund, merchant, slot_ms)
+                await _submit(res, refund, merchant, creds, slot_ms)
             # any other state is settled: a duplicate or late message has nothing to do
         except RetryLater as exc:
             await _retry_later(res, refund, str(exc))
 
 
-async def _submit(res: Resources, refund: Refund, merchant: Merchant, slot_ms: int | None) -> None:
-    creds = merchant.credentials(res.vault)
+# one round trip for both rows (composite values: asyncpg decodes them to records)
+_REFUND_AND_MERCHANT = "SELECT r, m FROM refunds r JOIN merchants m USING (merchant_id) WHERE r.refund_id = $1"
+
+
+async def _submit(res: Resources, refund: Refund, merchant: Merchant, creds: Credentials, slot_ms: int | None) -> None:
     decision = await res.limiter.acquire(merchant.merchant_id, merchant.rate_limit, slot_ms=slot_ms)
     if decision.wait_ms:
         await _defer(res, refund, decision.wait_ms, rate_limited=True, slot_ms=decision.slot_ms)
@@ -161,9 +165,9 @@ async def record_answer(res: Resources, refund: Refund, answer: RefundAnswer) ->
     await _settle(res, refund, to_state, code=answer.code, message=answer.message, provider_refund_id=answer.refund_id)
 
 
-async def check_status(res: Resources, refund: Refund, merchant: Merchant) -> None:
+async def check_status(res: Resources, refund: Refund, creds: Credentials) -> None:
     """Poll a pending refund that no notification settled; after the schedule, manual review."""
-    answer = await _status_with_retries(res, merchant.credentials(res.vault), refund.external_ref)
+    answer = await _status_with_retries(res, creds, refund.external_ref)
     if answer is not None and answer.status in ("success", "failure"):
         await record_answer(res, refund, answer)
         return
