@@ -45,10 +45,7 @@ HIGH_LIMIT = 100_000  # per second: never reached
 def run(args) -> dict:
     merchants = [f"e2e-{i:02d}" for i in range(args.merchants)]
     warmup = max(100, min(1000, args.refunds // 10))
-    figures: dict = {"machine": h.machine(), "args": vars(args), "load_before": h.load_average()}
-    with h.environment("e2e", args.keep_logs) as env:
-        figures["services"] = env.services_text
-        asyncio.run(h.seed_merchants(env, {m: HIGH_LIMIT for m in merchants}))
+    with h.seeded_environment("e2e", args, {m: HIGH_LIMIT for m in merchants}) as (env, figures):
         warm_requests = h.spread(merchants, warmup, "W")
         requests = h.spread(merchants, args.refunds, "M")
         h.log(f"seeding {args.refunds + warmup} refunds' payments")
@@ -57,8 +54,7 @@ def run(args) -> dict:
 
         baselines = [run_baseline(env, args, "before")]
         sandbox = ("--sync-status-mix", args.status_mix)
-        with h.System(env, processes=args.processes, threads=args.threads, intake=True, sandbox_args=sandbox,
-                      worker_command=h.worker_command(args)) as system:
+        with h.system_for(env, args, sandbox, intake=True) as system:
             h.log(f"warm-up: {warmup} refunds through the whole system")
             load = h.HttpLoad(f"{system.intake_url}/v1/refunds", token, warm_requests, args.connections, env.work)
             load.go()
@@ -117,7 +113,7 @@ def run(args) -> dict:
         "postgres_per_refund": {k: (pg_after[k] - pg_before[k]) / max(1, len(times)) for k in pg_after},
         "other_cores": meter.other_cores,
         "final_p50_s": h.percentile(latency, 50), "final_p99_s": h.percentile(latency, 99),
-        "final_max_s": max(latency), "states": counts, "load_after": h.load_average(),
+        "final_max_s": max(latency), "states": counts,
     })
     return figures
 
@@ -132,8 +128,7 @@ def run_baseline(env, args, when: str) -> dict:
 
 def report(f: dict) -> None:
     a = f["args"]
-    print()
-    print(f"machine: {f['machine']}; {f['services']}; load average before {f['load_before']}, after {f['load_after']}")
+    h.print_report_header(f)
     print(f"workers: {a['processes']} processes x {a['threads']} threads ({a['worker_module']}); {a['merchants']} merchants; "
           f"sandbox sync status mix {a['status_mix']}; intake load {a['connections']} connections")
     print(f"intake alone: {f['intake']['accepted_per_s']:.0f} accepted/s while the system ran "
@@ -179,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.refunds = min(args.refunds, 1000)
     args.baseline = args.baseline or max(2000, args.refunds)
-    figures = run(args)
-    h.write_json(args.json, figures)
-    report(figures)
-    return 0
+    return h.run_and_report(args, run, report)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -231,8 +232,8 @@ def environment(tag: str, keep_logs: str | None = None):
         if keep_logs:
             work = Path(keep_logs)
             work.mkdir(parents=True, exist_ok=True)
-        asyncio.run(_create_database(services.database_url, name))
-        stack.callback(lambda: asyncio.run(_drop_database(services.database_url, name)))
+        asyncio.run(create_database(services.database_url, name))
+        stack.callback(lambda: asyncio.run(drop_database(services.database_url, name)))
         redis_url = with_path(services.redis_url, f"/{BENCH_REDIS_DB}")
         flush_redis(redis_url)
         stack.callback(flush_redis, redis_url)
@@ -245,27 +246,27 @@ def environment(tag: str, keep_logs: str | None = None):
         yield env
 
 
-async def _create_database(admin_url: str, name: str) -> None:
+async def _on_server(admin_url: str, sql: str) -> None:
+    """Run ``sql`` on the server's own database: the scratch database does not exist yet, or is being dropped."""
     import asyncpg
-
-    from refunds import db as dbmod
 
     conn = await asyncpg.connect(admin_url)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(sql)
     finally:
         await conn.close()
+
+
+async def create_database(admin_url: str, name: str) -> None:
+    """A scratch database ``name`` on the server of ``admin_url``, with the schema migrated."""
+    from refunds import db as dbmod
+
+    await _on_server(admin_url, f'CREATE DATABASE "{name}"')
     await dbmod.migrate(with_path(admin_url, "/" + name))
 
 
-async def _drop_database(admin_url: str, name: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+async def drop_database(admin_url: str, name: str) -> None:
+    await _on_server(admin_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def flush_redis(redis_url: str) -> None:
@@ -308,6 +309,20 @@ async def seed_merchants(env: Environment, limits: dict[str, float | Decimal]) -
             env.merchants[merchant_id] = Decimal(str(limit))
     finally:
         await conn.close()
+
+
+@contextlib.contextmanager
+def seeded_environment(tag: str, args, merchant_limits: dict[str, float | Decimal],
+                       **more_figures) -> Iterator[tuple[Environment, dict]]:
+    """How every end-to-end benchmark run starts: its figures opened with the machine, the
+    arguments and the load average, then an ``environment`` with these merchants seeded.
+    Yields (env, figures); the load average after the run is added on the way out."""
+    figures = {"machine": machine(), "args": vars(args), "load_before": load_average(), **more_figures}
+    with environment(tag, args.keep_logs) as env:
+        figures["services"] = env.services_text
+        asyncio.run(seed_merchants(env, merchant_limits))
+        yield env, figures
+    figures["load_after"] = load_average()
 
 
 def refund_requests(merchant_id: str, count: int, prefix: str) -> list[dict]:
@@ -512,6 +527,15 @@ class System:
             return json.loads(response.read())
 
 
+def system_for(env: Environment, args, sandbox_args: tuple[str, ...], *, processes: int | None = None,
+               threads: int | None = None, intake: bool = False) -> System:
+    """The services as a benchmark's common options ask (``add_common_options``): workers of
+    --worker-module, --processes x --threads unless this run sizes them itself."""
+    return System(env, processes=args.processes if processes is None else processes,
+                  threads=args.threads if threads is None else threads, intake=intake,
+                  sandbox_args=sandbox_args, worker_command=worker_command(args))
+
+
 class CpuMeter:
     """CPU of each process kind, of this driver process and of the rest of the machine over a span."""
 
@@ -681,8 +705,10 @@ async def _succeeded_since(started_at: float) -> set[tuple[str, str]]:
 
 # --- HTTP load process --------------------------------------------------------------------------
 
-class _KeepAlive(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time (as wrk does)."""
+class KeepAliveConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, one request at a time (as wrk does): a minimal client,
+    so a load process spends its share of the cores sending requests, not in a library.
+    ``bench/intake_bench.py``'s load process uses it too."""
 
     def __init__(self) -> None:
         self.buffer = bytearray()
@@ -727,7 +753,7 @@ async def _load(spec: dict) -> dict:
             "Content-Type: application/json\r\n").encode()
     bodies = [line.encode() for line in Path(spec["bodies"]).read_text().splitlines()]
     requests = [head + b"Content-Length: %d\r\n\r\n" % len(body) + body for body in bodies]
-    clients = [(await loop.create_connection(_KeepAlive, parts.hostname, parts.port))[1]
+    clients = [(await loop.create_connection(KeepAliveConnection, parts.hostname, parts.port))[1]
                for _ in range(spec["connections"])]
     print("ready", flush=True)
     await loop.run_in_executor(None, sys.stdin.readline)  # "go"
@@ -735,7 +761,7 @@ async def _load(spec: dict) -> dict:
     latencies: list[float] = []
     next_index = 0
 
-    async def worker(client: _KeepAlive) -> None:
+    async def worker(client: KeepAliveConnection) -> None:
         nonlocal next_index
         while next_index < len(requests):
             request = requests[next_index]
@@ -961,6 +987,21 @@ def worker_command(args) -> tuple[str, ...]:
 def write_json(path: str | None, figures: dict) -> None:
     if path:
         Path(path).write_text(json.dumps(figures, indent=2, default=str))
+
+
+def print_report_header(figures: dict) -> None:
+    """The first line of every report: where it ran and how busy the machine was around the run."""
+    print()
+    print(f"machine: {figures['machine']}; {figures['services']}; load average before {figures['load_before']}, "
+          f"after {figures['load_after']}")
+
+
+def run_and_report(args, run: Callable[..., dict], report: Callable[[dict], None]) -> int:
+    """A benchmark's ``main`` once its options are parsed: run it, write --json if asked, print the report."""
+    figures = run(args)
+    write_json(args.json, figures)
+    report(figures)
+    return 0
 
 
 def mb(n: int) -> str:

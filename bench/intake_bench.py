@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import secrets
 import socket
 import subprocess
@@ -41,10 +40,13 @@ import time
 from datetime import datetime, timezone
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.harness import (KeepAliveConnection, create_database, drop_database, machine, machine_busy_seconds,
+                           with_path)
 
 BENCH_REDIS_DB = 15
 NOOP_QUEUE = "bench_noop"
@@ -53,46 +55,6 @@ REFUNDS_PER_PAYMENT = 4  # 4 x 10.00 on payments of 100.00: a realistic share of
 
 
 # --- the load process ------------------------------------------------------------------------
-
-class _KeepAlive(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time: a minimal client (as wrk is),
-    so the load process spends its share of the two cores sending requests, not in a library."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.waiter: asyncio.Future | None = None
-        self.transport: asyncio.Transport | None = None
-
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(self.buffer[:end]).lower()
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name == b"content-length":
-                length = int(value)
-        if len(self.buffer) < end + 4 + length:
-            return
-        del self.buffer[:end + 4 + length]
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(int(head[9:12]))
-
-    def connection_lost(self, exc) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError("the intake closed the connection"))
-
-    async def send(self, request: bytes) -> int:
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(request)
-        return await self.waiter
-
 
 async def _load(url: str, token: str, bodies: list[bytes], connections: int, warmup: int) -> dict:
     parts = urlsplit(url)
@@ -103,11 +65,10 @@ async def _load(url: str, token: str, bodies: list[bytes], connections: int, war
     statuses: dict[int, int] = {}
     latencies: list[float] = []
     next_index = 0
-    clients = [
-        (await loop.create_connection(_KeepAlive, parts.hostname, parts.port))[1] for _ in range(connections)
-    ]
+    clients = [(await loop.create_connection(KeepAliveConnection, parts.hostname, parts.port))[1]
+               for _ in range(connections)]
 
-    async def worker(client: _KeepAlive, timed: bool, end: int) -> None:
+    async def worker(client: KeepAliveConnection, timed: bool, end: int) -> None:
         nonlocal next_index
         while next_index < end:
             request = requests[next_index]
@@ -148,22 +109,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _with_path(url: str, path: str) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=path))
-
-
-def _machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores ({model}), Python {platform.python_version()}, {platform.system()} {platform.release()}"
-
-
 def _cpu_seconds(pids: list[int]) -> float:
     """user + system CPU time of these processes so far (0 for one that is gone)."""
     total = 0
@@ -174,17 +119,6 @@ def _cpu_seconds(pids: list[int]) -> float:
             continue
         total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
-
-
-def _machine_busy_seconds() -> float:
-    """CPU seconds all processes of the machine have used so far in user and system mode
-    (/proc/stat; interrupt work, much of it our own loopback traffic, is left out), to tell
-    how much of a measurement's CPU went to other jobs sharing the machine."""
-    try:
-        user, nice, system = (int(v) for v in Path("/proc/stat").read_text().split()[1:4])
-    except (OSError, ValueError):
-        return 0.0
-    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
 
 
 def _service_pids(database_url: str, redis_url: str) -> dict[str, list[int]]:
@@ -244,7 +178,6 @@ def _flush_refund_queue(redis_url: str) -> None:
 
 async def _prepare(admin_url: str, name: str, merchant: str, payments: int) -> tuple[str, str]:
     """A scratch database with one merchant, its payments and a token; returns (url, token)."""
-    import asyncpg
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -255,13 +188,8 @@ async def _prepare(admin_url: str, name: str, merchant: str, payments: int) -> t
     from refunds.tokens import create_token
     from refunds.vault import Vault
 
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    url = _with_path(admin_url, "/" + name)
-    await dbmod.migrate(url)
+    await create_database(admin_url, name)
+    url = with_path(admin_url, "/" + name)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     conn = await dbmod.connect(url)
@@ -280,16 +208,6 @@ async def _prepare(admin_url: str, name: str, merchant: str, payments: int) -> t
     finally:
         await conn.close()
     return url, token
-
-
-async def _drop(admin_url: str, name: str) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 def _bodies(merchant: str, prefix: str, start: int, count: int) -> list[str]:
@@ -334,9 +252,9 @@ def bench_http(database_url: str, redis_url: str, token: str, bodies: list[str],
         # after the warm-up: the intake's pool has opened its Postgres connections by now
         watched = {"intake": [intake], **_service_pids(database_url, redis_url)}
         before = {name: _cpu_seconds(pids) for name, pids in watched.items()}
-        busy = _machine_busy_seconds()
+        busy = machine_busy_seconds()
         result = json.loads(load.stdout.readline())
-        busy = _machine_busy_seconds() - busy
+        busy = machine_busy_seconds() - busy
         after = {name: _cpu_seconds(pids) for name, pids in watched.items()}
         load.wait(30)
         result["cpu_s"] = {name: after[name] - before[name] for name in watched}
@@ -419,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     per_round = args.refunds + warmup
     rounds: list[dict] = []
     with provide_services() as services, tempfile.TemporaryDirectory(prefix="intake-bench-") as tmp:
-        redis_url = _with_path(services.redis_url, f"/{BENCH_REDIS_DB}")
+        redis_url = with_path(services.redis_url, f"/{BENCH_REDIS_DB}")
         os.environ["REDIS_URL"] = redis_url
         get_settings.cache_clear()
         payments = (2 * args.rounds * per_round) // REFUNDS_PER_PAYMENT + 1
@@ -445,10 +363,10 @@ def main(argv: list[str] | None = None) -> int:
                 _report_round(index, figures)
         finally:
             _flush_refund_queue(redis_url)
-            asyncio.run(_drop(services.database_url, name))
+            asyncio.run(drop_database(services.database_url, name))
     summary = _summary(rounds)
     print()
-    print(f"machine: {_machine()}")
+    print(f"machine: {machine()}")
     print(f"services: {'embedded Postgres + Redis' if services.embedded else 'DATABASE_URL / REDIS_URL'}")
     print(f"{args.rounds} rounds of {args.refunds} refunds (+{warmup} warm-up), {args.connections} connections/tasks;"
           " medians:")
@@ -461,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  other jobs on the machine used {summary['http']['other_cores']:.2f} of its "
               f"{os.cpu_count()} cores during the HTTP measurements")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": _machine(), "args": vars(args), "rounds": rounds,
+        Path(args.json).write_text(json.dumps({"machine": machine(), "args": vars(args), "rounds": rounds,
                                                "summary": summary}, indent=2, default=str))
     return 0
 

@@ -48,8 +48,7 @@ def measure(env, merchants: list[str], processes: int, threads: int, count: int,
     asyncio.run(h.seed_payments(env, requests))
     sandbox = ("--latency-ms", str(args.latency_ms), "--jitter-ms", str(args.jitter_ms),
                "--sync-status-mix", args.status_mix)
-    with h.System(env, processes=processes, threads=threads, sandbox_args=sandbox,
-                  worker_command=h.worker_command(args)) as system:
+    with h.system_for(env, args, sandbox, processes=processes, threads=threads) as system:
         warm = h.spread(merchants, min(200, count // 10 + 1), tag + "w")
         asyncio.run(h.seed_payments(env, warm))
         asyncio.run(h.enqueue_direct(warm))
@@ -89,24 +88,19 @@ def measure(env, merchants: list[str], processes: int, threads: int, count: int,
 def run(args) -> dict:
     configs = parse_configs(args.configs)
     merchants = [f"lat-{i:02d}" for i in range(10)]
-    figures: dict = {"machine": h.machine(), "args": vars(args), "load_before": h.load_average(), "runs": []}
-    with h.environment("latency", args.keep_logs) as env:
-        figures["services"] = env.services_text
-        asyncio.run(h.seed_merchants(env, {m: HIGH_LIMIT for m in merchants}))
+    with h.seeded_environment("latency", args, {m: HIGH_LIMIT for m in merchants}, runs=[]) as (env, figures):
         for index, (processes, threads) in enumerate(configs):
             count = args.refunds
             result = measure(env, merchants, processes, threads, count, f"L{index}", args)
             figures["runs"].append(result)
             h.log(f"  {result['steady_per_s']:.0f}/s of a {result['bound_per_s']:.0f}/s bound "
                   f"({result['ratio']:.2f}), {result['cores_used']:.2f} cores")
-    figures["load_after"] = h.load_average()
     return figures
 
 
 def report(f: dict) -> None:
     a = f["args"]
-    print()
-    print(f"machine: {f['machine']}; {f['services']}; load average before {f['load_before']}, after {f['load_after']}")
+    h.print_report_header(f)
     print(f"gateway latency {a['latency_ms']} + U(0, {a['jitter_ms']}) ms (mean {a['mean_latency_ms']} ms); "
           f"sync status mix {a['status_mix']}; {a['refunds']} refunds per configuration")
     for r in f["runs"]:
@@ -141,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.configs, args.refunds = "2x8", min(args.refunds, 300)
     args.mean_latency_ms = args.latency_ms + args.jitter_ms / 2
-    figures = run(args)
-    h.write_json(args.json, figures)
-    report(figures)
-    return 0
+    return h.run_and_report(args, run, report)
 
 
 if __name__ == "__main__":

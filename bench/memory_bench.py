@@ -33,17 +33,13 @@ JUDGED = ("worker", "receiver")
 
 def run(args) -> dict:
     merchants = [f"mem-{i:02d}" for i in range(10)]
-    figures: dict = {"machine": h.machine(), "args": vars(args), "load_before": h.load_average(), "checkpoints": [],
-                     "series": []}
-    with h.environment("memory", args.keep_logs) as env:
-        figures["services"] = env.services_text
-        asyncio.run(h.seed_merchants(env, {m: HIGH_LIMIT for m in merchants}))
+    with h.seeded_environment("memory", args, {m: HIGH_LIMIT for m in merchants}, checkpoints=[],
+                              series=[]) as (env, figures):
         requests = h.spread(merchants, args.refunds, "MEM")
         h.log(f"seeding {args.refunds} refunds' payments")
         asyncio.run(h.seed_payments(env, requests))
         sandbox = ("--sync-status-mix", args.status_mix)
-        with h.System(env, processes=args.processes, threads=args.threads, sandbox_args=sandbox,
-                      worker_command=h.worker_command(args)) as system:
+        with h.system_for(env, args, sandbox) as system:
             figures["start"] = {"refunds": 0, "memory": system.memory()}
             done = 0
             started = time.time()
@@ -70,14 +66,12 @@ def run(args) -> dict:
                "pss": last["memory"][kind]["pss"] / max(1, first["memory"][kind]["pss"]) - 1}
         for kind in first["memory"] if kind in last["memory"] and first["memory"][kind]["rss"]
     }
-    figures["load_after"] = h.load_average()
     return figures
 
 
 def report(f: dict) -> None:
     a = f["args"]
-    print()
-    print(f"machine: {f['machine']}; {f['services']}; load average before {f['load_before']}, after {f['load_after']}")
+    h.print_report_header(f)
     print(f"workers {a['processes']}x{a['threads']}; batches of {a['batch']}; states {f['states']}; ledger {f['ledger']}")
     points = [f["start"]] + f["checkpoints"]
     kinds = [k for k in f["checkpoints"][-1]["memory"]]
@@ -117,10 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         args.first, args.refunds, args.batch, args.settle = 500, 1500, 500, 1.0
     if args.refunds < args.first:
         parser.error("--refunds must be at least --first")
-    figures = run(args)
-    h.write_json(args.json, figures)
-    report(figures)
-    return 0
+    return h.run_and_report(args, run, report)
 
 
 if __name__ == "__main__":

@@ -190,26 +190,20 @@ def fairness(env, system, args) -> dict:
 
 
 def run(args) -> dict:
-    figures: dict = {"machine": h.machine(), "args": vars(args), "load_before": h.load_average()}
     limits = {**LIMITS, SMALL: SMALL_LIMIT, LARGE: LARGE_LIMIT}
-    with h.environment("ratelimit", args.keep_logs) as env:
-        figures["services"] = env.services_text
-        asyncio.run(h.seed_merchants(env, limits))
+    with h.seeded_environment("ratelimit", args, limits) as (env, figures):
         sandbox = ("--merchant-rate-limits", limits_json(limits), "--sync-status-mix", args.status_mix)
-        with h.System(env, processes=args.processes, threads=args.threads, sandbox_args=sandbox,
-                      worker_command=h.worker_command(args)) as system:
+        with h.system_for(env, args, sandbox) as system:
             if not args.skip_utilisation:
                 figures["utilisation"] = utilisation(env, system, args)
             if not args.skip_fairness:
                 figures["fairness"] = fairness(env, system, args)
-    figures["load_after"] = h.load_average()
     return figures
 
 
 def report(f: dict) -> None:
     a = f["args"]
-    print()
-    print(f"machine: {f['machine']}; {f['services']}; load average before {f['load_before']}, after {f['load_after']}")
+    h.print_report_header(f)
     print(f"workers {a['processes']}x{a['threads']}; sandbox sync status mix {a['status_mix']}")
     if "utilisation" in f:
         u = f["utilisation"]
@@ -265,10 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.duration, args.backlog = min(args.duration, 4), min(args.backlog, 500)
         args.small, args.small_rate = min(args.small, 6), 3.0
-    figures = run(args)
-    h.write_json(args.json, figures)
-    report(figures)
-    return 0
+    return h.run_and_report(args, run, report)
 
 
 if __name__ == "__main__":

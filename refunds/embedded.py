@@ -93,14 +93,12 @@ def provide_services() -> Iterator[Services]:
 def embedded_postgres(*, bin_dir: str | os.PathLike | None = None) -> Iterator[str]:
     """A private Postgres with a `refunds` database; yields its DSN and removes everything at exit."""
     with _sigterm_raises_system_exit():
-        started, owner = time.monotonic(), os.getpid()
+        started = time.monotonic()
         bin_path = Path(bin_dir) if bin_dir else _postgres_bin_dir()
         account = _server_account()
         root = Path(tempfile.mkdtemp(prefix="refunds-pg-", dir=_temp_base(account))).resolve()
-        watchdog: subprocess.Popen | None = None
-        postmaster: subprocess.Popen | None = None
-        try:
-            watchdog = _start_watchdog([root])
+
+        def start() -> tuple[subprocess.Popen, int]:
             creds = _credentials(account)
             if account is not None:
                 os.chown(root, account.pw_uid, account.pw_gid)
@@ -109,18 +107,11 @@ def embedded_postgres(*, bin_dir: str | os.PathLike | None = None) -> Iterator[s
             if account is not None:
                 os.chown(root / "run", account.pw_uid, account.pw_gid)
             _initdb(bin_path, root, creds)
-            postmaster, port = _start_postgres(bin_path, root, creds)
-            log.info("embedded Postgres on 127.0.0.1:%d (%s) ready in %.2fs",
-                     port, root, time.monotonic() - started)
+            return _start_postgres(bin_path, root, creds)
+
+        with _private_server("Postgres", root, start, stop_signal=signal.SIGINT,  # SIGINT = fast shutdown
+                             started=started) as port:
             yield f"postgresql://{DB_USER}@127.0.0.1:{port}/{DB_NAME}"
-        finally:
-            if os.getpid() == owner:  # a forked child unwinding our stack must not stop our servers
-                stopping = time.monotonic()
-                if postmaster is not None:
-                    _stop_process(postmaster, signal.SIGINT)  # SIGINT = fast shutdown
-                clean_up_folders([root])
-                _stop_watchdog(watchdog)
-                log.info("embedded Postgres stopped in %.2fs", time.monotonic() - stopping)
 
 
 def _postgres_bin_dir() -> Path:
@@ -179,29 +170,15 @@ def _initdb(bin_dir: Path, root: Path, creds: dict) -> None:
 
 def _start_postgres(bin_dir: Path, root: Path, creds: dict) -> tuple[subprocess.Popen, int]:
     """Start the postmaster on a free port (another one if it was taken meanwhile); create the database."""
-    data, log_path = root / "data", root / "postgres.log"
+    data = root / "data"
     settings = [arg for key, value in POSTGRES_SETTINGS.items() for arg in ("-c", f"{key}={value}")]
-    for attempt in range(1, PORT_ATTEMPTS + 1):
-        port = _free_port()
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
-                 "-k", str(root / "run"), *settings],
-                cwd=root, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent(), **creds,
-            )
-        try:
-            if _wait_postgres(proc, data, port, log_path):
-                return proc, port
-        except BaseException:
-            _stop_process(proc, signal.SIGINT)
-            raise
-        tail = _tail(log_path)
-        if attempt < PORT_ATTEMPTS and any(marker in tail for marker in PORT_IN_USE):
-            log.info("port %d was taken; retrying Postgres on another one", port)
-            continue
-        raise RuntimeError(f"Postgres exited with code {proc.returncode}:\n{tail}")
-    raise AssertionError("unreachable")
+    return _start_on_free_port(
+        "Postgres",
+        lambda port: [str(bin_dir / "postgres"), "-D", str(data), "-p", str(port), "-h", "127.0.0.1",
+                      "-k", str(root / "run"), *settings],
+        lambda proc, port, log_path: _wait_postgres(proc, data, port, log_path),
+        root=root, log_path=root / "postgres.log", stop_signal=signal.SIGINT, creds=creds,
+    )
 
 
 def _wait_postgres(proc: subprocess.Popen, data: Path, port: int, log_path: Path) -> bool:
@@ -263,25 +240,12 @@ async def _prepare_database(port: int, data: Path) -> None:
 def embedded_redis() -> Iterator[str]:
     """A private Redis without persistence; yields its URL and removes everything at exit."""
     with _sigterm_raises_system_exit():
-        started, owner = time.monotonic(), os.getpid()
+        started = time.monotonic()
         binary = _redis_binary()
         root = Path(tempfile.mkdtemp(prefix="refunds-redis-", dir=_temp_base(None))).resolve()
-        watchdog: subprocess.Popen | None = None
-        server: subprocess.Popen | None = None
-        try:
-            watchdog = _start_watchdog([root])
-            server, port = _start_redis(binary, root)
-            log.info("embedded Redis on 127.0.0.1:%d (%s) ready in %.2fs",
-                     port, root, time.monotonic() - started)
+        with _private_server("Redis", root, lambda: _start_redis(binary, root), stop_signal=signal.SIGTERM,
+                             started=started) as port:
             yield f"redis://127.0.0.1:{port}/0"
-        finally:
-            if os.getpid() == owner:  # a forked child unwinding our stack must not stop our server
-                stopping = time.monotonic()
-                if server is not None:
-                    _stop_process(server, signal.SIGTERM)
-                clean_up_folders([root])
-                _stop_watchdog(watchdog)
-                log.info("embedded Redis stopped in %.2fs", time.monotonic() - stopping)
 
 
 def _redis_binary() -> Path:
@@ -297,28 +261,14 @@ def _redis_binary() -> Path:
 
 
 def _start_redis(binary: Path, root: Path) -> tuple[subprocess.Popen, int]:
-    log_path = root / "redis.log"
-    for attempt in range(1, PORT_ATTEMPTS + 1):
-        port = _free_port()
-        with open(log_path, "ab") as out:
-            proc = subprocess.Popen(
-                [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                 "--dir", str(root), "--daemonize", "no"],
-                cwd=root, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent(),
-            )
-        try:
-            if _wait_redis(proc, port, log_path):
-                return proc, port
-        except BaseException:
-            _stop_process(proc, signal.SIGTERM)
-            raise
-        tail = _tail(log_path)
-        if attempt < PORT_ATTEMPTS and any(marker in tail for marker in PORT_IN_USE):
-            log.info("port %d was taken; retrying Redis on another one", port)
-            continue
-        raise RuntimeError(f"Redis exited with code {proc.returncode}:\n{tail}")
-    raise AssertionError("unreachable")
+    """Start redis-server on a free port (another one if it was taken meanwhile), without persistence."""
+    return _start_on_free_port(
+        "Redis",
+        lambda port: [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                      "--dir", str(root), "--daemonize", "no"],
+        _wait_redis,
+        root=root, log_path=root / "redis.log", stop_signal=signal.SIGTERM,
+    )
 
 
 def _wait_redis(proc: subprocess.Popen, port: int, log_path: Path) -> bool:
@@ -366,6 +316,62 @@ def _redis_pid(port: int) -> int | None:
 
 
 # --------------------------------------------------------------------------- processes and folders
+
+
+@contextlib.contextmanager
+def _private_server(name: str, root: Path, start: Callable[[], tuple[subprocess.Popen, int]], *,
+                    stop_signal: int, started: float) -> Iterator[int]:
+    """The life of one embedded server living in ``root``: a watchdog over ``root`` first (so that
+    even a crash of ours while starting leaves nothing behind), then ``start()``; yields the port.
+    At exit it stops the server with ``stop_signal`` and removes ``root``."""
+    owner = os.getpid()
+    watchdog: subprocess.Popen | None = None
+    server: subprocess.Popen | None = None
+    try:
+        watchdog = _start_watchdog([root])
+        server, port = start()
+        log.info("embedded %s on 127.0.0.1:%d (%s) ready in %.2fs", name, port, root, time.monotonic() - started)
+        yield port
+    finally:
+        if os.getpid() == owner:  # a forked child unwinding our stack must not stop our server
+            stopping = time.monotonic()
+            if server is not None:
+                _stop_process(server, stop_signal)
+            clean_up_folders([root])
+            _stop_watchdog(watchdog)
+            log.info("embedded %s stopped in %.2fs", name, time.monotonic() - stopping)
+
+
+def _start_on_free_port(
+    name: str,
+    command: Callable[[int], list[str]],
+    wait_ready: Callable[[subprocess.Popen, int, Path], bool],
+    *, root: Path, log_path: Path, stop_signal: int, creds: dict | None = None,
+) -> tuple[subprocess.Popen, int]:
+    """Run ``command(port)`` on a free port until ``wait_ready`` says it serves; returns (process, port).
+
+    Another process may take the port between our probe and the server's bind: then the server
+    exits saying so, and we try another port (up to PORT_ATTEMPTS). Any other exit is an error.
+    """
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = _free_port()
+        with open(log_path, "ab") as out:
+            proc = subprocess.Popen(
+                command(port), cwd=root, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent(), **(creds or {}),
+            )
+        try:
+            if wait_ready(proc, port, log_path):
+                return proc, port
+        except BaseException:
+            _stop_process(proc, stop_signal)
+            raise
+        tail = _tail(log_path)
+        if attempt < PORT_ATTEMPTS and any(marker in tail for marker in PORT_IN_USE):
+            log.info("port %d was taken; retrying %s on another one", port, name)
+            continue
+        raise RuntimeError(f"{name} exited with code {proc.returncode}:\n{tail}")
+    raise AssertionError("unreachable")
 
 
 def _free_port() -> int:

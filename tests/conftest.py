@@ -13,6 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import pytest_asyncio
+import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -42,23 +43,20 @@ def pytest_configure(config):
     os.environ.setdefault("REFUNDS_MASTER_KEY", generate_master_key())
     name = f"refunds_test_{secrets.token_hex(4)}"
 
-    async def create():
+    async def on_server(sql: str) -> None:
+        """Run ``sql`` on the server's own database: the test database does not exist yet, or is being dropped."""
         conn = await asyncpg.connect(found.database_url)
         try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
+            await conn.execute(sql)
         finally:
             await conn.close()
+
+    async def create():
+        await on_server(f'CREATE DATABASE "{name}"')
         await dbmod.migrate(_with_database(found.database_url, name))
 
-    async def drop():
-        conn = await asyncpg.connect(found.database_url)
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
-
     asyncio.run(create())
-    _session.callback(lambda: asyncio.run(drop()))
+    _session.callback(lambda: asyncio.run(on_server(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')))
     config.stash[SERVICES] = found
     config.stash[DATABASE_URL] = _with_database(found.database_url, name)
     os.environ["DATABASE_URL"] = config.stash[DATABASE_URL]
@@ -98,6 +96,44 @@ def database_url(pytestconfig):
 @pytest.fixture(scope="session")
 def redis_url(services):
     return services.redis_url
+
+
+def redis_db_url(url: str, db: int) -> str:
+    """The same Redis server, another database (so tests' deliveries never meet)."""
+    parts = urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):
+        return urlunsplit(parts._replace(path=f"/{db}"))
+    return urlunsplit(parts._replace(query=f"db={db}"))
+
+
+@pytest.fixture(scope="module")
+def module_redis_url(request, database_url, redis_url):
+    """Point REDIS_URL (and so producers.delivery) at the test module's own Redis database, its
+    ``REDIS_DB``: no other test or worker touches the messages its refunds deliver."""
+    from producers.delivery import producer_broker
+    from refunds.settings import get_settings
+
+    number = getattr(request.module, "REDIS_DB", None)
+    if number is None:
+        pytest.fail(f"{request.module.__name__} uses module_redis_url but sets no REDIS_DB", pytrace=False)
+    url = redis_db_url(redis_url, number)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("REDIS_URL", url)
+        get_settings.cache_clear()
+        producer_broker.cache_clear()
+        yield url
+    get_settings.cache_clear()
+    producer_broker.cache_clear()
+
+
+@pytest.fixture
+def queue(module_redis_url):
+    """The module's own Redis database, empty before and after each test (so a test sees only what it queued)."""
+    client = redis.Redis.from_url(module_redis_url)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
 
 
 @pytest_asyncio.fixture

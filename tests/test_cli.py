@@ -17,39 +17,13 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
-import redis
 
 from refunds.cli import main
 from refunds.payments import find_payment, record_payment
 from refunds.states import transition
 from refunds.tokens import authenticate, create_token
-from tests.test_intake import redis_db_url
 
-CLI_REDIS_DB = 13
-
-
-@pytest.fixture(scope="module")
-def cli_redis_url(database_url, redis_url):
-    from producers.delivery import producer_broker
-    from refunds.settings import get_settings
-
-    url = redis_db_url(redis_url, CLI_REDIS_DB)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("REDIS_URL", url)
-        get_settings.cache_clear()
-        producer_broker.cache_clear()
-        yield url
-    get_settings.cache_clear()
-    producer_broker.cache_clear()
-
-
-@pytest.fixture
-def queue(cli_redis_url):
-    client = redis.Redis.from_url(cli_redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+REDIS_DB = 13  # module_redis_url: a Redis database of our own
 
 
 def queued(client) -> list[str]:
@@ -202,11 +176,11 @@ async def test_show_resolves_an_external_ref(db, make_merchant, refundctl):
 
 # --- the installed script ----------------------------------------------------------------------
 
-async def test_the_refundctl_script(db, make_merchant, database_url, cli_redis_url):
+async def test_the_refundctl_script(db, make_merchant, database_url, module_redis_url):
     await make_merchant("m1")
     await create_token(db, "svc-checkout", ["m1"])
     script = Path(sys.executable).with_name("refundctl")
-    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": cli_redis_url}
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": module_redis_url}
     done = await asyncio.to_thread(subprocess.run, [str(script), "token", "list", "--json"], env=env,
                                    capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

@@ -20,7 +20,6 @@ from decimal import Decimal
 import aiohttp
 import pytest
 import pytest_asyncio
-import redis.asyncio as aioredis
 from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from prometheus_client import REGISTRY
@@ -31,27 +30,12 @@ from pagoefectivo.client import Credentials, PagoEfectivoClient, RefundOrder
 from pagoefectivo.errors import (
     ClockSkew, EnvironmentMismatch, OutcomeUnknown, PermanentError, RateLimited, TransientError,
 )
-from refunds import db as dbmod
 from refunds.payments import find_payment, record_payment
 from refunds.processes import free_port
 from refunds.records import find_refund, refund_events
-from refunds.settings import DEFAULT_BASE_URLS, get_settings
-
-TIMEOUT = 1.0  # the client's timeout in these tests; the sandbox holds lost answers longer
-
-
-def process_refund(res, refund_id):
-    from workers.sender import process_refund as process  # importing workers sets up the broker
-
-    return process(res, refund_id)
-
-
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+from refunds.settings import DEFAULT_BASE_URLS
+from tests.stack import CLIENT_TIMEOUT as TIMEOUT
+from tests.stack import chaos, process_refund, serve, start_stack
 
 
 class RequestCounter:
@@ -88,8 +72,7 @@ class Stack:
         return self.app[SANDBOX]
 
     async def chaos(self, **knobs) -> None:
-        async with self.http.post(f"{self.sandbox_url}/sandbox/chaos", json=knobs) as response:
-            assert response.status == 200, await response.text()
+        await chaos(self.http, self.sandbox_url, **knobs)
 
     async def ledger(self) -> list[dict]:
         async with self.http.get(f"{self.sandbox_url}/sandbox/ledger") as response:
@@ -98,35 +81,10 @@ class Stack:
 
 @pytest_asyncio.fixture
 async def stack(db, database_url, redis_url, vault, monkeypatch):
-    """Sandbox + receiver on real ports, and worker Resources whose client talks to the sandbox."""
-    from pagoefectivo.sandbox import create_app as sandbox_app
-    from receiver import create_app as receiver_app
-    from workers.ratelimit import RateLimiter
-    from workers.resources import Resources
-
-    receiver_runner, receiver_url = await _serve(receiver_app(database_url=database_url, vault=vault))
-    app = sandbox_app(database_url=database_url, vault=vault, notify_base_url=receiver_url)
-    sandbox_runner, sandbox_url = await _serve(app)
-    monkeypatch.setenv("REFUNDS_NOTIFY_URL", receiver_url)
-    monkeypatch.setenv("PAGOEFECTIVO_BASE_URL", sandbox_url)
-    get_settings.cache_clear()
-    settings = get_settings()
-    pool = await dbmod.create_pool(database_url, max_size=5)
+    """The shared stack (tests/stack.py), with every request of the worker's client counted."""
     sent = RequestCounter()
-    session = aiohttp.ClientSession(trace_configs=[sent.trace])
-    client = PagoEfectivoClient(session, base_url=sandbox_url, env="sandbox", timeout=TIMEOUT)
-    redis_client = aioredis.from_url(redis_url)
-    await redis_client.flushdb()
-    res = Resources(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))
-    http = aiohttp.ClientSession()
-    try:
-        yield Stack(res, sandbox_url, http, app, sent)
-    finally:
-        await http.close()
-        await res.close()
-        await sandbox_runner.cleanup()
-        await receiver_runner.cleanup()
-        get_settings.cache_clear()
+    async with start_stack(database_url, redis_url, vault, monkeypatch, trace_configs=[sent.trace]) as running:
+        yield Stack(running.res, running.sandbox_url, running.http, running.sandbox_app, sent)
 
 
 @pytest_asyncio.fixture
@@ -168,6 +126,13 @@ async def assert_failed_with(db, stack: Stack, refund_id, code: str) -> None:
     assert (refund.state, refund.provider_code) == ("failed", code), refund
     assert (await find_payment(db, "m1", "CIP-9")).refunded_amount == Decimal("0.00")  # the amount is free again
     assert [e for e in await stack.ledger() if e["externalRef"] == refund.external_ref] == []
+
+
+async def assert_worker_fails_a_refund_with(db, stack: Stack, code: str) -> None:
+    """The worker's side of a malformed request: a refund accepted now, once processed, is failed with ``code``."""
+    refund = await accepted_refund(db)
+    await process_refund(stack.res, refund.refund_id)
+    await assert_failed_with(db, stack, refund.refund_id, code)
 
 
 async def assert_retry_scheduled(db, refund_id, *, at_least_s: float = 0.0) -> None:
@@ -270,10 +235,8 @@ async def test_111_wrong_type(db, stack, merchant, monkeypatch):
         await stack.client.request_refund(creds_of(merchant), order(stack, reason=["not", "text"]))
     assert (caught.value.code, caught.value.field, caught.value.http_status) == ("111", "refundReason", 400)
     assert "refundReason" in caught.value.message
-    refund = await accepted_refund(db)
     corrupt_requests(stack, monkeypatch, lambda body: body.update(refundAmount="25.00"))
-    await process_refund(stack.res, refund.refund_id)
-    await assert_failed_with(db, stack, refund.refund_id, "111")
+    await assert_worker_fails_a_refund_with(db, stack, "111")
 
 
 async def test_112_required(db, stack, merchant, monkeypatch):
@@ -281,10 +244,8 @@ async def test_112_required(db, stack, merchant, monkeypatch):
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, notify_url=""))
     assert (caught.value.code, caught.value.field) == ("112", "notifyUrl")
-    refund = await accepted_refund(db)
     corrupt_requests(stack, monkeypatch, lambda body: body.pop("originalTransactionId"))
-    await process_refund(stack.res, refund.refund_id)
-    await assert_failed_with(db, stack, refund.refund_id, "112")
+    await assert_worker_fails_a_refund_with(db, stack, "112")
 
 
 async def test_113_invalid_value(db, stack, merchant, monkeypatch):
@@ -293,10 +254,8 @@ async def test_113_invalid_value(db, stack, merchant, monkeypatch):
         await stack.client.request_refund(creds_of(merchant), order(stack, currency="EUR"))
     assert (caught.value.code, caught.value.field) == ("113", "currency")
     assert caught.value.details == [{"code": "113", "message": "currency must be one of PEN, USD", "field": "currency"}]
-    refund = await accepted_refund(db)
     change_orders(stack, monkeypatch, currency="USD")  # not what was paid
-    await process_refund(stack.res, refund.refund_id)
-    await assert_failed_with(db, stack, refund.refund_id, "113")
+    await assert_worker_fails_a_refund_with(db, stack, "113")
 
 
 # --- 601-607 -------------------------------------------------------------------------------------
@@ -555,7 +514,7 @@ async def counting_gateway():
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", anything)
-    runner, url = await _serve(app)
+    runner, url = await serve(app)
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(resolver=LoopbackResolver()))
     try:
         yield hits, int(url.rsplit(":", 1)[1]), session
@@ -627,7 +586,7 @@ async def tiny_gateway():
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    runner, url = await _serve(app)
+    runner, url = await serve(app)
     session = aiohttp.ClientSession()
     try:
         yield queued, hits, PagoEfectivoClient(session, base_url=url, env="sandbox", timeout=TIMEOUT)

@@ -14,40 +14,13 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import redis
 
 from producers.csv_import import HEADER, CsvHeaderError, import_refunds
 from refunds import db as dbmod
 from refunds.payments import find_payment, record_payment
-from tests.test_intake import redis_db_url
 
 ROOT = Path(__file__).resolve().parent.parent
-CSV_REDIS_DB = 12
-
-
-@pytest.fixture(scope="module")
-def csv_redis_url(database_url, redis_url):
-    """Deliveries go to a Redis database of our own (no worker of another test picks them up)."""
-    from producers.delivery import producer_broker
-    from refunds.settings import get_settings
-
-    url = redis_db_url(redis_url, CSV_REDIS_DB)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("REDIS_URL", url)
-        get_settings.cache_clear()
-        producer_broker.cache_clear()
-        yield url
-    get_settings.cache_clear()
-    producer_broker.cache_clear()
-
-
-@pytest.fixture
-def queue(csv_redis_url):
-    client = redis.Redis.from_url(csv_redis_url)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+REDIS_DB = 12  # module_redis_url: a Redis database of our own (no worker of another test picks our deliveries up)
 
 
 @pytest_asyncio.fixture
@@ -192,8 +165,8 @@ def _refundctl(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
-def cli_env(database_url, csv_redis_url):
-    return {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": csv_redis_url}
+def cli_env(database_url, module_redis_url):
+    return {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": module_redis_url}
 
 
 async def test_refundctl_refund_import_reports_lines_and_exits_by_outcome(db, make_merchant, queue, tmp_path, cli_env):

@@ -13,63 +13,29 @@ import sys
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import pytest_asyncio
-import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from producers.http import MAX_BODY, REFUND_FIELDS, create_app
 from refunds.payments import find_payment, record_payment
 from refunds.tokens import TokenError, authenticate, create_token, list_tokens, revoke_token
+from tests.conftest import redis_db_url  # noqa: F401  (tests/test_openapi_fuzz.py imports it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
-INTAKE_REDIS_DB = 11  # a Redis database of our own: no other test or worker touches these messages
+REDIS_DB = 11  # module_redis_url: a Redis database of our own, no other test or worker touches these messages
 MISSING = object()
 
 
 # --- fixtures --------------------------------------------------------------------------------
-
-def redis_db_url(url: str, db: int) -> str:
-    """The same Redis server, another database (so tests' deliveries never meet)."""
-    parts = urlsplit(url)
-    if parts.scheme in ("redis", "rediss"):
-        return urlunsplit(parts._replace(path=f"/{db}"))
-    return urlunsplit(parts._replace(query=f"db={db}"))
-
-
-@pytest.fixture(scope="module")
-def intake_redis_url(database_url, redis_url):
-    """Point REDIS_URL (and so producers.delivery) at our own Redis database for this module."""
-    from producers.delivery import producer_broker
-    from refunds.settings import get_settings
-
-    url = redis_db_url(redis_url, INTAKE_REDIS_DB)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("REDIS_URL", url)
-        get_settings.cache_clear()
-        producer_broker.cache_clear()
-        yield url
-    get_settings.cache_clear()
-    producer_broker.cache_clear()
-
-
-@pytest.fixture
-def queue(intake_redis_url):
-    client = redis.Redis.from_url(intake_redis_url)
-    for key in client.scan_iter("dramatiq:*"):
-        client.delete(key)
-    yield client
-    client.close()
-
 
 def queued_ids(client) -> list[str]:
     return [json.loads(raw)["args"][0] for raw in client.hgetall("dramatiq:refunds.msgs").values()]
 
 
 @pytest_asyncio.fixture
-async def client(db, database_url, intake_redis_url):
+async def client(db, database_url, module_redis_url):
     async with TestClient(TestServer(create_app(database_url=database_url))) as http:
         yield http
 
@@ -475,7 +441,7 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-async def test_outages_answer_503_with_the_error_body(db, database_url, intake_redis_url):
+async def test_outages_answer_503_with_the_error_body(db, database_url, module_redis_url):
     dead_postgres = f"postgresql://postgres@127.0.0.1:{_closed_port()}/nothing"
     async with TestClient(TestServer(create_app(database_url=dead_postgres))) as http:
         assert (await http.get("/healthz")).status == 200
@@ -505,13 +471,13 @@ def test_module_refuses_to_start_without_settings():
     assert done.stderr.strip() == "intake: DATABASE_URL is not set"
 
 
-async def test_module_serves_until_sigterm(database_url, intake_redis_url):
+async def test_module_serves_until_sigterm(database_url, module_redis_url):
     import aiohttp
 
     port = _closed_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "producers.http", cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=_env(DATABASE_URL=database_url, REDIS_URL=intake_redis_url, INTAKE_PORT=str(port), INTAKE_HOST="127.0.0.1"),
+        env=_env(DATABASE_URL=database_url, REDIS_URL=module_redis_url, INTAKE_PORT=str(port), INTAKE_HOST="127.0.0.1"),
     )
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 30)

@@ -5,76 +5,26 @@ import contextlib
 from decimal import Decimal
 from datetime import datetime, timezone
 
-import aiohttp
 import pytest_asyncio
-import redis.asyncio as aioredis
-from aiohttp import web
 
-from pagoefectivo.client import PagoEfectivoClient
 from producers import enqueue_refund
-from refunds import db as dbmod
 from refunds.payments import find_payment, record_payment
-from refunds.processes import free_port
 from refunds.records import find_refund, refund_events
-from refunds.settings import get_settings
-
-
-def process_refund(res, refund_id):
-    from workers.sender import process_refund as process  # importing workers sets up the broker
-
-    return process(res, refund_id)
-
-
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, f"http://127.0.0.1:{port}"
+from tests.stack import chaos, process_refund, start_stack
 
 
 @contextlib.asynccontextmanager
 async def running_stack(database_url, redis_url, vault, monkeypatch):
-    """Sandbox + receiver on real ports, and worker Resources pointing at them."""
-    from pagoefectivo.sandbox import create_app as sandbox_app
-    from receiver import create_app as receiver_app
-    from workers.ratelimit import RateLimiter
-    from workers.resources import Resources
-
-    receiver_runner, receiver_url = await _serve(receiver_app(database_url=database_url, vault=vault))
-    sandbox_runner, sandbox_url = await _serve(
-        sandbox_app(database_url=database_url, vault=vault, notify_base_url=receiver_url)
-    )
-    monkeypatch.setenv("REFUNDS_NOTIFY_URL", receiver_url)
-    monkeypatch.setenv("PAGOEFECTIVO_BASE_URL", sandbox_url)
-    get_settings.cache_clear()
-    settings = get_settings()
-    pool = await dbmod.create_pool(database_url, max_size=5)
-    session = aiohttp.ClientSession()
-    client = PagoEfectivoClient(session, base_url=sandbox_url, env="sandbox", timeout=1.0)
-    redis_client = aioredis.from_url(redis_url)
-    await redis_client.flushdb()
-    res = Resources(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))
-    http = aiohttp.ClientSession()
-    try:
-        yield res, sandbox_url, http
-    finally:
-        await http.close()
-        await res.close()
-        await sandbox_runner.cleanup()
-        await receiver_runner.cleanup()
-        get_settings.cache_clear()
+    """The shared stack (tests/stack.py) as the (res, sandbox_url, http) triple that this module,
+    test_reports and test_vault unpack."""
+    async with start_stack(database_url, redis_url, vault, monkeypatch) as running:
+        yield running.res, running.sandbox_url, running.http
 
 
 @pytest_asyncio.fixture
 async def stack(db, database_url, redis_url, vault, monkeypatch):
     async with running_stack(database_url, redis_url, vault, monkeypatch) as running:
         yield running
-
-
-async def chaos(http, sandbox_url, **knobs):
-    async with http.post(f"{sandbox_url}/sandbox/chaos", json=knobs) as response:
-        assert response.status == 200, await response.text()
 
 
 async def ledger(http, sandbox_url) -> list[dict]:

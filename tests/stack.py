@@ -1,0 +1,90 @@
+"""The sandbox gateway, the receiver and the worker's Resources on real ports, for the tests
+that drive ``workers.sender`` end to end (test_worker, test_client, and through test_worker
+test_reports and test_vault).
+
+A helper module rather than conftest fixtures: each test module wraps the running stack in
+its own shape (test_worker a tuple that other modules unpack, test_client a richer object).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from pagoefectivo.client import PagoEfectivoClient
+from refunds import db as dbmod
+from refunds.processes import free_port
+from refunds.settings import get_settings
+
+CLIENT_TIMEOUT = 1.0  # the worker client's timeout in these tests; the sandbox holds lost answers longer
+
+
+def process_refund(res, refund_id):
+    """``workers.sender.process_refund``, imported late: importing workers sets up the broker."""
+    from workers.sender import process_refund as process
+
+    return process(res, refund_id)
+
+
+async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on a free loopback port; returns its runner (to clean up) and its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def chaos(http: aiohttp.ClientSession, sandbox_url: str, **knobs) -> None:
+    """Set the sandbox's fault knobs (POST /sandbox/chaos)."""
+    async with http.post(f"{sandbox_url}/sandbox/chaos", json=knobs) as response:
+        assert response.status == 200, await response.text()
+
+
+@dataclass(frozen=True)
+class RunningStack:
+    res: object  # workers.resources.Resources, whose client talks to the sandbox
+    sandbox_url: str
+    sandbox_app: web.Application
+    http: aiohttp.ClientSession  # a plain session for the tests' own calls to the sandbox
+
+
+@contextlib.asynccontextmanager
+async def start_stack(database_url, redis_url, vault, monkeypatch, *,
+                      trace_configs: Sequence[aiohttp.TraceConfig] = ()) -> AsyncIterator[RunningStack]:
+    """Sandbox + receiver on real ports, and worker Resources pointing at them (Redis flushed).
+
+    ``trace_configs`` go on the worker client's session, to observe what it sends.
+    """
+    from pagoefectivo.sandbox import create_app as sandbox_app
+    from receiver import create_app as receiver_app
+    from workers.ratelimit import RateLimiter
+    from workers.resources import Resources
+
+    receiver_runner, receiver_url = await serve(receiver_app(database_url=database_url, vault=vault))
+    app = sandbox_app(database_url=database_url, vault=vault, notify_base_url=receiver_url)
+    sandbox_runner, sandbox_url = await serve(app)
+    monkeypatch.setenv("REFUNDS_NOTIFY_URL", receiver_url)
+    monkeypatch.setenv("PAGOEFECTIVO_BASE_URL", sandbox_url)
+    get_settings.cache_clear()
+    settings = get_settings()
+    pool = await dbmod.create_pool(database_url, max_size=5)
+    session = aiohttp.ClientSession(trace_configs=list(trace_configs))
+    client = PagoEfectivoClient(session, base_url=sandbox_url, env="sandbox", timeout=CLIENT_TIMEOUT)
+    redis_client = aioredis.from_url(redis_url)
+    await redis_client.flushdb()
+    res = Resources(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))
+    http = aiohttp.ClientSession()
+    try:
+        yield RunningStack(res, sandbox_url, app, http)
+    finally:
+        await http.close()
+        await res.close()
+        await sandbox_runner.cleanup()
+        await receiver_runner.cleanup()
+        get_settings.cache_clear()
