@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import sys
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -26,10 +25,10 @@ from openapi_spec_validator import validate
 
 from producers.http import create_app, openapi_document
 from refunds.payments import record_payment
+from refunds.processes import free_port
 from refunds.tokens import create_token
-from tests.test_intake import redis_db_url
 
-FUZZ_REDIS_DB = 14
+REDIS_DB = 14  # module_redis_url: deliveries of the refunds the fuzzer gets accepted stay here
 CHECKS = ",".join((
     "not_a_server_error", "status_code_conformance", "content_type_conformance",
     "response_headers_conformance", "response_schema_conformance", "negative_data_rejection",
@@ -37,39 +36,18 @@ CHECKS = ",".join((
 ))
 
 
-@pytest.fixture(scope="module")
-def fuzz_redis_url(database_url, redis_url):
-    """Deliveries of the refunds the fuzzer gets accepted go to a Redis database of our own."""
-    from producers.delivery import producer_broker
-    from refunds.settings import get_settings
-
-    url = redis_db_url(redis_url, FUZZ_REDIS_DB)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("REDIS_URL", url)
-        get_settings.cache_clear()
-        producer_broker.cache_clear()
-        yield url
-        producer_broker().flush_all()
-    get_settings.cache_clear()
-    producer_broker.cache_clear()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest_asyncio.fixture
-async def live_intake(db, make_merchant, database_url, fuzz_redis_url):
+async def live_intake(db, make_merchant, database_url, module_redis_url):
     """The intake app on a free port, with the document's example merchant, payment and a token for it."""
     await make_merchant("seller-1", approval_threshold=Decimal("500.00"))
     await record_payment(db, merchant_id="seller-1", transaction_id="2900123", amount=Decimal("100000.00"),
                          currency="PEN", method="cash", paid_at=datetime.now(timezone.utc))
     token = await create_token(db, "fuzzer", ["seller-1"])
-    runner = web.AppRunner(create_app(database_url=database_url, redis_url=fuzz_redis_url))
+    runner = web.AppRunner(create_app(database_url=database_url, redis_url=module_redis_url))
     await runner.setup()
-    port = _free_port()
+    port = free_port()
     site = web.TCPSite(runner, "127.0.0.1", port)
     await site.start()
     try:

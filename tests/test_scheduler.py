@@ -7,20 +7,13 @@ import sys
 from decimal import Decimal
 
 import pytest
-import redis
 
 from refunds import db as dbmod
 from refunds.settings import Settings
 from tests.test_producers import paid, request
 from producers import enqueue_refund
 
-
-@pytest.fixture
-def queue(redis_url):
-    client = redis.Redis.from_url(redis_url)
-    client.flushdb()
-    yield client
-    client.close()
+REDIS_DB = 9  # this module's own Redis database (tests/conftest.py ``queue``)
 
 
 def queued_ids(client) -> list[str]:
