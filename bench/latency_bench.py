@@ -1,28 +1,32 @@
 """Latency-bound throughput: refunds/s when the gateway takes 200 ms (± 50 ms) to answer.
 
-    .venv/bin/python bench/latency_bench.py                         # 2x8, 2x32, 2x64 threads, ~4 minutes
-    .venv/bin/python bench/latency_bench.py --configs 2x64,2x128 --refunds 6000
-    .venv/bin/python bench/latency_bench.py --smoke                 # 2x8, 300 refunds (CI smoke test)
+    .venv/bin/python bench/latency_bench.py                         # 2x8x1, 2x8x4, 2x8x16, ~4 minutes
+    .venv/bin/python bench/latency_bench.py --configs 2x32x1,2x8x8 --refunds 6000
+    .venv/bin/python bench/latency_bench.py --smoke                 # 2x8x4, 300 refunds (CI smoke test)
 
 What runs: the sandbox gateway answering every /v1 call after 150 + U(0, 100) ms (mean 200 ms,
 ±50 ms: ``latency_ms`` 150, ``jitter_ms`` 100), the receiver, the scheduler and
-``dramatiq workers --processes P --threads T`` for each configuration in ``--configs``
-(each on a fresh set of services). Refunds are accepted with ``producers.enqueue_refund``
-(the intake is not what is measured here), spread over 10 merchants whose rate limits are
-far above the traffic, and settle by notification (``pending`` answers).
+``dramatiq workers --processes P --threads T`` for each configuration ``PxTxK`` in
+``--configs`` (each on a fresh set of services), with ``REFUND_PACK_SIZE=K``. Refunds are
+accepted with ``producers.enqueue_refund`` (the intake is not what is measured here),
+spread over 10 merchants whose rate limits are far above the traffic, and settle by
+notification (``pending`` answers).
 
-The bound: a dramatiq worker thread carries one refund at a time and each refund waits
-one gateway answer, so at most P × T refunds are in flight and the system cannot exceed
-P × T ÷ (mean latency) refunds/s. Printed for each configuration: refunds/s in the steady
-part of the run (between the 10th and the 90th percentile of completions) against that
-bound (goal ≥ 0.8 of it, and ≥ 400 refunds/s), the CPU the services used in cores (of
-the machine's), CPU seconds per 1,000 refunds, and p50/p99 time to final state.
+The bound: a dramatiq worker thread carries one message at a time, a message carries up
+to K refunds handed over together, and each refund waits one gateway answer, so at most
+P × T × K refunds are in flight and the system cannot exceed P × T × K ÷ (mean latency)
+refunds/s. Printed for each configuration: refunds/s in the steady part of the run
+(between the 10th and the 90th percentile of completions) against that bound (goal ≥ 0.8
+of it, and ≥ 400 refunds/s), the CPU the services used in cores (of the machine's), CPU
+seconds per 1,000 refunds, and p50/p99 time to final state.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -30,20 +34,40 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness as h
+from refunds.settings import Settings, get_settings
 
 LATENCY_MS, JITTER_MS = 150, 100  # 150 + U(0, 100): mean 200 ms, ± 50 ms
 HIGH_LIMIT = 100_000
 
 
-def parse_configs(text: str) -> list[tuple[int, int]]:
+def parse_configs(text: str) -> list[tuple[int, int, int]]:
+    """"PxT" or "PxTxK": worker processes, threads, refunds per message (default: the setting's default)."""
     configs = []
     for part in text.split(","):
-        processes, _, threads = part.strip().lower().partition("x")
-        configs.append((int(processes), int(threads)))
+        numbers = [int(n) for n in part.strip().lower().split("x")]
+        if len(numbers) == 2:
+            numbers.append(Settings.model_fields["refund_pack_size"].default)
+        configs.append(tuple(numbers))
     return configs
 
 
-def measure(env, merchants: list[str], processes: int, threads: int, count: int, tag: str, args) -> dict:
+@contextlib.contextmanager
+def pack_size(size: int):
+    """REFUND_PACK_SIZE for the refunds this process hands over (the bench enqueues them itself)."""
+    previous = os.environ.get("REFUND_PACK_SIZE")
+    os.environ["REFUND_PACK_SIZE"] = str(size)
+    get_settings.cache_clear()
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("REFUND_PACK_SIZE")
+        else:
+            os.environ["REFUND_PACK_SIZE"] = previous
+        get_settings.cache_clear()
+
+
+def measure(env, merchants: list[str], processes: int, threads: int, pack: int, count: int, tag: str, args) -> dict:
     requests = h.spread(merchants, count, tag)
     asyncio.run(h.seed_payments(env, requests))
     sandbox = ("--latency-ms", str(args.latency_ms), "--jitter-ms", str(args.jitter_ms),
@@ -55,8 +79,8 @@ def measure(env, merchants: list[str], processes: int, threads: int, count: int,
         before = sum((asyncio.run(h.state_counts())).values())
         asyncio.run(h.wait_final(before, timeout=300, system=system))
         asyncio.run(h.analyze())
-        h.log(f"{processes}x{threads}: {count} refunds")
-        with h.CpuMeter(system) as meter:
+        h.log(f"{processes}x{threads}x{pack}: {count} refunds")
+        with h.CpuMeter(system) as meter, pack_size(pack):
             started = time.time()
             asyncio.run(h.enqueue_direct(requests))
             asyncio.run(h.wait_final(before + count, timeout=args.timeout, system=system, every=0.25))
@@ -70,11 +94,12 @@ def measure(env, merchants: list[str], processes: int, threads: int, count: int,
     lo, hi = done[len(done) // 10], done[(len(done) * 9) // 10 - 1]
     steady = ((len(done) * 9) // 10 - len(done) // 10 - 1) / max(hi - lo, 1e-9)
     mean_latency = args.mean_latency_ms / 1000
-    bound = processes * threads / mean_latency
+    in_flight = processes * threads * pack  # each thread carries one message of up to `pack` refunds
+    bound = in_flight / mean_latency
     service_cpu = sum(s for k, s in meter.seconds.items() if k in h.KINDS + ("postgres", "redis"))
     latency = [d - c for c, d, _ in times]
     return {
-        "processes": processes, "threads": threads, "in_flight": processes * threads, "refunds": len(times),
+        "processes": processes, "threads": threads, "pack": pack, "in_flight": in_flight, "refunds": len(times),
         "seconds": done[-1] - started, "overall_per_s": len(times) / (done[-1] - started),
         "steady_per_s": steady, "bound_per_s": bound, "ratio": steady / bound,
         "gateway_mean_ms": 1000 * gateway_s / max(1, gateway_n),
@@ -89,9 +114,9 @@ def run(args) -> dict:
     configs = parse_configs(args.configs)
     merchants = [f"lat-{i:02d}" for i in range(10)]
     with h.seeded_environment("latency", args, {m: HIGH_LIMIT for m in merchants}, runs=[]) as (env, figures):
-        for index, (processes, threads) in enumerate(configs):
+        for index, (processes, threads, pack) in enumerate(configs):
             count = args.refunds
-            result = measure(env, merchants, processes, threads, count, f"L{index}", args)
+            result = measure(env, merchants, processes, threads, pack, count, f"L{index}", args)
             figures["runs"].append(result)
             h.log(f"  {result['steady_per_s']:.0f}/s of a {result['bound_per_s']:.0f}/s bound "
                   f"({result['ratio']:.2f}), {result['cores_used']:.2f} cores")
@@ -106,23 +131,28 @@ def report(f: dict) -> None:
     for r in f["runs"]:
         cpu = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["cpu_s_per_1000"].items(), key=lambda kv: -kv[1])
                         if v >= 0.01)
-        print(f"{r['processes']}x{r['threads']}: CPU s/1,000 refunds {cpu}; gateway call mean "
+        print(f"{_config(r)}: CPU s/1,000 refunds {cpu}; gateway call mean "
               f"{r['gateway_mean_ms']:.0f} ms; time to final p50 {r['final_p50_s']:.2f} s, p99 {r['final_p99_s']:.2f} s;"
               f" ledger {r['ledger']}; other jobs {r['other_cores']:.2f} cores")
-    print(f"{'config':>8} {'in flight':>9} {'bound/s':>8} {'steady/s':>9} {'overall/s':>9} {'ratio':>6} {'cores':>6}")
+    print(f"{'config':>10} {'in flight':>9} {'bound/s':>8} {'steady/s':>9} {'overall/s':>9} {'ratio':>6} {'cores':>6}")
     for r in f["runs"]:
-        print(f"{r['processes']}x{r['threads']:<6} {r['in_flight']:>9} {r['bound_per_s']:>8.0f} {r['steady_per_s']:>9.0f} "
+        print(f"{_config(r):>10} {r['in_flight']:>9} {r['bound_per_s']:>8.0f} {r['steady_per_s']:>9.0f} "
               f"{r['overall_per_s']:>9.0f} {r['ratio']:>6.2f} {r['cores_used']:>6.2f}")
     best = max(f["runs"], key=lambda r: r["steady_per_s"])
     met = [r for r in f["runs"] if r["ratio"] >= 0.8 and r["steady_per_s"] >= 400]
-    print(f"RESULT best {best['processes']}x{best['threads']}: {best['steady_per_s']:.0f} refunds/s = "
+    print(f"RESULT best {_config(best)}: {best['steady_per_s']:.0f} refunds/s = "
           f"{best['ratio']:.2f} of its bound; goal (>= 0.8 of the bound and >= 400/s) "
-          + ("met by " + ", ".join(f"{r['processes']}x{r['threads']}" for r in met) if met else "not met"))
+          + ("met by " + ", ".join(_config(r) for r in met) if met else "not met"))
+
+
+def _config(run: dict) -> str:
+    return f"{run['processes']}x{run['threads']}x{run.get('pack', 1)}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="2x8,2x32,2x64", help="PROCESSESxTHREADS,... one run each")
+    parser.add_argument("--configs", default="2x8x1,2x8x4,2x8x16",
+                        help="PROCESSESxTHREADS[xPACK],... one run each (PACK: REFUND_PACK_SIZE, refunds per message)")
     parser.add_argument("--refunds", "--size", dest="refunds", type=int, default=4000,
                         help="refunds per configuration")
     parser.add_argument("--latency-ms", type=float, default=LATENCY_MS)
@@ -133,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     h.add_common_options(parser)
     args = parser.parse_args(argv)
     if args.smoke:
-        args.configs, args.refunds = "2x8", min(args.refunds, 300)
+        args.configs, args.refunds = "2x8x4", min(args.refunds, 300)
     args.mean_latency_ms = args.latency_ms + args.jitter_ms / 2
     return h.run_and_report(args, run, report)
 

@@ -12,6 +12,21 @@ write on an asyncio Redis client, running dramatiq's own ``dispatch`` Lua script
 the arguments ``RedisBroker.enqueue`` gives it (tests/test_producers.py checks that a
 dramatiq consumer reads these messages exactly as its own). If that ever fails for
 another reason than Redis being away, it falls back to ``deliver``.
+
+Booking at hand-over: in one FIFO queue, a large merchant's backlog sat in front of
+every other merchant's refunds, and each worker had to take, re-check and re-queue
+each of its messages before reaching them. So when a refund comes with its merchant,
+rate limit and a pool, the courier first books its slot in the merchant's rate-limit
+schedule (``workers.ratelimit``, one call per merchant per batch) and sends its message
+with ``slot_ms``: a slot due now goes to the ready queue, a later one to dramatiq's
+delay queue with the slot as its eta, exactly as ``RedisBroker.enqueue(message,
+delay=...)`` would put it. The worker then only checks the one-second window. A refund
+booked more than a few seconds ahead gets its slot as ``delivered_at`` (one UPDATE per
+batch), or the outbox sweep would take the waiting backlog for lost messages.
+
+Refunds of one write that are due now travel together, up to ``REFUND_PACK_SIZE`` in one
+``send_refunds`` message: a worker fetches, acks and settles them as one, which costs
+less than one message each and puts many refunds in flight per worker thread.
 """
 
 from __future__ import annotations
@@ -21,21 +36,35 @@ import logging
 import time
 import uuid
 import weakref
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 from functools import lru_cache
 from uuid import UUID
 
+import asyncpg
 import redis
 import redis.asyncio as aioredis
 from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
+from dramatiq.common import dq_name
 
 from refunds.settings import get_settings
 
 QUEUE = "refunds"
 SEND_REFUND = "send_refund"
+SEND_REFUNDS = "send_refunds"  # several refunds handed over together (see the courier)
 MAX_BATCH = 256  # refunds per pipelined write
 CONNECT_TIMEOUT, SOCKET_TIMEOUT = 2, 5
 REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, OSError, TimeoutError)
+# A refund booked further ahead than this has its slot recorded as delivered_at. Nearer
+# ones reach a worker well within the outbox sweep's grace (30 s by default) anyway.
+RECORD_SLOT_AHEAD_MS = 3_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_RECORD_SLOTS = """
+    UPDATE refunds SET delivered_at = x.at
+    FROM unnest($1::uuid[], $2::timestamptz[]) AS x (id, at)
+    WHERE refund_id = x.id AND state = 'queued'"""
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +78,11 @@ def producer_broker() -> RedisBroker:
     )
 
 
-def send_refund_message(refund_id: UUID | str, *, delay_ms: int | None = None) -> Message:
+def send_refund_message(refund_id: UUID | str, *, slot_ms: int | None = None) -> Message:
+    """The send_refund message; ``slot_ms``: the rate-limit slot booked for it, if any."""
     return Message(
-        queue_name=QUEUE, actor_name=SEND_REFUND, args=(str(refund_id),), kwargs={}, options={},
+        queue_name=QUEUE, actor_name=SEND_REFUND, args=(str(refund_id),),
+        kwargs={} if slot_ms is None else {"slot_ms": slot_ms}, options={},
     )
 
 
@@ -76,21 +107,50 @@ def deliver_many(refund_ids: list[UUID | str]) -> list[bool]:
     return results
 
 
+@dataclass(eq=False)
+class _Handover:
+    """One refund waiting for the next write, and what booking its slot needs."""
+
+    refund_id: str
+    future: asyncio.Future
+    merchant_id: str | None = None
+    rate_limit: Decimal | None = None  # requests per second
+    pool: asyncpg.Pool | asyncpg.Connection | None = None  # where a far slot is recorded as delivered_at
+
+    @property
+    def books_a_slot(self) -> bool:
+        # Without a pool a far slot could not be recorded, and the outbox sweep would re-deliver
+        # the refund while it waits for its slot: such a refund goes unbooked, as before.
+        return self.merchant_id is not None and self.rate_limit is not None and self.pool is not None
+
+
+@dataclass(frozen=True)
+class _Slot:
+    slot_ms: int  # on Redis's clock
+    booked_at_ms: int  # Redis's clock when it was booked
+
+    @property
+    def ahead_ms(self) -> int:
+        return self.slot_ms - self.booked_at_ms
+
+
 class _Courier:
     """One per event loop: its Redis client, and the refunds waiting for the next write."""
 
     def __init__(self) -> None:
-        self._waiting: list[tuple[str, asyncio.Future]] = []
+        self._waiting: list[_Handover] = []
         self._task: asyncio.Task | None = None
         self._broker: RedisBroker | None = None  # the producer broker the client was made for
         self._client: aioredis.Redis | None = None
         self._dispatch = None
+        self._limiter = None  # workers.ratelimit.RateLimiter on the same client
         self._closer: asyncio.Task | None = None
 
-    def deliver(self, refund_id: UUID | str) -> asyncio.Future:
+    def deliver(self, refund_id: UUID | str, *, merchant_id: str | None = None, rate_limit: Decimal | None = None,
+                pool: asyncpg.Pool | asyncpg.Connection | None = None) -> asyncio.Future:
         loop = asyncio.get_running_loop()  # not kept: the courier must not keep its loop alive
         future = loop.create_future()
-        self._waiting.append((str(refund_id), future))
+        self._waiting.append(_Handover(str(refund_id), future, merchant_id, rate_limit, pool))
         if self._task is None:
             self._task = loop.create_task(self._run())
         return future
@@ -99,29 +159,52 @@ class _Courier:
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-                ids = [refund_id for refund_id, _ in batch]
                 try:
-                    await self._send(ids)
-                    results = [True] * len(ids)
+                    await self._send(batch)
+                    results = [True] * len(batch)
                 except REDIS_AWAY as exc:
-                    log.warning("delivery of %d refunds postponed: %s", len(ids), type(exc).__name__)
-                    results = [False] * len(ids)
-                except Exception as exc:
+                    log.warning("delivery of %d refunds postponed: %s", len(batch), type(exc).__name__)
+                    results = [False] * len(batch)
+                except Exception as exc:  # slots booked before the failure stay unused: harmless
                     log.warning("pipelined delivery failed (%s); delivering one by one", type(exc).__name__)
-                    results = await asyncio.to_thread(deliver_many, ids)
+                    results = await asyncio.to_thread(deliver_many, [handover.refund_id for handover in batch])
                 except BaseException:  # cancelled: the loop is closing; the outbox sweep has them
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_result(False)
+                    for handover in batch:
+                        if not handover.future.done():
+                            handover.future.set_result(False)
                     raise
-                for (_, future), ok in zip(batch, results):
-                    if not future.done():
-                        future.set_result(ok)
+                for handover, ok in zip(batch, results):
+                    if not handover.future.done():
+                        handover.future.set_result(ok)
         finally:
             self._task = None
 
-    async def _send(self, refund_ids: list[str]) -> None:
-        """What ``RedisBroker.enqueue`` does for each message, in one pipelined write."""
+    async def _send(self, batch: list[_Handover]) -> None:
+        """Book the slots, then do what ``RedisBroker.enqueue`` does for each message, in one
+        pipelined write; then record far slots as delivered_at.
+
+        Redis away after the booking but before the write: those slots are lost (the merchant's
+        later refunds wait a little longer than needed), and the outbox sweep delivers these.
+        """
+        broker = await self._connect()
+        slots = await self._book(batch)
+        pipe = self._client.pipeline(transaction=False)
+        timestamp = int(time.time() * 1000)
+        for message in _messages([handover.refund_id for handover in batch], slots):
+            message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
+            # RedisBroker._dispatch's arguments: command, timestamp, queue, broker id, heartbeat
+            # timeout, dead message TTL, maintenance (workers do it), max unpack size (only
+            # read by maintenance and fetch), then the command's own: message id and data.
+            await self._dispatch(keys=[broker.namespace], args=[
+                "enqueue", timestamp, message.queue_name, broker.broker_id, broker.heartbeat_timeout,
+                broker.dead_message_ttl, 0, 0, message.options["redis_message_id"], message.encode(),
+            ], client=pipe)
+        await pipe.execute()
+        await _record_slots([(handover, slot) for handover, slot in zip(batch, slots)
+                             if slot is not None and slot.ahead_ms > RECORD_SLOT_AHEAD_MS])
+
+    async def _connect(self) -> RedisBroker:
+        """The client (and scripts) for the current producer broker; made anew when it changes."""
         broker = producer_broker()
         if self._broker is not broker:  # first use, or REDIS_URL changed (tests do)
             await self._close()
@@ -133,18 +216,29 @@ class _Courier:
             self._broker = broker
             if self._closer is None:
                 self._closer = asyncio.get_running_loop().create_task(self._close_with_loop())
-        pipe = self._client.pipeline(transaction=False)
-        timestamp = int(time.time() * 1000)
-        for refund_id in refund_ids:
-            message = send_refund_message(refund_id).copy(options={"redis_message_id": str(uuid.uuid4())})
-            # RedisBroker._dispatch's arguments: command, timestamp, queue, broker id, heartbeat
-            # timeout, dead message TTL, maintenance (workers do it), max unpack size (only
-            # read by maintenance and fetch), then the command's own: message id and data.
-            await self._dispatch(keys=[broker.namespace], args=[
-                "enqueue", timestamp, QUEUE, broker.broker_id, broker.heartbeat_timeout, broker.dead_message_ttl,
-                0, 0, message.options["redis_message_id"], message.encode(),
-            ], client=pipe)
-        await pipe.execute()
+        return broker
+
+    async def _book(self, batch: list[_Handover]) -> list[_Slot | None]:
+        """Each refund's slot in its merchant's schedule (None: delivered unbooked), with one
+        book call per merchant, all in one round trip."""
+        groups: dict[tuple[str, Decimal], list[int]] = {}
+        for index, handover in enumerate(batch):
+            if handover.books_a_slot:
+                groups.setdefault((handover.merchant_id, handover.rate_limit), []).append(index)
+        slots: list[_Slot | None] = [None] * len(batch)
+        if groups:
+            if self._limiter is None:
+                # Imported here, at the first booking: importing the workers package sets up the
+                # worker broker and loads the actors (which import this module).
+                from workers.ratelimit import RateLimiter
+
+                self._limiter = RateLimiter(self._client)
+            bookings = await self._limiter.book_many(
+                [(merchant_id, rate_limit, len(indexes)) for (merchant_id, rate_limit), indexes in groups.items()])
+            for indexes, booking in zip(groups.values(), bookings):
+                for index, slot_ms in zip(indexes, booking.slots_ms):
+                    slots[index] = _Slot(slot_ms, booking.now_ms)
+        return slots
 
     async def _close_with_loop(self) -> None:
         """Wait for the loop's end (its tasks are cancelled then) and close the client on it."""
@@ -155,7 +249,7 @@ class _Courier:
             await self._close()
 
     async def _close(self) -> None:
-        client, self._client, self._broker = self._client, None, None
+        client, self._client, self._broker, self._limiter = self._client, None, None, None
         if client is not None:
             try:
                 await client.aclose()
@@ -163,13 +257,75 @@ class _Courier:
                 pass
 
 
+
+def _messages(refund_ids: list[str], slots: list["_Slot | None"]) -> list[Message]:
+    """The messages for refunds handed over together.
+
+    A refund whose slot lies ahead gets a message of its own in the delay queue (what
+    ``RedisBroker.enqueue(message, delay=d)`` writes: the delay queue, and an eta, here
+    the slot itself). The slot is on Redis's clock and the eta is read against the clock
+    of the worker that holds the message (dramatiq's current_millis), like the eta enqueue
+    writes from the producer's clock: one machine, or NTP-close; a skew only moves the
+    arrival, and the window the worker checks at send time keeps the limit.
+
+    Refunds due now share ``send_refunds`` messages of up to ``REFUND_PACK_SIZE`` refunds:
+    a worker carries them together (one fetch and one ack, their statements shared), which
+    is how many refunds are in flight per worker thread.
+    """
+    pack_size = get_settings().refund_pack_size
+    due: list[tuple[str, int | None]] = []
+    messages: list[Message] = []
+    for refund_id, slot in zip(refund_ids, slots, strict=True):
+        slot_ms = None if slot is None else slot.slot_ms
+        if slot is not None and slot.ahead_ms > 0:
+            messages.append(send_refund_message(refund_id, slot_ms=slot_ms).copy(
+                queue_name=dq_name(QUEUE), options={"eta": slot_ms}))
+        else:
+            due.append((refund_id, slot_ms))
+    for start in range(0, len(due), pack_size):
+        pack = due[start:start + pack_size]
+        if len(pack) == 1:
+            messages.append(send_refund_message(pack[0][0], slot_ms=pack[0][1]))
+        else:
+            messages.append(Message(queue_name=QUEUE, actor_name=SEND_REFUNDS,
+                                    args=([list(item) for item in pack],), kwargs={}, options={}))
+    return messages
+
+async def _record_slots(booked: list[tuple[_Handover, _Slot]]) -> None:
+    """delivered_at = slot for refunds booked far ahead, one statement per pool (one pool, as a rule).
+
+    A failure only logs: the outbox sweep may then deliver such a refund again before its
+    slot, and the worker's claim makes that duplicate harmless.
+    """
+    by_pool: dict[int, tuple[asyncpg.Pool | asyncpg.Connection, list[str], list[datetime]]] = {}
+    for handover, slot in booked:
+        _, ids, times = by_pool.setdefault(id(handover.pool), (handover.pool, [], []))
+        ids.append(handover.refund_id)
+        times.append(_EPOCH + timedelta(milliseconds=slot.slot_ms))
+    for pool, ids, times in by_pool.values():
+        try:
+            await pool.execute(_RECORD_SLOTS, ids, times)
+        except Exception as exc:
+            log.warning("delivered_at of %d refunds booked ahead not recorded (%s); the outbox sweep may"
+                        " deliver them early, harmlessly", len(ids), type(exc).__name__)
+
+
 _couriers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Courier]" = weakref.WeakKeyDictionary()
 
 
-async def deliver_async(refund_id: UUID | str) -> bool:
-    """``deliver`` from an event loop, batched with the other deliveries of the moment."""
+async def deliver_async(
+    refund_id: UUID | str, *, merchant_id: str | None = None, rate_limit: Decimal | None = None,
+    pool: asyncpg.Pool | asyncpg.Connection | None = None,
+) -> bool:
+    """``deliver`` from an event loop, batched with the other deliveries of the moment.
+
+    With the refund's merchant, its rate limit (per second) and a pool (or connection) to
+    record a far slot as ``delivered_at``, the refund is booked into the merchant's rate-limit
+    schedule and arrives at its slot; without any of them it goes to the ready queue unbooked
+    and a worker books its slot. False (and a log line) if Redis is unreachable.
+    """
     loop = asyncio.get_running_loop()
     courier = _couriers.get(loop)
     if courier is None:
         courier = _couriers[loop] = _Courier()
-    return await asyncio.shield(courier.deliver(refund_id))
+    return await asyncio.shield(courier.deliver(refund_id, merchant_id=merchant_id, rate_limit=rate_limit, pool=pool))

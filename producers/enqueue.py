@@ -48,7 +48,7 @@ ACCEPTED_STATES = ("queued", "awaiting_approval")
 _ACCEPT = f"""
     WITH found AS (
         SELECT {', '.join(f'r.{name} AS r_{name}' for name in _REFUND_FIELDS)},
-               m.merchant_id IS NOT NULL AS merchant_found, m.refund_mode, m.approval_threshold,
+               m.merchant_id IS NOT NULL AS merchant_found, m.refund_mode, m.approval_threshold, m.rate_limit,
                p.transaction_id IS NOT NULL AS payment_found, p.amount AS paid_amount, p.refunded_amount,
                p.currency AS paid_currency, p.method, p.paid_at,
                COALESCE((SELECT w.days FROM unnest($11::text[], $12::int[]) AS w (method, days)
@@ -90,6 +90,7 @@ _ACCEPT = f"""
 class EnqueueResult:
     refund: Refund
     created: bool  # False: an identical earlier request (replay)
+    rate_limit: Decimal | None = None  # the merchant's requests per second, for booking a new refund's slot
 
     @property
     def http_status(self) -> int:
@@ -167,7 +168,7 @@ async def enqueue_refund(
         pool, merchant_id=merchant_id, original_transaction_id=original_transaction_id, amount=amount,
         currency=currency, external_ref=external_ref, reason=reason, requested_by=requested_by, now=now,
     )
-    await hand_over(result)
+    await hand_over(result, pool)
     return result
 
 
@@ -196,15 +197,21 @@ async def accept_refund(
     return result
 
 
-async def hand_over(result: EnqueueResult) -> bool:
+async def hand_over(result: EnqueueResult, pool: asyncpg.Pool | asyncpg.Connection | None = None) -> bool:
     """Deliver a newly accepted, queued refund to the workers (it is committed already).
+
+    With ``pool`` (or a connection the caller is not using meanwhile) the refund's slot is
+    booked in its merchant's rate limit now, and its message waits for it in the delay
+    queue; without, a worker books it (see ``producers.delivery``).
 
     False when Redis is unreachable (the outbox sweep delivers it later) or when there is
     nothing to deliver: a replay was delivered the first time, and a refund awaiting
     approval is delivered when it is approved.
     """
     if result.created and result.refund.state == "queued":
-        return await deliver_async(result.refund.refund_id)
+        return await deliver_async(
+            result.refund.refund_id, merchant_id=result.refund.merchant_id, rate_limit=result.rate_limit, pool=pool,
+        )
     return False
 
 
@@ -244,7 +251,7 @@ async def _accept_on(conn: asyncpg.Connection, request: RefundRequest, requested
         existing = await find_by_external_ref(conn, request.merchant_id, request.external_ref)
         assert existing is not None
         return _replay(existing, request)
-    return EnqueueResult(_refund(row, "i_"), created=True)
+    return EnqueueResult(_refund(row, "i_"), created=True, rate_limit=row["rate_limit"])
 
 
 def _refund(row: asyncpg.Record, prefix: str) -> Refund:

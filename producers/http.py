@@ -394,7 +394,7 @@ async def create_refund(request: web.Request) -> web.Response:
                 tokens.forget(token.token_hash)
                 raise _unauthorized() from None
             raise
-    await hand_over(result)  # committed, and the connection is back in the pool
+    await hand_over(result, pool)  # committed, and the connection is back in the pool
     return web.json_response(result.to_json(), status=result.http_status)
 
 

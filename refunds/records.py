@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -9,6 +10,7 @@ from uuid import UUID
 
 import asyncpg
 
+from .merchants import Merchant
 from .money import format_amount
 
 COLUMNS = (
@@ -79,6 +81,15 @@ async def find_refund(conn: asyncpg.Connection, refund_id: UUID | str) -> Refund
     row = await conn.fetchrow(f"SELECT {COLUMNS} FROM refunds WHERE refund_id = $1", _uuid(refund_id))
     return from_row(row) if row else None
 
+
+
+async def find_with_merchants(conn: asyncpg.Connection, refund_ids: Sequence[UUID]) -> list[tuple[Refund, Merchant] | None]:
+    """Refunds and their merchants in one round trip (composite values decode to records); in order."""
+    rows = await conn.fetch(
+        "SELECT r, m FROM refunds r JOIN merchants m USING (merchant_id) WHERE r.refund_id = ANY($1::uuid[])",
+        list(refund_ids))
+    found = {row["r"]["refund_id"]: (from_row(row["r"]), Merchant.from_row(row["m"])) for row in rows}
+    return [found.get(refund_id) for refund_id in refund_ids]
 
 async def find_by_external_ref(conn: asyncpg.Connection, merchant_id: str, external_ref: str) -> Refund | None:
     row = await conn.fetchrow(

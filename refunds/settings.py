@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     refund_window_days: dict[str, int] = {"cash": 90, "bank_transfer": 90}
     # Worker: how long one claim on a refund lasts before another delivery may take it over.
     refund_claim_seconds: int = Field(default=60, ge=5)
+    # Producers: refunds handed over together travel in one message, up to this many; a worker
+    # thread carries a message's refunds at once, so in flight per worker process is at most
+    # threads x this. 1: one message per refund.
+    refund_pack_size: int = Field(default=16, ge=1, le=256)
     # Scheduler: a refund not picked up this long after its hand-off is handed over again.
     refund_outbox_grace_seconds: float = Field(default=30, gt=0)
     # Retention: notification dedup rows at least 30 days (providers retry that long), audit

@@ -7,6 +7,8 @@ backwards, and two processes racing for the same move see exactly one winner.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from uuid import UUID
 
 import asyncpg
@@ -39,49 +41,57 @@ MOVES: dict[str, frozenset[str]] = {
 NOT_RETRYABLE_CODES = frozenset({"111", "112", "113", "601", "602", "603", "604", "605", "606", "607"})
 
 
-def _with_audit_row(locked_update: str, event: str) -> str:
-    """One statement that locks the refund, moves it and writes its audit row.
+def _with_audit_rows(locked_update: str, event: str, *, also_returning: str = "") -> str:
+    """One statement that locks refunds, moves them and writes their audit rows.
 
     A data-modifying CTE: one round trip and one implicit transaction (or part of the
-    caller's), so the move and its ``refund_events`` row are written together or not at
-    all. ``locked_update`` updates ``refunds r`` from ``previous`` (the row locked FOR
-    UPDATE, so ``previous.state`` is the state the move really started from);
-    ``event`` selects the audit row's to_state, actor, code and message from ``moved``.
+    caller's), so each move and its ``refund_events`` row are written together or not at
+    all. ``$1`` is the array of refund ids; ``previous`` locks their rows FOR UPDATE in id
+    order (two batches never wait on each other in a cycle), so ``previous.state`` is the
+    state each move really starts from. ``locked_update`` updates ``refunds r`` from
+    ``previous``; ``event`` selects each audit row's to_state, actor, code and message from
+    ``moved`` (which returns the refund's columns, ``from_state`` and ``also_returning``).
     """
     return f"""
-        WITH previous AS (SELECT state FROM refunds WHERE refund_id = $1 FOR UPDATE),
+        WITH previous AS (SELECT refund_id, state FROM refunds WHERE refund_id = ANY($1::uuid[])
+                          ORDER BY refund_id FOR UPDATE),
         moved AS ({locked_update}
-                  RETURNING {', '.join('r.' + c.strip() for c in COLUMNS.split(','))}, previous.state AS from_state),
+                  RETURNING {', '.join('r.' + c.strip() for c in COLUMNS.split(','))},
+                            previous.state AS from_state {also_returning}),
         audit AS (INSERT INTO refund_events (refund_id, from_state, to_state, actor, code, message)
                   SELECT refund_id, from_state, {event} FROM moved)
         SELECT * FROM moved"""
 
 
-# $1 refund, $2 to_state, $3 allowed sources, $4 final states, $5 code, $6 message,
-# $7 provider refund id, $8 first status check delay, $9 actor
-_MOVE_AND_RECORD = _with_audit_row(
+# $1 refunds, and for each in order: $2 to_state, $3 code, $4 message, $5 provider refund id;
+# $6 the allowed moves as 'from>to', $7 final states, $8 first status check delay, $9 actor
+_MOVE_AND_RECORD = _with_audit_rows(
     """UPDATE refunds r SET
-           state = $2,
+           state = m.to_state,
            updated_at = now(),
-           completed_at = CASE WHEN $2 = ANY($4::text[]) THEN COALESCE(r.completed_at, now()) END,
-           claimed_until = CASE WHEN $2 = ANY($4::text[]) OR $2 = 'pending' THEN NULL ELSE r.claimed_until END,
-           next_check_at = CASE WHEN $2 = 'pending' THEN now() + make_interval(secs => $8)
-                                WHEN $2 = ANY($4::text[]) THEN NULL ELSE r.next_check_at END,
-           provider_code = COALESCE($5, r.provider_code),
-           provider_message = COALESCE($6, r.provider_message),
-           provider_refund_id = COALESCE($7, r.provider_refund_id)
+           completed_at = CASE WHEN m.to_state = ANY($7::text[]) THEN COALESCE(r.completed_at, now()) END,
+           claimed_until = CASE WHEN m.to_state = ANY($7::text[]) OR m.to_state = 'pending' THEN NULL
+                                ELSE r.claimed_until END,
+           next_check_at = CASE WHEN m.to_state = 'pending' THEN now() + make_interval(secs => $8)
+                                WHEN m.to_state = ANY($7::text[]) THEN NULL ELSE r.next_check_at END,
+           provider_code = COALESCE(m.code, r.provider_code),
+           provider_message = COALESCE(m.message, r.provider_message),
+           provider_refund_id = COALESCE(m.provider_refund_id, r.provider_refund_id)
        FROM previous
-       WHERE r.refund_id = $1 AND previous.state = ANY($3::text[])""",
-    "$2, $9, $5, $6",
+       JOIN unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+            AS m (refund_id, to_state, code, message, provider_refund_id) USING (refund_id)
+       WHERE r.refund_id = previous.refund_id AND previous.state || '>' || m.to_state = ANY($6::text[])""",
+    "state, $9, given_code, given_message",
+    also_returning=", m.code AS given_code, m.message AS given_message",
 )
 
-# $1 refund, $2 claim seconds, $3 actor
-_CLAIM_AND_RECORD = _with_audit_row(
+# $1 refunds, $2 claim seconds, $3 actor
+_CLAIM_AND_RECORD = _with_audit_rows(
     """UPDATE refunds r SET
            state = 'submitted', attempts = r.attempts + 1, updated_at = now(),
            claimed_until = now() + make_interval(secs => $2)
        FROM previous
-       WHERE r.refund_id = $1 AND (previous.state = 'queued'
+       WHERE r.refund_id = previous.refund_id AND (previous.state = 'queued'
              OR (previous.state = 'submitted' AND (r.claimed_until IS NULL OR r.claimed_until < now())))""",
     """'submitted', $3, NULL, 'attempt ' || attempts
        || CASE WHEN from_state = 'submitted' THEN ' (previous claim expired)' ELSE '' END""",
@@ -92,6 +102,19 @@ def sources_of(to_state: str) -> list[str]:
     if to_state not in STATES:
         raise InvalidTransition(f"unknown state {to_state!r}")
     return [source for source, targets in MOVES.items() if to_state in targets]
+
+
+@dataclass(frozen=True)
+class Move:
+    """One requested move: to ``to_state``, with what the provider said (if anything)."""
+    refund_id: UUID
+    to_state: str
+    code: str | None = None
+    message: str | None = None
+    provider_refund_id: str | None = None
+
+
+ALLOWED_MOVES = [f"{source}>{target}" for source, targets in MOVES.items() for target in targets]
 
 
 async def transition(
@@ -113,11 +136,24 @@ async def transition(
     sources = sources_of(to_state)
     if only_from is not None:
         sources = [s for s in sources if s in only_from]
-    row = await conn.fetchrow(
+    [moved] = await transition_many(conn, [Move(refund_id, to_state, code, message, provider_refund_id)],
+                                    actor=actor, allowed=[f"{source}>{to_state}" for source in sources])
+    return moved
+
+
+async def transition_many(conn: asyncpg.Connection, moves: Sequence[Move], *, actor: str,
+                          allowed: Sequence[str] = ALLOWED_MOVES) -> list[Refund | None]:
+    """``transition`` for several refunds (each at most once) in one statement; results in order."""
+    for move in moves:
+        sources_of(move.to_state)  # an unknown state is a bug: refuse the whole batch before writing
+    rows = await conn.fetch(
         _MOVE_AND_RECORD,
-        refund_id, to_state, sources, list(FINAL), code, message, provider_refund_id, FIRST_STATUS_CHECK, actor,
+        [m.refund_id for m in moves], [m.to_state for m in moves], [m.code for m in moves],
+        [m.message for m in moves], [m.provider_refund_id for m in moves],
+        list(allowed), list(FINAL), FIRST_STATUS_CHECK, actor,
     )
-    return None if row is None else from_row(row)
+    moved = {row["refund_id"]: from_row(row) for row in rows}
+    return [moved.get(m.refund_id) for m in moves]
 
 
 async def retry(conn: asyncpg.Connection, refund_id: UUID, *, actor: str) -> Refund:
@@ -162,8 +198,16 @@ async def claim_for_submission(conn: asyncpg.Connection, refund_id: UUID, *, act
     expired (its worker died or gave up) may be claimed again. Returns the refund and the
     state it was claimed from, or None when another worker holds it or it has moved on.
     """
-    row = await conn.fetchrow(_CLAIM_AND_RECORD, refund_id, claim_seconds, actor)
-    return None if row is None else (from_row(row), row["from_state"])
+    [claimed] = await claim_many(conn, [refund_id], actor=actor, claim_seconds=claim_seconds)
+    return claimed
+
+
+async def claim_many(conn: asyncpg.Connection, refund_ids: Sequence[UUID], *, actor: str,
+                     claim_seconds: int) -> list[tuple[Refund, str] | None]:
+    """``claim_for_submission`` for several refunds in one statement; results in order."""
+    rows = await conn.fetch(_CLAIM_AND_RECORD, list(refund_ids), claim_seconds, actor)
+    claimed = {row["refund_id"]: (from_row(row), row["from_state"]) for row in rows}
+    return [claimed.get(refund_id) for refund_id in refund_ids]
 
 
 async def release_claim(conn: asyncpg.Connection, refund_id: UUID, *, code: str | None, message: str | None) -> None:

@@ -24,13 +24,26 @@ def queue(redis_url):
     client.close()
 
 
-def queued_refund_ids(client) -> set[str]:
+def queued_refunds(client) -> list[str]:
+    """Refund ids in the messages waiting in Redis, ready or delayed to their rate-limit slot
+    (a send_refunds message names several)."""
     import json
 
-    ids = set()
-    for raw in client.hgetall("dramatiq:refunds.msgs").values():
-        ids.add(json.loads(raw)["args"][0])
+    from producers.delivery import SEND_REFUNDS
+
+    ids = []
+    for messages in ("dramatiq:refunds.msgs", "dramatiq:refunds.DQ.msgs"):
+        for raw in client.hgetall(messages).values():
+            message = json.loads(raw)
+            if message["actor_name"] == SEND_REFUNDS:
+                ids.extend(refund_id for refund_id, _ in message["args"][0])
+            else:
+                ids.append(message["args"][0])
     return ids
+
+
+def queued_refund_ids(client) -> set[str]:
+    return set(queued_refunds(client))
 
 
 async def paid(db, merchant="m1", transaction="CIP-1", amount="100.00", days_ago=0, method="cash", currency="PEN"):
@@ -293,27 +306,31 @@ async def test_python_api_from_another_program(db, database_url, redis_url, make
 async def test_async_delivery_writes_exactly_what_dramatiq_enqueue_writes(queue):
     """deliver_async runs dramatiq's dispatch script itself (batched); a dramatiq consumer must not
     see any difference from RedisBroker.enqueue (deliver). Guards against a dramatiq upgrade."""
-    from producers.delivery import QUEUE, SEND_REFUND, deliver, deliver_async, producer_broker
+    from producers.delivery import QUEUE, SEND_REFUND, SEND_REFUNDS, deliver, deliver_async, producer_broker
 
     by_dramatiq = str(uuid.uuid4())
     batched = [str(uuid.uuid4()) for _ in range(3)]
     assert deliver(by_dramatiq)
-    assert await asyncio.gather(*(deliver_async(refund_id) for refund_id in batched)) == [True] * 3
-    assert queue.llen("dramatiq:refunds") == 4
+    assert await deliver_async(batched[0])  # alone in its write: a send_refund message
+    assert await asyncio.gather(*(deliver_async(refund_id) for refund_id in batched[1:])) == [True] * 2
+    assert queue.llen("dramatiq:refunds") == 3  # the two handed over together share one message
     consumer = producer_broker().consume(QUEUE, prefetch=10, timeout=500)
     try:
-        received = {}
+        received = []
         for message in consumer:
             if message is None:
                 break
-            received[message.args[0]] = message
+            received.append(message)
             consumer.ack(message)
     finally:
         consumer.close()
-    assert list(received) == [by_dramatiq, *batched]  # in order, all of them
-    shape = {(m.queue_name, m.actor_name, m.kwargs == {}, tuple(sorted(m.options))) for m in received.values()}
-    assert shape == {(QUEUE, SEND_REFUND, True, ("redis_message_id",))}
-    assert len({m.options["redis_message_id"] for m in received.values()}) == 4
+    assert [(m.actor_name, m.args) for m in received] == [  # in order, all of them
+        (SEND_REFUND, (by_dramatiq,)), (SEND_REFUND, (batched[0],)),
+        (SEND_REFUNDS, ([[batched[1], None], [batched[2], None]],)),
+    ]
+    shape = {(m.queue_name, m.kwargs == {}, tuple(sorted(m.options))) for m in received}
+    assert shape == {(QUEUE, True, ("redis_message_id",))}
+    assert len({m.options["redis_message_id"] for m in received}) == 3
     assert queue.hlen("dramatiq:refunds.msgs") == 0 and queue.llen("dramatiq:refunds") == 0  # acked: gone
 
 

@@ -2,12 +2,14 @@
 
 import asyncio
 import contextlib
+import time
+import uuid
 from decimal import Decimal
 from datetime import datetime, timezone
 
 import pytest_asyncio
 
-from producers import enqueue_refund
+from producers.enqueue import accept_refund
 from refunds.payments import find_payment, record_payment
 from refunds.records import find_refund, refund_events
 from tests.stack import chaos, process_refund, start_stack
@@ -35,8 +37,9 @@ async def ledger(http, sandbox_url) -> list[dict]:
 async def accepted_refund(db, external_ref="R-1", amount="25.00", merchant="m1"):
     await record_payment(db, merchant_id=merchant, transaction_id="CIP-9", amount=Decimal("100.00"), currency="PEN",
                          method="cash", paid_at=datetime.now(timezone.utc))
-    result = await enqueue_refund(db, merchant_id=merchant, original_transaction_id="CIP-9", amount=amount,
-                                  currency="PEN", external_ref=external_ref)
+    # accepted only: the tests hand it to the worker themselves (process_refund), as an unbooked message would
+    result = await accept_refund(db, merchant_id=merchant, original_transaction_id="CIP-9", amount=amount,
+                                 currency="PEN", external_ref=external_ref)
     return result.refund
 
 
@@ -89,6 +92,26 @@ async def test_duplicate_deliveries_reach_the_gateway_once(db, make_merchant, st
     assert (await find_refund(db, refund.refund_id)).state == "succeeded"
     assert len(await ledger(http, sandbox_url)) == 1
 
+
+
+async def test_refunds_handed_over_together_are_carried_as_one_and_each_settles_once(db, make_merchant, stack):
+    """A send_refunds message: its refunds run together (a duplicate among them included) and
+    one failing does not stop the others; the message's retry finds the rest settled."""
+    from workers.sender import process_refunds
+
+    res, sandbox_url, http = stack
+    await make_merchant("m1", rate_limit=Decimal(1000))
+    await chaos(http, sandbox_url, sync_status_mix={"success": 1})
+    ids = [(await accepted_refund(db, external_ref=f"P-{n}", amount="5.00")).refund_id for n in range(6)]
+    missing = uuid.uuid4()  # no such refund: dropped with a log line, the others go on
+    slot = int(time.time() * 1000)  # booked at hand-over, as the courier does for refunds due now
+    await process_refunds(res, [(rid, slot) for rid in ids] + [(ids[0], slot), (missing, slot)])
+    assert {(await find_refund(db, rid)).state for rid in ids} == {"succeeded"}
+    assert len(await ledger(http, sandbox_url)) == 6
+    await process_refunds(res, [(rid, slot) for rid in ids])  # a redelivery: nothing to do
+    assert len(await ledger(http, sandbox_url)) == 6
+    events = await db.fetchval("SELECT count(*) FROM refund_events WHERE to_state = 'succeeded'")
+    assert events == 6
 
 async def test_signature_refused_is_a_permanent_failure_that_releases_the_amount(db, make_merchant, stack):
     from pagoefectivo.protocol import public_key_pem

@@ -6,10 +6,10 @@ from uuid import UUID
 
 import dramatiq
 
-from producers.delivery import QUEUE, SEND_REFUND
+from producers.delivery import QUEUE, SEND_REFUND, SEND_REFUNDS
 
 from . import resources
-from .sender import process_refund
+from .sender import process_refund, process_refunds
 
 # Delayed retries for long outages (RetryLater, or Postgres/Redis unreachable):
 # exponential backoff with jitter from 1 s up to 1 h, 60 times, which spans over 24 hours.
@@ -22,3 +22,12 @@ from .sender import process_refund
 )
 async def send_refund(refund_id: str, slot_ms: int | None = None) -> None:
     await process_refund(resources.current(), UUID(refund_id), slot_ms)
+
+
+@dramatiq.actor(
+    actor_name=SEND_REFUNDS, queue_name=QUEUE, time_limit=60_000,
+    max_retries=60, min_backoff=1_000, max_backoff=3_600_000,
+)
+async def send_refunds(items: list[list]) -> None:
+    """Refunds handed over together: ``[[refund_id, slot_ms or None], ...]``."""
+    await process_refunds(resources.current(), [(UUID(refund_id), slot_ms) for refund_id, slot_ms in items])

@@ -1,20 +1,27 @@
-"""Per-merchant rate limit shared by every worker process, kept in Redis.
+"""Per-merchant rate limit shared by every worker process and producer, kept in Redis.
 
-Two structures per merchant, updated atomically by one Lua script on Redis's own clock
-(worker clocks may drift):
+Two structures per merchant, updated atomically by Lua scripts on Redis's own clock
+(worker and producer clocks may drift):
 
-- a schedule (GCRA theoretical arrival time): a refund that cannot go now books the next
-  free slot and is re-queued to arrive exactly then, so a backlog is walked through once,
-  in order, without holding worker threads or re-checking every message again and again;
-- a sliding one-second window of actual sends, so that even when workers fall behind and
-  booked slots bunch up, the gateway never sees more than the limit in any second.
+- a schedule (GCRA theoretical arrival time): each refund owns one slot of it. Producers
+  book the slots of the refunds they hand over (``book``, several refunds of a merchant in
+  one call) and enqueue each message to arrive at its slot, so a large merchant's backlog
+  waits in dramatiq's delay queue instead of in front of everyone else's refunds. A
+  refund that comes without a slot (approvals, the outbox sweep, a producer without a
+  pool) books one when a worker first asks (``acquire``) and, if it cannot go now, is
+  re-queued to arrive exactly then: a backlog is walked through once, in order;
+- a sliding one-second window of actual sends, checked by ``acquire`` at send time for
+  every refund, booked or not, so that even when workers fall behind and booked slots
+  bunch up, the gateway never sees more than the limit in any second.
 
-A gateway 429 pauses the merchant for its Retry-After across all workers.
+A gateway 429 pauses the merchant for its Retry-After across all workers; slots booked
+during a pause start after it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -24,28 +31,45 @@ import redis.asyncio as aioredis
 # gateway some milliseconds later, and the gateway's own one-second window must never see more.
 WINDOW_MS = 1050
 
-_ACQUIRE = """
-local WINDOW_MS = tonumber(ARGV[4])
+# What both scripts share: Redis's clock, the pause, and the schedule's next free slot.
+# A schedule key is forgotten a minute after its last booked slot has passed.
+_SCHEDULE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function paused_for(pause)
+  local ms = redis.call('PTTL', pause)
+  if ms > 0 then return ms end
+  return 0
+end
+local function next_free(sched, from)
+  local tat = tonumber(redis.call('GET', sched) or from)
+  if tat < from then return from end
+  return tat
+end
+local function keep_schedule(sched, tat)
+  redis.call('SET', sched, tostring(tat), 'PX', math.ceil(tat - now) + 60000)
+end
+"""
+
+_ACQUIRE = _SCHEDULE + """
 local sched, window, pause = KEYS[1], KEYS[2], KEYS[3]
 local interval = tonumber(ARGV[1])
 local per_window = tonumber(ARGV[2])
 local slot = tonumber(ARGV[3])          -- a slot booked earlier, or -1
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local paused = redis.call('PTTL', pause)
+local WINDOW_MS = tonumber(ARGV[4])
+local paused = paused_for(pause)
 if paused > 0 then
   return {paused, -1}
 end
 redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_MS)
-local tat = tonumber(redis.call('GET', sched) or now)
-if tat < now then tat = now end
+local tat = next_free(sched, now)
 local room = redis.call('ZCARD', window) < per_window
 if room and (slot >= 0 or tat <= now) then
   redis.call('ZADD', window, now, now .. ':' .. redis.call('INCR', window .. ':seq'))
   redis.call('PEXPIRE', window, 2 * WINDOW_MS)
   redis.call('PEXPIRE', window .. ':seq', 2000)
   if slot < 0 then
-    redis.call('SET', sched, tostring(tat + interval), 'PX', math.ceil(interval) + 60000)
+    keep_schedule(sched, tat + interval)
   end
   return {0, -1}
 end
@@ -56,9 +80,30 @@ if slot >= 0 then
   if oldest[2] then wait = math.max(1, tonumber(oldest[2]) + WINDOW_MS - now) end
   return {wait, slot}
 end
-redis.call('SET', sched, tostring(tat + interval), 'PX', math.ceil(tat + interval - now) + 60000)
+keep_schedule(sched, tat + interval)
 return {math.max(1, tat - now), tat}
 """
+
+# Books the next `count` slots; never touches the window (acquire checks it at send time).
+_BOOK = _SCHEDULE + """
+local sched, pause = KEYS[1], KEYS[3]
+local interval = tonumber(ARGV[1])
+local count = tonumber(ARGV[2])
+local tat = next_free(sched, now + paused_for(pause))
+local booked = {now}
+for i = 1, count do
+  booked[i + 1] = tat                   -- Redis returns it truncated to whole milliseconds
+  tat = tat + interval
+end
+keep_schedule(sched, tat)
+return booked
+"""
+
+
+def _pace(per_second: Decimal) -> tuple[float, int]:
+    """The schedule's interval between slots (ms) and the sends one window allows, for a rate."""
+    rate = float(per_second)  # a rate, not money
+    return WINDOW_MS / rate, max(1, math.floor(rate))
 
 
 @dataclass(frozen=True)
@@ -67,10 +112,17 @@ class Decision:
     slot_ms: int | None  # the booked slot a re-queued refund owns, if any
 
 
+@dataclass(frozen=True)
+class Booking:
+    now_ms: int  # Redis's clock when the slots were booked
+    slots_ms: tuple[int, ...]  # one per refund, in order, ms since the epoch on Redis's clock
+
+
 class RateLimiter:
     def __init__(self, client: aioredis.Redis, *, prefix: str = "refunds:rate:"):
         self._client = client
-        self._script = client.register_script(_ACQUIRE)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._book = client.register_script(_BOOK)
         self._prefix = prefix
 
     def _keys(self, merchant_id: str) -> list[str]:
@@ -78,14 +130,38 @@ class RateLimiter:
         return [base + ":sched", base + ":window", base + ":pause"]
 
     async def acquire(self, merchant_id: str, per_second: Decimal, *, slot_ms: int | None = None) -> Decision:
-        """May this merchant's next request go now? If not, how long to wait, and which slot it owns."""
-        rate = float(per_second)  # a rate, not money
-        per_window = max(1, math.floor(rate))
-        wait, slot = await self._script(
+        """May this merchant's next request go now? If not, how long to wait, and which slot it owns.
+
+        With ``slot_ms`` (a slot booked earlier, by ``book`` or a previous ``acquire``) only the
+        window is checked: the slot is never booked twice.
+        """
+        interval, per_window = _pace(per_second)
+        wait, slot = await self._acquire(
             keys=self._keys(merchant_id),
-            args=[WINDOW_MS / rate, per_window, -1 if slot_ms is None else slot_ms, WINDOW_MS],
+            args=[interval, per_window, -1 if slot_ms is None else slot_ms, WINDOW_MS],
         )
         return Decision(int(wait), None if int(slot) < 0 else int(slot))
+
+    async def book(self, merchant_id: str, per_second: Decimal, count: int) -> Booking:
+        """Book the next ``count`` slots of a merchant's schedule (refunds handed over together)."""
+        (booking,) = await self.book_many([(merchant_id, per_second, count)])
+        return booking
+
+    async def book_many(self, requests: Sequence[tuple[str, Decimal, int]]) -> list[Booking]:
+        """``book`` for several merchants (merchant, rate per second, count), in one pipelined write."""
+        if len(requests) == 1:  # the common case: one script call, no pipeline's SCRIPT EXISTS first
+            answers = [await self._book(keys=self._keys(requests[0][0]), args=self._book_args(*requests[0][1:]))]
+        else:
+            pipe = self._client.pipeline(transaction=False)
+            for merchant_id, per_second, count in requests:
+                await self._book(keys=self._keys(merchant_id), args=self._book_args(per_second, count), client=pipe)
+            answers = await pipe.execute()
+        return [Booking(int(now), tuple(int(slot) for slot in slots)) for now, *slots in answers]
+
+    @staticmethod
+    def _book_args(per_second: Decimal, count: int) -> list:
+        interval, _ = _pace(per_second)
+        return [interval, count]
 
     async def pause(self, merchant_id: str, seconds: float) -> None:
         """The gateway said 429: hold every worker's requests for this merchant for Retry-After."""

@@ -10,6 +10,7 @@ import logging
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from uuid import UUID
 
 import aiohttp
 import asyncpg
@@ -19,13 +20,18 @@ from dramatiq.asyncio import get_event_loop_thread
 
 from pagoefectivo.client import Credentials, PagoEfectivoClient
 from refunds import db
+from refunds.coalesce import Coalescer
 from refunds.merchants import Merchant
+from refunds.records import Refund, find_with_merchants
+from refunds.states import Move, claim_many, transition_many
 from refunds.settings import Settings, get_settings
 from refunds.vault import Vault, vault_from_settings
 
 from .ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
+
+ACTOR = "worker"  # who the audit rows of the worker's moves name
 
 
 @dataclass
@@ -41,8 +47,33 @@ class Resources:
     # whole row, sealed secrets included, so a rotation or any other change is a new entry.
     credentials: Callable[[Merchant], Credentials] = field(init=False)
 
+    # the refunds in flight on this process read, claim and move together (see refunds.coalesce)
+    load: Coalescer[UUID, tuple[Refund, Merchant] | None] = field(init=False)
+    claim: Coalescer[UUID, tuple[Refund, str] | None] = field(init=False)
+    move: Coalescer[Move, Refund | None] = field(init=False)
+
     def __post_init__(self) -> None:
         self.credentials = functools.lru_cache(maxsize=1024)(lambda merchant: merchant.credentials(self.vault))
+        self.load = Coalescer(self._on_connection(find_with_merchants))
+        self.claim = Coalescer(self._on_connection(functools.partial(
+            claim_many, actor=ACTOR, claim_seconds=self.settings.refund_claim_seconds)))
+        self.move = Coalescer(self._moves, key=lambda move: move.refund_id)
+
+    def _on_connection(self, statement):
+        async def run(items):
+            async with self.pool.acquire() as conn:
+                return await statement(conn, items)
+        return run
+
+    async def _moves(self, moves: list[Move]) -> list[Refund | None]:
+        async with self.pool.acquire() as conn:
+            try:
+                return await transition_many(conn, moves, actor=ACTOR)
+            except asyncpg.DeadlockDetectedError:
+                # two batches moving refunds of the same payments locked those payment rows in
+                # opposite orders (the refund trigger updates them); Postgres undid this one
+                log.warning("a batch of %d refund moves met a deadlock; moving them one by one", len(moves))
+                return [(await transition_many(conn, [move], actor=ACTOR))[0] for move in moves]
 
     @classmethod
     async def open(cls, settings: Settings | None = None, *, pool_size: int = 10) -> "Resources":

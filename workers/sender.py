@@ -24,15 +24,14 @@ from pagoefectivo.errors import (
 from producers.delivery import QUEUE, SEND_REFUND
 from refunds import logs, metrics
 from refunds.merchants import Merchant
-from refunds.records import Refund, find_refund, from_row
-from refunds.states import claim_for_submission, release_claim, transition
+from refunds.records import Refund, find_refund
+from refunds.states import Move, release_claim
 
 from .resources import Resources
 from .status_schedule import next_check_delay
 
 log = logging.getLogger(__name__)
 
-ACTOR = "worker"
 # delayed retries continue at least this long before a refund is sent to manual review
 RETRY_HORIZON_SECONDS = 26 * 3600
 MAX_BACKOFF_SECONDS = 3600
@@ -59,12 +58,11 @@ def in_attempt_retries() -> AsyncRetrying:
 
 async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = None) -> None:
     """Handle one send_refund message. ``slot_ms``: a rate-limit slot this message already booked."""
-    async with res.pool.acquire() as conn:
-        row = await conn.fetchrow(_REFUND_AND_MERCHANT, refund_id)
-    if row is None:
+    found = await res.load(refund_id)
+    if found is None:
         log.warning("refund %s: no such refund, message dropped", refund_id)
         return
-    refund, merchant = from_row(row["r"]), Merchant.from_row(row["m"])
+    refund, merchant = found
     creds = res.credentials(merchant)
     with logs.context(refund_id=str(refund.refund_id), merchant=refund.merchant_id, external_ref=refund.external_ref):
         try:
@@ -78,19 +76,27 @@ async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = 
             await _retry_later(res, refund, str(exc))
 
 
-# one round trip for both rows (composite values: asyncpg decodes them to records)
-_REFUND_AND_MERCHANT = "SELECT r, m FROM refunds r JOIN merchants m USING (merchant_id) WHERE r.refund_id = $1"
 
+
+async def process_refunds(res: Resources, items: list[tuple[UUID, int | None]]) -> None:
+    """Handle one send_refunds message: its refunds are in flight together, so their reads,
+    claims and moves share statements (``Resources.load``/``claim``/``move``).
+
+    Each refund runs to its end even if another fails; then the first failure is raised,
+    and dramatiq's retry of the message finds the finished refunds settled (nothing to do).
+    """
+    outcomes = await asyncio.gather(*(process_refund(res, refund_id, slot_ms) for refund_id, slot_ms in items),
+                                    return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 async def _submit(res: Resources, refund: Refund, merchant: Merchant, creds: Credentials, slot_ms: int | None) -> None:
     decision = await res.limiter.acquire(merchant.merchant_id, merchant.rate_limit, slot_ms=slot_ms)
     if decision.wait_ms:
         await _defer(res, refund, decision.wait_ms, rate_limited=True, slot_ms=decision.slot_ms)
         return
-    async with res.pool.acquire() as conn:
-        claimed = await claim_for_submission(
-            conn, refund.refund_id, actor=ACTOR, claim_seconds=res.settings.refund_claim_seconds
-        )
+    claimed = await res.claim(refund.refund_id)
     if claimed is None:
         return  # another worker holds the claim, or the refund moved on
     refund, claimed_from = claimed
@@ -186,8 +192,7 @@ async def check_status(res: Resources, refund: Refund, creds: Credentials) -> No
 
 
 async def _settle(res: Resources, refund: Refund, to_state: str, **details) -> None:
-    async with res.pool.acquire() as conn:
-        moved = await transition(conn, refund.refund_id, to_state, actor=ACTOR, **details)
+    moved = await res.move(Move(refund.refund_id, to_state, **details))
     if moved is not None:
         metrics.observe_completion(moved, to_state)
         log.info("refund %s %s -> %s", refund.refund_id, refund.state, to_state,

@@ -1,0 +1,82 @@
+"""Calls awaited together run as one batch: many refunds, one statement.
+
+A round trip to Postgres costs more CPU (on both sides) than the work of the statement
+that rides it, and a worker has many refunds in flight at once. So the worker's state
+changes go through a ``Coalescer``: each call queues its item and awaits its own result;
+calls made in the same turn of the event loop share a batch, and while a batch is being run
+the calls that arrive queue up and share the next one. Nothing waits for a batch to fill:
+an idle coalescer runs what it has at once.
+
+A batch never holds two items with the same key (the same refund twice would make one
+statement decide two moves of one row); the second waits for the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Generic, TypeVar
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+
+
+class Coalescer(Generic[Item, Result]):
+    """``await coalescer(item)`` runs ``run_batch([item, ...])`` with the items awaited meanwhile.
+
+    ``run_batch`` returns one result per item, in order; if it raises, every call of that
+    batch raises the same exception.
+    """
+
+    def __init__(self, run_batch: Callable[[list[Item]], Awaitable[Sequence[Result]]], *,
+                 key: Callable[[Item], Hashable] = id, max_batch: int = 100, max_inflight: int = 2):
+        self._run_batch = run_batch
+        self._key = key
+        self._max_batch = max_batch
+        self._max_inflight = max_inflight
+        self._queue: deque[tuple[Item, asyncio.Future]] = deque()
+        self._runs: set[asyncio.Task] = set()
+
+    async def __call__(self, item: Item) -> Result:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        if len(self._runs) < self._max_inflight:
+            task = asyncio.create_task(self._drain())
+            self._runs.add(task)
+            task.add_done_callback(self._runs.discard)
+        # shielded: a caller that gives up does not cancel a statement that others share
+        return await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                results = await self._run_batch([item for item, _ in batch])
+            except BaseException as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+    def _take(self) -> list[tuple[Item, asyncio.Future]]:
+        batch, held, keys = [], [], set()
+        while self._queue and len(batch) < self._max_batch:
+            item, future = self._queue.popleft()
+            if future.done():
+                continue
+            key = self._key(item)
+            if key in keys:
+                held.append((item, future))
+                continue
+            keys.add(key)
+            batch.append((item, future))
+        self._queue.extendleft(reversed(held))
+        return batch
