@@ -17,7 +17,7 @@ Booking at hand-over: in one FIFO queue, a large merchant's backlog sat in front
 every other merchant's refunds, and each worker had to take, re-check and re-queue
 each of its messages before reaching them. So when a refund comes with its merchant,
 rate limit and a pool, the courier first books its slot in the merchant's rate-limit
-schedule (``workers.ratelimit``, one call per merchant per batch) and sends its message
+schedule (``refunds.ratelimit``, one call per merchant per batch) and sends its message
 with ``slot_ms``: a slot due now goes to the ready queue, a later one to dramatiq's
 delay queue with the slot as its eta, exactly as ``RedisBroker.enqueue(message,
 delay=...)`` would put it. The worker then only checks the one-second window. A refund
@@ -49,6 +49,7 @@ from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
 
+from refunds.ratelimit import RateLimiter
 from refunds.settings import get_settings
 
 QUEUE = "refunds"
@@ -143,7 +144,7 @@ class _Courier:
         self._broker: RedisBroker | None = None  # the producer broker the client was made for
         self._client: aioredis.Redis | None = None
         self._dispatch = None
-        self._limiter = None  # workers.ratelimit.RateLimiter on the same client
+        self._limiter: RateLimiter | None = None  # on the same client
         self._closer: asyncio.Task | None = None
 
     def deliver(self, refund_id: UUID | str, *, merchant_id: str | None = None, rate_limit: Decimal | None = None,
@@ -228,10 +229,6 @@ class _Courier:
         slots: list[_Slot | None] = [None] * len(batch)
         if groups:
             if self._limiter is None:
-                # Imported here, at the first booking: importing the workers package sets up the
-                # worker broker and loads the actors (which import this module).
-                from workers.ratelimit import RateLimiter
-
                 self._limiter = RateLimiter(self._client)
             bookings = await self._limiter.book_many(
                 [(merchant_id, rate_limit, len(indexes)) for (merchant_id, rate_limit), indexes in groups.items()])

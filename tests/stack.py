@@ -63,7 +63,7 @@ async def start_stack(database_url, redis_url, vault, monkeypatch, *,
     """
     from pagoefectivo.sandbox import create_app as sandbox_app
     from receiver import create_app as receiver_app
-    from workers.ratelimit import RateLimiter
+    from refunds.ratelimit import RateLimiter
     from workers.resources import Resources
 
     receiver_runner, receiver_url = await serve(receiver_app(database_url=database_url, vault=vault))

@@ -22,7 +22,7 @@ from producers.delivery import QUEUE, RECORD_SLOT_AHEAD_MS, SEND_REFUND, deliver
 from producers.enqueue import accept_refund, enqueue_refund, hand_over
 from refunds import db as dbmod
 from refunds.payments import record_payment
-from workers.ratelimit import WINDOW_MS, RateLimiter
+from refunds.ratelimit import WINDOW_MS, RateLimiter
 
 REDIS_DB = 10  # module_redis_url: a Redis database of our own (schedules and queues of these tests only)
 DELAY_QUEUE = QUEUE + ".DQ"

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from workers.ratelimit import RateLimiter
+from refunds.ratelimit import RateLimiter
 
 
 @pytest_asyncio.fixture

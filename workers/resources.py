@@ -27,7 +27,7 @@ from refunds.states import Move, claim_many, transition_many
 from refunds.settings import Settings, get_settings
 from refunds.vault import Vault, vault_from_settings
 
-from .ratelimit import RateLimiter
+from refunds.ratelimit import RateLimiter
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from pagoefectivo.client import Credentials, RefundAnswer, RefundOrder
 from pagoefectivo.errors import (
     EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError,
 )
-from producers.delivery import QUEUE, SEND_REFUND
+from producers.delivery import send_refund_message
 from refunds import logs, metrics
 from refunds.merchants import Merchant
 from refunds.records import Refund, find_refund
@@ -246,9 +246,7 @@ async def _defer(res: Resources, refund: Refund, wait_ms: int, *, rate_limited: 
 
 def requeue(refund_id: UUID, *, delay_ms: int, slot_ms: int | None) -> bool:
     """Put a send_refund message back with a delay; False if Redis is unreachable."""
-    kwargs = {} if slot_ms is None else {"slot_ms": slot_ms}
-    message = dramatiq.Message(queue_name=QUEUE, actor_name=SEND_REFUND, args=(str(refund_id),), kwargs=kwargs,
-                               options={})
+    message = send_refund_message(refund_id, slot_ms=slot_ms)
     try:
         dramatiq.get_broker().enqueue(message, delay=delay_ms)
         return True
