@@ -79,6 +79,9 @@ class Directory(Protocol):
     async def payment(self, merchant_id: str, transaction_id: str) -> PaidTransaction | None: ...
 
 
+MAX_KNOWN_PAYMENTS = 200_000  # paid transactions the sandbox keeps in memory
+
+
 class SeedDirectory:
     """Merchants and payments from a seed file, fixed for the life of the process."""
 
@@ -111,6 +114,7 @@ class DatabaseDirectory:
         self._ttl = ttl
         self._pool: asyncpg.Pool | None = None
         self._cache: dict[str, tuple[float, Registration]] = {}
+        self._payments: dict[tuple[str, str], PaidTransaction] = {}
 
     async def start(self) -> None:
         self._pool = await dbmod.create_pool(self._database_url, min_size=1, max_size=5)
@@ -155,9 +159,18 @@ class DatabaseDirectory:
         return [merchant for merchant in found if merchant is not None]
 
     async def payment(self, merchant_id: str, transaction_id: str) -> PaidTransaction | None:
+        """A paid transaction never changes, so one found is kept (a missing one is asked again:
+        it may be paid later). The gateway owns its own records; this spares our database."""
+        key = (merchant_id, transaction_id)
+        known = self._payments.get(key)
+        if known is not None:
+            return known
         async with self.pool.acquire() as conn:
             payment = await find_payment(conn, merchant_id, transaction_id)
         if payment is None:
             return None
-        return PaidTransaction(payment.merchant_id, payment.transaction_id, payment.amount, payment.currency,
-                               payment.method, payment.paid_at)
+        if len(self._payments) >= MAX_KNOWN_PAYMENTS:
+            self._payments.clear()
+        known = self._payments[key] = PaidTransaction(payment.merchant_id, payment.transaction_id, payment.amount,
+                                                      payment.currency, payment.method, payment.paid_at)
+        return known
