@@ -2,10 +2,10 @@
 
 A notification is first read into a typed event (``parse``), so that anything the
 receiver cannot interpret is refused with 400 before a row is written. ``store_and_apply``
-then writes the ``notifications`` row and applies the event atomically (one statement, or
-one transaction): the row's primary key (merchant, operationNumber) is the deduplication,
-so a redelivered or concurrently delivered notification finds the row (or loses the race
-to insert it, and its transaction is rolled back) and applies nothing again.
+then writes the ``notifications`` row and applies the event atomically (one statement):
+the row's primary key (merchant, operationNumber) is the deduplication, so a redelivered
+or concurrently delivered notification finds the row (or loses the race to insert it,
+and then changes nothing) and applies nothing again.
 
 What happened is kept in ``notifications.result``:
 
@@ -36,8 +36,8 @@ from pagoefectivo.protocol import LIMA, dumps, loads, parse_timestamp
 from refunds.errors import RefundRefused
 from refunds.money import parse_amount, parse_currency
 from refunds.payments import METHODS
-from refunds.records import Refund
-from refunds.states import transition
+from refunds.records import Refund, from_row
+from refunds.states import Move, move_parameters, moved_if
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ def _payment_date(value: Any) -> datetime | None:
 # kind is stored with as few as possible: an unhandled type is one INSERT; payments are one
 # statement (dedup row and payment together, atomic as any single statement; the receiver
 # stores concurrent ones together, see batch.py); a refund outcome is one read (seen before?
-# which refund?) and, when there is something to do, one transaction holding the state
+# which refund?) and, when there is something to do, one statement holding the state
 # machine's move and the dedup row. A duplicate costs one statement and writes nothing.
 
 @dataclass(frozen=True)
@@ -226,10 +226,6 @@ class Outcome:
 
 
 DUPLICATE = Outcome("duplicate")
-
-
-class _StoredMeanwhile(Exception):
-    """Another delivery of this notification stored its row first: roll this one back."""
 
 
 async def store_and_apply(conn: asyncpg.Connection, merchant_id: str, note: Notification) -> Outcome:
@@ -367,6 +363,24 @@ SELECT EXISTS (SELECT 1 FROM notifications WHERE merchant_id = $1 AND operation_
   LEFT JOIN refunds r ON r.merchant_id = $1 AND r.external_ref = $3"""
 
 
+# The move and the notification row in one statement (one round trip, atomic): the row is
+# stored with the verdict the locked refund's state gives ("applied" when the state machine
+# allows the move, "already" when the refund is in that state, "late" otherwise), and the
+# refund moves only if the row is new: a concurrent delivery that stored it first wins, and
+# this one changes nothing. $1-$9: the state machine's move; $10-$13: the notification.
+_MOVE_AND_STORE = moved_if(
+    """verdict AS (SELECT previous.state,
+                          CASE WHEN previous.state || '>' || ($2::text[])[1] = ANY($6::text[]) THEN 'applied'
+                               WHEN previous.state = ($2::text[])[1] THEN 'already' ELSE 'late' END AS result
+                     FROM previous),
+       stored AS (INSERT INTO notifications (merchant_id, operation_number, event_type, result, body)
+                  SELECT $10, $11, $12, verdict.result, $13::text::jsonb FROM verdict
+                  ON CONFLICT (merchant_id, operation_number) DO NOTHING
+                  RETURNING result),""",
+    "EXISTS (SELECT 1 FROM stored)",
+    "SELECT verdict.state AS was, (SELECT result FROM stored) AS stored, moved.* FROM verdict LEFT JOIN moved ON true",
+)
+
 async def _refund_move(conn: asyncpg.Connection, merchant_id: str, note: Notification,
                        ev: RefundOutcome) -> Outcome:
     found = await conn.fetchrow(_REFUND_LOOKUP, merchant_id, note.operation_number, ev.external_ref)
@@ -389,21 +403,17 @@ async def _refund_move(conn: asyncpg.Connection, merchant_id: str, note: Notific
                     note.operation_number, refund_id, ", ".join(differs))
         return await _store(conn, merchant_id, note,
                             Outcome("mismatch", f"refund {refund_id}: {', '.join(differs)} differ"))
-    try:
-        async with conn.transaction():
-            moved = await transition(
-                conn, refund_id, ev.to_state, actor=ACTOR, code=ev.code, message=ev.reason,
-                provider_refund_id=ev.provider_refund_id,
-            )
-            if moved is not None:
-                outcome = Outcome("applied", f"refund {refund_id} {found['state']} -> {ev.to_state}", completed=moved)
-            else:
-                state = await conn.fetchval("SELECT state FROM refunds WHERE refund_id = $1", refund_id)
-                outcome = (Outcome("already", f"refund {refund_id} already {state}") if state == ev.to_state
-                           else Outcome("late", f"refund {refund_id} is {state}; {ev.to_state} not applied"))
-            if not await conn.fetchval(_STORE, merchant_id, note.operation_number, note.event_type, outcome.result,
-                                       note.body_json):
-                raise _StoredMeanwhile
-    except _StoredMeanwhile:
-        return DUPLICATE
-    return outcome
+    row = await conn.fetchrow(
+        _MOVE_AND_STORE,
+        *move_parameters([Move(refund_id, ev.to_state, ev.code, ev.reason, ev.provider_refund_id)], actor=ACTOR),
+        merchant_id, note.operation_number, note.event_type, note.body_json,
+    )
+    if row is None:  # the refund was there a moment ago; refunds are never deleted, but be exact
+        return await _store(conn, merchant_id, note, Outcome("unknown", "no refund with this externalRef"))
+    if row["stored"] is None:
+        return DUPLICATE  # another delivery stored its row first: this one applied nothing
+    if row["stored"] == "applied":
+        return Outcome("applied", f"refund {refund_id} {row['was']} -> {ev.to_state}", completed=from_row(row))
+    if row["stored"] == "already":
+        return Outcome("already", f"refund {refund_id} already {row['was']}")
+    return Outcome("late", f"refund {refund_id} is {row['was']}; {ev.to_state} not applied")

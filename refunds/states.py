@@ -41,7 +41,8 @@ MOVES: dict[str, frozenset[str]] = {
 NOT_RETRYABLE_CODES = frozenset({"111", "112", "113", "601", "602", "603", "604", "605", "606", "607"})
 
 
-def _with_audit_rows(locked_update: str, event: str, *, also_returning: str = "") -> str:
+def _with_audit_rows(locked_update: str, event: str, *, also_returning: str = "", between: str = "",
+                     then_select: str = "SELECT * FROM moved") -> str:
     """One statement that locks refunds, moves them and writes their audit rows.
 
     A data-modifying CTE: one round trip and one implicit transaction (or part of the
@@ -51,22 +52,24 @@ def _with_audit_rows(locked_update: str, event: str, *, also_returning: str = ""
     state each move really starts from. ``locked_update`` updates ``refunds r`` from
     ``previous``; ``event`` selects each audit row's to_state, actor, code and message from
     ``moved`` (which returns the refund's columns, ``from_state`` and ``also_returning``).
+    ``between``: more CTEs after ``previous`` (the update may depend on them);
+    ``then_select``: what the statement returns.
     """
     return f"""
         WITH previous AS (SELECT refund_id, state FROM refunds WHERE refund_id = ANY($1::uuid[])
                           ORDER BY refund_id FOR UPDATE),
+        {between}
         moved AS ({locked_update}
                   RETURNING {', '.join('r.' + c.strip() for c in COLUMNS.split(','))},
                             previous.state AS from_state {also_returning}),
         audit AS (INSERT INTO refund_events (refund_id, from_state, to_state, actor, code, message)
                   SELECT refund_id, from_state, {event} FROM moved)
-        SELECT * FROM moved"""
+        {then_select}"""
 
 
 # $1 refunds, and for each in order: $2 to_state, $3 code, $4 message, $5 provider refund id;
 # $6 the allowed moves as 'from>to', $7 final states, $8 first status check delay, $9 actor
-_MOVE_AND_RECORD = _with_audit_rows(
-    """UPDATE refunds r SET
+_MOVE = """UPDATE refunds r SET
            state = m.to_state,
            updated_at = now(),
            completed_at = CASE WHEN m.to_state = ANY($7::text[]) THEN COALESCE(r.completed_at, now()) END,
@@ -80,10 +83,10 @@ _MOVE_AND_RECORD = _with_audit_rows(
        FROM previous
        JOIN unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
             AS m (refund_id, to_state, code, message, provider_refund_id) USING (refund_id)
-       WHERE r.refund_id = previous.refund_id AND previous.state || '>' || m.to_state = ANY($6::text[])""",
-    "state, $9, given_code, given_message",
-    also_returning=", m.code AS given_code, m.message AS given_message",
-)
+       WHERE r.refund_id = previous.refund_id AND previous.state || '>' || m.to_state = ANY($6::text[])"""
+_MOVE_EVENT = "state, $9, given_code, given_message"
+_MOVE_RETURNING = ", m.code AS given_code, m.message AS given_message"
+_MOVE_AND_RECORD = _with_audit_rows(_MOVE, _MOVE_EVENT, also_returning=_MOVE_RETURNING)
 
 # $1 refunds, $2 claim seconds, $3 actor
 _CLAIM_AND_RECORD = _with_audit_rows(
@@ -144,17 +147,31 @@ async def transition(
 async def transition_many(conn: asyncpg.Connection, moves: Sequence[Move], *, actor: str,
                           allowed: Sequence[str] = ALLOWED_MOVES) -> list[Refund | None]:
     """``transition`` for several refunds (each at most once) in one statement; results in order."""
-    for move in moves:
-        sources_of(move.to_state)  # an unknown state is a bug: refuse the whole batch before writing
-    rows = await conn.fetch(
-        _MOVE_AND_RECORD,
-        [m.refund_id for m in moves], [m.to_state for m in moves], [m.code for m in moves],
-        [m.message for m in moves], [m.provider_refund_id for m in moves],
-        list(allowed), list(FINAL), FIRST_STATUS_CHECK, actor,
-    )
+    rows = await conn.fetch(_MOVE_AND_RECORD, *move_parameters(moves, actor=actor, allowed=allowed))
     moved = {row["refund_id"]: from_row(row) for row in rows}
     return [moved.get(m.refund_id) for m in moves]
 
+
+
+def moved_if(condition_ctes: str, condition: str, then_select: str) -> str:
+    """The statement of ``transition_many`` (same $1-$9), for a caller that writes something
+    else in the same statement and moves only if that succeeded: ``condition_ctes`` follow
+    ``previous`` (the locked rows), ``condition`` is ANDed to the move, ``then_select`` is
+    what the statement returns (``previous``, ``moved`` and the caller's CTEs are in scope).
+    Its parameters start at $10. Use ``move_parameters`` for $1-$9."""
+    return _with_audit_rows(_MOVE + f" AND ({condition})", _MOVE_EVENT, also_returning=_MOVE_RETURNING,
+                            between=condition_ctes, then_select=then_select)
+
+
+def move_parameters(moves: Sequence[Move], *, actor: str, allowed: Sequence[str] = ALLOWED_MOVES) -> list:
+    """$1-$9 of ``transition_many``'s statement (and of ``moved_if``'s)."""
+    for move in moves:
+        sources_of(move.to_state)  # an unknown state is a bug: refuse the whole batch before writing
+    return [
+        [m.refund_id for m in moves], [m.to_state for m in moves], [m.code for m in moves],
+        [m.message for m in moves], [m.provider_refund_id for m in moves],
+        list(allowed), list(FINAL), FIRST_STATUS_CHECK, actor,
+    ]
 
 async def retry(conn: asyncpg.Connection, refund_id: UUID, *, actor: str) -> Refund:
     """An operator's retry of a refund in manual_review, or failed for a cause retrying can fix.
