@@ -254,7 +254,10 @@ async def test_each_process_exports_its_own_metrics(live):
     }
     for job, expr in by_job.items():
         assert (prometheus.value(expr) or 0) >= accepted, f"{job}: {expr} = {prometheus.value(expr)}"
-    assert prometheus.value('sum(dramatiq_messages_total{job="refunds-worker", actor_name="send_refund"})') >= accepted
+    # dramatiq's own counters too (refunds handed over together share a send_refunds message, so
+    # their number is not the refunds'; the worker counter above counts refunds)
+    assert (prometheus.value('sum(dramatiq_messages_total{job="refunds-worker", actor_name=~"send_refunds?"})')
+            or 0) >= 1
     assert prometheus.value('sum(rate(refund_completion_seconds_count[1m])) >= 0') is not None
     assert prometheus.value('max(refund_outbox_oldest_seconds{job="refunds-scheduler"})') == 0
     merchants = prometheus.query("count by (merchant) (refunds_accepted_total)")["data"]["result"]
