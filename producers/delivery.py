@@ -254,7 +254,6 @@ class _Courier:
                 pass
 
 
-
 def _messages(refund_ids: list[str], slots: list["_Slot | None"]) -> list[Message]:
     """The messages for refunds handed over together.
 
@@ -287,6 +286,7 @@ def _messages(refund_ids: list[str], slots: list["_Slot | None"]) -> list[Messag
             messages.append(Message(queue_name=QUEUE, actor_name=SEND_REFUNDS,
                                     args=([list(item) for item in pack],), kwargs={}, options={}))
     return messages
+
 
 async def _record_slots(booked: list[tuple[_Handover, _Slot]]) -> None:
     """delivered_at = slot for refunds booked far ahead, one statement per pool (one pool, as a rule).

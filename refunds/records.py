@@ -82,7 +82,6 @@ async def find_refund(conn: asyncpg.Connection, refund_id: UUID | str) -> Refund
     return from_row(row) if row else None
 
 
-
 async def find_with_merchants(conn: asyncpg.Connection, refund_ids: Sequence[UUID]) -> list[tuple[Refund, Merchant] | None]:
     """Refunds and their merchants in one round trip (composite values decode to records); in order."""
     rows = await conn.fetch(
@@ -90,6 +89,7 @@ async def find_with_merchants(conn: asyncpg.Connection, refund_ids: Sequence[UUI
         list(refund_ids))
     found = {row["r"]["refund_id"]: (from_row(row["r"]), Merchant.from_row(row["m"])) for row in rows}
     return [found.get(refund_id) for refund_id in refund_ids]
+
 
 async def find_by_external_ref(conn: asyncpg.Connection, merchant_id: str, external_ref: str) -> Refund | None:
     row = await conn.fetchrow(

@@ -152,7 +152,6 @@ async def transition_many(conn: asyncpg.Connection, moves: Sequence[Move], *, ac
     return [moved.get(m.refund_id) for m in moves]
 
 
-
 def moved_if(condition_ctes: str, condition: str, then_select: str) -> str:
     """The statement of ``transition_many`` (same $1-$9), for a caller that writes something
     else in the same statement and moves only if that succeeded: ``condition_ctes`` follow
@@ -208,20 +207,15 @@ async def _retry(conn: asyncpg.Connection, refund_id: UUID, actor: str) -> Refun
     return await find_refund(conn, refund_id)
 
 
-async def claim_for_submission(conn: asyncpg.Connection, refund_id: UUID, *, actor: str, claim_seconds: int) -> tuple[Refund, str] | None:
-    """Take the exclusive right to talk to the gateway about this refund for a while.
-
-    A queued refund becomes ``submitted``; a ``submitted`` refund whose previous claim
-    expired (its worker died or gave up) may be claimed again. Returns the refund and the
-    state it was claimed from, or None when another worker holds it or it has moved on.
-    """
-    [claimed] = await claim_many(conn, [refund_id], actor=actor, claim_seconds=claim_seconds)
-    return claimed
-
-
 async def claim_many(conn: asyncpg.Connection, refund_ids: Sequence[UUID], *, actor: str,
                      claim_seconds: int) -> list[tuple[Refund, str] | None]:
-    """``claim_for_submission`` for several refunds in one statement; results in order."""
+    """Take the exclusive right to talk to the gateway about these refunds for a while; one statement.
+
+    A queued refund becomes ``submitted``; a ``submitted`` refund whose previous claim
+    expired (its worker died or gave up) may be claimed again. For each refund, in order:
+    the refund and the state it was claimed from, or None when another worker holds it or
+    it has moved on.
+    """
     rows = await conn.fetch(_CLAIM_AND_RECORD, list(refund_ids), claim_seconds, actor)
     claimed = {row["refund_id"]: (from_row(row), row["from_state"]) for row in rows}
     return [claimed.get(refund_id) for refund_id in refund_ids]

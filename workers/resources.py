@@ -1,13 +1,14 @@
 """What a worker process owns: the asyncpg pool, the aiohttp session, the gateway client,
-the vault (and the credentials it opened) and the rate limiter. Opened on the worker's event loop at boot and closed at
-shutdown, never at import time (dramatiq imports actor modules in every process).
+the vault (and the credentials it opened), the rate limiter, and the statements its
+refunds in flight share. Opened on the worker's event loop at boot and closed at shutdown,
+never at import time (dramatiq imports actor modules in every process).
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from uuid import UUID
@@ -22,12 +23,11 @@ from pagoefectivo.client import Credentials, PagoEfectivoClient
 from refunds import db
 from refunds.coalesce import Coalescer
 from refunds.merchants import Merchant
-from refunds.records import Refund, find_with_merchants
-from refunds.states import Move, claim_many, transition_many
-from refunds.settings import Settings, get_settings
-from refunds.vault import Vault, vault_from_settings
-
 from refunds.ratelimit import RateLimiter
+from refunds.records import Refund, find_with_merchants
+from refunds.settings import Settings, get_settings
+from refunds.states import Move, claim_many, transition_many
+from refunds.vault import Vault, vault_from_settings
 
 log = logging.getLogger(__name__)
 

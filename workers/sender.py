@@ -63,19 +63,16 @@ async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = 
         log.warning("refund %s: no such refund, message dropped", refund_id)
         return
     refund, merchant = found
-    creds = res.credentials(merchant)
     with logs.context(refund_id=str(refund.refund_id), merchant=refund.merchant_id, external_ref=refund.external_ref):
         try:
             if refund.state == "pending":
                 if refund.next_check_at is None or refund.next_check_at <= datetime.now(timezone.utc):
-                    await check_status(res, refund, creds)
+                    await check_status(res, refund, res.credentials(merchant))
             elif refund.state in ("queued", "submitted"):
-                await _submit(res, refund, merchant, creds, slot_ms)
+                await _submit(res, refund, merchant, res.credentials(merchant), slot_ms)
             # any other state is settled: a duplicate or late message has nothing to do
         except RetryLater as exc:
             await _retry_later(res, refund, str(exc))
-
-
 
 
 async def process_refunds(res: Resources, items: list[tuple[UUID, int | None]]) -> None:
@@ -90,6 +87,7 @@ async def process_refunds(res: Resources, items: list[tuple[UUID, int | None]]) 
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome
+
 
 async def _submit(res: Resources, refund: Refund, merchant: Merchant, creds: Credentials, slot_ms: int | None) -> None:
     decision = await res.limiter.acquire(merchant.merchant_id, merchant.rate_limit, slot_ms=slot_ms)
