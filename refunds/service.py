@@ -13,6 +13,8 @@ import signal
 import sys
 from collections.abc import Callable
 
+import uvloop  # libuv's event loop: the services spend their time in socket round trips
+
 from . import logs
 from .errors import ConfigError
 from .settings import Settings, get_settings
@@ -37,7 +39,7 @@ def load_settings(name: str, check: Callable[[Settings], object] | None = None) 
 def run(name: str, app, host: str, port: int, **runner_options) -> int:
     """Serve ``app`` until SIGTERM/SIGINT; the exit status for ``main``."""
     try:
-        asyncio.run(_serve(name, app, host, port, runner_options))
+        uvloop.run(_serve(name, app, host, port, runner_options))
     except OSError as exc:  # the port is taken, or the host is not ours
         print(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -113,6 +113,43 @@ async def test_refunds_handed_over_together_are_carried_as_one_and_each_settles_
     events = await db.fetchval("SELECT count(*) FROM refund_events WHERE to_state = 'succeeded'")
     assert events == 6
 
+async def test_a_worker_process_has_at_most_worker_in_flight_gateway_requests_at_once(
+        db, make_merchant, database_url, redis_url, vault, monkeypatch):
+    """WORKER_IN_FLIGHT caps the refunds at the gateway together, whatever the messages carry;
+    the others wait their turn and all settle."""
+    import aiohttp
+
+    from workers.sender import process_refunds
+
+    at_gateway, most = 0, 0
+
+    async def started(session, context, params):
+        nonlocal at_gateway, most
+        at_gateway += 1
+        most = max(most, at_gateway)
+
+    async def ended(session, context, params):
+        nonlocal at_gateway
+        at_gateway -= 1
+
+    trace = aiohttp.TraceConfig()
+    trace.on_request_start.append(started)
+    trace.on_request_end.append(ended)
+    trace.on_request_exception.append(ended)
+    monkeypatch.setenv("WORKER_IN_FLIGHT", "3")
+    async with start_stack(database_url, redis_url, vault, monkeypatch, trace_configs=[trace]) as running:
+        await make_merchant("m1", rate_limit=Decimal(1000))
+        await chaos(running.http, running.sandbox_url, sync_status_mix={"success": 1}, latency_ms=50)
+        ids = [(await accepted_refund(db, external_ref=f"F-{n}", amount="5.00")).refund_id for n in range(12)]
+        slot = int(time.time() * 1000)
+        # two messages of six, carried by two threads at once
+        await asyncio.gather(process_refunds(running.res, [(rid, slot) for rid in ids[:6]]),
+                             process_refunds(running.res, [(rid, slot) for rid in ids[6:]]))
+        assert len(await ledger(running.http, running.sandbox_url)) == 12
+    assert most == 3  # the cap was reached and never passed (the token request counts too)
+    assert {(await find_refund(db, rid)).state for rid in ids} == {"succeeded"}
+
+
 async def test_signature_refused_is_a_permanent_failure_that_releases_the_amount(db, make_merchant, stack):
     from pagoefectivo.protocol import public_key_pem
     from cryptography.hazmat.primitives import serialization

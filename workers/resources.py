@@ -51,6 +51,8 @@ class Resources:
     load: Coalescer[UUID, tuple[Refund, Merchant] | None] = field(init=False)
     claim: Coalescer[UUID, tuple[Refund, str] | None] = field(init=False)
     move: Coalescer[Move, Refund | None] = field(init=False)
+    # the refunds this process works on at once (WORKER_IN_FLIGHT), whichever messages carry them
+    in_flight: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
         self.credentials = functools.lru_cache(maxsize=1024)(lambda merchant: merchant.credentials(self.vault))
@@ -58,6 +60,7 @@ class Resources:
         self.claim = Coalescer(self._on_connection(functools.partial(
             claim_many, actor=ACTOR, claim_seconds=self.settings.refund_claim_seconds)))
         self.move = Coalescer(self._moves, key=lambda move: move.refund_id)
+        self.in_flight = asyncio.Semaphore(self.settings.worker_in_flight)
 
     def _on_connection(self, statement):
         async def run(items):
@@ -80,7 +83,8 @@ class Resources:
         settings = settings or get_settings()
         vault = vault_from_settings(settings)
         pool = await db.create_pool(settings.require("database_url"), min_size=1, max_size=pool_size)
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200, limit_per_host=200))
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.worker_in_flight,
+                                                                      limit_per_host=settings.worker_in_flight))
         client = PagoEfectivoClient(session, base_url=settings.base_url, env=settings.pagoefectivo_env)
         redis_client = aioredis.from_url(settings.require("redis_url"))
         return cls(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))

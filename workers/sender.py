@@ -109,23 +109,31 @@ async def _admit(res: Resources, merchant: Merchant, slot_ms: int | None) -> Dec
 
 
 async def _submit(res: Resources, refund: Refund, merchant: Merchant, creds: Credentials, slot_ms: int | None) -> None:
+    async with res.in_flight:  # one of this process's WORKER_IN_FLIGHT turns at the gateway
+        asked = await _ask_gateway(res, refund, merchant, creds, slot_ms)
+    if asked is not None:
+        await record_answer(res, *asked)
+
+
+async def _ask_gateway(res: Resources, refund: Refund, merchant: Merchant, creds: Credentials,
+                       slot_ms: int | None) -> tuple[Refund, RefundAnswer] | None:
+    """Rate-limit slot, claim, request: the claimed refund and the gateway's answer to record,
+    or None when there is none (re-queued for later, claimed by another, or settled here)."""
     decision = await _admit(res, merchant, slot_ms)
     if decision.wait_ms:
         await _defer(res, refund, decision.wait_ms, rate_limited=True, slot_ms=decision.slot_ms)
-        return
+        return None
     claimed = await res.claim(refund.refund_id)
     if claimed is None:
-        return  # another worker holds the claim, or the refund moved on
+        return None  # another worker holds the claim, or the refund moved on
     refund, claimed_from = claimed
     try:
         if claimed_from == "submitted" or refund.attempts > 1:
             # a previous attempt may have reached the gateway: settle it, never resend blind
             answer = await _status_with_retries(res, creds, refund.external_ref)
             if answer is not None:
-                await record_answer(res, refund, answer)
-                return
-        answer = await _send(res, creds, merchant, refund)
-        await record_answer(res, refund, answer)
+                return refund, answer
+        return refund, await _send(res, creds, merchant, refund)
     except RateLimited as exc:
         await res.limiter.pause(refund.merchant_id, exc.retry_after)
         await _release(res, refund, exc)
@@ -137,13 +145,13 @@ async def _submit(res: Resources, refund: Refund, merchant: Merchant, creds: Cre
     except OutcomeUnknown as exc:
         answer = await _status_with_retries(res, creds, refund.external_ref)
         if answer is not None:
-            await record_answer(res, refund, answer)
-            return
+            return refund, answer
         await _release(res, refund, exc)
         raise RetryLater("outcome unknown and the gateway has no record of it yet") from None
     except GatewayError as exc:
         await _release(res, refund, exc)
         raise RetryLater(exc.message) from None
+    return None
 
 
 async def _send(res: Resources, creds: Credentials, merchant: Merchant, refund: Refund) -> RefundAnswer:
@@ -190,7 +198,8 @@ async def record_answer(res: Resources, refund: Refund, answer: RefundAnswer) ->
 
 async def check_status(res: Resources, refund: Refund, creds: Credentials) -> None:
     """Poll a pending refund that no notification settled; after the schedule, manual review."""
-    answer = await _status_with_retries(res, creds, refund.external_ref)
+    async with res.in_flight:
+        answer = await _status_with_retries(res, creds, refund.external_ref)
     if answer is not None and answer.status in ("success", "failure"):
         await record_answer(res, refund, answer)
         return
