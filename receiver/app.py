@@ -28,7 +28,7 @@ from refunds.merchants import NOTIFY_PATH
 from refunds.vault import Vault
 
 from . import events
-from .batch import PaymentBatcher
+from .batch import PaymentBatcher, RefundOutcomeBatcher
 from .credentials import KeyCache
 from .sources import FORWARDED_FOR, SourcePolicy, refused_total
 from refunds.database import Database, Unavailable
@@ -42,6 +42,7 @@ MERCHANT_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # as the merchants table's CH
 DATABASE = web.AppKey("database", Database)
 KEYS = web.AppKey("keys", KeyCache)
 PAYMENTS = web.AppKey("payments", PaymentBatcher)
+REFUND_OUTCOMES = web.AppKey("refund_outcomes", RefundOutcomeBatcher)
 SOURCES = web.AppKey("sources", SourcePolicy)
 
 
@@ -56,6 +57,7 @@ def create_app(*, database_url: str, vault: Vault, key_ttl: float = 60.0, source
     database = Database(database_url)
     app[DATABASE] = database
     app[PAYMENTS] = PaymentBatcher(database)
+    app[REFUND_OUTCOMES] = RefundOutcomeBatcher(database)
     app[KEYS] = keys or KeyCache.from_database(database, vault, ttl=key_ttl)
     app[SOURCES] = sources or SourcePolicy()
     app.on_startup.append(_start)
@@ -191,6 +193,8 @@ async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
     try:
         if isinstance(note.event, events.CipPaid):  # most of the traffic: stored together with its neighbours
             outcome = await request.app[PAYMENTS].store(merchant_id, note)
+        elif isinstance(note.event, events.RefundOutcome):  # likewise, with the refunds' moves
+            outcome = await request.app[REFUND_OUTCOMES].store(merchant_id, note)
         else:
             async with request.app[DATABASE].connection() as conn:
                 outcome = await events.store_and_apply(conn, merchant_id, note)

@@ -1,18 +1,21 @@
-"""cip.paid notifications that arrive together are stored with one statement.
+"""Notifications of one kind that arrive together are stored with shared statements.
 
-Most notifications are ``cip.paid`` (every order is a payment; few are refunded), and what
-each one costs is mostly not its own work but the round trips around it: taking a pooled
-connection, the statement, and the pool's reset when it is given back. So concurrent
-``cip.paid`` notifications share them: each request puts its notification in a queue, and
-up to ``max_inflight`` flushes run at a time, each taking everything queued (up to
-``max_batch``) into one statement (``events.store_payments``). When the receiver is idle a
-notification is flushed at once, alone: nothing waits for a batch to fill.
+What a notification costs is mostly not its own work but the round trips around it: taking a
+pooled connection, the statements, and the pool's reset when it is given back (and Postgres'
+own work per statement). So concurrent notifications of one kind share them: each request
+puts its notification in its kind's queue, and up to ``max_inflight`` flushes per kind run at
+a time, each taking everything queued (up to ``max_batch``) into one call of that kind's
+statements on one connection: ``cip.paid`` with one statement (``events.store_payments``),
+refund outcomes with one read and one statement (``events.store_refund_outcomes``). When the
+receiver is idle a notification is flushed at once, alone: nothing waits for a batch to fill.
 
-Each notification keeps its own answer. A batch never holds the same notification or the
-same payment twice (those wait for the next batch, where they are an ordinary duplicate or
-"already"), so one statement decides each of them exactly as it would alone. If Postgres
-refuses a body, the batch is stored again one by one so that only that notification gets
-its 400; if Postgres is unreachable, every notification of the batch gets 503.
+Each notification keeps its own answer. A batch never holds the same notification twice, nor
+two about the same payment or the same refund (those wait for the next batch, where they are
+an ordinary duplicate, "already" or "late"), so the shared statements decide each of them
+exactly as they would alone. If Postgres refuses a body, the batch is stored again one by one
+so that only that notification gets its 400; if two batches deadlock anyway (through the
+payment rows a refund's move updates), the one Postgres undid is stored one by one; if
+Postgres is unreachable, every notification of the batch gets 503.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -35,14 +39,16 @@ log = logging.getLogger(__name__)
 class _Waiting:
     merchant_id: str
     note: events.Notification
+    keys: tuple[Hashable, ...]
     future: asyncio.Future = field(repr=False)
 
-    @property
-    def keys(self) -> tuple[tuple, tuple]:
-        return (self.merchant_id, self.note.operation_number), (self.merchant_id, self.note.event.cip)
 
+class NotificationBatcher:
+    """Stores notifications of one kind in batches: a subclass says which (``kind``), what each
+    is about (``subject``: no two in a batch share it) and how a batch is stored (``store_many``)."""
 
-class PaymentBatcher:
+    kind = "notifications"
+
     def __init__(self, database: Database, *, max_batch: int = 100, max_inflight: int = 4):
         self._database = database
         self._max_batch = max_batch
@@ -50,12 +56,21 @@ class PaymentBatcher:
         self._queue: deque[_Waiting] = deque()
         self._flushes: set[asyncio.Task] = set()
 
+    def subject(self, event) -> tuple[str, str]:
+        """What the notification is about (a payment, a refund): a batch holds one notification about it."""
+        raise NotImplementedError
+
+    async def store_many(self, conn: asyncpg.Connection,
+                         notes: list[tuple[str, events.Notification]]) -> list[events.Outcome]:
+        raise NotImplementedError
+
     async def store(self, merchant_id: str, note: events.Notification) -> events.Outcome:
-        """Store and apply one cip.paid notification (with others arriving meanwhile).
+        """Store and apply one notification (with others arriving meanwhile).
 
         Raises ``Unavailable`` (503) or ``events.Malformed`` (400) like ``events.store_and_apply``.
         """
-        waiting = _Waiting(merchant_id, note, asyncio.get_running_loop().create_future())
+        keys = (merchant_id, "notification", note.operation_number), (merchant_id, *self.subject(note.event))
+        waiting = _Waiting(merchant_id, note, keys, asyncio.get_running_loop().create_future())
         self._queue.append(waiting)
         if len(self._flushes) < self._max_inflight:
             task = asyncio.create_task(self._flush())
@@ -72,7 +87,7 @@ class PaymentBatcher:
                 for waiting in batch:
                     _fail(waiting, exc)
             except Exception as exc:  # a bug: those requests fail (500), the receiver goes on
-                log.exception("storing a batch of %d cip.paid notifications failed", len(batch))
+                log.exception("storing a batch of %d %s notifications failed", len(batch), self.kind)
                 for waiting in batch:
                     _fail(waiting, exc)
             except BaseException:  # cancelled at shutdown: the sender will deliver again
@@ -87,7 +102,7 @@ class PaymentBatcher:
             if waiting.future.done():  # its request is gone (cancelled); nothing to store for it
                 continue
             if seen.intersection(waiting.keys):
-                held.append(waiting)  # same notification or same payment: the next batch
+                held.append(waiting)  # same notification, payment or refund: the next batch
                 continue
             seen.update(waiting.keys)
             batch.append(waiting)
@@ -99,23 +114,58 @@ class PaymentBatcher:
             return
         async with self._database.connection() as conn:
             try:
-                outcomes = await events.store_payments(conn, [(w.merchant_id, w.note) for w in batch])
+                outcomes = await self.store_many(conn, [(w.merchant_id, w.note) for w in batch])
             except asyncpg.DataError:
                 if len(batch) == 1:
                     _fail(batch[0], _malformed(batch[0]))
                     return
-                outcomes = []
-                for waiting in batch:  # find the body Postgres refuses; the others are stored
-                    try:
-                        [outcome] = await events.store_payments(conn, [(waiting.merchant_id, waiting.note)])
-                    except asyncpg.DataError:
-                        outcome = _malformed(waiting)
-                    outcomes.append(outcome)
+                outcomes = await self._one_by_one(conn, batch)  # find the body Postgres refuses
+            except asyncpg.DeadlockDetectedError:
+                # Postgres undid the statement that met it (as workers' moves do): each again, alone
+                log.warning("a batch of %d %s notifications met a deadlock; storing them one by one",
+                            len(batch), self.kind)
+                outcomes = await self._one_by_one(conn, batch)
         for waiting, outcome in zip(batch, outcomes, strict=True):
             if isinstance(outcome, Exception):
                 _fail(waiting, outcome)
             elif not waiting.future.done():
                 waiting.future.set_result(outcome)
+
+    async def _one_by_one(self, conn: asyncpg.Connection,
+                          batch: list[_Waiting]) -> list[events.Outcome | events.Malformed]:
+        """Each notification stored alone: one that Postgres refuses gets its 400, the others are stored."""
+        outcomes: list[events.Outcome | events.Malformed] = []
+        for waiting in batch:
+            try:
+                [outcome] = await self.store_many(conn, [(waiting.merchant_id, waiting.note)])
+            except asyncpg.DataError:
+                outcome = _malformed(waiting)
+            outcomes.append(outcome)
+        return outcomes
+
+
+class PaymentBatcher(NotificationBatcher):
+    """``cip.paid``: one statement a batch."""
+
+    kind = "cip.paid"
+
+    def subject(self, event: events.CipPaid) -> tuple[str, str]:
+        return "payment", event.cip
+
+    async def store_many(self, conn, notes):
+        return await events.store_payments(conn, notes)
+
+
+class RefundOutcomeBatcher(NotificationBatcher):
+    """``refund.succeeded`` / ``refund.failed``: one read and one statement a batch."""
+
+    kind = "refund outcome"
+
+    def subject(self, event: events.RefundOutcome) -> tuple[str, str]:
+        return "refund", event.external_ref  # a refund is one externalRef of one merchant
+
+    async def store_many(self, conn, notes):
+        return await events.store_refund_outcomes(conn, notes)
 
 
 def _malformed(waiting: _Waiting) -> events.Malformed:

@@ -2,10 +2,11 @@
 
 A notification is first read into a typed event (``parse``), so that anything the
 receiver cannot interpret is refused with 400 before a row is written. ``store_and_apply``
-then writes the ``notifications`` row and applies the event atomically (one statement):
-the row's primary key (merchant, operationNumber) is the deduplication, so a redelivered
-or concurrently delivered notification finds the row (or loses the race to insert it,
-and then changes nothing) and applies nothing again.
+then writes the ``notifications`` row and applies the event atomically (one statement;
+``store_payments`` and ``store_refund_outcomes`` do it for many notifications of a kind at
+once, see batch.py): the row's primary key (merchant, operationNumber) is the deduplication,
+so a redelivered or concurrently delivered notification finds the row (or loses the race to
+insert it, and then changes nothing) and applies nothing again.
 
 What happened is kept in ``notifications.result``:
 
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
@@ -209,10 +211,11 @@ def _payment_date(value: Any) -> datetime | None:
 #
 # Every round trip to Postgres costs more than everything else a notification needs, so each
 # kind is stored with as few as possible: an unhandled type is one INSERT; payments are one
-# statement (dedup row and payment together, atomic as any single statement; the receiver
-# stores concurrent ones together, see batch.py); a refund outcome is one read (seen before?
-# which refund?) and, when there is something to do, one statement holding the state
-# machine's move and the dedup row. A duplicate costs one statement and writes nothing.
+# statement (dedup row and payment together, atomic as any single statement); refund outcomes
+# are one read (seen before? which refund?) and, when there is something to write, one
+# statement holding the state machine's moves and the dedup rows. The receiver stores the
+# payments, and the refund outcomes, that arrive together with those same statements (see
+# batch.py). A duplicate costs one statement and writes nothing.
 
 @dataclass(frozen=True)
 class Outcome:
@@ -235,7 +238,8 @@ async def store_and_apply(conn: asyncpg.Connection, merchant_id: str, note: Noti
             [outcome] = await store_payments(conn, [(merchant_id, note)])
             return outcome
         if isinstance(note.event, RefundOutcome):
-            return await _refund_move(conn, merchant_id, note, note.event)
+            [outcome] = await store_refund_outcomes(conn, [(merchant_id, note)])
+            return outcome
         return await _store(conn, merchant_id, note, Outcome("unknown", "event type not handled"))
     except asyncpg.DataError as exc:
         # what the sender wrote and Postgres refuses: \u0000 in a string, a number jsonb cannot hold
@@ -354,42 +358,102 @@ async def _payment_recorded_meanwhile(conn: asyncpg.Connection, merchant_id: str
     return result or "applied"
 
 
-# refund outcomes: is the notification known, and the refund it names (terms never change after
-# acceptance, so reading them outside the transaction is safe; the move itself is conditional)
+# refund outcomes, for one or many notifications at once (receiver.batch gathers those that
+# arrive together): first one read, which of them were seen before and the refund each names
+# (terms never change after acceptance, so reading them outside the transaction is safe; the
+# move itself is conditional), then one statement storing the others.
 _REFUND_LOOKUP = """
-SELECT EXISTS (SELECT 1 FROM notifications WHERE merchant_id = $1 AND operation_number = $2) AS seen,
+SELECT EXISTS (SELECT 1 FROM notifications n
+                WHERE n.merchant_id = i.merchant_id AND n.operation_number = i.operation_number) AS seen,
        r.refund_id, r.state, r.amount, r.currency, r.merchant_id, r.original_transaction_id
-  FROM (SELECT 1) AS one
-  LEFT JOIN refunds r ON r.merchant_id = $1 AND r.external_ref = $3"""
+  FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS i (merchant_id, operation_number, external_ref, n)
+  LEFT JOIN refunds r ON r.merchant_id = i.merchant_id AND r.external_ref = i.external_ref
+ ORDER BY i.n"""
 
 
-# The move and the notification row in one statement (one round trip, atomic): the row is
-# stored with the verdict the locked refund's state gives ("applied" when the state machine
-# allows the move, "already" when the refund is in that state, "late" otherwise), and the
-# refund moves only if the row is new: a concurrent delivery that stored it first wins, and
-# this one changes nothing. $1-$9: the state machine's move; $10-$13: the notification.
+# The moves and the notification rows in one statement (one round trip, atomic): each row is
+# stored with the verdict its locked refund's state gives ("applied" when the state machine
+# allows the move, "already" when the refund is in that state, "late" otherwise; "unknown" if
+# the refund is gone), or with the verdict given ($16: "unknown", "mismatch") when there is
+# nothing to move; a refund moves only if its notification's row is new: a concurrent delivery
+# that stored it first wins, and this one changes nothing. A batch never holds the same
+# notification or the same refund twice (see batch.py), so each refund has at most one row
+# here; refunds are locked in id order and rows inserted in key order, so two batches running
+# at once do not wait on each other in a cycle through them. $1-$9: the state machine's moves;
+# $10-$16: the notifications, with the refund each would move ($14, NULL when none) and to what.
 _MOVE_AND_STORE = moved_if(
-    """verdict AS (SELECT previous.state,
-                          CASE WHEN previous.state || '>' || ($2::text[])[1] = ANY($6::text[]) THEN 'applied'
-                               WHEN previous.state = ($2::text[])[1] THEN 'already' ELSE 'late' END AS result
-                     FROM previous),
+    """input AS (SELECT * FROM unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::uuid[],
+                                     $15::text[], $16::text[])
+                        WITH ORDINALITY AS i (merchant_id, operation_number, event_type, body, refund_id,
+                                              to_state, given, n)),
+       verdict AS (SELECT i.*, previous.state AS was,
+                          CASE WHEN i.given IS NOT NULL THEN i.given
+                               WHEN previous.state IS NULL THEN 'unknown'
+                               WHEN previous.state || '>' || i.to_state = ANY($6::text[]) THEN 'applied'
+                               WHEN previous.state = i.to_state THEN 'already' ELSE 'late' END AS result
+                     FROM input i LEFT JOIN previous USING (refund_id)),
        stored AS (INSERT INTO notifications (merchant_id, operation_number, event_type, result, body)
-                  SELECT $10, $11, $12, verdict.result, $13::text::jsonb FROM verdict
+                  SELECT merchant_id, operation_number, event_type, result, body::jsonb FROM verdict
+                   ORDER BY merchant_id, operation_number
                   ON CONFLICT (merchant_id, operation_number) DO NOTHING
-                  RETURNING result),""",
-    "EXISTS (SELECT 1 FROM stored)",
-    "SELECT verdict.state AS was, (SELECT result FROM stored) AS stored, moved.* FROM verdict LEFT JOIN moved ON true",
+                  RETURNING merchant_id, operation_number, result),""",
+    """EXISTS (SELECT 1 FROM stored JOIN verdict USING (merchant_id, operation_number)
+                WHERE verdict.refund_id = previous.refund_id)""",
+    """SELECT v.n, v.was, stored.result AS stored, moved.*
+         FROM verdict v
+         LEFT JOIN stored USING (merchant_id, operation_number)
+         LEFT JOIN moved ON moved.refund_id = v.refund_id
+        ORDER BY v.n""",
 )
 
-async def _refund_move(conn: asyncpg.Connection, merchant_id: str, note: Notification,
-                       ev: RefundOutcome) -> Outcome:
-    found = await conn.fetchrow(_REFUND_LOOKUP, merchant_id, note.operation_number, ev.external_ref)
-    if found["seen"]:
-        return DUPLICATE
+
+@dataclass(frozen=True)
+class _ToStore:
+    """A refund outcome not seen before: the refund it names, and the verdict the lookup already
+    gives it (None: the locked refund's state decides, and the refund moves if it may)."""
+    merchant_id: str
+    note: Notification
+    refund_id: UUID | None
+    given: Outcome | None = None
+    differs: tuple[str, ...] = ()
+
+    @property
+    def moves(self) -> bool:
+        return self.given is None
+
+
+async def store_refund_outcomes(conn: asyncpg.Connection, notes: list[tuple[str, Notification]]) -> list[Outcome]:
+    """Store and apply refund outcomes ``(merchant_id, note)``: one read, then one statement.
+
+    The batch must not hold the same notification or the same externalRef twice (batch.py).
+    Raises ``asyncpg.DataError`` for the whole batch when Postgres refuses one of the bodies
+    (the caller stores them one by one to find it).
+    """
+    found = await conn.fetch(_REFUND_LOOKUP, [merchant_id for merchant_id, _ in notes],
+                             [note.operation_number for _, note in notes],
+                             [_refund_event(note).external_ref for _, note in notes])
+    outcomes: list[Outcome] = [DUPLICATE] * len(notes)  # seen before: nothing to write
+    to_store = {index: _judge(merchant_id, note, row)
+                for index, ((merchant_id, note), row) in enumerate(zip(notes, found, strict=True)) if not row["seen"]}
+    if to_store:
+        stored = await conn.fetch(_MOVE_AND_STORE, *_move_and_store_parameters(list(to_store.values())))
+        for (index, pending), row in zip(to_store.items(), stored, strict=True):
+            outcomes[index] = _stored_outcome(pending, row)
+    return outcomes
+
+
+def _refund_event(note: Notification) -> RefundOutcome:
+    assert isinstance(note.event, RefundOutcome)
+    return note.event
+
+
+def _judge(merchant_id: str, note: Notification, found: asyncpg.Record) -> _ToStore:
+    """What the lookup already decides: an unknown refund, or terms that contradict ours."""
+    ev = _refund_event(note)
     refund_id = found["refund_id"]
     if refund_id is None:
-        return await _store(conn, merchant_id, note, Outcome("unknown", "no refund with this externalRef"))
-    differs = [
+        return _ToStore(merchant_id, note, None, Outcome("unknown", "no refund with this externalRef"))
+    differs = tuple(
         name for name, ours, theirs in (
             ("refundAmount", found["amount"], ev.amount),
             ("currency", found["currency"], ev.currency),
@@ -397,21 +461,36 @@ async def _refund_move(conn: asyncpg.Connection, merchant_id: str, note: Notific
             ("originalTransactionId", found["original_transaction_id"], ev.original_transaction_id),
         )
         if theirs is not None and ours != theirs
-    ]
-    if differs:
-        log.warning("notification %s for refund %s contradicts our record (%s): not applied",
-                    note.operation_number, refund_id, ", ".join(differs))
-        return await _store(conn, merchant_id, note,
-                            Outcome("mismatch", f"refund {refund_id}: {', '.join(differs)} differ"))
-    row = await conn.fetchrow(
-        _MOVE_AND_STORE,
-        *move_parameters([Move(refund_id, ev.to_state, ev.code, ev.reason, ev.provider_refund_id)], actor=ACTOR),
-        merchant_id, note.operation_number, note.event_type, note.body_json,
     )
-    if row is None:  # the refund was there a moment ago; refunds are never deleted, but be exact
-        return await _store(conn, merchant_id, note, Outcome("unknown", "no refund with this externalRef"))
+    if differs:
+        return _ToStore(merchant_id, note, refund_id,
+                        Outcome("mismatch", f"refund {refund_id}: {', '.join(differs)} differ"), differs)
+    return _ToStore(merchant_id, note, refund_id)
+
+
+def _move_and_store_parameters(pending: list[_ToStore]) -> list:
+    moves = [Move(p.refund_id, ev.to_state, ev.code, ev.reason, ev.provider_refund_id)
+             for p in pending if p.moves for ev in [_refund_event(p.note)]]
+    return [
+        *move_parameters(moves, actor=ACTOR),
+        [p.merchant_id for p in pending], [p.note.operation_number for p in pending],
+        [p.note.event_type for p in pending], [p.note.body_json for p in pending],
+        [p.refund_id if p.moves else None for p in pending], [_refund_event(p.note).to_state for p in pending],
+        [None if p.moves else p.given.result for p in pending],
+    ]
+
+
+def _stored_outcome(pending: _ToStore, row: asyncpg.Record) -> Outcome:
+    if pending.differs:  # logged once the batch is stored, not again when it is stored one by one
+        log.warning("notification %s for refund %s contradicts our record (%s): not applied",
+                    pending.note.operation_number, pending.refund_id, ", ".join(pending.differs))
     if row["stored"] is None:
         return DUPLICATE  # another delivery stored its row first: this one applied nothing
+    if pending.given is not None:
+        return pending.given
+    ev, refund_id = _refund_event(pending.note), pending.refund_id
+    if row["was"] is None:  # the refund was there a moment ago; refunds are never deleted, but be exact
+        return Outcome("unknown", "no refund with this externalRef")
     if row["stored"] == "applied":
         return Outcome("applied", f"refund {refund_id} {row['was']} -> {ev.to_state}", completed=from_row(row))
     if row["stored"] == "already":

@@ -24,6 +24,7 @@ from prometheus_client import REGISTRY
 from pagoefectivo.protocol import SIGNATURE_HEADER, dumps, notification_signature
 from receiver import MAX_BODY, create_app
 from receiver import events as events_module
+from receiver.batch import RefundOutcomeBatcher
 from receiver.credentials import KeyCache, MerchantKeys, Secret, database_loader
 from receiver.sources import SourcePolicy
 from refunds.database import Database
@@ -462,8 +463,9 @@ async def test_connection_lost_while_applying_is_503(client, db, merchant, monke
     async def lose_connection(*args):
         raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation")
 
-    monkeypatch.setattr(events_module, "store_and_apply", lose_connection)  # refund outcomes, other types
-    monkeypatch.setattr(events_module, "store_payments", lose_connection)   # cip.paid, batched
+    monkeypatch.setattr(events_module, "store_and_apply", lose_connection)        # other types
+    monkeypatch.setattr(events_module, "store_payments", lose_connection)         # cip.paid, batched
+    monkeypatch.setattr(events_module, "store_refund_outcomes", lose_connection)  # refund outcomes, batched
     if kind == "cip.paid":
         payload = cip_paid()
     else:
@@ -834,15 +836,21 @@ def parsed(payload) -> events_module.Notification:
     return events_module.parse(dumps(payload))
 
 
-async def test_concurrent_payments_are_stored_together_each_with_its_own_answer(client, db, merchant, monkeypatch):
-    calls = []
-    real = events_module.store_payments
+def batch_sizes(monkeypatch, store_many: str) -> list[int]:
+    """The size of each batch the receiver stores with ``events.<store_many>`` (which still runs)."""
+    sizes = []
+    real = getattr(events_module, store_many)
 
     async def counting(conn, notes):
-        calls.append(len(notes))
+        sizes.append(len(notes))
         return await real(conn, notes)
 
-    monkeypatch.setattr(events_module, "store_payments", counting)
+    monkeypatch.setattr(events_module, store_many, counting)
+    return sizes
+
+
+async def test_concurrent_payments_are_stored_together_each_with_its_own_answer(client, db, merchant, monkeypatch):
+    calls = batch_sizes(monkeypatch, "store_payments")
     first = [cip_paid(f"op-{i}", f"cip-{i}") for i in range(40)]
     responses = await asyncio.gather(*(post(client, "m1", p, merchant.secret_key) for p in first))
     assert [r.status for r in responses] == [200] * 40
@@ -889,3 +897,197 @@ async def test_when_postgres_is_unreachable_every_payment_of_the_batch_is_503(va
     finally:
         await database.close()
     assert all(isinstance(r, Unavailable) for r in results)
+
+
+# --- refund outcomes stored in batches --------------------------------------------------------
+
+@pytest.fixture
+def statements(monkeypatch):
+    """The SQL each asyncpg connection sends about notifications (a spy: every statement still runs)."""
+    sent: list[str] = []
+    for name in ("execute", "fetch", "fetchrow", "fetchval"):
+        real = getattr(asyncpg.connection.Connection, name)
+
+        def spy(self, query, *args, _real=real, **kwargs):
+            if " notifications" in query:  # the receiver's statements, not pool setup or secret loads
+                sent.append(query)
+            return _real(self, query, *args, **kwargs)
+
+        monkeypatch.setattr(asyncpg.connection.Connection, name, spy)
+    return sent
+
+
+def completed(status: str) -> float:
+    return REGISTRY.get_sample_value("refunds_completed_total", {"status": status}) or 0.0
+
+
+class RecordingRefundBatcher(RefundOutcomeBatcher):
+    """The receiver's batcher (real statements) noting the operationNumbers of each batch it stores."""
+
+    def __init__(self, database, **options):
+        super().__init__(database, **options)
+        self.batches: list[list[str]] = []
+
+    async def store_many(self, conn, notes):
+        self.batches.append([note.operation_number for _, note in notes])
+        return await super().store_many(conn, notes)
+
+
+async def test_concurrent_refund_outcomes_share_statements_each_with_its_own_answer(
+        client, db, merchant, monkeypatch, statements):
+    batches = batch_sizes(monkeypatch, "store_refund_outcomes")
+    refunds = [await make_refund(db, external_ref=f"R-{i}") for i in range(41)]
+
+    # idle: one notification is stored at once, alone, with one read and one statement
+    alone = await post(client, "m1", refund_event("refund.succeeded", refunds[0], "op-alone"), merchant.secret_key)
+    assert (await alone.json()) == {"result": "applied"}
+    assert batches == [1] and len(statements) == 2
+
+    statements.clear()
+    batches.clear()
+    succeeded, failed = completed("succeeded"), completed("failed")
+    payloads = [refund_event("refund.succeeded" if i % 2 else "refund.failed", refund, f"op-{i}", code=f"C{i}")
+                for i, refund in enumerate(refunds[1:], 1)]
+    responses = await asyncio.gather(*(post(client, "m1", p, merchant.secret_key) for p in payloads))
+    assert [r.status for r in responses] == [200] * 40
+    assert [(await r.json())["result"] for r in responses] == ["applied"] * 40
+    assert sum(batches) == 40 and len(batches) < 40
+    assert len(statements) == 2 * len(batches) < 40  # a read and a statement a batch, not two per notification
+    assert completed("succeeded") == succeeded + 20 and completed("failed") == failed + 20
+
+    for i, refund in enumerate(refunds[1:], 1):
+        stored = await find_by_external_ref(db, "m1", refund["external_ref"])
+        assert stored.state == ("succeeded" if i % 2 else "failed") and stored.provider_code == f"C{i}"
+        assert stored.completed_at is not None and stored.provider_refund_id == "PE-R-1"
+        history = await refund_events(db, refund["refund_id"])
+        assert [(e["from_state"], e["to_state"], e["actor"], e["code"]) for e in history] == [
+            ("submitted", stored.state, "notification", f"C{i}")]
+        payment = await find_payment(db, "m1", refund["transaction_id"])
+        assert payment.refunded_amount == (Decimal("40.00") if i % 2 else Decimal("0.00"))
+    results = {row["operation_number"]: row["result"] for row in await notification_rows(db)}
+    assert results == {"op-alone": "applied", **{f"op-{i}": "applied" for i in range(1, 41)}}
+
+    # redelivered together: each is a duplicate, found by the read alone; nothing is written
+    statements.clear()
+    batches.clear()
+    responses = await asyncio.gather(*(post(client, "m1", p, merchant.secret_key) for p in payloads))
+    assert [(await r.json())["result"] for r in responses] == ["duplicate"] * 40
+    assert len(statements) == len(batches) < 40
+    assert await db.fetchval("SELECT count(*) FROM refund_events") == 41
+
+
+async def test_a_batch_of_refund_outcomes_decides_each_as_it_would_alone(database_url, db, merchant, caplog):
+    first = await make_refund(db, external_ref="R-1")
+    contradicted = await make_refund(db, external_ref="R-2")
+    other = await make_refund(db, external_ref="R-3")
+    stranger = {"external_ref": "NEVER-SEEN", "transaction_id": "X", "amount": Decimal("1.00"), "merchant_id": "m1"}
+    notes = {
+        "applied": refund_event("refund.succeeded", first, "op-a"),
+        "redelivered": refund_event("refund.succeeded", first, "op-a"),
+        "same refund, same outcome": refund_event("refund.succeeded", first, "op-b"),
+        "same refund, other outcome": refund_event("refund.failed", first, "op-c"),
+        "mismatch": refund_event("refund.succeeded", contradicted, "op-m", refundAmount=Decimal("41.00")),
+        "unknown": refund_event("refund.succeeded", stranger, "op-u"),
+        "another applied": refund_event("refund.failed", other, "op-o"),
+    }
+    database = Database(database_url)
+    batcher = RecordingRefundBatcher(database, max_inflight=1)
+    try:
+        outcomes = await asyncio.gather(*(batcher.store("m1", parsed(p)) for p in notes.values()))
+    finally:
+        await database.close()
+
+    assert dict(zip(notes, (o.result for o in outcomes))) == {
+        "applied": "applied", "redelivered": "duplicate", "same refund, same outcome": "already",
+        "same refund, other outcome": "late", "mismatch": "mismatch", "unknown": "unknown",
+        "another applied": "applied",
+    }
+    # one statement for everything that did not name a refund already in the batch; the rest after it
+    assert batcher.batches == [["op-a", "op-m", "op-u", "op-o"], ["op-a"], ["op-b"], ["op-c"]]
+    assert [o.completed is not None for o in outcomes] == [True, False, False, False, False, False, True]
+    assert outcomes[0].completed.state == "succeeded" and outcomes[-1].completed.state == "failed"
+
+    assert (await find_by_external_ref(db, "m1", "R-1")).state == "succeeded"
+    assert [(e["from_state"], e["to_state"]) for e in await refund_events(db, first["refund_id"])] == [
+        ("submitted", "succeeded")]
+    assert (await find_by_external_ref(db, "m1", "R-2")).state == "submitted"
+    assert await refund_events(db, contradicted["refund_id"]) == []
+    assert (await find_by_external_ref(db, "m1", "R-3")).state == "failed"
+    assert len(await refund_events(db, other["refund_id"])) == 1
+    results = {row["operation_number"]: row["result"] for row in await notification_rows(db)}
+    assert results == {"op-a": "applied", "op-b": "already", "op-c": "late", "op-m": "mismatch", "op-u": "unknown",
+                       "op-o": "applied"}
+    warnings = [r.getMessage() for r in caplog.records if "contradicts our record" in r.getMessage()]
+    assert warnings == [f"notification op-m for refund {contradicted['refund_id']} contradicts our record "
+                        "(refundAmount): not applied"]
+
+
+@pytest.mark.parametrize("field, value", [("reason", "nul\u0000"), ("externalRef", "R-bad\u0000")],
+                         ids=["refused-by-the-statement", "refused-by-the-read"])
+async def test_a_refund_outcome_postgres_refuses_fails_alone_in_its_batch(database_url, db, merchant, field, value):
+    refunds = [await make_refund(db, external_ref=f"R-{i}") for i in range(5)]
+    bad_refund = await make_refund(db, external_ref="R-bad")
+    bad = parsed(refund_event("refund.failed", bad_refund, "op-bad", **{field: value}))
+    good = [parsed(refund_event("refund.succeeded", refund, f"op-{i}")) for i, refund in enumerate(refunds)]
+    database = Database(database_url)
+    batcher = RecordingRefundBatcher(database, max_inflight=1)
+    try:
+        results = await asyncio.gather(*(batcher.store("m1", note) for note in [*good[:2], bad, *good[2:]]),
+                                       return_exceptions=True)
+    finally:
+        await database.close()
+    assert isinstance(results[2], events_module.Malformed) and results[2].event_type == "refund.failed"
+    assert [r.result for i, r in enumerate(results) if i != 2] == ["applied"] * 5
+    assert batcher.batches[0] == ["op-0", "op-1", "op-bad", "op-2", "op-3", "op-4"]  # then one by one
+    assert sorted(row["operation_number"] for row in await notification_rows(db)) == [f"op-{i}" for i in range(5)]
+    assert (await find_by_external_ref(db, "m1", "R-bad")).state == "submitted"
+    assert await refund_events(db, bad_refund["refund_id"]) == []
+    assert await db.fetchval("SELECT count(*) FROM refund_events") == 5
+
+
+async def test_a_refund_outcome_postgres_refuses_is_400_among_concurrent_ones(client, db, merchant):
+    refunds = [await make_refund(db, external_ref=f"R-{i}") for i in range(6)]
+    payloads = [refund_event("refund.succeeded", refund, f"op-{i}") for i, refund in enumerate(refunds)]
+    payloads[3]["data"]["reason"] = "nul\u0000"
+    responses = await asyncio.gather(*(post(client, "m1", p, merchant.secret_key) for p in payloads))
+    assert [r.status for r in responses] == [200, 200, 200, 400, 200, 200]
+    assert (await responses[3].json())["error"] == "malformed"
+    assert sorted(row["operation_number"] for row in await notification_rows(db)) == [
+        f"op-{i}" for i in (0, 1, 2, 4, 5)]
+    assert (await find_by_external_ref(db, "m1", "R-3")).state == "submitted"
+
+
+async def test_a_batch_of_refund_outcomes_that_deadlocks_is_stored_one_by_one(database_url, db, merchant, caplog):
+    refunds = sorted([await make_refund(db, external_ref=f"R-{i}") for i in range(2)], key=lambda r: r["refund_id"])
+    low, high = refunds
+    database = Database(database_url)
+    batcher = RecordingRefundBatcher(database, max_inflight=1)
+    blocker = await asyncpg.connect(database_url)
+    try:
+        lock = blocker.transaction()
+        await lock.start()
+        await blocker.execute("SELECT 1 FROM refunds WHERE refund_id = $1 FOR UPDATE", high["refund_id"])
+        # the batch locks the lower id, then waits for the higher one, which the blocker holds
+        stored = asyncio.gather(*(batcher.store("m1", parsed(refund_event("refund.succeeded", refund, f"op-{i}")))
+                                  for i, refund in enumerate(refunds)))
+        for _ in range(200):
+            if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                                 " AND datname = current_database()"):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the batch never waited for the refund row")
+        # the blocker now waits for the lower id: a cycle, and Postgres undoes the batch's statement
+        await blocker.execute("SELECT 1 FROM refunds WHERE refund_id = $1 FOR UPDATE", low["refund_id"])
+        await lock.rollback()
+        outcomes = await stored
+    finally:
+        await blocker.close()
+        await database.close()
+    assert [o.result for o in outcomes] == ["applied", "applied"]
+    assert batcher.batches == [["op-0", "op-1"], ["op-0"], ["op-1"]]
+    assert any("met a deadlock; storing them one by one" in r.getMessage() for r in caplog.records)
+    for refund in refunds:
+        assert (await find_by_external_ref(db, "m1", refund["external_ref"])).state == "succeeded"
+        assert len(await refund_events(db, refund["refund_id"])) == 1
+    assert len(await notification_rows(db)) == 2
