@@ -51,9 +51,10 @@ class Settings(BaseSettings):
     # threads x this. 1: one message per refund.
     refund_pack_size: int = Field(default=16, ge=1, le=256)
     # Worker: refunds one worker process works on at once, across all its threads' messages
-    # (the rest wait their turn, in order): its gateway requests in flight. Size it as rate x
-    # gateway latency, with threads x REFUND_PACK_SIZE above it so that it stays full.
-    worker_in_flight: int = Field(default=64, ge=1, le=1024)
+    # (the rest wait their turn, in order): its gateway requests in flight. The default is the
+    # Procfile's 8 threads x 16; to hold a rate at a known gateway latency, rate x latency
+    # ÷ processes, with threads x REFUND_PACK_SIZE above it so that it stays full.
+    worker_in_flight: int = Field(default=128, ge=1, le=1024)
     # Scheduler: a refund not picked up this long after its hand-off is handed over again.
     refund_outbox_grace_seconds: float = Field(default=30, gt=0)
     # Retention: notification dedup rows at least 30 days (providers retry that long), audit
