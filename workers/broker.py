@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
-
-import uvloop
 
 from .metrics import WorkerMetrics  # before anything imports prometheus_client: it sets up multiprocess mode
 
@@ -44,8 +41,6 @@ class PromptRedisBroker(RedisBroker):
 
 
 def setup_broker() -> RedisBroker:
-    # dramatiq's AsyncIO middleware creates the workers' event loop: make it libuv's
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     broker = PromptRedisBroker(url=get_settings().require("redis_url"))
     broker.add_middleware(JsonLogs())
     broker.add_middleware(WorkerMetrics())

@@ -17,6 +17,7 @@ import aiohttp
 import asyncpg
 import dramatiq
 import redis.asyncio as aioredis
+import uvloop
 from dramatiq.asyncio import get_event_loop_thread
 
 from pagoefectivo.client import Credentials, PagoEfectivoClient
@@ -108,6 +109,11 @@ class WorkerResources(dramatiq.Middleware):
     """Opens Resources on the AsyncIO middleware's event loop when the worker boots, and closes
     them after the worker threads have finished their messages (so an in-flight refund is never
     cut off by a closed pool). Must be added before AsyncIO, whose shutdown stops the loop."""
+
+    def before_worker_boot(self, broker, worker):
+        # runs before AsyncIO's, which creates the event loop: make it libuv's (in worker
+        # processes only: a global policy would also reach anything else that imports workers)
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
     def after_worker_boot(self, broker, worker):
         global _current
