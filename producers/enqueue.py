@@ -4,14 +4,18 @@ The same function serves the intake API, the CLI, CSV import and Python callers,
 every door has the same validation and the same idempotency.
 
 One statement (one round trip, one implicit transaction) decides and writes, because
-intake throughput is bounded by round trips to Postgres. From one snapshot it reads the
-earlier refund with this ``external_ref`` (if any), the merchant and the payment, takes
-the verdict (a replay is recognised before anything else is judged), and only when the
-verdict is to accept inserts the refund and its first audit row. ``ON CONFLICT DO
-NOTHING`` turns a concurrent identical request into a replay, and the trigger's CHECK on
-the payment row refuses the refund that would take the payment over its paid amount
-(whatever the snapshot said). Python then phrases the verdict; the rules are in
-``_ACCEPT`` below, in the order of the ``CASE``.
+intake throughput is bounded by round trips to Postgres. It takes the requests as arrays,
+one row each (``unnest ... WITH ORDINALITY``): a door accepting one refund passes
+one-element arrays (``accept_alone``), and the intake passes the requests that arrive
+together (``producers.accept_batch``, which keeps two requests for the same external_ref
+or the same payment out of one batch, so each row is judged as it would be alone). From
+one snapshot it reads, per row, the earlier refund with this ``external_ref`` (if any), the
+merchant and the payment, takes the verdict (a replay is recognised before anything else
+is judged), and only when the verdict is to accept inserts the refund and its first audit
+row. ``ON CONFLICT DO NOTHING`` turns a concurrent identical request into a replay, and
+the trigger's CHECK on the payment row refuses the refund that would take the payment over
+its paid amount (whatever the snapshot said). Python then phrases each verdict
+(``judge``); the rules are in ``_ACCEPT`` below, in the order of the ``CASE``.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import asyncpg
 
@@ -33,6 +38,9 @@ from refunds.tokens import ACTIVE_TOKEN_SQL, TokenRevoked
 
 from .delivery import deliver_async
 
+if TYPE_CHECKING:
+    from .accept_batch import AcceptBatcher
+
 EXTERNAL_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 AMOUNT = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,2})?$")
 MAX_REASON = 255
@@ -40,50 +48,62 @@ DEFAULT_WINDOW_DAYS = 90
 
 _REFUND_FIELDS = tuple(name.strip() for name in COLUMNS.split(","))
 ACCEPTED_STATES = ("queued", "awaiting_approval")
-# $1 refund_id, $2 merchant_id, $3 external_ref, $4 original_transaction_id, $5 amount, $6 currency,
-# $7 reason, $8 requested_by, $9 audit actor, $10 now, $11/$12 refund window days per payment method,
+# One row per request, from arrays of equal length: $1 refund_id, $2 merchant_id, $3 external_ref,
+# $4 original_transaction_id, $5 amount, $6 currency, $7 reason, $8 requested_by, $9 audit actor, $10 now,
 # $13 the hash of the API token that asks (NULL for other doors), re-checked here: see refunds.tokens.
-# The audit row is the one states.record_event writes, written here so that the refund and
-# its first event are one statement.
+# $11/$12 (not per request): refund window days per payment method. A single request is the same
+# statement with one-element arrays. The audit row is the one states.record_event writes, written
+# here so that the refund and its first event are one statement. Refunds are inserted in payment
+# order, so that two batches take their payments' row locks (the trigger) in the same order.
 _ACCEPT = f"""
-    WITH found AS (
-        SELECT {', '.join(f'r.{name} AS r_{name}' for name in _REFUND_FIELDS)},
+    WITH asked AS (
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::text[], $7::text[],
+                             $8::text[], $9::text[], $10::timestamptz[], $13::text[]) WITH ORDINALITY
+            AS q (q_refund_id, q_merchant_id, q_external_ref, q_transaction_id, q_amount, q_currency, q_reason,
+                  q_requested_by, q_actor, q_now, q_token_hash, q_n)
+    ), found AS (
+        SELECT q.*, {', '.join(f'r.{name} AS r_{name}' for name in _REFUND_FIELDS)},
                m.merchant_id IS NOT NULL AS merchant_found, m.refund_mode, m.approval_threshold, m.rate_limit,
                p.transaction_id IS NOT NULL AS payment_found, p.amount AS paid_amount, p.refunded_amount,
                p.currency AS paid_currency, p.method, p.paid_at,
                COALESCE((SELECT w.days FROM unnest($11::text[], $12::int[]) AS w (method, days)
                          WHERE w.method = p.method), {DEFAULT_WINDOW_DAYS}) AS window_days
-        FROM (VALUES (1)) AS one (x)
-        LEFT JOIN refunds r ON r.merchant_id = $2 AND r.external_ref = $3
-        LEFT JOIN merchants m ON m.merchant_id = $2
-        LEFT JOIN payments p ON p.merchant_id = $2 AND p.transaction_id = $4
+        FROM asked AS q
+        LEFT JOIN refunds r ON r.merchant_id = q.q_merchant_id AND r.external_ref = q.q_external_ref
+        LEFT JOIN merchants m ON m.merchant_id = q.q_merchant_id
+        LEFT JOIN payments p ON p.merchant_id = q.q_merchant_id AND p.transaction_id = q.q_transaction_id
     ), judged AS (
         SELECT found.*, CASE
-            WHEN $13::text IS NOT NULL AND NOT {ACTIVE_TOKEN_SQL.format(token_hash="$13", merchant_id="$2")}
+            WHEN q_token_hash IS NOT NULL
+                 AND NOT {ACTIVE_TOKEN_SQL.format(token_hash="q_token_hash", merchant_id="q_merchant_id")}
                 THEN 'token_revoked'
             WHEN r_refund_id IS NOT NULL THEN 'replay'
             WHEN NOT merchant_found THEN 'unknown_merchant'
             WHEN refund_mode = 'off' THEN 'refunds_disabled'
             WHEN NOT payment_found THEN 'unknown_transaction'
-            WHEN paid_currency <> $6::text THEN 'currency_mismatch'
-            WHEN $10::timestamptz > paid_at + make_interval(secs => window_days * 86400) THEN 'refund_window_closed'
-            WHEN $5::numeric > paid_amount - refunded_amount THEN 'amount_over_refundable'
-            WHEN refund_mode = 'approval' OR $5::numeric > approval_threshold THEN 'awaiting_approval'
+            WHEN paid_currency <> q_currency THEN 'currency_mismatch'
+            WHEN q_now > paid_at + make_interval(secs => window_days * 86400) THEN 'refund_window_closed'
+            WHEN q_amount > paid_amount - refunded_amount THEN 'amount_over_refundable'
+            WHEN refund_mode = 'approval' OR q_amount > approval_threshold THEN 'awaiting_approval'
             ELSE 'queued'
         END AS verdict
         FROM found
     ), inserted AS (
         INSERT INTO refunds (refund_id, merchant_id, external_ref, original_transaction_id, amount,
                              currency, reason, state, requested_by)
-        SELECT $1, $2, $3, $4, $5, $6, $7, verdict, $8 FROM judged WHERE verdict IN {ACCEPTED_STATES}
+        SELECT q_refund_id, q_merchant_id, q_external_ref, q_transaction_id, q_amount, q_currency, q_reason,
+               verdict, q_requested_by
+        FROM judged WHERE verdict IN {ACCEPTED_STATES}
+        ORDER BY q_merchant_id, q_transaction_id
         ON CONFLICT ON CONSTRAINT refunds_external_ref_unique DO NOTHING
         RETURNING {COLUMNS}
     ), audit AS (
         INSERT INTO refund_events (refund_id, from_state, to_state, actor, message)
-        SELECT refund_id, NULL, state, $9, 'accepted' FROM inserted
+        SELECT i.refund_id, NULL, i.state, j.q_actor, 'accepted' FROM inserted AS i JOIN judged AS j ON j.q_refund_id = i.refund_id
     )
     SELECT judged.*, {', '.join(f'i.{name} AS i_{name}' for name in _REFUND_FIELDS)}
-    FROM judged LEFT JOIN inserted AS i ON true"""
+    FROM judged LEFT JOIN inserted AS i ON i.refund_id = judged.q_refund_id
+    ORDER BY q_n"""
 
 
 @dataclass(frozen=True)
@@ -175,20 +195,25 @@ async def enqueue_refund(
 async def accept_refund(
     pool: asyncpg.Pool | asyncpg.Connection, *, merchant_id, original_transaction_id, amount, currency,
     external_ref, reason=None, requested_by: str | None = None, now: datetime | None = None,
-    token_hash: str | None = None,
+    token_hash: str | None = None, batcher: "AcceptBatcher | None" = None,
 ) -> EnqueueResult:
     """``enqueue_refund`` without the delivery: for a caller that holds a pooled connection and
     hands the refund over (``hand_over``) once it has released it.
 
     ``token_hash``: the intake API token that asks; the statement re-checks that it is still
     active and scoped to the merchant, and raises TokenRevoked (nothing written) if not.
+
+    ``batcher`` (``producers.accept_batch``): the request shares one statement with the others
+    awaited meanwhile, on the batcher's own connections (``pool`` is then not used); the
+    answer is the one it would get alone.
     """
     try:
         request = RefundRequest.parse(
             merchant_id=merchant_id, original_transaction_id=original_transaction_id, amount=amount,
             currency=currency, external_ref=external_ref, reason=reason,
         )
-        result = await _accept(pool, request, requested_by, now or datetime.now(timezone.utc), token_hash)
+        ask = Ask(request, requested_by, now or datetime.now(timezone.utc), token_hash)
+        result = await (batcher.accept(ask) if batcher is not None else _accept(pool, ask))
     except RefundRefused as refused:
         metrics.refunds_rejected_total.labels(refused.code).inc()
         raise
@@ -215,23 +240,46 @@ async def hand_over(result: EnqueueResult, pool: asyncpg.Pool | asyncpg.Connecti
     return False
 
 
-async def _accept(pool, request: RefundRequest, requested_by: str | None, now: datetime,
-                  token_hash: str | None = None) -> EnqueueResult:
+@dataclass(frozen=True)
+class Ask:
+    """One request as the accepting statement takes it."""
+
+    request: RefundRequest
+    requested_by: str | None
+    now: datetime
+    token_hash: str | None = None
+
+
+async def _accept(pool, ask: Ask) -> EnqueueResult:
     if isinstance(pool, asyncpg.Connection):
-        return await _accept_on(pool, request, requested_by, now, token_hash)
+        return await accept_alone(pool, ask)
     async with pool.acquire() as conn:
-        return await _accept_on(conn, request, requested_by, now, token_hash)
+        return await accept_alone(conn, ask)
 
 
-async def _accept_on(conn: asyncpg.Connection, request: RefundRequest, requested_by: str | None, now: datetime,
-                     token_hash: str | None) -> EnqueueResult:
+async def run_accept(conn: asyncpg.Connection, asks: list[Ask]) -> list[asyncpg.Record]:
+    """``_ACCEPT`` for these requests, one row each in their order.
+
+    Postgres errors (the CHECK, a deadlock, a value it refuses) fail it for all of them.
+    """
     windows = get_settings().refund_window_days
+    columns: list[list] = [[] for _ in range(11)]
+    for ask in asks:
+        request = ask.request
+        for column, value in zip(columns, (
+            uuid.uuid4(), request.merchant_id, request.external_ref, request.original_transaction_id,
+            request.amount, request.currency, request.reason, ask.requested_by, ask.requested_by or "producer",
+            ask.now, ask.token_hash,
+        ), strict=True):
+            column.append(value)
+    return await conn.fetch(_ACCEPT, *columns[:10], list(windows), list(windows.values()), columns[10])
+
+
+async def accept_alone(conn: asyncpg.Connection, ask: Ask) -> EnqueueResult:
+    """One request in its own statement; the CHECK refusing it is phrased as over refundable."""
+    request = ask.request
     try:
-        row = await conn.fetchrow(
-            _ACCEPT, uuid.uuid4(), request.merchant_id, request.external_ref, request.original_transaction_id,
-            request.amount, request.currency, request.reason, requested_by, requested_by or "producer", now,
-            list(windows), list(windows.values()), token_hash,
-        )
+        [row] = await run_accept(conn, [ask])
     except asyncpg.CheckViolationError as exc:
         if exc.constraint_name != "refunds_within_paid_amount":
             raise
@@ -240,6 +288,11 @@ async def _accept_on(conn: asyncpg.Connection, request: RefundRequest, requested
             request.merchant_id, request.original_transaction_id,
         )
         raise _over_refundable(request, left) from None
+    return await judge(conn, request, row)
+
+
+async def judge(conn: asyncpg.Connection, request: RefundRequest, row: asyncpg.Record) -> EnqueueResult:
+    """The statement's row for this request as an answer: the result, or the error it raises."""
     verdict = row["verdict"]
     if verdict == "token_revoked":
         raise TokenRevoked("the token is unknown or revoked, or not scoped to this merchant")

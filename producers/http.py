@@ -7,10 +7,10 @@ callers accept exactly the same refunds with the same idempotency.
 Order of checks on ``POST /v1/refunds``, cheapest and least trusting first: declared size
 (413) → a Bearer header at all (401) → body read with a hard cap (413) → JSON (400) → the
 token itself (401) → fields (422) → merchant scope (403, nothing written) → enqueue
-(202/200/409/422). The token lookup and the refund share one pooled connection, taken only
-once the body is in (so a slow client never holds a database connection), and a token
-seen before costs no query at all: the accepting statement re-checks it (see
-``create_refund``). Round trips are what intake throughput is made of. Every error has the
+(202/200/409/422). Database connections are taken only once the body is in (so a slow
+client never holds one), a token seen before costs no query at all (the accepting statement
+re-checks it, see ``create_refund``), and concurrent requests share the accepting statement
+(``producers.accept_batch``). Round trips are what intake throughput is made of. Every error has the
 body ``{"error": {"code", "message", "field"?}}``. A Postgres outage answers 503, never a
 stack trace; retrying then is safe because ``external_ref`` makes the request idempotent.
 
@@ -43,6 +43,7 @@ from refunds.settings import get_settings
 from refunds.states import STATES
 from refunds.tokens import MAX_TOKEN_LENGTH, ApiToken, TokenCache, TokenRevoked, authenticate, hash_token
 
+from .accept_batch import AcceptBatcher
 from .approvals import ApprovalError, NotAwaitingApproval, SamePerson, decide
 from .enqueue import AMOUNT, EXTERNAL_REF, MAX_REASON, accept_refund, hand_over
 
@@ -242,6 +243,7 @@ REDIS_URL = web.AppKey("redis_url", str)
 REDIS = web.AppKey("redis", aioredis.Redis)
 OPENAPI = web.AppKey("openapi", bytes)
 TOKENS = web.AppKey("tokens", TokenCache)
+ACCEPTS = web.AppKey("accepts", AcceptBatcher)
 
 
 # --- the application --------------------------------------------------------------------------
@@ -257,6 +259,8 @@ def create_app(*, database_url: str, redis_url: str | None = None) -> web.Applic
     app[REDIS_URL] = redis_url or get_settings().require("redis_url")
     app[OPENAPI] = json.dumps(openapi_document(), indent=2).encode()
     app[TOKENS] = TokenCache()
+    # 4 flushes of up to 64 refunds: the pool's 10 connections leave room for token lookups and reads
+    app[ACCEPTS] = AcceptBatcher(app[DATABASE].connection, max_batch=64, max_inflight=4)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     app.router.add_post("/v1/refunds", create_refund)
@@ -357,7 +361,8 @@ async def _with_events(conn: asyncpg.Connection, refund: Refund) -> dict:
 # --- refunds ----------------------------------------------------------------------------------
 
 async def create_refund(request: web.Request) -> web.Response:
-    """POST /v1/refunds: one pooled connection and, for a known token, one statement.
+    """POST /v1/refunds: for a known token, one row of an accepting statement shared with the
+    requests that arrive meanwhile (``producers.accept_batch``).
 
     The token comes from TokenCache when it was seen before; the accepting statement then
     re-checks it (nothing is written for a token revoked meanwhile), and any other answer
@@ -368,32 +373,36 @@ async def create_refund(request: web.Request) -> web.Response:
     body = await _read_json(request)
     tokens = request.app[TOKENS]
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn:
-        token = tokens.get(hash_token(secret)) if len(secret) <= MAX_TOKEN_LENGTH else None
-        confirmed = token is None
-        if token is None:
+    token = tokens.get(hash_token(secret)) if len(secret) <= MAX_TOKEN_LENGTH else None
+    confirmed = token is None
+    if token is None:
+        async with pool.acquire() as conn:
             token = await authenticate(conn, secret)
-            if token is None:
-                raise _unauthorized()
-            tokens.put(token)
+        if token is None:
+            raise _unauthorized()
+        tokens.put(token)
+    try:
         try:
-            try:
-                fields = validate(body, REFUND_FIELDS)
-            except RefundRefused as exc:
-                _refused(exc)
-                raise
-            if not token.allows(fields["merchant_id"]):
-                raise ApiError(403, "merchant_not_allowed",
-                               f"this token may not act for merchant {fields['merchant_id']!r}", "merchant_id")
-            result = await accept_refund(conn, **fields, requested_by=token.name, token_hash=token.token_hash)
-        except TokenRevoked:
-            tokens.forget(token.token_hash)
-            raise _unauthorized() from None
-        except (RefundRefused, ApiError):
-            if not confirmed and await authenticate(conn, secret) is None:
+            fields = validate(body, REFUND_FIELDS)
+        except RefundRefused as exc:
+            _refused(exc)
+            raise
+        if not token.allows(fields["merchant_id"]):
+            raise ApiError(403, "merchant_not_allowed",
+                           f"this token may not act for merchant {fields['merchant_id']!r}", "merchant_id")
+        result = await accept_refund(pool, **fields, requested_by=token.name, token_hash=token.token_hash,
+                                     batcher=request.app[ACCEPTS])
+    except TokenRevoked:
+        tokens.forget(token.token_hash)
+        raise _unauthorized() from None
+    except (RefundRefused, ApiError):
+        if not confirmed:
+            async with pool.acquire() as conn:
+                active = await authenticate(conn, secret)
+            if active is None:
                 tokens.forget(token.token_hash)
                 raise _unauthorized() from None
-            raise
+        raise
     await hand_over(result, pool)  # committed, and the connection is back in the pool
     return web.json_response(result.to_json(), status=result.http_status)
 

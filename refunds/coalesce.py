@@ -8,14 +8,15 @@ the calls that arrive queue up and share the next one. Nothing waits for a batch
 an idle coalescer runs what it has at once.
 
 A batch never holds two items with the same key (the same refund twice would make one
-statement decide two moves of one row); the second waits for the next batch.
+statement decide two moves of one row); the second waits for the next batch. An item may
+have several keys (``keys``): it then waits while any of them is taken.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
 
 Item = TypeVar("Item")
@@ -30,9 +31,10 @@ class Coalescer(Generic[Item, Result]):
     """
 
     def __init__(self, run_batch: Callable[[list[Item]], Awaitable[Sequence[Result]]], *,
-                 key: Callable[[Item], Hashable] = id, max_batch: int = 100, max_inflight: int = 2):
+                 key: Callable[[Item], Hashable] = id, keys: Callable[[Item], Iterable[Hashable]] | None = None,
+                 max_batch: int = 100, max_inflight: int = 2):
         self._run_batch = run_batch
-        self._key = key
+        self._keys = keys or (lambda item: (key(item),))
         self._max_batch = max_batch
         self._max_inflight = max_inflight
         self._queue: deque[tuple[Item, asyncio.Future]] = deque()
@@ -72,11 +74,11 @@ class Coalescer(Generic[Item, Result]):
             item, future = self._queue.popleft()
             if future.done():
                 continue
-            key = self._key(item)
-            if key in keys:
+            item_keys = set(self._keys(item))
+            if not keys.isdisjoint(item_keys):
                 held.append((item, future))
                 continue
-            keys.add(key)
+            keys.update(item_keys)
             batch.append((item, future))
         self._queue.extendleft(reversed(held))
         return batch

@@ -21,7 +21,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from producers.http import MAX_BODY, REFUND_FIELDS, create_app
 from refunds.payments import find_payment, record_payment
 from refunds.tokens import TokenError, authenticate, create_token, list_tokens, revoke_token
-from tests.test_producers import queued_refunds
+from tests.test_producers import accept_batches, queued_refunds
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIS_DB = 11  # module_redis_url: a Redis database of our own, no other test or worker touches these messages
@@ -295,6 +295,93 @@ async def test_fifty_different_requests_for_one_payment_never_exceed_it(db, make
     assert len(queued_refunds(queue)) == sum(1 for _, status, _ in answers if status == 202)
 
 
+async def test_concurrent_requests_share_the_accepting_statement(db, make_merchant, client, queue, monkeypatch):
+    await make_merchant("m1")
+    for index in range(41):
+        await paid(db, transaction=f"CIP-{index}")
+    headers = await bearer(db)
+    statements = accept_batches(monkeypatch)
+
+    # idle: a request is accepted at once, alone, with one statement
+    alone = await client.post("/v1/refunds", json=body(external_ref="S-0", original_transaction_id="CIP-0"), headers=headers)
+    assert alone.status == 202 and statements == [1]
+
+    statements.clear()
+
+    async def post(index: int):
+        response = await client.post(
+            "/v1/refunds", json=body(external_ref=f"S-{index}", original_transaction_id=f"CIP-{index}"), headers=headers)
+        return response.status, await response.json()
+
+    answers = await asyncio.gather(*(post(index) for index in range(1, 41)))
+    assert [status for status, _ in answers] == [202] * 40, answers
+    assert [answer["external_ref"] for _, answer in answers] == [f"S-{index}" for index in range(1, 41)]
+    assert sum(statements) == 40 and len(statements) < 40, statements  # shared, and no fallback
+    assert await db.fetchval("SELECT count(*) FROM refunds") == 41
+    assert await db.fetchval("SELECT count(*) FROM refund_events") == 41
+    assert await db.fetchval("SELECT count(DISTINCT refunded_amount) FROM payments") == 1
+    assert await db.fetchval("SELECT min(refunded_amount) FROM payments") == Decimal("10.00")
+    stored = await db.fetch("SELECT refund_id::text, external_ref, original_transaction_id, requested_by FROM refunds")
+    assert all(row["original_transaction_id"] == "CIP-" + row["external_ref"][2:] for row in stored)
+    assert {row["requested_by"] for row in stored} == {"alice"}
+    accepted = {answer["refund_id"] for _, answer in answers} | {(await alone.json())["refund_id"]}
+    assert accepted == {row["refund_id"] for row in stored}
+    assert sorted(queued_refunds(queue)) == sorted(accepted)  # each delivered once
+
+
+async def test_concurrent_mix_gets_the_answers_each_would_get_alone(db, make_merchant, client, queue, monkeypatch):
+    await make_merchant("m1")
+    await paid(db, transaction="CIP-1")
+    await paid(db, transaction="CIP-2")
+    headers = await bearer(db)
+    earlier = await client.post("/v1/refunds", json=body(external_ref="R-0", amount="5.00"), headers=headers)
+    assert earlier.status == 202
+    statements = accept_batches(monkeypatch)
+    mix = [
+        body(external_ref="R-1", amount="10.00"),                                    # valid
+        body(external_ref="R-1", amount="10.00"),                                    # an identical request
+        body(external_ref="R-0", amount="5.00"),                                     # replay of the earlier one
+        body(external_ref="R-0", amount="6.00"),                                     # same external_ref, other terms
+        body(external_ref="R-2", original_transaction_id="CIP-2", amount="60.00"),   # these two together
+        body(external_ref="R-3", original_transaction_id="CIP-2", amount="60.00"),   # exceed CIP-2
+        body(external_ref="R-4", original_transaction_id="NOPE"),                    # unknown transaction
+    ]
+
+    async def post(payload: dict):
+        response = await client.post("/v1/refunds", json=payload, headers=headers)
+        return response.status, await response.json()
+
+    answers = await asyncio.gather(*(post(payload) for payload in mix))
+    assert sum(statements) >= len(mix)
+
+    assert sorted(status for status, _ in answers[:2]) == [200, 202] and answers[0][1] == answers[1][1]
+    assert answers[0][1]["external_ref"] == "R-1" and answers[0][1]["state"] == "queued"
+    assert answers[2] == (200, await earlier.json())
+    assert answers[3] == (409, {"error": {
+        "code": "external_ref_conflict", "field": "external_ref",
+        "message": "external_ref 'R-0' was already used by this merchant for a different refund"}})
+    assert sorted(status for status, _ in answers[4:6]) == [202, 422], answers[4:6]
+    refused_index = 4 if answers[4][0] == 422 else 5
+    assert answers[refused_index][1] == {"error": {
+        "code": "amount_over_refundable", "field": "amount",
+        "message": "amount 60.00 is over the 40.00 still refundable on this payment"}}
+    assert answers[6] == (422, {"error": {
+        "code": "unknown_transaction", "field": "original_transaction_id",
+        "message": "transaction 'NOPE' is unknown or not paid for this merchant"}})
+
+    assert (await find_payment(db, "m1", "CIP-1")).refunded_amount == Decimal("15.00")
+    assert (await find_payment(db, "m1", "CIP-2")).refunded_amount == Decimal("60.00")
+    assert await db.fetchval("SELECT count(*) FROM refunds") == 3  # R-0, R-1 and one of CIP-2
+    assert await db.fetchval("SELECT count(*) FROM refund_events") == 3
+    created = {answer["refund_id"] for status, answer in answers if status == 202}
+    assert len(created) == 2 and set(queued_refunds(queue)) == created | {(await earlier.json())["refund_id"]}
+
+    # and each, asked again alone, gets the same answer (a created refund now as its replay)
+    for index, payload in enumerate(mix):
+        status, answer = answers[index]
+        assert await post(payload) == ((200 if status == 202 else status), answer), payload
+
+
 async def test_gradual_rollout_off_then_approval_then_auto(db, make_merchant, client, queue):
     """refund_mode per merchant: off refuses, approval holds every refund, auto sends them on."""
     await make_merchant("m1", refund_mode="off")
@@ -449,6 +536,21 @@ async def test_outages_answer_503_with_the_error_body(db, database_url, module_r
     async with TestClient(TestServer(create_app(database_url=database_url, redis_url=dead_redis))) as http:
         ready = await http.get("/readyz")
         assert ready.status == 503 and (await ready.json())["down"] == ["redis"]
+
+
+async def test_postgres_unreachable_fails_every_request_of_a_batch_alike():
+    """Unavailable for each (the middleware's 503), as a request alone gets it."""
+    from producers.accept_batch import AcceptBatcher
+    from refunds.database import Database, Unavailable
+    from tests.test_producers import ask
+
+    database = Database(f"postgresql://postgres@127.0.0.1:{_closed_port()}/nothing")
+    batcher = AcceptBatcher(database.connection, max_inflight=1)
+    try:
+        answers = await asyncio.gather(*(batcher.accept(ask(index)) for index in range(3)), return_exceptions=True)
+    finally:
+        await database.close()
+    assert [type(answer) for answer in answers] == [Unavailable] * 3, answers
 
 
 # --- python -m producers.http -------------------------------------------------------------------

@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 import redis
 
-from producers import enqueue_refund
+from producers import enqueue as enqueue_module, enqueue_refund
+from producers.enqueue import Ask, EnqueueResult, RefundRequest
 from refunds.errors import IdempotencyConflict, RefundRefused
 from refunds.payments import find_payment, record_payment
 from refunds.records import refund_events
@@ -354,3 +355,88 @@ async def test_async_delivery_reports_redis_away_without_raising(monkeypatch, re
         get_settings.cache_clear()
         producer_broker.cache_clear()
     assert results == [False] * 5
+
+
+# --- requests accepted together (producers.accept_batch) ------------------------------------------
+
+def accept_batches(monkeypatch) -> list[int]:
+    """The size of each accepting statement (``enqueue.run_accept``, which still runs)."""
+    sizes = []
+    real = enqueue_module.run_accept
+
+    async def counting(conn, asks):
+        sizes.append(len(asks))
+        return await real(conn, asks)
+
+    monkeypatch.setattr(enqueue_module, "run_accept", counting)
+    return sizes
+
+
+def ask(index: int, **overrides):
+    fields = dict(merchant_id="m1", original_transaction_id=f"CIP-{index}", amount=Decimal("10.00"), currency="PEN",
+                  external_ref=f"B-{index}")
+    fields.update(overrides)
+    return Ask(RefundRequest(**fields), "alice", datetime.now(timezone.utc))
+
+
+async def paid_batcher(db, database_url, make_merchant, monkeypatch, payments: int):
+    """Payments CIP-0.. of 10.00 refunds each, a batcher with one flush at a time, and its statement sizes."""
+    from producers.accept_batch import AcceptBatcher
+    from refunds.database import Database
+
+    await make_merchant("m1")
+    for index in range(payments):
+        await paid(db, transaction=f"CIP-{index}")
+    sizes = accept_batches(monkeypatch)
+    database = Database(database_url)
+    return sizes, database, AcceptBatcher(database.connection, max_inflight=1)
+
+
+async def test_a_batch_whose_payment_is_used_meanwhile_is_accepted_one_by_one(db, database_url, make_merchant,
+                                                                               monkeypatch):
+    """The CHECK refuses one row of the shared statement: only that request is refused, as it would be alone."""
+    sizes, database, batcher = await paid_batcher(db, database_url, make_merchant, monkeypatch, 5)
+    other = await asyncpg.connect(database_url)
+    try:
+        # another transaction takes 95.00 of CIP-2 and holds the row until the batch has read its snapshot
+        meanwhile = other.transaction()
+        await meanwhile.start()
+        await other.execute("UPDATE payments SET refunded_amount = 95.00 WHERE transaction_id = 'CIP-2'")
+        answers = asyncio.gather(*(batcher.accept(ask(index)) for index in range(5)), return_exceptions=True)
+        for _ in range(200):
+            if await db.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("the batch never waited for the payment row")
+        await meanwhile.commit()
+        results = await answers
+    finally:
+        await other.close()
+        await database.close()
+
+    assert sizes == [5, 1, 1, 1, 1, 1]  # the shared statement, then each alone
+    refused = results[2]
+    assert isinstance(refused, RefundRefused) and (refused.code, refused.field) == ("amount_over_refundable", "amount")
+    assert refused.message == "amount 10.00 is over the 5.00 still refundable on this payment"
+    for index in (0, 1, 3, 4):
+        assert isinstance(results[index], EnqueueResult) and results[index].created, results[index]
+        assert results[index].refund.external_ref == f"B-{index}" and results[index].refund.state == "queued"
+        assert (await find_payment(db, "m1", f"CIP-{index}")).refunded_amount == Decimal("10.00")
+    assert (await find_payment(db, "m1", "CIP-2")).refunded_amount == Decimal("95.00")
+    assert await db.fetchval("SELECT count(*) FROM refunds") == 4
+    assert await db.fetchval("SELECT count(*) FROM refund_events") == 4
+
+
+async def test_a_value_postgres_refuses_fails_alone_in_its_batch(db, database_url, make_merchant, monkeypatch):
+    sizes, database, batcher = await paid_batcher(db, database_url, make_merchant, monkeypatch, 3)
+    try:
+        # a NUL byte: RefundRequest.parse refuses it, so only a door that skipped parsing could send one
+        asks = [ask(0), ask(1, reason="nul \x00 byte"), ask(2)]
+        results = await asyncio.gather(*(batcher.accept(a) for a in asks), return_exceptions=True)
+    finally:
+        await database.close()
+    assert sizes == [3, 1, 1, 1]
+    assert isinstance(results[1], asyncpg.DataError)
+    assert all(isinstance(results[i], EnqueueResult) and results[i].created for i in (0, 2)), results
+    assert await db.fetchval("SELECT array_agg(external_ref ORDER BY external_ref) FROM refunds") == ["B-0", "B-2"]
