@@ -69,9 +69,13 @@ _ACCEPT = f"""
                COALESCE((SELECT w.days FROM unnest($11::text[], $12::int[]) AS w (method, days)
                          WHERE w.method = p.method), {DEFAULT_WINDOW_DAYS}) AS window_days
         FROM asked AS q
-        LEFT JOIN refunds r ON r.merchant_id = q.q_merchant_id AND r.external_ref = q.q_external_ref
-        LEFT JOIN merchants m ON m.merchant_id = q.q_merchant_id
-        LEFT JOIN payments p ON p.merchant_id = q.q_merchant_id AND p.transaction_id = q.q_transaction_id
+        -- one index lookup per request: LIMIT keeps each a lookup (a plain join on unnest's
+        -- guessed row count may hash whole tables), and each key is unique anyway
+        LEFT JOIN LATERAL (SELECT * FROM refunds WHERE merchant_id = q.q_merchant_id
+                                                   AND external_ref = q.q_external_ref LIMIT 1) r ON true
+        LEFT JOIN LATERAL (SELECT * FROM merchants WHERE merchant_id = q.q_merchant_id LIMIT 1) m ON true
+        LEFT JOIN LATERAL (SELECT * FROM payments WHERE merchant_id = q.q_merchant_id
+                                                    AND transaction_id = q.q_transaction_id LIMIT 1) p ON true
     ), judged AS (
         SELECT found.*, CASE
             WHEN q_token_hash IS NOT NULL
