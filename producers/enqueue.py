@@ -48,19 +48,22 @@ DEFAULT_WINDOW_DAYS = 90
 
 _REFUND_FIELDS = tuple(name.strip() for name in COLUMNS.split(","))
 ACCEPTED_STATES = ("queued", "awaiting_approval")
-# One row per request, from arrays of equal length: $1 refund_id, $2 merchant_id, $3 external_ref,
-# $4 original_transaction_id, $5 amount, $6 currency, $7 reason, $8 requested_by, $9 audit actor, $10 now,
-# $13 the hash of the API token that asks (NULL for other doors), re-checked here: see refunds.tokens.
-# $11/$12 (not per request): refund window days per payment method. A single request is the same
-# statement with one-element arrays. The audit row is the one states.record_event writes, written
-# here so that the refund and its first event are one statement. Refunds are inserted in payment
-# order, so that two batches take their payments' row locks (the trigger) in the same order.
+# One row per request: $1 refund_id, $2 merchant_id, $3 external_ref, $4 original_transaction_id,
+# $5 amount, $6 currency, $7 reason, $8 requested_by, $9 audit actor, $10 now, $13 the hash of the
+# API token that asks (NULL for other doors), re-checked here: see refunds.tokens. $11/$12 (not per
+# request): refund window days per payment method. Requests come as arrays of equal length
+# (``_ACCEPT_MANY``) or, for a request alone, as plain values (``_ACCEPT_ONE``: the same
+# statement, whose plan Postgres keeps, where an array of unknown length makes it plan again at
+# every call). The audit row is the one states.record_event writes, written here so that the
+# refund and its first event are one statement. Refunds are inserted in payment order, so that
+# two batches take their payments' row locks (the trigger) in the same order.
+_ASKED = (("q_refund_id", 1, "uuid"), ("q_merchant_id", 2, "text"), ("q_external_ref", 3, "text"),
+          ("q_transaction_id", 4, "text"), ("q_amount", 5, "numeric"), ("q_currency", 6, "text"),
+          ("q_reason", 7, "text"), ("q_requested_by", 8, "text"), ("q_actor", 9, "text"),
+          ("q_now", 10, "timestamptz"), ("q_token_hash", 13, "text"))
 _ACCEPT = f"""
     WITH asked AS (
-        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::numeric[], $6::text[], $7::text[],
-                             $8::text[], $9::text[], $10::timestamptz[], $13::text[]) WITH ORDINALITY
-            AS q (q_refund_id, q_merchant_id, q_external_ref, q_transaction_id, q_amount, q_currency, q_reason,
-                  q_requested_by, q_actor, q_now, q_token_hash, q_n)
+        {{asked}}
     ), found AS (
         SELECT q.*, {', '.join(f'r.{name} AS r_{name}' for name in _REFUND_FIELDS)},
                m.merchant_id IS NOT NULL AS merchant_found, m.refund_mode, m.approval_threshold, m.rate_limit,
@@ -108,6 +111,10 @@ _ACCEPT = f"""
     SELECT judged.*, {', '.join(f'i.{name} AS i_{name}' for name in _REFUND_FIELDS)}
     FROM judged LEFT JOIN inserted AS i ON i.refund_id = judged.q_refund_id
     ORDER BY q_n"""
+_ACCEPT_MANY = _ACCEPT.format(asked=(
+    f"SELECT * FROM unnest({', '.join(f'${n}::{kind}[]' for _, n, kind in _ASKED)}) WITH ORDINALITY"
+    f" AS q ({', '.join(name for name, _, _ in _ASKED)}, q_n)"))
+_ACCEPT_ONE = _ACCEPT.format(asked=f"SELECT {', '.join(f'${n}::{kind} AS {name}' for name, n, kind in _ASKED)}, 1::bigint AS q_n")
 
 
 @dataclass(frozen=True)
@@ -276,7 +283,10 @@ async def run_accept(conn: asyncpg.Connection, asks: list[Ask]) -> list[asyncpg.
             ask.now, ask.token_hash,
         ), strict=True):
             column.append(value)
-    return await conn.fetch(_ACCEPT, *columns[:10], list(windows), list(windows.values()), columns[10])
+    if len(asks) == 1:
+        return await conn.fetch(_ACCEPT_ONE, *(column[0] for column in columns[:10]), list(windows),
+                                list(windows.values()), columns[10][0])
+    return await conn.fetch(_ACCEPT_MANY, *columns[:10], list(windows), list(windows.values()), columns[10])
 
 
 async def accept_alone(conn: asyncpg.Connection, ask: Ask) -> EnqueueResult:
