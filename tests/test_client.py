@@ -39,14 +39,15 @@ from tests.stack import chaos, process_refund, serve, start_stack
 
 
 class RequestCounter:
-    """Counts the requests an aiohttp session actually starts (a TraceConfig)."""
+    """Counts the requests an aiohttp session actually writes (a TraceConfig): one that timed out
+    waiting for a connection was never sent, and the client may send it again."""
 
     def __init__(self) -> None:
         self.requests: list[tuple[str, str]] = []
         self.trace = aiohttp.TraceConfig()
-        self.trace.on_request_start.append(self._started)
+        self.trace.on_request_headers_sent.append(self._sent)
 
-    async def _started(self, session, context, params) -> None:
+    async def _sent(self, session, context, params) -> None:
         self.requests.append((params.method, params.url.path))
 
     def count(self, method: str, path_prefix: str) -> int:
