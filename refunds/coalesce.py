@@ -7,8 +7,9 @@ calls made in the same turn of the event loop share a batch, and while a batch i
 the calls that arrive queue up and share the next one. Nothing waits for a batch to fill:
 an idle coalescer runs what it has at once.
 
-A batch never holds two items with the same key (the same refund twice would make one
-statement decide two moves of one row); the second waits for the next batch. An item may
+A batch never holds two items with the same key, by default the item's value (the same
+refund twice would make one statement claim or move one row for two callers); the second
+waits for the next batch. An item may
 have several keys (``keys``): it then waits while any of them is taken.
 """
 
@@ -31,7 +32,7 @@ class Coalescer(Generic[Item, Result]):
     """
 
     def __init__(self, run_batch: Callable[[list[Item]], Awaitable[Sequence[Result]]], *,
-                 key: Callable[[Item], Hashable] = id, keys: Callable[[Item], Iterable[Hashable]] | None = None,
+                 key: Callable[[Item], Hashable] = lambda item: item, keys: Callable[[Item], Iterable[Hashable]] | None = None,
                  max_batch: int = 100, max_inflight: int = 2):
         self._run_batch = run_batch
         self._keys = keys or (lambda item: (key(item),))

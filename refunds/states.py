@@ -218,7 +218,8 @@ async def claim_many(conn: asyncpg.Connection, refund_ids: Sequence[UUID], *, ac
     """
     rows = await conn.fetch(_CLAIM_AND_RECORD, list(refund_ids), claim_seconds, actor)
     claimed = {row["refund_id"]: (from_row(row), row["from_state"]) for row in rows}
-    return [claimed.get(refund_id) for refund_id in refund_ids]
+    # a refund asked for twice is claimed once: only its first asker may talk to the gateway
+    return [claimed.pop(refund_id, None) for refund_id in refund_ids]
 
 
 async def release_claim(conn: asyncpg.Connection, refund_id: UUID, *, code: str | None, message: str | None) -> None:

@@ -2,6 +2,7 @@
 against real Postgres."""
 
 import asyncio
+import uuid
 
 import pytest
 
@@ -40,6 +41,21 @@ async def test_one_key_is_never_twice_in_a_batch():
     coalescer = Coalescer(run, key=lambda item: item[0], max_inflight=1)
     await asyncio.gather(coalescer(("x", 0)), coalescer(("a", 1)), coalescer(("a", 2)), coalescer(("b", 3)))
     assert batches == [[("x", 0), ("a", 1), ("b", 3)], [("a", 2)]]
+
+
+async def test_equal_items_never_share_a_batch_even_as_distinct_objects():
+    """The default key is the item's value: one refund id read twice from Postgres is two
+    equal UUID objects, and must not be claimed twice in one statement."""
+    batches = []
+
+    async def run(items):
+        batches.append(list(items))
+        return items
+
+    refund_id = uuid.uuid4()
+    coalescer = Coalescer(run, max_inflight=1)
+    await asyncio.gather(coalescer(uuid.UUID(str(refund_id))), coalescer(uuid.UUID(str(refund_id))))
+    assert batches == [[refund_id], [refund_id]]
 
 
 async def test_a_failed_batch_fails_each_of_its_calls_and_the_next_batch_still_runs():
@@ -128,3 +144,23 @@ async def test_the_worker_settles_refunds_in_flight_together_with_shared_stateme
     assert sum(statements) == 20 and len(statements) < 20
     assert await db.fetchval("SELECT count(*) FROM refunds WHERE state = 'succeeded'") == 20
     assert await db.fetchval("SELECT count(*) FROM refund_events WHERE to_state = 'succeeded'") == 20
+
+
+async def test_a_refund_asked_for_twice_is_claimed_once(db, make_merchant, database_url, vault):
+    """In one statement (claim_many given the id twice) and through the worker's Resources (two
+    deliveries of one refund at the same moment, each with its own UUID object): one claim."""
+    from refunds import db as dbmod
+    from refunds.settings import get_settings
+    from workers.resources import Resources
+
+    first, second = await _queued(db, make_merchant, 2)
+    claims = await claim_many(db, [first.refund_id, first.refund_id], actor="worker", claim_seconds=60)
+    assert claims[0] is not None and claims[1] is None
+    pool = await dbmod.create_pool(database_url, max_size=2)
+    try:
+        res = Resources(get_settings(), pool, session=None, client=None, vault=vault, redis=None, limiter=None)
+        claims = await asyncio.gather(*(res.claim(uuid.UUID(str(second.refund_id))) for _ in range(2)))
+    finally:
+        await pool.close()
+    assert sorted(claim is None for claim in claims) == [False, True]
+    assert await db.fetchval("SELECT attempts FROM refunds WHERE refund_id = $1", second.refund_id) == 1
