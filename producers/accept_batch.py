@@ -3,7 +3,7 @@
 The accepting statement and the pooled connection around it are the intake's main cost in
 Postgres, so concurrent requests share them: each request queues its ``Ask`` and awaits its
 own answer (``refunds.coalesce.Coalescer``); up to ``max_inflight`` flushes run at a time,
-each taking what is queued (up to ``max_batch``) into one ``_ACCEPT`` with one row per
+each taking what is queued (up to ``max_batch``) into one ``_ACCEPT_MANY`` with one row per
 request. When the intake is idle a request is accepted at once, alone, by the single-row
 path: nothing waits for a batch to fill.
 

@@ -22,39 +22,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
-from collections.abc import Hashable
-from dataclasses import dataclass, field
 
 import asyncpg
 
+from refunds.coalesce import Coalescer
 from refunds.database import Database, Unavailable
 
 from . import events
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class _Waiting:
-    merchant_id: str
-    note: events.Notification
-    keys: tuple[Hashable, ...]
-    future: asyncio.Future = field(repr=False)
+_Note = tuple[str, events.Notification]  # (merchant_id, notification)
 
 
 class NotificationBatcher:
     """Stores notifications of one kind in batches: a subclass says which (``kind``), what each
-    is about (``subject``: no two in a batch share it) and how a batch is stored (``store_many``)."""
+    is about (``subject``: no two in a batch share it) and how a batch is stored (``store_many``).
+    The queueing, holding and flushing are ``refunds.coalesce.Coalescer``'s."""
 
     kind = "notifications"
 
     def __init__(self, database: Database, *, max_batch: int = 100, max_inflight: int = 4):
         self._database = database
-        self._max_batch = max_batch
-        self._max_inflight = max_inflight
-        self._queue: deque[_Waiting] = deque()
-        self._flushes: set[asyncio.Task] = set()
+        self._coalescer: Coalescer[_Note, events.Outcome | events.Malformed] = Coalescer(
+            self._store, keys=self._keys, max_batch=max_batch, max_inflight=max_inflight)
 
     def subject(self, event) -> tuple[str, str]:
         """What the notification is about (a payment, a refund): a batch holds one notification about it."""
@@ -69,77 +60,48 @@ class NotificationBatcher:
 
         Raises ``Unavailable`` (503) or ``events.Malformed`` (400) like ``events.store_and_apply``.
         """
-        keys = (merchant_id, "notification", note.operation_number), (merchant_id, *self.subject(note.event))
-        waiting = _Waiting(merchant_id, note, keys, asyncio.get_running_loop().create_future())
-        self._queue.append(waiting)
-        if len(self._flushes) < self._max_inflight:
-            task = asyncio.create_task(self._flush())
-            self._flushes.add(task)
-            task.add_done_callback(self._flushes.discard)
-        return await waiting.future
+        try:
+            outcome = await self._coalescer((merchant_id, note))
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # this request itself is cancelled
+            raise Unavailable("the receiver is shutting down") from None  # its batch was, at shutdown
+        if isinstance(outcome, events.Malformed):
+            raise outcome
+        return outcome
 
-    async def _flush(self) -> None:
-        while self._queue:
-            batch = self._take()
-            try:
-                await self._store(batch)
-            except Unavailable as exc:
-                for waiting in batch:
-                    _fail(waiting, exc)
-            except Exception as exc:  # a bug: those requests fail (500), the receiver goes on
-                log.exception("storing a batch of %d %s notifications failed", len(batch), self.kind)
-                for waiting in batch:
-                    _fail(waiting, exc)
-            except BaseException:  # cancelled at shutdown: the sender will deliver again
-                for waiting in batch:
-                    _fail(waiting, Unavailable("the receiver is shutting down"))
-                raise
+    def _keys(self, item: _Note) -> tuple[tuple, tuple]:
+        merchant_id, note = item
+        return (merchant_id, "notification", note.operation_number), (merchant_id, *self.subject(note.event))
 
-    def _take(self) -> list[_Waiting]:
-        batch, held, seen = [], [], set()
-        while self._queue and len(batch) < self._max_batch:
-            waiting = self._queue.popleft()
-            if waiting.future.done():  # its request is gone (cancelled); nothing to store for it
-                continue
-            if seen.intersection(waiting.keys):
-                held.append(waiting)  # same notification, payment or refund: the next batch
-                continue
-            seen.update(waiting.keys)
-            batch.append(waiting)
-        self._queue.extendleft(reversed(held))
-        return batch
+    async def _store(self, batch: list[_Note]) -> list[events.Outcome | events.Malformed]:
+        try:
+            async with self._database.connection() as conn:
+                try:
+                    return await self.store_many(conn, batch)
+                except asyncpg.DataError:
+                    if len(batch) == 1:
+                        return [_malformed(batch[0])]
+                    return await self._one_by_one(conn, batch)  # find the body Postgres refuses
+                except asyncpg.DeadlockDetectedError:
+                    # Postgres undid the statement that met it (as workers' moves do): each again, alone
+                    log.warning("a batch of %d %s notifications met a deadlock; storing them one by one",
+                                len(batch), self.kind)
+                    return await self._one_by_one(conn, batch)
+        except Unavailable:
+            raise
+        except Exception:  # a bug: those requests fail (500), the receiver goes on
+            log.exception("storing a batch of %d %s notifications failed", len(batch), self.kind)
+            raise
 
-    async def _store(self, batch: list[_Waiting]) -> None:
-        if not batch:
-            return
-        async with self._database.connection() as conn:
-            try:
-                outcomes = await self.store_many(conn, [(w.merchant_id, w.note) for w in batch])
-            except asyncpg.DataError:
-                if len(batch) == 1:
-                    _fail(batch[0], _malformed(batch[0]))
-                    return
-                outcomes = await self._one_by_one(conn, batch)  # find the body Postgres refuses
-            except asyncpg.DeadlockDetectedError:
-                # Postgres undid the statement that met it (as workers' moves do): each again, alone
-                log.warning("a batch of %d %s notifications met a deadlock; storing them one by one",
-                            len(batch), self.kind)
-                outcomes = await self._one_by_one(conn, batch)
-        for waiting, outcome in zip(batch, outcomes, strict=True):
-            if isinstance(outcome, Exception):
-                _fail(waiting, outcome)
-            elif not waiting.future.done():
-                waiting.future.set_result(outcome)
-
-    async def _one_by_one(self, conn: asyncpg.Connection,
-                          batch: list[_Waiting]) -> list[events.Outcome | events.Malformed]:
+    async def _one_by_one(self, conn: asyncpg.Connection, batch: list[_Note]) -> list[events.Outcome | events.Malformed]:
         """Each notification stored alone: one that Postgres refuses gets its 400, the others are stored."""
         outcomes: list[events.Outcome | events.Malformed] = []
-        for waiting in batch:
+        for item in batch:
             try:
-                [outcome] = await self.store_many(conn, [(waiting.merchant_id, waiting.note)])
+                [outcome] = await self.store_many(conn, [item])
             except asyncpg.DataError:
-                outcome = _malformed(waiting)
+                outcome = _malformed(item)
             outcomes.append(outcome)
         return outcomes
 
@@ -168,10 +130,5 @@ class RefundOutcomeBatcher(NotificationBatcher):
         return await events.store_refund_outcomes(conn, notes)
 
 
-def _malformed(waiting: _Waiting) -> events.Malformed:
-    return events.Malformed("body cannot be stored: Postgres refuses a value in it", waiting.note.event_type)
-
-
-def _fail(waiting: _Waiting, exc: Exception) -> None:
-    if not waiting.future.done():
-        waiting.future.set_exception(exc)
+def _malformed(item: _Note) -> events.Malformed:
+    return events.Malformed("body cannot be stored: Postgres refuses a value in it", item[1].event_type)
