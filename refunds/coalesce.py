@@ -9,8 +9,8 @@ an idle coalescer runs what it has at once.
 
 A batch never holds two items with the same key, by default the item's value (the same
 refund twice would make one statement claim or move one row for two callers); the second
-waits for the next batch. An item may
-have several keys (``keys``): it then waits while any of them is taken.
+waits for the next batch. An item may have several keys (``keys``): it then waits while any
+of them is taken.
 """
 
 from __future__ import annotations
