@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -41,7 +42,9 @@ class Payment:
         }
 
 
-_COLUMNS = "merchant_id, transaction_id, amount, currency, method, paid_at, refunded_amount, transaction_code"
+_FIELDS = ("merchant_id", "transaction_id", "amount", "currency", "method", "paid_at", "refunded_amount",
+           "transaction_code")
+_COLUMNS = ", ".join(_FIELDS)
 
 
 async def record_payment(
@@ -76,6 +79,19 @@ async def find_payment(conn: asyncpg.Connection, merchant_id: str, transaction_i
         merchant_id, transaction_id,
     )
     return Payment(**row) if row else None
+
+
+async def find_payments(conn: asyncpg.Connection, keys: Sequence[tuple[str, str]]) -> list[Payment | None]:
+    """``find_payment`` for many (merchant_id, transaction_id) keys in one statement, in order."""
+    rows = await conn.fetch(
+        f"""SELECT k.i, p.* FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k (m, t, i)
+            -- one index lookup per key (LIMIT keeps it one whatever unnest's guessed row count)
+            CROSS JOIN LATERAL (SELECT {_COLUMNS} FROM payments
+                                WHERE merchant_id = k.m AND transaction_id = k.t LIMIT 1) p""",
+        [merchant_id for merchant_id, _ in keys], [transaction_id for _, transaction_id in keys],
+    )
+    found = {row["i"]: Payment(**{name: row[name] for name in _FIELDS}) for row in rows}
+    return [found.get(i) for i in range(1, len(keys) + 1)]
 
 
 async def get_payment(conn: asyncpg.Connection, merchant_id: str, transaction_id: str) -> Payment:

@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -737,3 +738,32 @@ def test_module_reports_a_bad_seed_in_one_line(tmp_path):
                          capture_output=True, text=True, timeout=30, check=False)
     assert run.returncode == 2
     assert run.stderr.strip().count("\n") == 0 and "merchants[0].env" in run.stderr, run.stderr
+
+
+async def test_concurrent_refunds_look_up_their_payments_together(gateway, keys, receiver, db, monkeypatch):
+    for n in range(30):
+        await record_payment(db, merchant_id="m1", transaction_id=f"CIP-{n}", amount=Decimal("20.00"), currency="PEN",
+                             method="cash", paid_at=now() - timedelta(days=1))
+    lookups: list[int] = []  # keys per payments statement (a spy: every statement still runs)
+    real_fetch = asyncpg.connection.Connection.fetch
+
+    def spy(self, query, *args, **kwargs):
+        if "FROM payments" in query:
+            lookups.append(len(args[0]))
+        return real_fetch(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.connection.Connection, "fetch", spy)
+    token = await token_for(gateway, keys)
+    bodies = [refund_body(keys, receiver, originalTransactionId=f"CIP-{n}", externalRef=f"R-{n}") for n in range(30)]
+    bodies.append(refund_body(keys, receiver, originalTransactionId="CIP-X", externalRef="R-X"))
+    answers = await asyncio.gather(*(refund(gateway, token, body) for body in bodies))
+
+    assert [payload["code"] for _, payload in answers[:30]] == ["100"] * 30
+    assert answers[-1][1]["code"] == protocol.TRANSACTION_UNKNOWN
+    assert sorted(e["externalRef"] for e in await ledger(gateway)) == sorted(f"R-{n}" for n in range(30))
+    assert sum(lookups) == 31 and len(lookups) < 31  # every refund looked up once, in shared statements
+    # a payment found is kept: asking again takes no statement
+    lookups.clear()
+    _, payload = await refund(gateway, token, refund_body(keys, receiver, originalTransactionId="CIP-0",
+                                                          externalRef="R-again", refundAmount=Decimal("9.50")))
+    assert payload["code"] == "100" and lookups == []

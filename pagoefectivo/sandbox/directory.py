@@ -26,7 +26,8 @@ import asyncpg
 
 from refunds import db as dbmod
 from refunds.merchants import find_merchant
-from refunds.payments import find_payment
+from refunds.coalesce import Coalescer
+from refunds.payments import Payment, find_payments
 from refunds.vault import Vault
 
 ENVIRONMENT = "sandbox"
@@ -115,6 +116,8 @@ class DatabaseDirectory:
         self._pool: asyncpg.Pool | None = None
         self._cache: dict[str, tuple[float, Registration]] = {}
         self._payments: dict[tuple[str, str], PaidTransaction] = {}
+        # the refunds arriving together look up their payments in one statement
+        self._lookups: Coalescer[tuple[str, str], Payment | None] = Coalescer(self._find_payments)
 
     async def start(self) -> None:
         self._pool = await dbmod.create_pool(self._database_url, min_size=1, max_size=5)
@@ -165,8 +168,7 @@ class DatabaseDirectory:
         known = self._payments.get(key)
         if known is not None:
             return known
-        async with self.pool.acquire() as conn:
-            payment = await find_payment(conn, merchant_id, transaction_id)
+        payment = await self._lookups(key)
         if payment is None:
             return None
         if len(self._payments) >= MAX_KNOWN_PAYMENTS:
@@ -174,3 +176,7 @@ class DatabaseDirectory:
         known = self._payments[key] = PaidTransaction(payment.merchant_id, payment.transaction_id, payment.amount,
                                                       payment.currency, payment.method, payment.paid_at)
         return known
+
+    async def _find_payments(self, keys: list[tuple[str, str]]) -> list[Payment | None]:
+        async with self.pool.acquire() as conn:
+            return await find_payments(conn, keys)
