@@ -4,6 +4,7 @@
     .venv/bin/python bench/e2e_bench.py --smoke            # 1,000 refunds, < 30 s of measuring (CI smoke test)
     .venv/bin/python bench/e2e_bench.py --refunds 5000 --processes 2 --threads 32 --json out.json
     .venv/bin/python bench/e2e_bench.py --profile DIR      # also py-spy every service (collapsed stacks in DIR)
+    .venv/bin/python bench/e2e_bench.py --profile DIR --profile-gil   # only the thread holding the GIL
 
 What runs, every service its own process as in the Procfile, all on loopback: the sandbox
 gateway (no faults, no latency, every refund answered ``pending`` so that its final state
@@ -69,7 +70,7 @@ def run(args) -> dict:
             load = h.HttpLoad(f"{system.intake_url}/v1/refunds", token, requests, args.connections, env.work)
             try:
                 profiler = h.Profiler(Path(args.profile), {k: v for k, v in system.roots().items()
-                                                           if k in h.KINDS}) if args.profile else None
+                                                           if k in h.KINDS}, gil=args.profile_gil) if args.profile else None
                 # an idle backend publishes its counters within 10 s (PGSTAT_IDLE_INTERVAL)
                 time.sleep(0 if args.smoke else 11)
                 pg_before = asyncio.run(h.pg_stats())
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the sandbox's sync_status_mix (default: every refund settles by notification)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for every refund to be final")
     parser.add_argument("--profile", metavar="DIR", help="py-spy record every service during the measurement")
+    parser.add_argument("--profile-gil", action="store_true",
+                        help="with --profile: sample only the thread holding the GIL (Python's own CPU time)")
     parser.add_argument("--no-analyze", action="store_true",
                         help="skip the ANALYZE after the warm-up (planner statistics of a brand-new database)")
     parser.add_argument("--smoke", action="store_true", help="a tiny run for CI: 1,000 refunds")

@@ -887,8 +887,10 @@ def noop_baseline(env: Environment, count: int, *, processes: int, threads: int,
 class Profiler:
     """``py-spy record`` (raw collapsed stacks, non-blocking) on some processes and their children."""
 
-    def __init__(self, out_dir: Path, targets: dict[str, int], rate: int = 100):
-        self.out_dir, self.targets, self.rate = Path(out_dir), targets, rate
+    def __init__(self, out_dir: Path, targets: dict[str, int], rate: int = 100, gil: bool = False):
+        """``gil``: sample only the thread holding the GIL (where Python's own CPU time goes;
+        native work that releases the GIL, such as an RSA signature, drops out)."""
+        self.out_dir, self.targets, self.rate, self.gil = Path(out_dir), targets, rate, gil
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.processes: dict[str, subprocess.Popen] = {}
 
@@ -897,7 +899,7 @@ class Profiler:
         for name, pid in self.targets.items():
             self.processes[name] = subprocess.Popen(
                 [str(spy if spy.exists() else "py-spy"), "record", "--pid", str(pid), "--subprocesses",
-                 "--nonblocking", "--rate", str(self.rate), "--format", "raw", "-o", str(self.path(name))],
+                 "--nonblocking", *(["--gil"] if self.gil else []), "--rate", str(self.rate), "--format", "raw", "-o", str(self.path(name))],
                 stdout=subprocess.DEVNULL, stderr=open(self.out_dir / f"{name}.py-spy.log", "wb"))
         time.sleep(0.5)
         return self
