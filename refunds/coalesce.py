@@ -7,10 +7,9 @@ calls made in the same turn of the event loop share a batch, and while a batch i
 the calls that arrive queue up and share the next one. Nothing waits for a batch to fill:
 an idle coalescer runs what it has at once.
 
-A batch never holds two items with the same key, by default the item's value (the same
-refund twice would make one statement claim or move one row for two callers); the second
-waits for the next batch. An item may have several keys (``keys``): it then waits while any
-of them is taken.
+A batch never holds two items that share a key (``keys``; by default an item's one key is
+its value: the same refund twice would make one statement claim or move one row for two
+callers); the later one waits for the next batch.
 """
 
 from __future__ import annotations
@@ -32,10 +31,10 @@ class Coalescer(Generic[Item, Result]):
     """
 
     def __init__(self, run_batch: Callable[[list[Item]], Awaitable[Sequence[Result]]], *,
-                 key: Callable[[Item], Hashable] = lambda item: item, keys: Callable[[Item], Iterable[Hashable]] | None = None,
+                 keys: Callable[[Item], Iterable[Hashable]] = lambda item: (item,),
                  max_batch: int = 100, max_inflight: int = 2):
         self._run_batch = run_batch
-        self._keys = keys or (lambda item: (key(item),))
+        self._keys = keys
         self._max_batch = max_batch
         self._max_inflight = max_inflight
         self._queue: deque[tuple[Item, asyncio.Future]] = deque()

@@ -38,7 +38,7 @@ async def test_one_key_is_never_twice_in_a_batch():
         batches.append(list(items))
         return items
 
-    coalescer = Coalescer(run, key=lambda item: item[0], max_inflight=1)
+    coalescer = Coalescer(run, keys=lambda item: (item[0],), max_inflight=1)
     await asyncio.gather(coalescer(("x", 0)), coalescer(("a", 1)), coalescer(("a", 2)), coalescer(("b", 3)))
     assert batches == [[("x", 0), ("a", 1), ("b", 3)], [("a", 2)]]
 

@@ -57,12 +57,12 @@ class Resources:
 
     def __post_init__(self) -> None:
         self.credentials = functools.lru_cache(maxsize=1024)(lambda merchant: merchant.credentials(self.vault))
-        # two deliveries of one refund never share a claim batch (Coalescer's key): the second
+        # two deliveries of one refund never share a claim batch (the Coalescer's keys): the second
         # waits for the next and finds the refund claimed
         self.load = Coalescer(self._on_connection(find_with_merchants))
         self.claim = Coalescer(self._on_connection(functools.partial(
             claim_many, actor=ACTOR, claim_seconds=self.settings.refund_claim_seconds)))
-        self.move = Coalescer(self._moves, key=lambda move: move.refund_id)
+        self.move = Coalescer(self._moves, keys=lambda move: (move.refund_id,))
         self.in_flight = asyncio.Semaphore(self.settings.worker_in_flight)
 
     def _on_connection(self, statement):
