@@ -53,7 +53,7 @@ def run(args) -> dict:
         asyncio.run(h.seed_payments(env, warm_requests + requests))
         token = asyncio.run(h.create_intake_token(env))
 
-        baselines = [run_baseline(env, args, "before")]
+        baselines = [h.noop_baseline_of(env, args, "before")]
         sandbox = ("--sync-status-mix", args.status_mix)
         with h.system_for(env, args, sandbox, intake=True) as system:
             h.log(f"warm-up: {warmup} refunds through the whole system")
@@ -98,7 +98,7 @@ def run(args) -> dict:
                                                      "error")}
             if profiler:
                 figures["profile"] = profiler.summary()
-        baselines.append(run_baseline(env, args, "after"))
+        baselines.append(h.noop_baseline_of(env, args, "after"))
 
     last_done = max(done for _, done, _ in times)
     elapsed = last_done - intake["started_at"]
@@ -117,14 +117,6 @@ def run(args) -> dict:
         "final_max_s": max(latency), "states": counts,
     })
     return figures
-
-
-def run_baseline(env, args, when: str) -> dict:
-    h.log(f"baseline ({when}): dramatiq bench.noop_actor, {args.processes}x{args.threads}, {args.baseline} messages")
-    result = h.noop_baseline(env, args.baseline, processes=args.processes, threads=args.threads)
-    result["when"] = when
-    h.log(f"  {result['per_second']:.0f} no-op messages/s")
-    return result
 
 
 def report(f: dict) -> None:

@@ -134,15 +134,12 @@ def run(args) -> dict:
     figures = {"machine": h.machine(), "load_before": h.load_average(), "cores": os.cpu_count(), "args": vars(args)}
     with h.environment("floor") as env:
         figures["services"] = env.services_text
-        h.log(f"baseline: dramatiq bench.noop_actor, {args.processes}x{args.threads}, {args.baseline} messages")
-        baselines = [h.noop_baseline(env, args.baseline, processes=args.processes, threads=args.threads)]
-        h.log(f"  {baselines[0]['per_second']:.0f} no-op messages/s")
+        baselines = [h.noop_baseline_of(env, args, "before")]
         h.log(f"HTTP hop: {args.requests} requests over {args.connections} connections")
         figures["http"] = http_hop(args.requests, args.connections, env.work)
         h.log(f"RSA-2048: {args.rsa} signatures and verifications")
         figures["rsa"] = rsa(args.rsa)
-        baselines.append(h.noop_baseline(env, args.baseline, processes=args.processes, threads=args.threads))
-        h.log(f"  {baselines[1]['per_second']:.0f} no-op messages/s")
+        baselines.append(h.noop_baseline_of(env, args, "after"))
     noop = sum(b["per_second"] for b in baselines) / len(baselines)
     http, signing = figures["http"], figures["rsa"]
     parts = {
@@ -164,7 +161,7 @@ def report(f: dict) -> None:
           f"{http['seconds']:.1f} s; server {http['server_ms']:.3f} CPU ms, client {http['client_ms']:.3f} CPU ms "
           "per request")
     print(f"RSA-2048: sign {signing['sign_ms']:.3f} CPU ms, verify {signing['verify_ms']:.3f} CPU ms")
-    print("no-op dramatiq baseline: " + ", ".join(f"{b['per_second']:.0f}/s" for b in f["baselines"])
+    print("no-op dramatiq baseline: " + ", ".join(f"{b['when']} {b['per_second']:.0f}/s" for b in f["baselines"])
           + f" -> {f['noop_per_s']:.0f} messages/s")
     print(f"budget at ratio {GOAL_RATIO}: {f['cores']} cores / ({GOAL_RATIO} x {f['noop_per_s']:.0f}/s) = "
           f"{f['budget_ms']:.2f} CPU ms per refund, for every process")

@@ -882,6 +882,15 @@ def noop_baseline(env: Environment, count: int, *, processes: int, threads: int,
             "cpu_s": cpu, "cpu_s_per_1000": 1000 * cpu / count}
 
 
+def noop_baseline_of(env: Environment, args, when: str) -> dict:
+    """``noop_baseline`` with a benchmark's --processes, --threads and --baseline, logged; ``when``: before or after."""
+    log(f"baseline ({when}): dramatiq bench.noop_actor, {args.processes}x{args.threads}, {args.baseline} messages")
+    result = noop_baseline(env, args.baseline, processes=args.processes, threads=args.threads)
+    result["when"] = when
+    log(f"  {result['per_second']:.0f} no-op messages/s")
+    return result
+
+
 # --- profiling with py-spy ----------------------------------------------------------------------------
 
 class Profiler:
