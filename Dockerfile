@@ -34,16 +34,17 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
  && pip install --upgrade pip "setuptools>=68" \
  && pip install -r /tmp/requirements.txt
 
-# The project. Installed in place (-e) from pyproject.toml because `refundctl db migrate` reads
-# schema.sql next to the packages (refunds/db.py: SCHEMA_PATH), which a plain wheel leaves out.
-COPY schema.sql Procfile ./
+# The project itself (schema.sql ships inside the refunds package, so `refundctl db migrate`
+# works from the installed package).
+COPY Procfile ./
 COPY refunds ./refunds
 COPY pagoefectivo ./pagoefectivo
 COPY producers ./producers
 COPY workers ./workers
 COPY receiver ./receiver
-RUN pip install --no-deps --editable . \
- && python -m compileall -q /app /opt/venv/lib
+COPY refundctl ./refundctl
+RUN pip install --no-deps . \
+ && python -m compileall -q /opt/venv/lib
 
 # --- runtime: no compiler, no pip cache, a non-root user ---------------------------------------
 FROM python:3.11-slim

@@ -87,7 +87,7 @@ def http_hop(count: int, connections: int, work: Path) -> dict:
     """CPU seconds of the server process and of this (client) process for ``count`` requests."""
     import uvloop
 
-    from refunds.processes import free_port
+    from refundctl.processes import free_port
 
     port = free_port()
     log = (work / "hop-server.log").open("w")

@@ -4,10 +4,10 @@ Not a benchmark itself: ``bench/e2e_bench.py``, ``bench/latency_bench.py``,
 ``bench/ratelimit_bench.py`` and ``bench/memory_bench.py`` import it. It provides:
 
 * ``Environment``: Postgres and Redis from DATABASE_URL / REDIS_URL when set, else the embedded
-  default (``refunds.embedded.provide_services``); a scratch database made and dropped, and
+  default (``refundctl.embedded.provide_services``); a scratch database made and dropped, and
   Redis database 14 (emptied before and after) so no other worker ever sees a bench message;
   merchants, payments and an intake token seeded directly (``add_merchant``, ``record_payment``).
-* ``System``: the Procfile's services as real processes (``refunds.processes.ServiceGroup``):
+* ``System``: the Procfile's services as real processes (``refundctl.processes.ServiceGroup``):
   the sandbox gateway, the receiver, the intake API (optional), the dramatiq workers and the
   scheduler, on free ports, with the worker metrics in a multiprocess folder.
 * Measurement from /proc: CPU seconds (utime + stime, children included) and resident memory
@@ -220,7 +220,7 @@ class Environment:
 @contextlib.contextmanager
 def environment(tag: str, keep_logs: str | None = None):
     """Yield an Environment; drop the scratch database, empty the Redis db and remove the folder after."""
-    from refunds.embedded import provide_services
+    from refundctl.embedded import provide_services
     from refunds.settings import get_settings
     from refunds.vault import generate_master_key
 
@@ -411,7 +411,7 @@ class System:
     def __init__(self, env: Environment, *, processes: int = 2, threads: int = 8, intake: bool = False,
                  sandbox_args: tuple[str, ...] = (), extra_env: dict[str, str] | None = None,
                  worker_command: tuple[str, ...] | None = None):
-        from refunds.processes import ServiceGroup, free_port
+        from refundctl.processes import ServiceGroup, free_port
 
         self.env = env
         self.processes, self.threads, self.with_intake = processes, threads, intake
@@ -826,7 +826,7 @@ def noop_baseline(env: Environment, count: int, *, processes: int, threads: int,
     from dramatiq import Message
     from dramatiq.brokers.redis import RedisBroker
 
-    from refunds.processes import ServiceGroup
+    from refundctl.processes import ServiceGroup
 
     queue = actor = "bench_noop_async" if asyncio_actor else "bench_noop"  # as in bench/noop_actor.py
     client = redis.Redis.from_url(env.redis_url)

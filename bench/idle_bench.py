@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import harness as h
-from refunds.processes import ServiceGroup
+from refundctl.processes import ServiceGroup
 
 WARM_UP_S = 5.0
 

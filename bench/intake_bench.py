@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         load_main(args.load_worker)
         return 0
 
-    from refunds.embedded import provide_services
+    from refundctl.embedded import provide_services
     from refunds.settings import get_settings
     from refunds.vault import generate_master_key
 

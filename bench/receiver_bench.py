@@ -396,7 +396,7 @@ def line(name: str, result: dict) -> str:
 
 
 def main(args) -> int:
-    from refunds.embedded import provide_services
+    from refundctl.embedded import provide_services
     from refunds.vault import Vault, generate_master_key
 
     master_key = generate_master_key()

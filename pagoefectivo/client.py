@@ -30,8 +30,6 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric import rsa
 from prometheus_client import Gauge
 
-from refunds import logs
-
 from . import protocol
 from .errors import (
     ClockSkew, EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError,
@@ -133,14 +131,21 @@ def check_gateway_url(env: str, base_url: str) -> None:
             f"production credentials go only over https, not to {parts.scheme}://{parts.hostname}")
 
 
+# Called after each exchange with (method, path, request body, status, response body, headers):
+# the owner decides whether and how bodies are logged (redacted); the client logs no bodies itself.
+ExchangeHook = Callable[[str, str, object, int | None, object, dict], None]
+
+
 class PagoEfectivoClient:
-    def __init__(self, session: aiohttp.ClientSession, *, base_url: str, env: str, timeout: float = 10.0):
+    def __init__(self, session: aiohttp.ClientSession, *, base_url: str, env: str, timeout: float = 10.0,
+                 on_exchange: ExchangeHook | None = None):
         if env not in ("sandbox", "production"):
             raise ValueError(f"unknown environment {env!r}")
         check_gateway_url(env, base_url)
         self._session = session
         self._base_url = base_url.rstrip("/")
         self._env = env
+        self._on_exchange = on_exchange
         connect = min(timeout, 3.0)
         # connect/sock_connect: a timeout there means nothing was sent (transient); any other is unknown
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=connect, sock_connect=connect)
@@ -294,7 +299,8 @@ class PagoEfectivoClient:
                 raw = await response.read()
                 status = response.status
                 payload = _envelope(raw)
-                logs.log_exchange(log, method, path, json_body, status, payload, headers=all_headers)
+                if self._on_exchange is not None:
+                    self._on_exchange(method, path, json_body, status, payload, all_headers)
                 if timed and not 200 <= status < 300 and self._skewed():
                     raise self._clock_skew(code=payload.get("code") if payload else None, http_status=status)
                 if status == 429:

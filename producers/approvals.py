@@ -22,7 +22,7 @@ from refunds.errors import NotFound, RefundsError
 from refunds.records import Refund, find_refund
 from refunds.states import transition
 
-from .delivery import deliver_async
+from refunds.delivery import deliver_async
 from .enqueue import MAX_REASON, check_text
 
 log = logging.getLogger(__name__)

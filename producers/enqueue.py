@@ -22,24 +22,20 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from typing import TYPE_CHECKING
 
 import asyncpg
 
 from refunds import metrics
+from refunds.delivery import deliver_async
 from refunds.errors import IdempotencyConflict, RefundRefused
 from refunds.money import format_amount, parse_amount, parse_currency
 from refunds.records import COLUMNS, Refund, find_by_external_ref
 from refunds.settings import get_settings
 from refunds.tokens import ACTIVE_TOKEN_SQL, TokenRevoked
-
-from .delivery import deliver_async
-
-if TYPE_CHECKING:
-    from .accept_batch import AcceptBatcher
 
 EXTERNAL_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 AMOUNT = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,2})?$")
@@ -206,7 +202,7 @@ async def enqueue_refund(
 async def accept_refund(
     pool: asyncpg.Pool | asyncpg.Connection, *, merchant_id, original_transaction_id, amount, currency,
     external_ref, reason=None, requested_by: str | None = None, now: datetime | None = None,
-    token_hash: str | None = None, batcher: "AcceptBatcher | None" = None,
+    token_hash: str | None = None, accept: "Callable[[Ask], Awaitable[EnqueueResult]] | None" = None,
 ) -> EnqueueResult:
     """``enqueue_refund`` without the delivery: for a caller that holds a pooled connection and
     hands the refund over (``hand_over``) once it has released it.
@@ -214,9 +210,9 @@ async def accept_refund(
     ``token_hash``: the intake API token that asks; the statement re-checks that it is still
     active and scoped to the merchant, and raises TokenRevoked (nothing written) if not.
 
-    ``batcher`` (``producers.accept_batch``): the request shares one statement with the others
-    awaited meanwhile, on the batcher's own connections (``pool`` is then not used); the
-    answer is the one it would get alone.
+    ``accept``: how the request is accepted instead of alone on ``pool``; the intake passes
+    ``producers.accept_batch.AcceptBatcher.accept``, which shares one statement with the
+    requests awaited meanwhile, on its own connections, and answers as alone.
     """
     try:
         request = RefundRequest.parse(
@@ -224,7 +220,7 @@ async def accept_refund(
             currency=currency, external_ref=external_ref, reason=reason,
         )
         ask = Ask(request, requested_by, now or datetime.now(timezone.utc), token_hash)
-        result = await (batcher.accept(ask) if batcher is not None else _accept(pool, ask))
+        result = await (accept(ask) if accept is not None else _accept(pool, ask))
     except RefundRefused as refused:
         metrics.refunds_rejected_total.labels(refused.code).inc()
         raise
@@ -238,7 +234,7 @@ async def hand_over(result: EnqueueResult, pool: asyncpg.Pool | asyncpg.Connecti
 
     With ``pool`` (or a connection the caller is not using meanwhile) the refund's slot is
     booked in its merchant's rate limit now, and its message waits for it in the delay
-    queue; without, a worker books it (see ``producers.delivery``).
+    queue; without, a worker books it (see ``refunds.delivery``).
 
     False when Redis is unreachable (the outbox sweep delivers it later) or when there is
     nothing to deliver: a replay was delivered the first time, and a refund awaiting

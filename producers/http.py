@@ -252,7 +252,7 @@ def create_app(*, database_url: str, redis_url: str | None = None) -> web.Applic
     """The intake application; its Postgres pool and Redis client are made on start, on the running loop.
 
     ``redis_url`` (default: REDIS_URL) is only probed by /readyz here; refunds reach Redis
-    through ``producers.delivery``.
+    through ``refunds.delivery``.
     """
     app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
     app[DATABASE] = Database(database_url)
@@ -391,7 +391,7 @@ async def create_refund(request: web.Request) -> web.Response:
             raise ApiError(403, "merchant_not_allowed",
                            f"this token may not act for merchant {fields['merchant_id']!r}", "merchant_id")
         result = await accept_refund(pool, **fields, requested_by=token.name, token_hash=token.token_hash,
-                                     batcher=request.app[ACCEPTS])
+                                     accept=request.app[ACCEPTS].accept)
     except TokenRevoked:
         tokens.forget(token.token_hash)
         raise _unauthorized() from None

@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import simplejson
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schema.sql"
+SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"  # shipped in the package: a plain install can migrate
 MIGRATION_LOCK = 0x7265_6675_6E64  # advisory lock id: one migration at a time
 
 

@@ -58,14 +58,12 @@ class Merchant:
     def private_key_pem(self, vault: Vault) -> bytes:
         return vault.open(self.private_key_sealed, _identity(self.merchant_id, "private_key"))
 
-    def credentials(self, vault: Vault):
-        """Everything the gateway client needs to act for this merchant (secrets opened now)."""
-        from pagoefectivo.client import Credentials
-
-        return Credentials(
-            merchant_id=self.merchant_id, env=self.env, service_id=self.service_id, access_key=self.access_key,
-            secret_key=self.secret_key(vault), private_key_pem=self.private_key_pem(vault),
-        )
+    def gateway_credentials(self, vault: Vault) -> dict:
+        """The fields of the gateway client's ``Credentials``, secrets opened now (the caller
+        builds the provider's type, so the core does not depend on the provider)."""
+        return {"merchant_id": self.merchant_id, "env": self.env, "service_id": self.service_id,
+                "access_key": self.access_key, "secret_key": self.secret_key(vault),
+                "private_key_pem": self.private_key_pem(vault)}
 
     def notify_url_or(self, receiver_base_url: str | None) -> str | None:
         """The merchant's own notify URL, else the receiver's path for this merchant."""

@@ -37,7 +37,7 @@ _session = contextlib.ExitStack()
 
 def pytest_configure(config):
     """Start (or find) Postgres and Redis before collection: importing `workers` needs REDIS_URL."""
-    from refunds.embedded import provide_services
+    from refundctl.embedded import provide_services
 
     found = _session.enter_context(provide_services())
     os.environ.setdefault("REFUNDS_MASTER_KEY", generate_master_key())
@@ -108,9 +108,9 @@ def redis_db_url(url: str, db: int) -> str:
 
 @pytest.fixture(scope="module")
 def module_redis_url(request, database_url, redis_url):
-    """Point REDIS_URL (and so producers.delivery) at the test module's own Redis database, its
+    """Point REDIS_URL (and so refunds.delivery) at the test module's own Redis database, its
     ``REDIS_DB``: no other test or worker touches the messages its refunds deliver."""
-    from producers.delivery import producer_broker
+    from refunds.delivery import producer_broker
     from refunds.settings import get_settings
 
     number = getattr(request.module, "REDIS_DB", None)

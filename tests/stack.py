@@ -18,7 +18,7 @@ from aiohttp import web
 
 from pagoefectivo.client import PagoEfectivoClient
 from refunds import db as dbmod
-from refunds.processes import free_port
+from refundctl.processes import free_port
 from refunds.settings import get_settings
 
 CLIENT_TIMEOUT = 1.0  # the worker client's timeout in these tests; the sandbox holds lost answers longer

@@ -28,7 +28,7 @@ from pagoefectivo.protocol import dumps, notification_signature
 from producers import enqueue_refund
 from refunds import db as dbmod
 from refunds.payments import record_payment
-from refunds.processes import ServiceGroup, free_port
+from refundctl.processes import ServiceGroup, free_port
 from refunds.states import FINAL
 
 pytestmark = pytest.mark.timeout(600)

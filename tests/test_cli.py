@@ -1,6 +1,6 @@
 """refundctl token list|revoke and refund approve|reject|retry, against real Postgres and Redis.
 
-The commands run in-process (``refunds.cli.main`` in a worker thread, so that its
+The commands run in-process (``refundctl.cli.main`` in a worker thread, so that its
 ``asyncio.run`` has a thread of its own) with stdout and stderr captured; one test runs
 the installed ``refundctl`` script itself.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from refunds.cli import main
+from refundctl.cli import main
 from refunds.payments import find_payment, record_payment
 from refunds.states import transition
 from refunds.tokens import authenticate, create_token

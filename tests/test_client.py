@@ -31,7 +31,7 @@ from pagoefectivo.errors import (
     ClockSkew, EnvironmentMismatch, OutcomeUnknown, PermanentError, RateLimited, TransientError,
 )
 from refunds.payments import find_payment, record_payment
-from refunds.processes import free_port
+from refundctl.processes import free_port
 from refunds.records import find_refund, refund_events
 from refunds.settings import DEFAULT_BASE_URLS
 from tests.stack import CLIENT_TIMEOUT as TIMEOUT

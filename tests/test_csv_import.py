@@ -157,7 +157,7 @@ async def test_columns_in_any_order_reason_optional_bom_and_invalid_utf8(db, mak
 # --- the command --------------------------------------------------------------------------------
 
 def _refundctl(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "refunds.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "refundctl", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -213,7 +213,7 @@ async def test_refundctl_import_without_postgres_says_how_to_finish(tmp_path, cl
 
 MEMORY_PROBE = """
 import asyncio, json, resource, sys
-from refunds.cli import main
+from refundctl.cli import main
 
 def peak_kib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

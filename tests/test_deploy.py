@@ -108,7 +108,7 @@ def entry_point(argv: list[str]) -> tuple[str, object]:
         return "worker", args
     if program == "refundctl":
         assert "refundctl" in pyproject()["project"]["scripts"]
-        from refunds.cli import build_parser
+        from refundctl.cli import build_parser
 
         args = build_parser().parse_args(argv[1:])
         assert (args.command, getattr(args, "db_command", None)) == ("db", "migrate"), f"{argv}: not db migrate"
@@ -227,7 +227,8 @@ def test_dockerfile_copies_what_the_project_needs():
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"
     top_level = {p.split(".")[0] for p in pyproject()["tool"]["setuptools"]["packages"]}
     assert top_level <= sources, f"packages not copied: {sorted(top_level - sources)}"
-    assert {"pyproject.toml", "schema.sql", "README.md"} <= sources  # build metadata; refundctl db migrate
+    assert {"pyproject.toml", "README.md"} <= sources  # build metadata
+    assert "schema.sql" in pyproject()["tool"]["setuptools"]["package-data"]["refunds"]  # refundctl db migrate
 
 
 def test_dockerignore_keeps_the_context_small_and_needed_files_in():

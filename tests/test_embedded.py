@@ -20,8 +20,8 @@ import asyncpg
 import pytest
 import redis
 
-from refunds import embedded
-from refunds.embedded import embedded_postgres, embedded_redis, is_alive, processes_in, provide_services
+from refundctl import embedded
+from refundctl.embedded import embedded_postgres, embedded_redis, is_alive, processes_in, provide_services
 
 PROJECT = Path(__file__).resolve().parent.parent
 CLEANUP_DEADLINE = 10.0
@@ -169,7 +169,7 @@ def test_two_runs_in_a_row():
 
 CHILD = textwrap.dedent("""
     import json, sys, threading, time
-    from refunds.embedded import provide_services
+    from refundctl.embedded import provide_services
     from tests.test_embedded import describe
 
     def run():
@@ -350,7 +350,7 @@ def test_folders_are_private_and_outside_home():
 
 FORKING = textwrap.dedent("""
     import os, sys, redis
-    from refunds.embedded import embedded_redis
+    from refundctl.embedded import embedded_redis
 
     with embedded_redis() as url:
         pid = os.fork()

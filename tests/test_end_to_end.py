@@ -10,7 +10,7 @@ from decimal import Decimal
 async def test_demo_every_service_in_its_own_process(db, database_url, redis_url):
     env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url}
     run = subprocess.run(
-        [sys.executable, "-m", "refunds.cli", "demo", "--refunds", "90", "--merchants", "3"],
+        [sys.executable, "-m", "refundctl", "demo", "--refunds", "90", "--merchants", "3"],
         env=env, capture_output=True, text=True, timeout=240,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]

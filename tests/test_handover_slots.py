@@ -3,7 +3,7 @@
 A refund handed over with its merchant's rate limit (and a pool) owns its slot in the
 merchant's schedule from the start and waits for it in dramatiq's delay queue, so a
 large merchant's backlog never sits in the ready queue in front of a small merchant's
-refunds (see producers.delivery).
+refunds (see refunds.delivery).
 """
 
 import asyncio
@@ -18,7 +18,7 @@ import pytest_asyncio
 import redis
 import redis.asyncio as aioredis
 
-from producers.delivery import QUEUE, RECORD_SLOT_AHEAD_MS, SEND_REFUND, deliver_async
+from refunds.delivery import QUEUE, RECORD_SLOT_AHEAD_MS, SEND_REFUND, deliver_async
 from producers.enqueue import accept_refund, enqueue_refund, hand_over
 from refunds import db as dbmod
 from refunds.payments import record_payment
@@ -155,7 +155,7 @@ async def test_a_failed_delivered_at_update_loses_no_refund(database_url, queue,
     gone = await dbmod.connect(database_url)
     await gone.close()
     refund_id = str(uuid.uuid4())
-    with caplog.at_level(logging.WARNING, logger="producers.delivery"):
+    with caplog.at_level(logging.WARNING, logger="refunds.delivery"):
         assert await deliver_async(refund_id, merchant_id="m-far", rate_limit=Decimal(1), pool=gone)
     [message] = messages(queue, DELAY_QUEUE)
     assert message["args"] == [refund_id] and message["options"]["eta"] == message["kwargs"]["slot_ms"]

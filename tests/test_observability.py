@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from refunds.processes import free_port
+from refundctl.processes import free_port
 from tests.test_alerts import ROOT, alert_rules, prometheus_binaries
 
 DASHBOARDS = ROOT / "deploy" / "grafana" / "dashboards"
@@ -41,7 +41,7 @@ class Demo:
     def __init__(self, env: dict, *args: str):
         self.lines: list[str] = []
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "refunds.cli", "demo", *args, "--keep-running"], env=env,
+            [sys.executable, "-m", "refundctl", "demo", *args, "--keep-running"], env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )
         threading.Thread(target=self._read, daemon=True).start()
@@ -316,7 +316,7 @@ async def test_refund_show_prints_the_whole_event_history(live, database_url):
     assert [row["to_state"] for row in stored][-2:] == ["pending", "succeeded"]
     env = {**os.environ, "DATABASE_URL": database_url, "COLUMNS": "200"}
 
-    shown = subprocess.run([sys.executable, "-m", "refunds.cli", "refund", "show", str(refund_id), "--json"],
+    shown = subprocess.run([sys.executable, "-m", "refundctl", "refund", "show", str(refund_id), "--json"],
                            env=env, capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0, shown.stderr
     document = json.loads(shown.stdout)
@@ -325,7 +325,7 @@ async def test_refund_show_prints_the_whole_event_history(live, database_url):
         [(row["from_state"], row["to_state"], row["actor"]) for row in stored]
     assert all(event["occurred_at"] for event in document["events"])
 
-    human = subprocess.run([sys.executable, "-m", "refunds.cli", "refund", "show", external_ref],
+    human = subprocess.run([sys.executable, "-m", "refundctl", "refund", "show", external_ref],
                            env=env, capture_output=True, text=True, timeout=60)
     assert human.returncode == 0, human.stderr
     history = human.stdout.split("history", 1)[1]

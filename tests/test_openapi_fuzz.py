@@ -25,7 +25,7 @@ from openapi_spec_validator import validate
 
 from producers.http import create_app, openapi_document
 from refunds.payments import record_payment
-from refunds.processes import free_port
+from refundctl.processes import free_port
 from refunds.tokens import create_token
 
 REDIS_DB = 14  # module_redis_url: deliveries of the refunds the fuzzer gets accepted stay here

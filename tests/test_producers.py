@@ -30,7 +30,7 @@ def queued_refunds(client) -> list[str]:
     (a send_refunds message names several)."""
     import json
 
-    from producers.delivery import SEND_REFUNDS
+    from refunds.delivery import SEND_REFUNDS
 
     ids = []
     for messages in ("dramatiq:refunds.msgs", "dramatiq:refunds.DQ.msgs"):
@@ -307,7 +307,7 @@ async def test_python_api_from_another_program(db, database_url, redis_url, make
 async def test_async_delivery_writes_exactly_what_dramatiq_enqueue_writes(queue):
     """deliver_async runs dramatiq's dispatch script itself (batched); a dramatiq consumer must not
     see any difference from RedisBroker.enqueue (deliver). Guards against a dramatiq upgrade."""
-    from producers.delivery import QUEUE, SEND_REFUND, SEND_REFUNDS, deliver, deliver_async, producer_broker
+    from refunds.delivery import QUEUE, SEND_REFUND, SEND_REFUNDS, deliver, deliver_async, producer_broker
 
     by_dramatiq = str(uuid.uuid4())
     batched = [str(uuid.uuid4()) for _ in range(3)]
@@ -339,7 +339,7 @@ async def test_async_delivery_reports_redis_away_without_raising(monkeypatch, re
     """Redis unreachable: False for each refund of the batch (the outbox sweep delivers them later)."""
     import socket
 
-    from producers.delivery import deliver_async, producer_broker
+    from refunds.delivery import deliver_async, producer_broker
     from refunds.settings import get_settings
 
     with socket.socket() as sock:

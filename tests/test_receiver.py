@@ -669,7 +669,7 @@ def test_a_malformed_network_stops_the_process_naming_it(database_url, master_ke
 # --- notifications for operators ------------------------------------------------------------
 
 def refundctl(database_url, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "refunds.cli", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "refundctl", *args], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, "DATABASE_URL": database_url, "COLUMNS": "200"}, timeout=60)
 
 

@@ -16,7 +16,7 @@ PERIOD = ["--from", (TODAY - timedelta(days=1)).isoformat(), "--to", (TODAY + ti
 
 async def refundctl(*args: str, **env: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "refunds.cli", *args, env={**os.environ, **env},
+        sys.executable, "-m", "refundctl", *args, env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await process.communicate()
     return process.returncode, out.decode(), err.decode()

@@ -131,7 +131,7 @@ async def test_audit_rows_are_kept_at_least_180_days(db, make_merchant, days):
 # --- refundctl ------------------------------------------------------------------------------
 
 def refundctl(database_url, *args):
-    return subprocess.run([sys.executable, "-m", "refunds.cli", *args], cwd=Path(__file__).resolve().parent.parent,
+    return subprocess.run([sys.executable, "-m", "refundctl", *args], cwd=Path(__file__).resolve().parent.parent,
                           capture_output=True, text=True, env={**os.environ, "DATABASE_URL": database_url}, timeout=60)
 
 

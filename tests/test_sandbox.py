@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from pagoefectivo import protocol
 from pagoefectivo.sandbox import SANDBOX, create_app
 from refunds.payments import record_payment
-from refunds.processes import free_port
+from refundctl.processes import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTIFY = "/pagoefectivo/notifications/{}"

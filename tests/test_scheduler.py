@@ -47,7 +47,7 @@ async def test_outbox_sweep_leaves_refunds_waiting_behind_an_older_queued_messag
     import time
 
     import dramatiq
-    from producers.delivery import QUEUE, SEND_REFUND, producer_broker
+    from refunds.delivery import QUEUE, SEND_REFUND, producer_broker
     from workers.scheduler import sweep_once
 
     await make_merchant("m1")

@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from refunds.embedded import _postgres_bin_dir
+from refundctl.embedded import _postgres_bin_dir
 from refunds.errors import VaultError
 from pagoefectivo.protocol import public_key_pem
 from refunds.merchants import add_merchant, find_merchant, rewrap_all, rotate_secret

@@ -6,7 +6,7 @@ from uuid import UUID
 
 import dramatiq
 
-from producers.delivery import QUEUE, SEND_REFUND, SEND_REFUNDS
+from refunds.delivery import QUEUE, SEND_REFUND, SEND_REFUNDS
 
 from . import resources
 from .sender import process_refund, process_refunds

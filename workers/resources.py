@@ -21,7 +21,7 @@ import uvloop
 from dramatiq.asyncio import get_event_loop_thread
 
 from pagoefectivo.client import Credentials, PagoEfectivoClient
-from refunds import db
+from refunds import db, logs
 from refunds.coalesce import Coalescer
 from refunds.merchants import Merchant
 from refunds.ratelimit import RateLimiter
@@ -33,6 +33,7 @@ from refunds.vault import Vault, vault_from_settings
 log = logging.getLogger(__name__)
 
 ACTOR = "worker"  # who the audit rows of the worker's moves name
+GATEWAY_LOG = logging.getLogger("pagoefectivo.client")  # where gateway exchanges are logged (REFUNDS_LOG_BODIES=1)
 
 
 @dataclass
@@ -56,7 +57,8 @@ class Resources:
     in_flight: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
-        self.credentials = functools.lru_cache(maxsize=1024)(lambda merchant: merchant.credentials(self.vault))
+        self.credentials = functools.lru_cache(maxsize=1024)(
+            lambda merchant: Credentials(**merchant.gateway_credentials(self.vault)))
         # two deliveries of one refund never share a claim batch (the Coalescer's keys): the second
         # waits for the next and finds the refund claimed
         self.load = Coalescer(self._on_connection(find_with_merchants))
@@ -88,7 +90,8 @@ class Resources:
         pool = await db.create_pool(settings.require("database_url"), min_size=1, max_size=pool_size)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.worker_in_flight,
                                                                       limit_per_host=settings.worker_in_flight))
-        client = PagoEfectivoClient(session, base_url=settings.base_url, env=settings.pagoefectivo_env)
+        client = PagoEfectivoClient(session, base_url=settings.base_url, env=settings.pagoefectivo_env,
+                                    on_exchange=functools.partial(logs.log_exchange, GATEWAY_LOG))
         redis_client = aioredis.from_url(settings.require("redis_url"))
         return cls(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))
 

@@ -14,8 +14,8 @@ import time
 
 import asyncpg
 
-from producers.delivery import QUEUE, deliver, producer_broker
 from refunds import db, logs, metrics, retention
+from refunds.delivery import QUEUE, deliver, producer_broker
 from refunds.errors import ConfigError
 from refunds.settings import get_settings
 from refunds.states import STATES

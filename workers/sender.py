@@ -21,8 +21,8 @@ from pagoefectivo.client import Credentials, RefundAnswer, RefundOrder
 from pagoefectivo.errors import (
     EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError,
 )
-from producers.delivery import send_refund_message
 from refunds import logs, metrics
+from refunds.delivery import send_refund_message
 from refunds.merchants import Merchant
 from refunds.ratelimit import Decision
 from refunds.records import Refund, find_refund

@@ -14,7 +14,7 @@ from .common import (
 def cmd_merchant_add(args) -> int:
     from pagoefectivo.protocol import public_key_pem
 
-    from ..merchants import add_merchant
+    from refunds.merchants import add_merchant
 
     secret = Path(args.secret_key_file).read_text().strip()
     private_pem = Path(args.private_key_file).read_bytes()
@@ -40,7 +40,7 @@ def cmd_merchant_add(args) -> int:
 
 
 def cmd_merchant_list(args) -> int:
-    from ..merchants import list_merchants
+    from refunds.merchants import list_merchants
 
     merchants = asyncio.run(with_conn(list_merchants))
     views = [m.public_view() for m in merchants]
@@ -55,7 +55,7 @@ def cmd_merchant_list(args) -> int:
 def cmd_merchant_rotate_secret(args) -> int:
     from datetime import timedelta
 
-    from ..merchants import rotate_secret
+    from refunds.merchants import rotate_secret
 
     secret = Path(args.secret_key_file).read_text().strip()
     sealer = vault()

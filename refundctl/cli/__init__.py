@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import ConfigError, RefundsError
+from refunds.errors import ConfigError, RefundsError
 from . import admin, merchants, notifications, payments, refunds, reports, services, tokens
 
 GROUPS = (services, admin, merchants, tokens, payments, refunds, notifications, reports)

@@ -27,7 +27,7 @@ def cmd_notifications_list(args) -> int:
 
 
 def cmd_notifications_purge(args) -> int:
-    from ..retention import purge_notifications
+    from refunds.retention import purge_notifications
 
     deleted = asyncio.run(with_conn(lambda conn: purge_notifications(conn, older_than_days=args.older_than_days)))
     emit(args, {"deleted": deleted, "older_than_days": args.older_than_days},
@@ -38,7 +38,7 @@ def cmd_notifications_purge(args) -> int:
 def _days(text: str) -> int:
     import argparse
 
-    from ..retention import MIN_NOTIFICATION_DAYS
+    from refunds.retention import MIN_NOTIFICATION_DAYS
 
     try:
         days = int(text)

@@ -13,7 +13,7 @@ Nothing may outlive us, however we exit. Three layers make sure of it:
 * the context managers stop the servers and remove their folders (normal exit, exceptions,
   Ctrl-C, and SIGTERM, which we turn into SystemExit when nobody else handles it);
 * the servers are started with PR_SET_PDEATHSIG=SIGKILL, so the kernel kills them if we die;
-* a small watchdog process (``python -m refunds.embedded --watch PID PATH...``) notices when
+* a small watchdog process (``python -m refundctl.embedded --watch PID PATH...``) notices when
   we are gone and kills whatever still runs in the folders, then removes them.
 
 This module only imports the standard library at the top, so the watchdog starts quickly.
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) >= 3 and args[0] == "--watch":
         return watch(int(args[1]), args[2:])
-    print("usage: python -m refunds.embedded --watch PARENT_PID PATH...", file=sys.stderr)
+    print("usage: python -m refundctl.embedded --watch PARENT_PID PATH...", file=sys.stderr)
     return 2
 
 

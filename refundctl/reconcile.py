@@ -15,10 +15,10 @@ from decimal import Decimal
 
 import asyncpg
 
-from pagoefectivo.client import PagoEfectivoClient
+from pagoefectivo.client import Credentials, PagoEfectivoClient
 
-from .merchants import find_merchant
-from .vault import Vault
+from refunds.merchants import find_merchant
+from refunds.vault import Vault
 
 NEVER_SENT = ("queued", "awaiting_approval", "rejected")
 EXPECTED = {  # gateway status -> our states that agree with it
@@ -53,7 +53,7 @@ async def reconcile(
             continue
         merchant_id = row["merchant_id"]
         if merchant_id not in credentials:
-            credentials[merchant_id] = (await find_merchant(conn, merchant_id)).credentials(vault)
+            credentials[merchant_id] = Credentials(**(await find_merchant(conn, merchant_id)).gateway_credentials(vault))
         answer = await client.refund_status(credentials[merchant_id], row["external_ref"])
         if answer is None:
             if row["state"] in ("succeeded", "pending"):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from ..errors import ConfigError, NotFound, RefundRefused, RefundsError  # noqa: F401  (re-exported)
+from refunds.errors import ConfigError, NotFound, RefundRefused, RefundsError  # noqa: F401  (re-exported)
 
 
 def settings():
-    from ..settings import get_settings
+    from refunds.settings import get_settings
 
     return get_settings()
 
@@ -18,7 +18,7 @@ def dsn() -> str:
 
 
 def vault():
-    from ..vault import vault_from_settings
+    from refunds.vault import vault_from_settings
 
     return vault_from_settings(settings())
 
@@ -44,7 +44,7 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
 
 
 async def with_conn(fn):
-    from .. import db
+    from refunds import db
 
     conn = await db.connect(dsn())
     try:

@@ -14,7 +14,7 @@ from .common import (
 
 
 def cmd_token_create(args) -> int:
-    from ..tokens import create_token
+    from refunds.tokens import create_token
 
     token = asyncio.run(with_conn(lambda conn: create_token(conn, args.name, args.merchant)))
     emit(args, {"name": args.name, "token": token}, lambda: print(token))
@@ -22,7 +22,7 @@ def cmd_token_create(args) -> int:
 
 
 def cmd_token_list(args) -> int:
-    from ..tokens import list_tokens
+    from refunds.tokens import list_tokens
 
     tokens = asyncio.run(with_conn(list_tokens))
     emit(args, tokens, lambda: table(
@@ -33,7 +33,7 @@ def cmd_token_list(args) -> int:
 
 
 def cmd_token_revoke(args) -> int:
-    from ..tokens import revoke_token
+    from refunds.tokens import revoke_token
 
     if not asyncio.run(with_conn(lambda conn: revoke_token(conn, args.name))):
         raise NotFound(f"no active token named {args.name!r}")

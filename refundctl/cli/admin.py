@@ -8,7 +8,7 @@ from .common import dsn, vault, with_conn
 
 
 def cmd_db_migrate(args) -> int:
-    from .. import db
+    from refunds import db
 
     asyncio.run(db.migrate(dsn()))
     print("schema applied")
@@ -16,7 +16,7 @@ def cmd_db_migrate(args) -> int:
 
 
 def cmd_keys_generate(args) -> int:
-    from ..vault import generate_master_key
+    from refunds.vault import generate_master_key
 
     print(generate_master_key())
     return 0
@@ -29,7 +29,7 @@ def cmd_keys_rotate_master(args) -> int:
     REFUNDS_MASTER_KEY and the old one in REFUNDS_PREVIOUS_MASTER_KEYS, then run this,
     then drop the old key.
     """
-    from ..merchants import rewrap_all
+    from refunds.merchants import rewrap_all
 
     sealer = vault()
     count = asyncio.run(with_conn(lambda conn: rewrap_all(conn, sealer)))

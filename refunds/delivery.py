@@ -143,7 +143,7 @@ class _Courier:
         self._task: asyncio.Task | None = None
         self._broker: RedisBroker | None = None  # the producer broker the client was made for
         self._client: aioredis.Redis | None = None
-        self._dispatch = None
+        self._enqueue_script = None  # dramatiq's own Lua script, registered on this client
         self._limiter: RateLimiter | None = None  # on the same client
         self._closer: asyncio.Task | None = None
 
@@ -193,13 +193,8 @@ class _Courier:
         timestamp = int(time.time() * 1000)
         for message in _messages([handover.refund_id for handover in batch], slots):
             message = message.copy(options={"redis_message_id": str(uuid.uuid4())})
-            # RedisBroker._dispatch's arguments: command, timestamp, queue, broker id, heartbeat
-            # timeout, dead message TTL, maintenance (workers do it), max unpack size (only
-            # read by maintenance and fetch), then the command's own: message id and data.
-            await self._dispatch(keys=[broker.namespace], args=[
-                "enqueue", timestamp, message.queue_name, broker.broker_id, broker.heartbeat_timeout,
-                broker.dead_message_ttl, 0, 0, message.options["redis_message_id"], message.encode(),
-            ], client=pipe)
+            keys, args = enqueue_script_call(broker, message, timestamp)
+            await self._enqueue_script(keys=keys, args=args, client=pipe)
         await pipe.execute()
         await _record_slots([(handover, slot) for handover, slot in zip(batch, slots)
                              if slot is not None and slot.ahead_ms > RECORD_SLOT_AHEAD_MS])
@@ -213,7 +208,7 @@ class _Courier:
                 get_settings().require("redis_url"), socket_connect_timeout=CONNECT_TIMEOUT,
                 socket_timeout=SOCKET_TIMEOUT,
             )
-            self._dispatch = self._client.register_script(broker.scripts["dispatch"].script)
+            self._enqueue_script = self._client.register_script(broker.scripts["dispatch"].script)
             self._broker = broker
             if self._closer is None:
                 self._closer = asyncio.get_running_loop().create_task(self._close_with_loop())
@@ -252,6 +247,23 @@ class _Courier:
                 await client.aclose()
             except Exception:  # closing a client whose server is gone
                 pass
+
+
+def enqueue_script_call(broker: RedisBroker, message: Message, timestamp_ms: int) -> tuple[list[str], list]:
+    """The keys and arguments with which ``RedisBroker.enqueue`` runs dramatiq's ``dispatch``
+    script for ``message`` (which carries its ``redis_message_id``), so that a pipelined write
+    stores exactly what dramatiq would.
+
+    This is dramatiq's internal calling convention, not its public API: the dependency is pinned
+    to the releases it holds for, and tests/test_dramatiq_contract.py compares it with what
+    ``RedisBroker.enqueue`` really passes. The order: command, timestamp, queue, broker id,
+    heartbeat timeout, dead message TTL, do maintenance (no: workers do it), max unpack size
+    (read only by maintenance and fetch), then the command's own: message id and data.
+    """
+    return [broker.namespace], [
+        "enqueue", timestamp_ms, message.queue_name, broker.broker_id, broker.heartbeat_timeout,
+        broker.dead_message_ttl, 0, 0, message.options["redis_message_id"], message.encode(),
+    ]
 
 
 def _messages(refund_ids: list[str], slots: list["_Slot | None"]) -> list[Message]:

@@ -35,7 +35,7 @@ def _bounds(args) -> tuple[datetime, datetime]:
 
 
 def cmd_report_refunds(args) -> int:
-    from ..reports import COLUMNS, Totals, as_text, refund_rows
+    from refunds.reports import COLUMNS, Totals, as_text, refund_rows
 
     start, stop = _bounds(args)
     totals = Totals()

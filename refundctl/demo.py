@@ -36,14 +36,14 @@ from rich.table import Table
 
 from pagoefectivo.protocol import dumps, loads, public_key_pem
 
-from . import db
+from refunds import db
 from .embedded import provide_services
-from .merchants import add_merchant
-from .payments import record_payment
+from refunds.merchants import add_merchant
+from refunds.payments import record_payment
 from .processes import ServiceGroup, free_port
-from .states import FINAL
-from .tokens import create_token
-from .vault import Vault, generate_master_key, vault_from_settings
+from refunds.states import FINAL
+from refunds.tokens import create_token
+from refunds.vault import Vault, generate_master_key, vault_from_settings
 
 console = Console()
 PAYMENT_AMOUNT = Decimal("300.00")
@@ -99,7 +99,7 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
             "SCHEDULER_INTERVAL": "1",
         }
         os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "REFUNDS_MASTER_KEY")})
-        from .settings import get_settings
+        from refunds.settings import get_settings
 
         get_settings.cache_clear()
         console.print(f"[bold]refundctl demo[/bold]: {refunds} refunds across {merchants} merchants"

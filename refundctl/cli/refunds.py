@@ -44,7 +44,7 @@ def cmd_refund_create(args) -> int:
 
 
 def cmd_refund_list(args) -> int:
-    from ..records import list_refunds
+    from refunds.records import list_refunds
 
     refunds = asyncio.run(with_conn(lambda conn: list_refunds(conn, merchant_id=args.merchant, state=args.state)))
     views = [r.to_json() for r in refunds]
@@ -60,7 +60,7 @@ async def resolve(conn, ref: str):
     """The refund a REF names: its id, else its external ref if only one merchant uses it."""
     from uuid import UUID
 
-    from ..records import find_by_external_ref, find_refund
+    from refunds.records import find_by_external_ref, find_refund
 
     refund = None
     try:
@@ -91,7 +91,7 @@ def _show(args, refund, events) -> None:
 
 
 def cmd_refund_show(args) -> int:
-    from ..records import refund_events
+    from refunds.records import refund_events
 
     async def run(conn):
         refund = await resolve(conn, args.ref)
@@ -102,7 +102,7 @@ def cmd_refund_show(args) -> int:
 
 
 def _check_name(name: str) -> str:
-    from ..tokens import NAME
+    from refunds.tokens import NAME
 
     if not NAME.fullmatch(name or ""):
         raise RefundsError("--by must be 1-64 characters of letters, digits, and _ . @ : -")
@@ -113,7 +113,7 @@ def cmd_refund_decide(args) -> int:
     """approve / reject: the same rules as the intake API (producers.approvals)."""
     from producers.approvals import decide
 
-    from ..records import refund_events
+    from refunds.records import refund_events
 
     approver = _check_name(args.by)
 
@@ -132,10 +132,10 @@ def cmd_refund_decide(args) -> int:
 
 
 def cmd_refund_retry(args) -> int:
-    from producers.delivery import deliver
+    from refunds.delivery import deliver
 
-    from ..records import refund_events
-    from ..states import retry
+    from refunds.records import refund_events
+    from refunds.states import retry
 
     actor = f"operator:{_check_name(args.by)}" if args.by else "operator"
 
@@ -165,7 +165,7 @@ def cmd_refund_import(args) -> int:
 
     from producers.csv_import import CsvHeaderError, import_refunds
 
-    from .. import db
+    from refunds import db
 
     counts = {"accepted": 0, "replayed": 0, "refused": 0}
     errors: list[dict] = []

@@ -11,8 +11,8 @@ from .common import (
 
 
 def cmd_payment_record(args) -> int:
-    from ..money import parse_amount, parse_currency
-    from ..payments import record_payment
+    from refunds.money import parse_amount, parse_currency
+    from refunds.payments import record_payment
 
     paid_at = datetime.fromisoformat(args.paid_at) if args.paid_at else datetime.now(timezone.utc)
     if paid_at.tzinfo is None:
@@ -34,7 +34,7 @@ def cmd_payment_record(args) -> int:
 
 
 def cmd_payment_list(args) -> int:
-    from ..payments import list_payments
+    from refunds.payments import list_payments
 
     payments = asyncio.run(with_conn(lambda conn: list_payments(conn, args.merchant)))
     views = [p.to_json() for p in payments]

@@ -1,0 +1,152 @@
+-- The one source of the database schema. `refundctl db migrate` applies it; every
+-- statement is safe to run again.
+
+CREATE TABLE IF NOT EXISTS merchants (
+    merchant_id         text PRIMARY KEY CHECK (merchant_id ~ '^[A-Za-z0-9_.-]{1,64}$'),
+    env                 text NOT NULL CHECK (env IN ('sandbox', 'production')),
+    service_id          bigint NOT NULL CHECK (service_id > 0),
+    access_key          text NOT NULL,
+    -- secrets are sealed by the vault (AES-256-GCM envelope); never stored in plain text
+    secret_key_sealed   bytea NOT NULL,
+    private_key_sealed  bytea NOT NULL,
+    public_key_pem      text NOT NULL,
+    rate_limit          numeric(10, 2) NOT NULL DEFAULT 10 CHECK (rate_limit > 0),
+    approval_threshold  numeric(14, 2) CHECK (approval_threshold > 0),
+    refund_mode         text NOT NULL DEFAULT 'auto' CHECK (refund_mode IN ('auto', 'approval', 'off')),
+    notify_url          text,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now()
+);
+
+-- Secret rotation: the previous secretKey still verifies notifications until the overlap ends.
+ALTER TABLE merchants ADD COLUMN IF NOT EXISTS previous_secret_key_sealed bytea;
+ALTER TABLE merchants ADD COLUMN IF NOT EXISTS previous_secret_valid_until timestamptz;
+
+-- Original paid transactions (PagoEfectivo CIPs). refunded_amount is the sum of every
+-- refund of this payment that is not failed or rejected, kept by the trigger below.
+CREATE TABLE IF NOT EXISTS payments (
+    merchant_id       text NOT NULL REFERENCES merchants (merchant_id),
+    transaction_id    text NOT NULL,
+    amount            numeric(14, 2) NOT NULL CHECK (amount > 0),
+    currency          text NOT NULL CHECK (currency IN ('PEN', 'USD')),
+    method            text NOT NULL DEFAULT 'cash' CHECK (method IN ('cash', 'bank_transfer')),
+    paid_at           timestamptz NOT NULL,
+    transaction_code  text,
+    refunded_amount   numeric(14, 2) NOT NULL DEFAULT 0,
+    recorded_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (merchant_id, transaction_id),
+    CONSTRAINT refunds_within_paid_amount CHECK (refunded_amount >= 0 AND refunded_amount <= amount)
+);
+
+CREATE TABLE IF NOT EXISTS refunds (
+    refund_id                uuid PRIMARY KEY,
+    merchant_id              text NOT NULL,
+    external_ref             text NOT NULL CHECK (length(external_ref) BETWEEN 1 AND 64),
+    original_transaction_id  text NOT NULL,
+    amount                   numeric(14, 2) NOT NULL CHECK (amount > 0),
+    currency                 text NOT NULL CHECK (currency IN ('PEN', 'USD')),
+    reason                   text,
+    state                    text NOT NULL CHECK (state IN ('queued', 'awaiting_approval', 'submitted',
+                                 'pending', 'succeeded', 'failed', 'rejected', 'manual_review')),
+    requested_by             text,
+    attempts                 integer NOT NULL DEFAULT 0,
+    claimed_until            timestamptz,
+    -- outbox: when the refund was last handed to Redis (or is due to be picked up)
+    delivered_at             timestamptz,
+    -- status polling of refunds the gateway accepted but has not settled
+    status_checks            integer NOT NULL DEFAULT 0,
+    next_check_at            timestamptz,
+    provider_refund_id       text,
+    provider_code            text,
+    provider_message         text,
+    created_at               timestamptz NOT NULL DEFAULT now(),
+    updated_at               timestamptz NOT NULL DEFAULT now(),
+    completed_at             timestamptz,
+    CONSTRAINT refunds_external_ref_unique UNIQUE (merchant_id, external_ref),
+    FOREIGN KEY (merchant_id, original_transaction_id) REFERENCES payments (merchant_id, transaction_id)
+);
+CREATE INDEX IF NOT EXISTS refunds_open_idx ON refunds (state, updated_at)
+    WHERE state IN ('queued', 'submitted', 'pending');
+CREATE INDEX IF NOT EXISTS refunds_payment_idx ON refunds (merchant_id, original_transaction_id);
+
+-- Audit trail: one row per state change, written in the same transaction as the change.
+CREATE TABLE IF NOT EXISTS refund_events (
+    event_id     bigserial PRIMARY KEY,
+    refund_id    uuid NOT NULL REFERENCES refunds (refund_id),
+    from_state   text,
+    to_state     text NOT NULL,
+    actor        text NOT NULL,
+    code         text,
+    message      text,
+    occurred_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS refund_events_refund_idx ON refund_events (refund_id, event_id);
+
+-- Notification deduplication: PagoEfectivo may deliver the same notification many times.
+CREATE TABLE IF NOT EXISTS notifications (
+    merchant_id       text NOT NULL,
+    operation_number  text NOT NULL,
+    event_type        text NOT NULL,
+    result            text NOT NULL,
+    body              jsonb NOT NULL,
+    received_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (merchant_id, operation_number)
+);
+
+CREATE INDEX IF NOT EXISTS notifications_received_idx ON notifications (received_at);
+
+-- Intake API tokens: only the SHA-256 of the token is kept.
+CREATE TABLE IF NOT EXISTS api_tokens (
+    name        text PRIMARY KEY,
+    token_hash  text NOT NULL UNIQUE,
+    merchants   text[] NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    revoked_at  timestamptz
+);
+
+-- The refund cap lives in the database: every refund that is not failed or rejected
+-- reserves its amount on the payment row. The UPDATE takes the payment's row lock, so
+-- concurrent producers are serialised and the CHECK above refuses the one that would
+-- go over the paid amount.
+CREATE OR REPLACE FUNCTION refunds_reserve_amount() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    releases constant text[] := ARRAY['failed', 'rejected'];
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        IF NOT NEW.state = ANY (releases) THEN
+            UPDATE payments SET refunded_amount = refunded_amount + NEW.amount
+             WHERE merchant_id = NEW.merchant_id AND transaction_id = NEW.original_transaction_id;
+        END IF;
+    ELSIF NEW.state = ANY (releases) AND NOT OLD.state = ANY (releases) THEN
+        UPDATE payments SET refunded_amount = refunded_amount - OLD.amount
+         WHERE merchant_id = OLD.merchant_id AND transaction_id = OLD.original_transaction_id;
+    ELSIF OLD.state = ANY (releases) AND NOT NEW.state = ANY (releases) THEN
+        -- an operator's retry of a failed refund reserves its amount again
+        UPDATE payments SET refunded_amount = refunded_amount + NEW.amount
+         WHERE merchant_id = NEW.merchant_id AND transaction_id = NEW.original_transaction_id;
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS refunds_reserve_amount ON refunds;
+CREATE TRIGGER refunds_reserve_amount
+    AFTER INSERT OR UPDATE OF state ON refunds
+    FOR EACH ROW EXECUTE FUNCTION refunds_reserve_amount();
+
+-- Amount, currency and payment of a refund never change after it is accepted.
+CREATE OR REPLACE FUNCTION refunds_freeze_terms() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.amount, NEW.currency, NEW.merchant_id, NEW.original_transaction_id, NEW.external_ref)
+       IS DISTINCT FROM
+       (OLD.amount, OLD.currency, OLD.merchant_id, OLD.original_transaction_id, OLD.external_ref) THEN
+        RAISE EXCEPTION 'the terms of refund % are immutable', OLD.refund_id;
+    END IF;
+    RETURN NEW;
+END $$;
+
+DROP TRIGGER IF EXISTS refunds_freeze_terms ON refunds;
+CREATE TRIGGER refunds_freeze_terms
+    BEFORE UPDATE ON refunds
+    FOR EACH ROW EXECUTE FUNCTION refunds_freeze_terms();
