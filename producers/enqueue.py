@@ -35,6 +35,8 @@ from refunds.errors import IdempotencyConflict, RefundRefused
 from refunds.money import format_amount, parse_amount, parse_currency
 from refunds.records import COLUMNS, Refund, find_by_external_ref
 from refunds.settings import get_settings
+from refunds.sql import Statement
+from refunds.states import first_events
 from refunds.tokens import ACTIVE_TOKEN_SQL, TokenRevoked
 
 EXTERNAL_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -44,19 +46,18 @@ DEFAULT_WINDOW_DAYS = 90
 
 _REFUND_FIELDS = tuple(name.strip() for name in COLUMNS.split(","))
 ACCEPTED_STATES = ("queued", "awaiting_approval")
-# One row per request: $1 refund_id, $2 merchant_id, $3 external_ref, $4 original_transaction_id,
-# $5 amount, $6 currency, $7 reason, $8 requested_by, $9 audit actor, $10 now, $13 the hash of the
-# API token that asks (NULL for other doors), re-checked here: see refunds.tokens. $11/$12 (not per
-# request): refund window days per payment method. Requests come as arrays of equal length
-# (``_ACCEPT_MANY``) or, for a request alone, as plain values (``_ACCEPT_ONE``: the same
-# statement, whose plan Postgres keeps, where an array of unknown length makes it plan again at
-# every call). The audit row is the one states.record_event writes, written here so that the
-# refund and its first event are one statement. Refunds are inserted in payment order, so that
-# two batches take their payments' row locks (the trigger) in the same order.
-_ASKED = (("q_refund_id", 1, "uuid"), ("q_merchant_id", 2, "text"), ("q_external_ref", 3, "text"),
-          ("q_transaction_id", 4, "text"), ("q_amount", 5, "numeric"), ("q_currency", 6, "text"),
-          ("q_reason", 7, "text"), ("q_requested_by", 8, "text"), ("q_actor", 9, "text"),
-          ("q_now", 10, "timestamptz"), ("q_token_hash", 13, "text"))
+# One row per request: its refund_id, merchant_id, external_ref, original_transaction_id, amount,
+# currency, reason, requested_by, audit actor, now, and the hash of the API token that asks (NULL
+# for other doors), re-checked here: see refunds.tokens. Not per request: the refund window's days
+# per payment method. Requests come as arrays of equal length (``_ACCEPT_MANY``) or, for a request
+# alone, as plain values (``_ACCEPT_ONE``: the same statement, whose plan Postgres keeps, where an
+# array of unknown length makes it plan again at every call). The refund's first audit row is the
+# state machine's (``first_events``), written in the same statement. Refunds are inserted in
+# payment order, so that two batches take their payments' row locks (the trigger) in the same order.
+_ASKED = (("q_refund_id", "uuid"), ("q_merchant_id", "text"), ("q_external_ref", "text"),
+          ("q_transaction_id", "text"), ("q_amount", "numeric"), ("q_currency", "text"),
+          ("q_reason", "text"), ("q_requested_by", "text"), ("q_actor", "text"),
+          ("q_now", "timestamptz"), ("q_token_hash", "text"))
 _ACCEPT = f"""
     WITH asked AS (
         {{asked}}
@@ -65,7 +66,7 @@ _ACCEPT = f"""
                m.merchant_id IS NOT NULL AS merchant_found, m.refund_mode, m.approval_threshold, m.rate_limit,
                p.transaction_id IS NOT NULL AS payment_found, p.amount AS paid_amount, p.refunded_amount,
                p.currency AS paid_currency, p.method, p.paid_at,
-               COALESCE((SELECT w.days FROM unnest($11::text[], $12::int[]) AS w (method, days)
+               COALESCE((SELECT w.days FROM unnest($window_methods::text[], $window_days::int[]) AS w (method, days)
                          WHERE w.method = p.method), {DEFAULT_WINDOW_DAYS}) AS window_days
         FROM asked AS q
         -- one index lookup per request: LIMIT keeps each a lookup (a plain join on unnest's
@@ -101,16 +102,17 @@ _ACCEPT = f"""
         ON CONFLICT ON CONSTRAINT refunds_external_ref_unique DO NOTHING
         RETURNING {COLUMNS}
     ), audit AS (
-        INSERT INTO refund_events (refund_id, from_state, to_state, actor, message)
-        SELECT i.refund_id, NULL, i.state, j.q_actor, 'accepted' FROM inserted AS i JOIN judged AS j ON j.q_refund_id = i.refund_id
+        {first_events("SELECT i.refund_id, i.state, j.q_actor AS actor FROM inserted AS i"
+                      " JOIN judged AS j ON j.q_refund_id = i.refund_id")}
     )
     SELECT judged.*, {', '.join(f'i.{name} AS i_{name}' for name in _REFUND_FIELDS)}
     FROM judged LEFT JOIN inserted AS i ON i.refund_id = judged.q_refund_id
     ORDER BY q_n"""
-_ACCEPT_MANY = _ACCEPT.format(asked=(
-    f"SELECT * FROM unnest({', '.join(f'${n}::{kind}[]' for _, n, kind in _ASKED)}) WITH ORDINALITY"
-    f" AS q ({', '.join(name for name, _, _ in _ASKED)}, q_n)"))
-_ACCEPT_ONE = _ACCEPT.format(asked=f"SELECT {', '.join(f'${n}::{kind} AS {name}' for name, n, kind in _ASKED)}, 1::bigint AS q_n")
+_ACCEPT_MANY = Statement(_ACCEPT.format(asked=(
+    f"SELECT * FROM unnest({', '.join(f'${name}::{kind}[]' for name, kind in _ASKED)}) WITH ORDINALITY"
+    f" AS q ({', '.join(name for name, _ in _ASKED)}, q_n)")))
+_ACCEPT_ONE = Statement(_ACCEPT.format(
+    asked=f"SELECT {', '.join(f'${name}::{kind} AS {name}' for name, kind in _ASKED)}, 1::bigint AS q_n"))
 
 
 @dataclass(frozen=True)
@@ -270,19 +272,21 @@ async def run_accept(conn: asyncpg.Connection, asks: list[Ask]) -> list[asyncpg.
     Postgres errors (the CHECK, a deadlock, a value it refuses) fail it for all of them.
     """
     windows = get_settings().refund_window_days
-    columns: list[list] = [[] for _ in range(11)]
+    columns: dict[str, list] = {name: [] for name, _ in _ASKED}
     for ask in asks:
         request = ask.request
-        for column, value in zip(columns, (
+        for column, value in zip(columns.values(), (
             uuid.uuid4(), request.merchant_id, request.external_ref, request.original_transaction_id,
             request.amount, request.currency, request.reason, ask.requested_by, ask.requested_by or "producer",
             ask.now, ask.token_hash,
         ), strict=True):
             column.append(value)
     if len(asks) == 1:
-        return await conn.fetch(_ACCEPT_ONE, *(column[0] for column in columns[:10]), list(windows),
-                                list(windows.values()), columns[10][0])
-    return await conn.fetch(_ACCEPT_MANY, *columns[:10], list(windows), list(windows.values()), columns[10])
+        statement, asked = _ACCEPT_ONE, {name: column[0] for name, column in columns.items()}
+    else:
+        statement, asked = _ACCEPT_MANY, columns
+    return await conn.fetch(statement.text, *statement.args(
+        **asked, window_methods=list(windows), window_days=list(windows.values())))
 
 
 async def accept_alone(conn: asyncpg.Connection, ask: Ask) -> EnqueueResult:

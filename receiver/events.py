@@ -374,22 +374,23 @@ SELECT EXISTS (SELECT 1 FROM notifications n
 # The moves and the notification rows in one statement (one round trip, atomic): each row is
 # stored with the verdict its locked refund's state gives ("applied" when the state machine
 # allows the move, "already" when the refund is in that state, "late" otherwise; "unknown" if
-# the refund is gone), or with the verdict given ($16: "unknown", "mismatch") when there is
+# the refund is gone), or with the verdict given (``given``: "unknown", "mismatch") when there is
 # nothing to move; a refund moves only if its notification's row is new: a concurrent delivery
 # that stored it first wins, and this one changes nothing. A batch never holds the same
 # notification or the same refund twice (see batch.py), so each refund has at most one row
 # here; refunds are locked in id order and rows inserted in key order, so two batches running
-# at once do not wait on each other in a cycle through them. $1-$9: the state machine's moves;
-# $10-$16: the notifications, with the refund each would move ($14, NULL when none) and to what.
+# at once do not wait on each other in a cycle through them. Beside the state machine's moves,
+# the notifications: for each, the refund it would move (NULL when none) and to what.
 _MOVE_AND_STORE = moved_if(
-    """input AS (SELECT * FROM unnest($10::text[], $11::text[], $12::text[], $13::text[], $14::uuid[],
-                                     $15::text[], $16::text[])
+    """input AS (SELECT * FROM unnest($note_merchant_ids::text[], $operation_numbers::text[],
+                                     $event_types::text[], $bodies::text[], $note_refund_ids::uuid[],
+                                     $note_to_states::text[], $given::text[])
                         WITH ORDINALITY AS i (merchant_id, operation_number, event_type, body, refund_id,
                                               to_state, given, n)),
        verdict AS (SELECT i.*, previous.state AS was,
                           CASE WHEN i.given IS NOT NULL THEN i.given
                                WHEN previous.state IS NULL THEN 'unknown'
-                               WHEN previous.state || '>' || i.to_state = ANY($6::text[]) THEN 'applied'
+                               WHEN previous.state || '>' || i.to_state = ANY($allowed::text[]) THEN 'applied'
                                WHEN previous.state = i.to_state THEN 'already' ELSE 'late' END AS result
                      FROM input i LEFT JOIN previous USING (refund_id)),
        stored AS (INSERT INTO notifications (merchant_id, operation_number, event_type, result, body)
@@ -436,7 +437,8 @@ async def store_refund_outcomes(conn: asyncpg.Connection, notes: list[tuple[str,
     to_store = {index: _judge(merchant_id, note, row)
                 for index, ((merchant_id, note), row) in enumerate(zip(notes, found, strict=True)) if not row["seen"]}
     if to_store:
-        stored = await conn.fetch(_MOVE_AND_STORE, *_move_and_store_parameters(list(to_store.values())))
+        stored = await conn.fetch(_MOVE_AND_STORE.text,
+                                  *_MOVE_AND_STORE.args(**_move_and_store_parameters(list(to_store.values()))))
         for (index, pending), row in zip(to_store.items(), stored, strict=True):
             outcomes[index] = _stored_outcome(pending, row)
     return outcomes
@@ -468,16 +470,18 @@ def _judge(merchant_id: str, note: Notification, found: asyncpg.Record) -> _ToSt
     return _ToStore(merchant_id, note, refund_id)
 
 
-def _move_and_store_parameters(pending: list[_ToStore]) -> list:
+def _move_and_store_parameters(pending: list[_ToStore]) -> dict:
     moves = [Move(p.refund_id, ev.to_state, ev.code, ev.reason, ev.provider_refund_id)
              for p in pending if p.moves for ev in [_refund_event(p.note)]]
-    return [
-        *move_parameters(moves, actor=ACTOR),
-        [p.merchant_id for p in pending], [p.note.operation_number for p in pending],
-        [p.note.event_type for p in pending], [p.note.body_json for p in pending],
-        [p.refund_id if p.moves else None for p in pending], [_refund_event(p.note).to_state for p in pending],
-        [None if p.moves else p.given.result for p in pending],
-    ]
+    return {
+        **move_parameters(moves, actor=ACTOR),
+        "note_merchant_ids": [p.merchant_id for p in pending],
+        "operation_numbers": [p.note.operation_number for p in pending],
+        "event_types": [p.note.event_type for p in pending], "bodies": [p.note.body_json for p in pending],
+        "note_refund_ids": [p.refund_id if p.moves else None for p in pending],
+        "note_to_states": [_refund_event(p.note).to_state for p in pending],
+        "given": [None if p.moves else p.given.result for p in pending],
+    }
 
 
 def _stored_outcome(pending: _ToStore, row: asyncpg.Record) -> Outcome:

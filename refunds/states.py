@@ -1,8 +1,10 @@
-"""The refund state machine: the only code that changes a refund's state.
+"""The refund state machine: the only code that changes a refund's state or writes its audit rows.
 
 Moves go forward only. Each is one conditional UPDATE plus a ``refund_events`` audit
 row in the same statement, so a late or duplicate event can never move a refund
-backwards, and two processes racing for the same move see exactly one winner.
+backwards, and two processes racing for the same move see exactly one winner. A caller
+that writes more in the same statement builds on ``moved_if`` (the receiver's notification
+rows) or ``first_events`` (the intake's accepted refunds).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncpg
 
 from .errors import InvalidTransition, NotFound
 from .records import COLUMNS, Refund, find_refund, from_row
+from .sql import Statement
 
 STATES = (
     "queued", "awaiting_approval", "submitted", "pending",
@@ -42,12 +45,12 @@ NOT_RETRYABLE_CODES = frozenset({"111", "112", "113", "601", "602", "603", "604"
 
 
 def _with_audit_rows(locked_update: str, event: str, *, also_returning: str = "", between: str = "",
-                     then_select: str = "SELECT * FROM moved") -> str:
+                     then_select: str = "SELECT * FROM moved") -> Statement:
     """One statement that locks refunds, moves them and writes their audit rows.
 
     A data-modifying CTE: one round trip and one implicit transaction (or part of the
     caller's), so each move and its ``refund_events`` row are written together or not at
-    all. ``$1`` is the array of refund ids; ``previous`` locks their rows FOR UPDATE in id
+    all. ``$refund_ids`` are the refunds; ``previous`` locks their rows FOR UPDATE in id
     order (two batches never wait on each other in a cycle), so ``previous.state`` is the
     state each move really starts from. ``locked_update`` updates ``refunds r`` from
     ``previous``; ``event`` selects each audit row's to_state, actor, code and message from
@@ -55,8 +58,8 @@ def _with_audit_rows(locked_update: str, event: str, *, also_returning: str = ""
     ``between``: more CTEs after ``previous`` (the update may depend on them);
     ``then_select``: what the statement returns.
     """
-    return f"""
-        WITH previous AS (SELECT refund_id, state FROM refunds WHERE refund_id = ANY($1::uuid[])
+    return Statement(f"""
+        WITH previous AS (SELECT refund_id, state FROM refunds WHERE refund_id = ANY($refund_ids::uuid[])
                           ORDER BY refund_id FOR UPDATE),
         {between}
         moved AS ({locked_update}
@@ -64,39 +67,47 @@ def _with_audit_rows(locked_update: str, event: str, *, also_returning: str = ""
                             previous.state AS from_state {also_returning}),
         audit AS (INSERT INTO refund_events (refund_id, from_state, to_state, actor, code, message)
                   SELECT refund_id, from_state, {event} FROM moved)
-        {then_select}"""
+        {then_select}""")
 
 
-# $1 refunds, and for each in order: $2 to_state, $3 code, $4 message, $5 provider refund id;
-# $6 the allowed moves as 'from>to', $7 final states, $8 first status check delay, $9 actor
+def first_events(accepted: str) -> str:
+    """The audit row of each refund as it is accepted: the INSERT for a CTE of a statement
+    whose ``accepted`` query gives (refund_id, state, actor) of the refunds it just created."""
+    return f"""INSERT INTO refund_events (refund_id, from_state, to_state, actor, message)
+               SELECT refund_id, NULL, state, actor, 'accepted' FROM ({accepted}) AS accepted"""
+
+
+# For each move, in the order of $refund_ids: its to_state, code, message and provider refund id.
+# $allowed: the allowed moves as 'from>to'; $final: the final states; $first_check_seconds: when a
+# pending refund is first asked about; $actor: who the audit rows name.
 _MOVE = """UPDATE refunds r SET
            state = m.to_state,
            updated_at = now(),
-           completed_at = CASE WHEN m.to_state = ANY($7::text[]) THEN COALESCE(r.completed_at, now()) END,
-           claimed_until = CASE WHEN m.to_state = ANY($7::text[]) OR m.to_state = 'pending' THEN NULL
+           completed_at = CASE WHEN m.to_state = ANY($final::text[]) THEN COALESCE(r.completed_at, now()) END,
+           claimed_until = CASE WHEN m.to_state = ANY($final::text[]) OR m.to_state = 'pending' THEN NULL
                                 ELSE r.claimed_until END,
-           next_check_at = CASE WHEN m.to_state = 'pending' THEN now() + make_interval(secs => $8)
-                                WHEN m.to_state = ANY($7::text[]) THEN NULL ELSE r.next_check_at END,
+           next_check_at = CASE WHEN m.to_state = 'pending' THEN now() + make_interval(secs => $first_check_seconds)
+                                WHEN m.to_state = ANY($final::text[]) THEN NULL ELSE r.next_check_at END,
            provider_code = COALESCE(m.code, r.provider_code),
            provider_message = COALESCE(m.message, r.provider_message),
            provider_refund_id = COALESCE(m.provider_refund_id, r.provider_refund_id)
        FROM previous
-       JOIN unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[])
+       JOIN unnest($refund_ids::uuid[], $to_states::text[], $codes::text[], $messages::text[],
+                   $provider_refund_ids::text[])
             AS m (refund_id, to_state, code, message, provider_refund_id) USING (refund_id)
-       WHERE r.refund_id = previous.refund_id AND previous.state || '>' || m.to_state = ANY($6::text[])"""
-_MOVE_EVENT = "state, $9, given_code, given_message"
+       WHERE r.refund_id = previous.refund_id AND previous.state || '>' || m.to_state = ANY($allowed::text[])"""
+_MOVE_EVENT = "state, $actor, given_code, given_message"
 _MOVE_RETURNING = ", m.code AS given_code, m.message AS given_message"
 _MOVE_AND_RECORD = _with_audit_rows(_MOVE, _MOVE_EVENT, also_returning=_MOVE_RETURNING)
 
-# $1 refunds, $2 claim seconds, $3 actor
 _CLAIM_AND_RECORD = _with_audit_rows(
     """UPDATE refunds r SET
            state = 'submitted', attempts = r.attempts + 1, updated_at = now(),
-           claimed_until = now() + make_interval(secs => $2)
+           claimed_until = now() + make_interval(secs => $claim_seconds)
        FROM previous
        WHERE r.refund_id = previous.refund_id AND (previous.state = 'queued'
              OR (previous.state = 'submitted' AND (r.claimed_until IS NULL OR r.claimed_until < now())))""",
-    """'submitted', $3, NULL, 'attempt ' || attempts
+    """'submitted', $actor, NULL, 'attempt ' || attempts
        || CASE WHEN from_state = 'submitted' THEN ' (previous claim expired)' ELSE '' END""",
 )
 
@@ -147,30 +158,33 @@ async def transition(
 async def transition_many(conn: asyncpg.Connection, moves: Sequence[Move], *, actor: str,
                           allowed: Sequence[str] = ALLOWED_MOVES) -> list[Refund | None]:
     """``transition`` for several refunds (each at most once) in one statement; results in order."""
-    rows = await conn.fetch(_MOVE_AND_RECORD, *move_parameters(moves, actor=actor, allowed=allowed))
+    rows = await conn.fetch(_MOVE_AND_RECORD.text,
+                            *_MOVE_AND_RECORD.args(**move_parameters(moves, actor=actor, allowed=allowed)))
     moved = {row["refund_id"]: from_row(row) for row in rows}
     return [moved.get(m.refund_id) for m in moves]
 
 
-def moved_if(condition_ctes: str, condition: str, then_select: str) -> str:
-    """The statement of ``transition_many`` (same $1-$9), for a caller that writes something
-    else in the same statement and moves only if that succeeded: ``condition_ctes`` follow
-    ``previous`` (the locked rows), ``condition`` is ANDed to the move, ``then_select`` is
-    what the statement returns (``previous``, ``moved`` and the caller's CTEs are in scope).
-    Its parameters start at $10. Use ``move_parameters`` for $1-$9."""
+def moved_if(condition_ctes: str, condition: str, then_select: str) -> Statement:
+    """The statement of ``transition_many``, for a caller that writes something else in the same
+    statement and moves only if that succeeded: ``condition_ctes`` follow ``previous`` (the
+    locked rows), ``condition`` is ANDed to the move, ``then_select`` is what the statement
+    returns (``previous``, ``moved`` and the caller's CTEs are in scope). The caller's parts
+    name their own parameters beside those of ``move_parameters``."""
     return _with_audit_rows(_MOVE + f" AND ({condition})", _MOVE_EVENT, also_returning=_MOVE_RETURNING,
                             between=condition_ctes, then_select=then_select)
 
 
-def move_parameters(moves: Sequence[Move], *, actor: str, allowed: Sequence[str] = ALLOWED_MOVES) -> list:
-    """$1-$9 of ``transition_many``'s statement (and of ``moved_if``'s)."""
+def move_parameters(moves: Sequence[Move], *, actor: str, allowed: Sequence[str] = ALLOWED_MOVES) -> dict:
+    """The move's parameters in ``transition_many``'s statement (and in ``moved_if``'s)."""
     for move in moves:
         sources_of(move.to_state)  # an unknown state is a bug: refuse the whole batch before writing
-    return [
-        [m.refund_id for m in moves], [m.to_state for m in moves], [m.code for m in moves],
-        [m.message for m in moves], [m.provider_refund_id for m in moves],
-        list(allowed), list(FINAL), FIRST_STATUS_CHECK, actor,
-    ]
+    return {
+        "refund_ids": [m.refund_id for m in moves], "to_states": [m.to_state for m in moves],
+        "codes": [m.code for m in moves], "messages": [m.message for m in moves],
+        "provider_refund_ids": [m.provider_refund_id for m in moves],
+        "allowed": list(allowed), "final": list(FINAL), "first_check_seconds": FIRST_STATUS_CHECK, "actor": actor,
+    }
+
 
 async def retry(conn: asyncpg.Connection, refund_id: UUID, *, actor: str) -> Refund:
     """An operator's retry of a refund in manual_review, or failed for a cause retrying can fix.
@@ -216,7 +230,8 @@ async def claim_many(conn: asyncpg.Connection, refund_ids: Sequence[UUID], *, ac
     the refund and the state it was claimed from, or None when another worker holds it or
     it has moved on.
     """
-    rows = await conn.fetch(_CLAIM_AND_RECORD, list(refund_ids), claim_seconds, actor)
+    rows = await conn.fetch(_CLAIM_AND_RECORD.text, *_CLAIM_AND_RECORD.args(
+        refund_ids=list(refund_ids), claim_seconds=claim_seconds, actor=actor))
     claimed = {row["refund_id"]: (from_row(row), row["from_state"]) for row in rows}
     # a refund asked for twice is claimed once: only its first asker may talk to the gateway
     return [claimed.pop(refund_id, None) for refund_id in refund_ids]
