@@ -11,14 +11,13 @@ Each request keeps the answer it would get alone. A batch never holds two reques
 same external_ref nor two for the same payment (those wait for the next batch), so each
 row's verdict from the statement's snapshot is its verdict alone. If Postgres fails the
 statement as a whole (the CHECK refusing a refund because another transaction used the
-payment meanwhile, a deadlock, a value it refuses), the batch is accepted again one by one,
+payment meanwhile, a deadlock, a value it refuses), the coalescer accepts each request alone,
 so that only the request really refused gets its error. An outage fails every request of
 the batch alike (503).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -29,9 +28,7 @@ from refunds.coalesce import Coalescer
 from . import enqueue
 from .enqueue import Ask, EnqueueResult
 
-log = logging.getLogger(__name__)
-
-# What makes Postgres undo the whole statement for one row's sake: the batch goes one by one.
+# What makes Postgres undo the whole statement for one row's sake: each request is accepted alone.
 WHOLE_BATCH_ERRORS = (
     asyncpg.IntegrityConstraintViolationError,  # the CHECK on refunded_amount, a unique violation
     asyncpg.DataError,                          # a value Postgres refuses
@@ -53,6 +50,7 @@ class AcceptBatcher:
         self._connection = connection
         self._coalescer: Coalescer[Ask, Outcome] = Coalescer(
             self._accept_many, keys=_keys, max_batch=max_batch, max_inflight=max_inflight,
+            alone_on=WHOLE_BATCH_ERRORS, name="refund requests",
         )
 
     async def accept(self, ask: Ask) -> EnqueueResult:
@@ -66,12 +64,7 @@ class AcceptBatcher:
         async with self._connection() as conn:
             if len(asks) == 1:
                 return [await _outcome(enqueue.accept_alone(conn, asks[0]))]
-            try:
-                rows = await enqueue.run_accept(conn, asks)
-            except WHOLE_BATCH_ERRORS as exc:
-                log.warning("accepting a batch of %d refunds failed (%s); accepting them one by one",
-                            len(asks), type(exc).__name__)
-                return [await _outcome(enqueue.accept_alone(conn, ask)) for ask in asks]
+            rows = await enqueue.run_accept(conn, asks)  # WHOLE_BATCH_ERRORS: each alone (the coalescer)
             return [await _outcome(enqueue.judge(conn, ask.request, row)) for ask, row in zip(asks, rows, strict=True)]
 
 

@@ -12,10 +12,10 @@ receiver is idle a notification is flushed at once, alone: nothing waits for a b
 Each notification keeps its own answer. A batch never holds the same notification twice, nor
 two about the same payment or the same refund (those wait for the next batch, where they are
 an ordinary duplicate, "already" or "late"), so the shared statements decide each of them
-exactly as they would alone. If Postgres refuses a body, the batch is stored again one by one
-so that only that notification gets its 400; if two batches deadlock anyway (through the
-payment rows a refund's move updates), the one Postgres undid is stored one by one; if
-Postgres is unreachable, every notification of the batch gets 503.
+exactly as they would alone. If Postgres refuses a body, or two batches deadlock anyway
+(through the payment rows a refund's move updates), each notification of the batch Postgres
+undid is stored alone, so that only a body it refuses gets its 400; if Postgres is
+unreachable, every notification of the batch gets 503.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ from . import events
 log = logging.getLogger(__name__)
 
 _Note = tuple[str, events.Notification]  # (merchant_id, notification)
+# A body Postgres refuses, or a deadlock with another batch (through the payment rows a refund's
+# move updates): Postgres undoes the whole statement, so each notification is stored alone.
+ALONE_ON = (asyncpg.DataError, asyncpg.DeadlockDetectedError)
 
 
 class NotificationBatcher:
@@ -45,7 +48,8 @@ class NotificationBatcher:
     def __init__(self, database: Database, *, max_batch: int = 100, max_inflight: int = 4):
         self._database = database
         self._coalescer: Coalescer[_Note, events.Outcome | events.Malformed] = Coalescer(
-            self._store, keys=self._keys, max_batch=max_batch, max_inflight=max_inflight)
+            self._store, keys=self._keys, max_batch=max_batch, max_inflight=max_inflight,
+            alone_on=ALONE_ON, name=f"{self.kind} notifications")
 
     def subject(self, event) -> tuple[str, str]:
         """What the notification is about (a payment, a refund): a batch holds one notification about it."""
@@ -79,31 +83,16 @@ class NotificationBatcher:
             async with self._database.connection() as conn:
                 try:
                     return await self.store_many(conn, batch)
-                except asyncpg.DataError:
-                    if len(batch) == 1:
+                except ALONE_ON as exc:
+                    if isinstance(exc, asyncpg.DataError) and len(batch) == 1:
                         return [_malformed(batch[0])]
-                    return await self._one_by_one(conn, batch)  # find the body Postgres refuses
-                except asyncpg.DeadlockDetectedError:
-                    # Postgres undid the statement that met it (as workers' moves do): each again, alone
-                    log.warning("a batch of %d %s notifications met a deadlock; storing them one by one",
-                                len(batch), self.kind)
-                    return await self._one_by_one(conn, batch)
-        except Unavailable:
+                    undone = exc  # raised outside the block, which takes a deadlock for an outage
+            raise undone  # the coalescer stores each alone: only a body Postgres refuses gets its 400
+        except (Unavailable, *ALONE_ON):
             raise
         except Exception:  # a bug: those requests fail (500), the receiver goes on
             log.exception("storing a batch of %d %s notifications failed", len(batch), self.kind)
             raise
-
-    async def _one_by_one(self, conn: asyncpg.Connection, batch: list[_Note]) -> list[events.Outcome | events.Malformed]:
-        """Each notification stored alone: one that Postgres refuses gets its 400, the others are stored."""
-        outcomes: list[events.Outcome | events.Malformed] = []
-        for item in batch:
-            try:
-                [outcome] = await self.store_many(conn, [item])
-            except asyncpg.DataError:
-                outcome = _malformed(item)
-            outcomes.append(outcome)
-        return outcomes
 
 
 class PaymentBatcher(NotificationBatcher):

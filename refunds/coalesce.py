@@ -10,14 +10,22 @@ an idle coalescer runs what it has at once.
 A batch never holds two items that share a key (``keys``; by default an item's one key is
 its value: the same refund twice would make one statement claim or move one row for two
 callers); the later one waits for the next batch.
+
+A statement Postgres undoes as a whole for one row's sake (a CHECK, a value it refuses, a
+deadlock with another batch) would fail every caller of the batch; with ``alone_on`` naming
+those errors, such a batch runs again item by item (a single item once more: a deadlock
+is worth a second try), so that only the caller whose item is at fault gets the error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -27,13 +35,16 @@ class Coalescer(Generic[Item, Result]):
     """``await coalescer(item)`` runs ``run_batch([item, ...])`` with the items awaited meanwhile.
 
     ``run_batch`` returns one result per item, in order; if it raises, every call of that
-    batch raises the same exception.
+    batch raises the same exception, except one of ``alone_on``: then each item runs alone.
     """
 
     def __init__(self, run_batch: Callable[[list[Item]], Awaitable[Sequence[Result]]], *,
                  keys: Callable[[Item], Iterable[Hashable]] = lambda item: (item,),
-                 max_batch: int = 100, max_inflight: int = 2):
+                 max_batch: int = 100, max_inflight: int = 2,
+                 alone_on: tuple[type[Exception], ...] = (), name: str = "items"):
         self._run_batch = run_batch
+        self._alone_on = alone_on
+        self._name = name  # what the items are, for the log
         self._keys = keys
         self._max_batch = max_batch
         self._max_inflight = max_inflight
@@ -56,17 +67,33 @@ class Coalescer(Generic[Item, Result]):
             if not batch:
                 continue
             try:
-                results = await self._run_batch([item for item, _ in batch])
-            except BaseException as exc:
+                await self._settle(batch)
+            except BaseException:  # cancelled: the callers still waiting learn it
                 for _, future in batch:
                     if not future.done():
-                        future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+                        future.set_exception(asyncio.CancelledError())
+                raise
+
+    async def _settle(self, batch: list[tuple[Item, asyncio.Future]], *, alone: bool = False) -> None:
+        """Run the batch and give each caller its result, or the batch's error; after an error of
+        ``alone_on``, each item once more on its own."""
+        try:
+            results = await self._run_batch([item for item, _ in batch])
+        except self._alone_on as exc:
+            if alone:
+                _fail(batch, exc)
+                return
+            log.warning("a batch of %d %s failed as a whole (%s); running each alone",
+                        len(batch), self._name, type(exc).__name__)
+            for one in batch:
+                await self._settle([one], alone=True)
+            return
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
 
     def _take(self) -> list[tuple[Item, asyncio.Future]]:
         batch, held, keys = [], [], set()
@@ -82,3 +109,9 @@ class Coalescer(Generic[Item, Result]):
             batch.append((item, future))
         self._queue.extendleft(reversed(held))
         return batch
+
+
+def _fail(batch: list[tuple[object, asyncio.Future]], exc: Exception) -> None:
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(exc)

@@ -31,6 +31,47 @@ async def test_calls_awaited_together_share_a_batch_and_keep_their_own_results()
     assert batches == [list(range(10)), [100], [0, 1, 2]]
 
 
+class WholeBatchUndone(Exception):
+    """Stands for an error Postgres raises for a whole statement (a CHECK, a deadlock)."""
+
+
+async def test_a_batch_undone_as_a_whole_runs_each_alone_and_only_the_culprit_fails(caplog):
+    batches = []
+
+    async def run(items):
+        batches.append(list(items))
+        if "bad" in items:
+            raise WholeBatchUndone("the statement was undone")
+        return [item.upper() for item in items]
+
+    coalescer = Coalescer(run, max_inflight=1, alone_on=(WholeBatchUndone,), name="words")
+    results = await asyncio.gather(*(coalescer(word) for word in ["a", "bad", "c"]), return_exceptions=True)
+    assert results[0] == "A" and results[2] == "C" and isinstance(results[1], WholeBatchUndone)
+    assert batches == [["a", "bad", "c"], ["a"], ["bad"], ["c"]]  # the culprit is not run a third time
+    assert any("a batch of 3 words failed as a whole (WholeBatchUndone); running each alone" in r.getMessage()
+               for r in caplog.records)
+
+
+async def test_a_lone_item_undone_once_gets_a_second_try_and_other_errors_fail_the_batch():
+    calls = []
+
+    async def deadlocks_once(items):
+        calls.append(list(items))
+        if len(calls) == 1:
+            raise WholeBatchUndone("deadlock")
+        return items
+
+    assert await Coalescer(deadlocks_once, alone_on=(WholeBatchUndone,))("x") == "x"
+    assert calls == [["x"], ["x"]]
+
+    async def broken(items):
+        raise KeyError("a bug")
+
+    coalescer = Coalescer(broken, max_inflight=1, alone_on=(WholeBatchUndone,))
+    results = await asyncio.gather(coalescer(1), coalescer(2), return_exceptions=True)
+    assert all(isinstance(result, KeyError) for result in results)
+
+
 async def test_one_key_is_never_twice_in_a_batch():
     batches = []
 

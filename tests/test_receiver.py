@@ -1086,7 +1086,8 @@ async def test_a_batch_of_refund_outcomes_that_deadlocks_is_stored_one_by_one(da
         await database.close()
     assert [o.result for o in outcomes] == ["applied", "applied"]
     assert batcher.batches == [["op-0", "op-1"], ["op-0"], ["op-1"]]
-    assert any("met a deadlock; storing them one by one" in r.getMessage() for r in caplog.records)
+    assert any("refund outcome notifications failed as a whole (DeadlockDetectedError); running each alone"
+               in r.getMessage() for r in caplog.records)
     for refund in refunds:
         assert (await find_by_external_ref(db, "m1", refund["external_ref"])).state == "succeeded"
         assert len(await refund_events(db, refund["refund_id"])) == 1

@@ -64,7 +64,11 @@ class Resources:
         self.load = Coalescer(self._on_connection(find_with_merchants))
         self.claim = Coalescer(self._on_connection(functools.partial(
             claim_many, actor=ACTOR, claim_seconds=self.settings.refund_claim_seconds)))
-        self.move = Coalescer(self._moves, keys=lambda move: (move.refund_id,))
+        # two batches moving refunds of the same payments may lock those payment rows in opposite
+        # orders (the refund trigger updates them): Postgres undoes one, whose moves then go alone
+        self.move = Coalescer(self._on_connection(functools.partial(transition_many, actor=ACTOR)),
+                              keys=lambda move: (move.refund_id,), alone_on=(asyncpg.DeadlockDetectedError,),
+                              name="refund moves")
         self.in_flight = asyncio.Semaphore(self.settings.worker_in_flight)
 
     def _on_connection(self, statement):
@@ -72,16 +76,6 @@ class Resources:
             async with self.pool.acquire() as conn:
                 return await statement(conn, items)
         return run
-
-    async def _moves(self, moves: list[Move]) -> list[Refund | None]:
-        async with self.pool.acquire() as conn:
-            try:
-                return await transition_many(conn, moves, actor=ACTOR)
-            except asyncpg.DeadlockDetectedError:
-                # two batches moving refunds of the same payments locked those payment rows in
-                # opposite orders (the refund trigger updates them); Postgres undid this one
-                log.warning("a batch of %d refund moves met a deadlock; moving them one by one", len(moves))
-                return [(await transition_many(conn, [move], actor=ACTOR))[0] for move in moves]
 
     @classmethod
     async def open(cls, settings: Settings | None = None, *, pool_size: int = 10) -> "Resources":
