@@ -2,19 +2,25 @@
 
 Settings: DATABASE_URL, REFUNDS_MASTER_KEY (or REFUNDS_MASTER_KEY_FILE), RECEIVER_PORT
 (default 8081), RECEIVER_HOST (default 0.0.0.0), RECEIVER_ALLOWED_CIDRS and
-RECEIVER_TRUSTED_PROXIES (comma-separated CIDRs, default empty: see ``sources``). A missing
-or malformed one stops the process at start with one line naming it (exit 2).
+RECEIVER_TRUSTED_PROXIES (comma-separated CIDRs, default empty: see ``sources``),
+RECEIVER_JOURNAL_DIR (default ``receiver-journal/<RECEIVER_PORT>`` in the working directory:
+one per receiver of a host) and
+RECEIVER_JOURNAL_MAX_BYTES (default 512 MiB; see ``journal``). A missing or malformed one,
+or a journal directory that cannot be used or is locked by another receiver, stops the
+process at start with one line naming it (exit 2).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from refunds import service
 from refunds.vault import vault_from_settings
 
 from .app import create_app
+from .journal import Journal, JournalError
 from .sources import SourcePolicy
 
 DEFAULT_HOST = "0.0.0.0"
@@ -31,7 +37,14 @@ def main() -> int:
         return 2
     host = os.environ.get("RECEIVER_HOST", "").strip() or DEFAULT_HOST
     sources = SourcePolicy.from_settings(settings.receiver_allowed_cidrs, settings.receiver_trusted_proxies)
-    app = create_app(database_url=settings.database_url, vault=vault_from_settings(settings), sources=sources)
+    try:
+        directory = settings.receiver_journal_dir or Path("receiver-journal") / str(settings.receiver_port)
+        journal = Journal.open(directory, settings.receiver_journal_max_bytes)
+    except JournalError as exc:
+        print(f"receiver: {exc}", file=sys.stderr)
+        return 2
+    app = create_app(database_url=settings.database_url, vault=vault_from_settings(settings), sources=sources,
+                     journal=journal)
     # access_log off: the app logs one line per notification itself
     return service.run("receiver", app, host, settings.receiver_port, access_log=None)
 

@@ -4,8 +4,11 @@ Order of checks on a notification, cheapest and least trusting first: source add
 only with an allow list, see ``sources``) → path → declared size → merchant (404) → body
 read with a hard cap (413) → HMAC signature over the raw bytes (401) → JSON (400) → stored
 and applied atomically (200; ``events``, ``batch``). Nothing from the body, including its
-event type, is believed before the signature is checked. Any "database not there now"
-answers 503 so that PagoEfectivo retries; nothing a sender can send yields a 500.
+event type, is believed before the signature is checked. When the database is not there, a
+verified notification is written to the local journal and answered 200 (``journal``:
+PagoEfectivo tries only twice), and replayed through the same parse and store once Postgres
+is back; 503 only when the journal cannot take it (or without a journal, or when the
+merchant's secret cannot be read). Nothing a sender can send yields a 500.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import asyncio
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import aiohttp
 from aiohttp import web
@@ -30,6 +34,7 @@ from refunds.vault import Vault
 from . import events
 from .batch import PaymentBatcher, RefundOutcomeBatcher
 from .credentials import KeyCache
+from .journal import Entry, Journal, JournalError, JournalFull, Replayer
 from .sources import FORWARDED_FOR, SourcePolicy, refused_total
 from refunds.database import Database, Unavailable
 
@@ -44,14 +49,17 @@ KEYS = web.AppKey("keys", KeyCache)
 PAYMENTS = web.AppKey("payments", PaymentBatcher)
 REFUND_OUTCOMES = web.AppKey("refund_outcomes", RefundOutcomeBatcher)
 SOURCES = web.AppKey("sources", SourcePolicy)
+JOURNAL = web.AppKey("journal", Journal)
+REPLAYER = web.AppKey("replayer", Replayer)
 
 
 def create_app(*, database_url: str, vault: Vault, key_ttl: float = 60.0, sources: SourcePolicy | None = None,
-               keys: KeyCache | None = None) -> web.Application:
+               keys: KeyCache | None = None, journal: Journal | None = None) -> web.Application:
     """The receiver application; its Postgres pool is made on start (or first use), never here.
 
     ``sources`` restricts who may deliver (default: anyone); ``keys`` replaces the merchant
-    secrets read from the database (tests).
+    secrets read from the database (tests); ``journal`` (opened) takes verified notifications
+    while Postgres cannot, and is replayed from start to cleanup (without one: 503).
     """
     app = web.Application(client_max_size=MAX_BODY)
     database = Database(database_url)
@@ -60,6 +68,9 @@ def create_app(*, database_url: str, vault: Vault, key_ttl: float = 60.0, source
     app[REFUND_OUTCOMES] = RefundOutcomeBatcher(database)
     app[KEYS] = keys or KeyCache.from_database(database, vault, ttl=key_ttl)
     app[SOURCES] = sources or SourcePolicy()
+    if journal is not None:
+        app[JOURNAL] = journal
+        app[REPLAYER] = Replayer(journal, lambda entry: replay(app, entry))
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     app.router.add_post(NOTIFY_PATH, notification, expect_handler=expect_continue)
@@ -92,9 +103,13 @@ async def expect_continue(request: web.Request) -> None:
 
 async def _start(app: web.Application) -> None:
     await app[DATABASE].start()
+    if REPLAYER in app:
+        app[REPLAYER].start()
 
 
 async def _stop(app: web.Application) -> None:
+    if REPLAYER in app:
+        await app[REPLAYER].stop()
     await app[DATABASE].close()
 
 
@@ -113,6 +128,8 @@ class Delivery:
     stored: str | None = None          # notifications.result
     detail: str | None = None
     source: str | None = None          # the sender's address, when an allow list asks for it
+    journal: str | None = None         # "written": answered from the journal; "replayed": applied from it
+    received_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
     def reply(self, status: int, body: dict, *, result: str | None = None, detail: str | None = None) -> web.Response:
         self.status, self.result = status, result
@@ -176,7 +193,9 @@ async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
         # the secret may have been rotated since it was cached: reload once, then decide
         try:
             fresh = await keys_cache.reload_if_stale(merchant_id)
-        except (Unavailable, VaultError):
+        except Unavailable as exc:  # cannot tell a rotated secret from a forgery now: the sender retries
+            return d.reply(503, {"error": "unavailable"}, detail=f"secret not reloaded: {exc}")
+        except VaultError:
             fresh = None
         if fresh is None or not fresh.verifies(body, signature):
             detail = "no signature" if not signature else "signature does not match"
@@ -190,16 +209,48 @@ async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
     d.raw_event_type = note.event_type
     d.operation_number = note.operation_number
 
+    journal = request.app.get(JOURNAL)
+    if journal is not None and journal.holds(merchant_id):
+        # older notifications of this merchant wait in the journal: this one goes behind them
+        response = await _journal(journal, d, merchant_id, body, request, "behind older journal entries")
+        if response is not None:
+            return response
+    try:
+        return await _apply(request.app, d, merchant_id, note)
+    except Unavailable as exc:
+        if journal is None:
+            return d.reply(503, {"error": "unavailable"}, detail=str(exc))
+        response = await _journal(journal, d, merchant_id, body, request, str(exc))
+        return response or d.reply(503, {"error": "unavailable"}, detail=f"{exc}; {d.detail}")
+
+
+async def _journal(journal: Journal, d: Delivery, merchant_id: str, body: bytes, request: web.Request,
+                   why: str) -> web.Response | None:
+    """200 once the verified body is durably in the journal; None when the journal cannot take it."""
+    try:
+        await journal.append(merchant_id, body, request.headers, d.received_at)
+    except JournalError as exc:
+        d.detail = f"journal: {exc}"
+        if not isinstance(exc, JournalFull):
+            log.error("journal cannot take a notification of %s: %s", merchant_id, exc)
+        return None
+    d.journal = d.stored = "journalled"
+    return d.reply(200, {"result": "journalled"}, detail=why)
+
+
+async def _apply(app: web.Application, d: Delivery, merchant_id: str, note: events.Notification) -> web.Response:
+    """Store and apply a verified, parsed notification: live, or replayed from the journal.
+
+    Raises ``Unavailable`` when Postgres cannot take it now.
+    """
     try:
         if isinstance(note.event, events.CipPaid):  # most of the traffic: stored together with its neighbours
-            outcome = await request.app[PAYMENTS].store(merchant_id, note)
+            outcome = await app[PAYMENTS].store(merchant_id, note)
         elif isinstance(note.event, events.RefundOutcome):  # likewise, with the refunds' moves
-            outcome = await request.app[REFUND_OUTCOMES].store(merchant_id, note)
+            outcome = await app[REFUND_OUTCOMES].store(merchant_id, note)
         else:
-            async with request.app[DATABASE].connection() as conn:
+            async with app[DATABASE].connection() as conn:
                 outcome = await events.store_and_apply(conn, merchant_id, note)
-    except Unavailable as exc:
-        return d.reply(503, {"error": "unavailable"}, detail=str(exc))
     except events.Malformed as exc:
         return _malformed(d, exc)
     if outcome.completed is not None:
@@ -218,6 +269,34 @@ async def _read_limited(request: web.Request, limit: int) -> bytes | None:
         received += chunk
         if len(received) > limit:
             return None
+
+
+async def replay(app: web.Application, entry: Entry) -> int:
+    """A journal entry through the live path's parse and store; its status (200, 400, or 503: again later).
+
+    Its signature was verified when it arrived and is not checked again: a secret rotated since
+    must not lose it. Counted and logged like a live notification, marked ``journal: replayed``.
+    """
+    started = time.perf_counter()
+    d = Delivery(merchant=entry.merchant_id, journal="replayed", received_at=entry.received_at)
+    try:
+        try:
+            note = events.parse(entry.body)
+        except events.Malformed as exc:  # it parsed when it arrived: only a change of this code gets here
+            return _malformed(d, exc).status
+        d.event_type = events.event_label(note.event_type)
+        d.raw_event_type = note.event_type
+        d.operation_number = note.operation_number
+        try:
+            return (await _apply(app, d, entry.merchant_id, note)).status
+        except Unavailable as exc:
+            d.status, d.detail = 503, str(exc)
+            return 503
+    finally:
+        if d.result is not None:
+            metrics.refund_notifications_total.labels(d.event_type, d.result).inc()
+        if d.status != 503:  # a replay waiting for Postgres is logged once by the replayer
+            _log(d, time.perf_counter() - started)
 
 
 def _too_large(d: Delivery) -> web.Response:
@@ -249,6 +328,9 @@ def _log(d: Delivery, elapsed: float) -> None:
     }
     if d.source is not None:
         fields["source"] = d.source
+    if d.journal is not None:
+        fields["journal"] = d.journal
+        fields["received_at"] = d.received_at.isoformat()
     level = logging.INFO if d.status < 400 else logging.WARNING
     log.log(level, "notification %s %s %s", d.merchant, d.status, result, extra=fields)
 
@@ -260,11 +342,19 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """Ready while notifications can be kept: Postgres answers, or the journal has room.
+
+    With a journal a Postgres outage must not take every replica out of the load balancer:
+    that would refuse the notifications the journal is there to keep.
+    """
     try:
         async with request.app[DATABASE].connection() as conn:
             await conn.fetchval("SELECT 1")
     except Unavailable as exc:
         log.warning("readyz: Postgres unavailable (%s)", exc)
+        journal = request.app.get(JOURNAL)
+        if journal is not None and journal.bytes + 2 * MAX_BODY <= journal.max_bytes:
+            return web.json_response({"status": "journalling", "database": "unavailable"})
         return web.json_response({"status": "unavailable"}, status=503)
     return web.json_response({"status": "ok"})
 

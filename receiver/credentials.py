@@ -5,7 +5,8 @@ every notification would put the vault on the hot path. Secrets are cached per m
 for ``ttl`` seconds, so a rotated secret is picked up within that time (sooner: a
 signature that fails against a cached secret reloads it once, at most every
 ``min_reload`` seconds per merchant, so a flood of bad signatures cannot hammer the
-database or the vault).
+database or the vault). While Postgres cannot answer, a merchant's expired entry keeps being
+used, so that a notification it signs can still be verified and journalled (``journal``).
 
 During a secret rotation PagoEfectivo may still sign with the old secret for a while, so a
 merchant has up to two secrets: the current one, and the previous one with the moment its
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from pagoefectivo.protocol import verify_notification
-from refunds.database import Database
+from refunds.database import Database, Unavailable
 from refunds.merchants import find_merchant
 from refunds.vault import Vault
 
@@ -68,13 +69,19 @@ class KeyCache:
     async def get(self, merchant_id: str) -> MerchantKeys | None:
         """The merchant's keys, or None when there is no such merchant (not cached).
 
-        Raises ``Unavailable`` when it must ask the database and cannot, and
+        Past ``ttl`` they are read again; while the database cannot answer, the expired ones
+        are used. Raises ``Unavailable`` when it must ask the database, cannot, and has none; and
         ``refunds.errors.VaultError`` when a sealed secret does not open.
         """
         entry = self._entries.get(merchant_id)
         if entry is not None and self._clock() - entry.loaded_at < self._ttl:
             return entry
-        return await self._load(merchant_id)
+        try:
+            return await self._load(merchant_id)
+        except Unavailable:
+            if entry is None:
+                raise
+            return entry  # Postgres is away: the secrets we had still verify (and the journal keeps it)
 
     async def reload_if_stale(self, merchant_id: str) -> MerchantKeys | None:
         """Reload after a signature mismatch, unless the cached keys are very fresh."""

@@ -1,4 +1,4 @@
-"""Configuration from the environment (CONTRACT §2), validated once at start.
+"""Configuration from the environment (docs/DEPLOYMENT.md lists it), validated once at start.
 
 Every service reads only the settings it needs through ``require``; a missing or
 malformed one stops the process with one line naming it.
@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     # the reverse proxies whose X-Forwarded-For is believed (see receiver/sources.py).
     receiver_allowed_cidrs: str = ""
     receiver_trusted_proxies: str = ""
+    # Receiver: where verified notifications wait while Postgres cannot take them (one directory
+    # per replica, on a persistent disk; unset: receiver-journal/<RECEIVER_PORT> in the working
+    # directory), and the most disk it may use for them (entries counted in 4 KiB blocks; full: 503).
+    receiver_journal_dir: Path | None = None
+    receiver_journal_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
     metrics_port: int = Field(default=9191, ge=0, le=65535)
     # Refund window per payment method, in days (cash: 90 by PagoEfectivo practice).
     refund_window_days: dict[str, int] = {"cash": 90, "bank_transfer": 90}

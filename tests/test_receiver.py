@@ -496,10 +496,10 @@ def test_missing_setting_stops_the_process_with_one_line(master_key):
     assert done.stderr.strip() == "receiver: DATABASE_URL is not set"
 
 
-async def test_the_process_serves_and_stops_on_sigterm(database_url, master_key):
+async def test_the_process_serves_and_stops_on_sigterm(database_url, master_key, tmp_path):
     port = _free_port()
     env = _env(DATABASE_URL=database_url, REFUNDS_MASTER_KEY=master_key, RECEIVER_PORT=str(port),
-               RECEIVER_HOST="127.0.0.1")
+               RECEIVER_HOST="127.0.0.1", RECEIVER_JOURNAL_DIR=str(tmp_path / "journal"))
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "receiver", cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
