@@ -1,4 +1,4 @@
-"""The intake API (CONTRACT §3): refund requests over HTTP, for any service.
+"""The intake API (its OpenAPI document at /openapi.json): refund requests over HTTP, for any service.
 
 Thin on purpose: this module authenticates, checks the JSON shape and the token's
 merchant scope; ``enqueue_refund`` does everything else, so the API, the CLI and Python

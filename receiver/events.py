@@ -19,7 +19,7 @@ What happened is kept in ``notifications.result``:
 - ``mismatch``  the event contradicts our record (amount, currency, merchant, payment);
                 nothing changed, a warning is logged for an operator
 
-The metric ``refund_notifications_total`` has fewer results (CONTRACT §5); ``METRIC_RESULT``
+The metric ``refund_notifications_total`` has fewer results (docs/OPERATIONS.md); ``METRIC_RESULT``
 maps them.
 """
 

@@ -1,7 +1,7 @@
 """Compare our books with the gateway's: every disagreement, named.
 
-For each refund of the period that reached the gateway, its status is asked (CONTRACT
-§4.3). Optionally a settlement ledger from the gateway (a JSON list of executed refunds,
+For each refund of the period that reached the gateway, its status is asked (``GET
+/v1/refunds/{externalRef}``, docs/PROTOCOL.md). Optionally a settlement ledger from the gateway (a JSON list of executed refunds,
 such as the sandbox's /sandbox/ledger) is checked too, which also finds refunds the
 gateway executed that we have no record of.
 """

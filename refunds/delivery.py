@@ -49,8 +49,9 @@ from dramatiq import Message
 from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
 
-from refunds.ratelimit import RateLimiter
-from refunds.settings import get_settings
+from .coalesce import Coalescer
+from .ratelimit import RateLimiter
+from .settings import get_settings
 
 QUEUE = "refunds"
 SEND_REFUND = "send_refund"
@@ -113,7 +114,6 @@ class _Handover:
     """One refund waiting for the next write, and what booking its slot needs."""
 
     refund_id: str
-    future: asyncio.Future
     merchant_id: str | None = None
     rate_limit: Decimal | None = None  # requests per second
     pool: asyncpg.Pool | asyncpg.Connection | None = None  # where a far slot is recorded as delivered_at
@@ -121,7 +121,7 @@ class _Handover:
     @property
     def books_a_slot(self) -> bool:
         # Without a pool a far slot could not be recorded, and the outbox sweep would re-deliver
-        # the refund while it waits for its slot: such a refund goes unbooked, as before.
+        # the refund while it waits for its slot: such a refund goes unbooked (a worker books it).
         return self.merchant_id is not None and self.rate_limit is not None and self.pool is not None
 
 
@@ -136,49 +136,31 @@ class _Slot:
 
 
 class _Courier:
-    """One per event loop: its Redis client, and the refunds waiting for the next write."""
+    """One per event loop: its Redis client, and the refunds handed over at the same moment,
+    written together (``refunds.coalesce.Coalescer``, one write at a time)."""
 
     def __init__(self) -> None:
-        self._waiting: list[_Handover] = []
-        self._task: asyncio.Task | None = None
+        self._writes: Coalescer[_Handover, bool] = Coalescer(
+            self._write, keys=lambda handover: (), max_batch=MAX_BATCH, max_inflight=1, name="hand-overs")
         self._broker: RedisBroker | None = None  # the producer broker the client was made for
         self._client: aioredis.Redis | None = None
         self._enqueue_script = None  # dramatiq's own Lua script, registered on this client
         self._limiter: RateLimiter | None = None  # on the same client
         self._closer: asyncio.Task | None = None
 
-    def deliver(self, refund_id: UUID | str, *, merchant_id: str | None = None, rate_limit: Decimal | None = None,
-                pool: asyncpg.Pool | asyncpg.Connection | None = None) -> asyncio.Future:
-        loop = asyncio.get_running_loop()  # not kept: the courier must not keep its loop alive
-        future = loop.create_future()
-        self._waiting.append(_Handover(str(refund_id), future, merchant_id, rate_limit, pool))
-        if self._task is None:
-            self._task = loop.create_task(self._run())
-        return future
+    async def deliver(self, handover: _Handover) -> bool:
+        return await self._writes(handover)
 
-    async def _run(self) -> None:
+    async def _write(self, batch: list[_Handover]) -> list[bool]:
         try:
-            while self._waiting:
-                batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
-                try:
-                    await self._send(batch)
-                    results = [True] * len(batch)
-                except REDIS_AWAY as exc:
-                    log.warning("delivery of %d refunds postponed: %s", len(batch), type(exc).__name__)
-                    results = [False] * len(batch)
-                except Exception as exc:  # slots booked before the failure stay unused: harmless
-                    log.warning("pipelined delivery failed (%s); delivering one by one", type(exc).__name__)
-                    results = await asyncio.to_thread(deliver_many, [handover.refund_id for handover in batch])
-                except BaseException:  # cancelled: the loop is closing; the outbox sweep has them
-                    for handover in batch:
-                        if not handover.future.done():
-                            handover.future.set_result(False)
-                    raise
-                for handover, ok in zip(batch, results):
-                    if not handover.future.done():
-                        handover.future.set_result(ok)
-        finally:
-            self._task = None
+            await self._send(batch)
+            return [True] * len(batch)
+        except REDIS_AWAY as exc:
+            log.warning("delivery of %d refunds postponed: %s", len(batch), type(exc).__name__)
+            return [False] * len(batch)
+        except Exception as exc:  # slots booked before the failure stay unused: harmless
+            log.warning("pipelined delivery failed (%s); delivering one by one", type(exc).__name__)
+            return await asyncio.to_thread(deliver_many, [handover.refund_id for handover in batch])
 
     async def _send(self, batch: list[_Handover]) -> None:
         """Book the slots, then do what ``RedisBroker.enqueue`` does for each message, in one
@@ -337,4 +319,9 @@ async def deliver_async(
     courier = _couriers.get(loop)
     if courier is None:
         courier = _couriers[loop] = _Courier()
-    return await asyncio.shield(courier.deliver(refund_id, merchant_id=merchant_id, rate_limit=rate_limit, pool=pool))
+    try:
+        return await courier.deliver(_Handover(str(refund_id), merchant_id, rate_limit, pool))
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():
+            raise  # this caller itself is cancelled
+        return False  # its write was, with the loop: the outbox sweep delivers it

@@ -1,4 +1,4 @@
-"""Prometheus metrics of CONTRACT §5. Names and labels are fixed: dashboards and alerts use them.
+"""Prometheus metrics (listed in docs/OPERATIONS.md). Names and labels are fixed: dashboards and alerts use them.
 
 Label values are bounded (no refund ids, no amounts). The ``merchant`` label can be
 turned off with REFUNDS_METRICS_MERCHANT_LABEL=0 for marketplaces with very many sellers.

@@ -1,4 +1,4 @@
-"""refundctl: the operator's command line (CONTRACT §1). One module per command group."""
+"""refundctl: the operator's command line (README lists its commands). One module per command group."""
 
 from __future__ import annotations
 
