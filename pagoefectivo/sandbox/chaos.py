@@ -23,6 +23,11 @@ from typing import Any
 from .allowlist import parse_cidrs
 
 STATUSES = ("success", "pending", "failure")
+# Seconds before each retry of a notification, at time scale 1. PagoEfectivo publishes one second
+# attempt and not when (API CIP 1.1, §5.2): the sandbox makes it after the first of these. The
+# rest, a provider-like schedule over about 2⅓ days (10 s, 1 min, 5 min ... 24 h), is the
+# ``notification_retries`` knob's, for rehearsing a gateway that tries for longer.
+LONG_RETRY_SCHEDULE_S: tuple[float, ...] = (10, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 57600, 86400)
 
 
 class ChaosError(ValueError):
@@ -64,6 +69,10 @@ class ChaosConfig:
     sync_status_mix: Mapping[str, float] = field(
         default_factory=_default_mix,
         metadata={"kind": "mix", "help": 'JSON weights {"success": w, "pending": w, "failure": w}'})
+    notification_retries: int = field(
+        default=1, metadata={"kind": "seconds",
+                             "help": "attempts after a failed notification: 1 as PagoEfectivo publishes, up to "
+                                     f"{len(LONG_RETRY_SCHEDULE_S)} for a provider-like schedule over days"})
     notification_time_scale: float = field(
         default=1.0, metadata={"kind": "scale",
                                "help": "multiplies the notification retry schedule (0.001: seconds become ms)"})
@@ -85,6 +94,8 @@ class ChaosConfig:
             if key not in kinds:
                 raise ChaosError(str(key), "unknown chaos key")
             clean[key] = _VALIDATORS[kinds[key]](key, value)
+        if clean.get("notification_retries", 0) > len(LONG_RETRY_SCHEDULE_S):
+            raise ChaosError("notification_retries", f"must be at most {len(LONG_RETRY_SCHEDULE_S)}")
         return replace(self, **clean)
 
     def to_json(self) -> dict[str, Any]:

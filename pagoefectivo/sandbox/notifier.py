@@ -1,12 +1,13 @@
-"""Signed notification delivery, as PagoEfectivo does it: retried until answered 200.
+"""Signed notification delivery, as PagoEfectivo publishes it: one attempt, and one second
+attempt if the first is not answered 200 (API CIP 1.1, §5.2, page 14); then the notification
+is abandoned and only the status lookup can tell the merchant.
 
-Retries follow a schedule modelled on real payment providers (Stripe, Adyen, Mercado Pago
-all do much the same): the first attempt at once, then growing delays (10 s, 1 min, 5 min,
-15 min, 30 min, 1 h, 2 h, 4 h, 8 h, 16 h, 24 h: about 2⅓ days), then the notification is
-abandoned and only the status lookup can tell the merchant. The chaos knob
-``notification_time_scale`` multiplies every delay, so 0.001 runs the whole schedule in
-about 3⅓ minutes and 0.00001 in 2 seconds; it is read before each wait, so a change
-reaches deliveries already waiting.
+The document does not say when the second attempt comes: here 10 s after the first. The chaos
+knob ``notification_retries`` (1 by default) allows up to 11 retries on a provider-like
+schedule (10 s, 1 min, 5 min, 15 min, 30 min, 1 h, 2 h, 4 h, 8 h, 16 h, 24 h: about 2⅓ days),
+read when a delivery starts. ``notification_time_scale`` multiplies every delay, so 0.001 runs
+the whole long schedule in about 3⅓ minutes and 0.00001 in 2 seconds; it is read before each
+wait, so a change reaches deliveries already waiting.
 
 Each notification's body is serialized once and signed once (``PE-Signature``: HMAC-SHA256
 of those exact bytes with the merchant's secretKey), so retries and chaos duplicates send
@@ -25,7 +26,7 @@ import aiohttp
 
 from pagoefectivo import protocol
 
-from .chaos import Chaos
+from .chaos import LONG_RETRY_SCHEDULE_S, Chaos
 
 log = logging.getLogger("pagoefectivo.sandbox.notifier")
 
@@ -40,8 +41,9 @@ class Notification:
     signature: str = field(repr=False)
 
 
-# seconds to wait before each retry (after the immediate first attempt), at time scale 1
-RETRY_SCHEDULE_S: tuple[float, ...] = (10, 60, 300, 900, 1800, 3600, 7200, 14400, 28800, 57600, 86400)
+# seconds to wait before each retry (after the immediate first attempt), at time scale 1; the
+# first ``notification_retries`` of them are used (one by default, as published)
+RETRY_SCHEDULE_S: tuple[float, ...] = LONG_RETRY_SCHEDULE_S
 
 
 class Notifier:
@@ -101,14 +103,18 @@ class Notifier:
             await self._deliver(note)
 
     def retry_delays(self) -> list[float]:
-        """The waits before each retry, in seconds, at the current time scale."""
+        """The waits before each retry, in seconds, at the current retries and time scale."""
         scale = self._chaos.config.notification_time_scale
-        return [delay * scale for delay in self._schedule]
+        return [delay * scale for delay in self._retries()]
+
+    def _retries(self) -> tuple[float, ...]:
+        return self._schedule[:self._chaos.config.notification_retries]
 
     async def _deliver(self, note: Notification) -> bool:
         """POST until a 200, waiting out the schedule between attempts; False when abandoned."""
         headers = {"Content-Type": "application/json", protocol.SIGNATURE_HEADER: note.signature}
-        attempts = 1 + len(self._schedule)
+        schedule = self._retries()
+        attempts = 1 + len(schedule)
         for attempt in range(1, attempts + 1):
             self.attempts += 1
             try:
@@ -126,10 +132,10 @@ class Notifier:
                 outcome = type(exc).__name__
             if attempt == attempts:
                 break
-            wait = self._schedule[attempt - 1] * self._chaos.config.notification_time_scale
+            wait = schedule[attempt - 1] * self._chaos.config.notification_time_scale
             log.info("notification %s %s for %s: %s, retry %d of %d in %.3gs",
                      note.event_type, note.operation_number, note.merchant_id, outcome, attempt,
-                     len(self._schedule), wait)
+                     len(schedule), wait)
             await asyncio.sleep(wait)
         self.abandoned += 1
         log.warning("notification %s %s for %s abandoned after %d attempts (last: %s)",
