@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 
 TOKEN_REFRESH_MARGIN = timedelta(minutes=5)
 TRANSIENT_HTTP = frozenset({500, 502, 503, 504})
+# Sent on every call: Origin is mandatory after the authorization (API CIP 1.1 §5.1.2, p. 8) and our
+# refund calls follow those rules; Accept-Language is optional there and asks for the published texts.
+STANDARD_HEADERS = {
+    "Content-Type": "application/json",
+    protocol.ORIGIN_HEADER: protocol.SERVER_ORIGIN,
+    protocol.LANGUAGE_HEADER: "es-PE",
+}
 # A skew measurement refuses requests for this long; then one request may go out and measure again.
 SKEW_RECHECK_SECONDS = 60.0
 DEFAULT_RETRY_AFTER = 1.0
@@ -287,7 +294,7 @@ class PagoEfectivoClient:
             self._refuse_if_skewed()
         if callable(json_body):
             json_body = json_body()
-        all_headers = {"Content-Type": "application/json", **(headers or {})}
+        all_headers = {**STANDARD_HEADERS, **(headers or {})}
         if token:
             all_headers["Authorization"] = f"Bearer {token}"
         data = protocol.dumps(json_body) if json_body is not None else None
@@ -380,6 +387,28 @@ def _envelope(raw: bytes) -> dict | None:
     return payload
 
 
+# What each code means, whatever the HTTP status it arrives with (``pagoefectivo.errors``
+# explains the classes). A code not in the table is judged by the HTTP status alone.
+CODE_CLASSES: dict[str, type[GatewayError]] = {
+    # success, yet not read as one (a non-2xx status, or no data): it may have been executed
+    protocol.OK: OutcomeUnknown,
+    protocol.INVALID_DATA: PermanentError,
+    protocol.REQUIRED: PermanentError,
+    protocol.INVALID_VALUE: PermanentError,
+    protocol.INTERNAL_ERROR: TransientError,
+    protocol.TOKEN_INVALID: PermanentError,  # raised once it survived one refresh and one retry
+    protocol.CIP_AMOUNT_OVER_MAXIMUM: PermanentError,
+    protocol.AMOUNT_OVER_REFUNDABLE: PermanentError,
+    protocol.REFUND_WINDOW_CLOSED: PermanentError,
+    protocol.TRANSACTION_UNKNOWN: PermanentError,
+    protocol.EXTERNAL_REF_REUSED: PermanentError,
+    protocol.SIGNATURE_INVALID: PermanentError,
+    protocol.TIMESTAMP_OUT_OF_TOLERANCE: PermanentError,  # ClockSkew instead when the Date header shows one
+    protocol.SOURCE_IP_NOT_ALLOWED: PermanentError,
+    protocol.RATE_LIMITED: RateLimited,
+}
+
+
 def _error_from(status: int, payload: dict | None, *, sending: bool) -> GatewayError:
     """The error class for an answer that is not a success (see ``pagoefectivo.errors``)."""
     if payload is None:
@@ -392,17 +421,26 @@ def _error_from(status: int, payload: dict | None, *, sending: bool) -> GatewayE
     data = payload.get("data")
     details = [d for d in data if isinstance(d, dict)] if isinstance(data, list) else []
     message = str(payload.get("message") or f"HTTP {status}")
-    explained = "; ".join(str(d["message"]) for d in details if d.get("message"))
+    explained = "; ".join(_explained(d) for d in details if d.get("message") or d.get("field"))
     if explained:
         message = f"{message} {explained}"
     field_name = next((str(d["field"]) for d in details if d.get("field")), None)
     kwargs = {"code": code, "field": field_name, "http_status": status, "details": details}
-    if status in TRANSIENT_HTTP or code == protocol.INTERNAL_ERROR:
-        return TransientError(message, **kwargs)
-    if 200 <= status < 300 and code == protocol.OK:  # "success" without the data it promises
+    cls = CODE_CLASSES.get(code)
+    if cls is None:
+        cls = TransientError if status in TRANSIENT_HTTP else PermanentError
+    if cls is OutcomeUnknown:
         cls = OutcomeUnknown if sending else TransientError
-        return cls(f"HTTP {status} code 100 without readable data", **kwargs)
-    return PermanentError(message, **kwargs)
+        return cls(f"HTTP {status} code {code} without a readable success: {message}", **kwargs)
+    if cls is RateLimited:
+        return RateLimited(message, retry_after=DEFAULT_RETRY_AFTER, **kwargs)
+    return cls(message, **kwargs)
+
+
+def _explained(detail: dict) -> str:
+    """One item of the envelope's data as ``field: message``."""
+    text = str(detail.get("message") or detail.get("code") or "")
+    return f"{detail['field']}: {text}" if detail.get("field") else text
 
 
 def _retry_after(header: str | None, gateway_now: datetime | None) -> float:

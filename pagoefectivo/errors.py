@@ -14,18 +14,24 @@
     └── OutcomeUnknown            the request may have been executed; settle it with the
                                   status lookup, never by a blind resend
 
-What maps where (``pagoefectivo.client``):
+What maps where (``pagoefectivo.client``; codes by ``client.CODE_CLASSES``, whatever the
+HTTP status they arrive with, as "Integración Api CIP – Documentación Técnica 1.1" gives
+each code one meaning):
 
-- TransientError: HTTP 500/502/503/504, code 166, connection refused or failed before
-  the request was written (DNS, connect timeout), and any answer that is not the gateway's
-  envelope (a proxy's error page: nothing was executed by the gateway).
-- RateLimited: HTTP 429, ``retry_after`` from ``Retry-After`` (seconds or an HTTP date).
-- PermanentError: codes 111, 112, 113, 601-607 (each with its code, message and field),
-  508 when it survives one token refresh and one retry, and any other code the gateway
-  answers with its envelope.
+- TransientError: code 166 at any status; HTTP 500/502/503/504 with a code the table does
+  not know; connection refused or failed before the request was written (DNS, connect
+  timeout); and any answer that is not the gateway's envelope (a proxy's error page:
+  nothing was executed by the gateway).
+- RateLimited: HTTP 429, ``retry_after`` from ``Retry-After`` (seconds or an HTTP date);
+  the modelled code "429" at another status waits one second.
+- PermanentError: codes 111 (the published answer to invalid fields, its ``data`` naming
+  each with 112 or 113), 112, 113, 511 and 601-607 (each with its code, message and
+  field), 508 when it survives one token refresh and one retry, and any other code the
+  gateway answers with its envelope at a status that is not 500/502/503/504.
 - OutcomeUnknown: a read timeout or a dropped connection after a refund request was sent,
-  or a 2xx answer that cannot be read. (On a call that changes nothing, such as the
-  status lookup or the authorization, the same faults are TransientError.)
+  a 2xx answer that cannot be read, or code 100 at a non-2xx status. (On a call that
+  changes nothing, such as the status lookup or the authorization, the same faults are
+  TransientError.)
 
 The worker (``workers.sender``) acts on the class, never on the message: retry later,
 wait, fail the refund with the code, or ask for the status first.
@@ -48,7 +54,7 @@ class GatewayError(Exception):
 
 
 class TransientError(GatewayError):
-    """Nothing happened at the gateway: HTTP 500/502/503/504, code 166, or no connection."""
+    """Nothing happened at the gateway: code 166, HTTP 500/502/503/504, or no connection."""
 
 
 class RateLimited(TransientError):
@@ -68,7 +74,7 @@ class ClockSkew(TransientError):
 
 
 class PermanentError(GatewayError):
-    """Codes 111, 112, 113, 508 (after one refresh) and 601-607: the request itself is refused."""
+    """Codes 111, 112, 113, 511, 508 (after one refresh) and 601-607: the request itself is refused."""
 
 
 class EnvironmentMismatch(PermanentError):

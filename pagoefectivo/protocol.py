@@ -1,10 +1,11 @@
 """The PagoEfectivo wire protocol, shared by the client and the sandbox gateway.
 
-Published (API CIP v1.1): the authorization hashString, Lima-time ``dateRequest``, the
-response envelope and its codes, and HMAC-signed notifications.
-Modelled (from the integration checklist): the refund request and its RSA signature,
-the refund status lookup and codes 601-607. Only this module knows these formats, so
-that the real refund specification can replace them in one place.
+Published in "Integración Api CIP – Documentación Técnica 1.1" (cited as "API CIP 1.1 §x,
+p. n"): the authorization hashString, Lima-time ``dateRequest``, the ``Origin`` header, CIP
+creation, the response envelope and its codes with their messages, and HMAC-signed
+notifications. Modelled on it (the document has no refund API): the refund request and
+its RSA signature, the refund status lookup and codes 601-607. Only this module knows these
+formats, so that the real refund specification can replace them in one place.
 """
 
 from __future__ import annotations
@@ -30,13 +31,23 @@ TOKEN_LIFETIME = timedelta(hours=2)
 SIGNATURE_HEADER = "PE-Signature"
 MERCHANT_HEADER = "PE-Merchant-Id"
 
-# Response codes. 100/111/112/113/166/508 are published; 601-607 are modelled.
+# Headers of every call after the authorization (API CIP 1.1 §5.1.2, p. 8): Origin is mandatory
+# and one of ORIGINS; Accept-Language is optional, es-PE or en-US.
+ORIGIN_HEADER = "Origin"
+ORIGINS = ("web", "android", "ios")
+SERVER_ORIGIN = "web"  # what a merchant's server sends (the document's own example, p. 10)
+LANGUAGE_HEADER = "Accept-Language"
+LANGUAGES = ("es-PE", "en-US")
+
+# Response codes (API CIP 1.1 "Respuesta de validaciones", pp. 12-13): 100, 111, 112, 113,
+# 166, 508 and 511 are published; 601-607 are modelled for the refund API.
 OK = "100"
 INVALID_DATA = "111"
 REQUIRED = "112"
 INVALID_VALUE = "113"
 INTERNAL_ERROR = "166"
 TOKEN_INVALID = "508"
+CIP_AMOUNT_OVER_MAXIMUM = "511"
 AMOUNT_OVER_REFUNDABLE = "601"
 REFUND_WINDOW_CLOSED = "602"
 TRANSACTION_UNKNOWN = "603"
@@ -44,14 +55,18 @@ EXTERNAL_REF_REUSED = "604"
 SIGNATURE_INVALID = "605"
 TIMESTAMP_OUT_OF_TOLERANCE = "606"
 SOURCE_IP_NOT_ALLOWED = "607"
+RATE_LIMITED = "429"  # modelled, not a code of the document: HTTP 429 with Retry-After decides
 
+# The published texts verbatim ("Valor invalido." without its accent, as printed on p. 13).
 MESSAGES = {
     OK: "Solicitud exitosa.",
-    INVALID_DATA: "Datos inválidos.",
-    REQUIRED: "Campo requerido.",
-    INVALID_VALUE: "Valor inválido.",
-    INTERNAL_ERROR: "Error interno.",
-    TOKEN_INVALID: "Token o servicio inválido.",
+    INVALID_DATA: "Solicitud con datos inválidos.",
+    REQUIRED: "Requerido.",
+    INVALID_VALUE: "Valor invalido.",
+    INTERNAL_ERROR: "Error interno del servidor.",
+    TOKEN_INVALID: "Servicio asociado al token es inválido.",
+    CIP_AMOUNT_OVER_MAXIMUM: ("Usted ha generado un Código CIP que excede el valor máximo permitido en este comercio."
+                              " Por favor intente con un importe de menor cuantía."),
     AMOUNT_OVER_REFUNDABLE: "El monto excede lo reembolsable.",
     REFUND_WINDOW_CLOSED: "El plazo de reembolso ha vencido.",
     TRANSACTION_UNKNOWN: "Transacción original desconocida o no pagada.",
@@ -65,6 +80,12 @@ AMOUNT_FIELDS = frozenset({"refundAmount", "amount"})
 
 
 # --- time -------------------------------------------------------------------------
+
+# Published lengths: CIP 1-14 digits (§5.1.2, p. 11; notification data.cip, p. 14) and
+# operationNumber 0-14 characters (§5.2, p. 14).
+MAX_CIP_DIGITS = 14
+MAX_OPERATION_NUMBER = 14
+
 
 def lima_timestamp(moment: datetime) -> str:
     """Format an aware datetime as Lima time, ``yyyy-MM-ddTHH:mm:ss-05:00``."""
@@ -81,9 +102,20 @@ def parse_timestamp(text: str) -> datetime:
     return moment
 
 
+def parse_lima_timestamp(text: str) -> datetime:
+    """Parse a time the document requires in Lima time (``dateRequest``, §5.1.1 p. 5: "(GTM-5)
+    Hora Lima"): ``yyyy-mm-ddThh:mm:ss`` with the offset ``-05:00`` (or ``-0500``, as its
+    format line ``(+/-)zzzz`` reads); any other offset is refused, even for the same instant."""
+    moment = parse_timestamp(text)
+    if moment.utcoffset() != LIMA.utcoffset(None):
+        raise ValueError(f"timestamp {text!r} is not Lima time (-05:00)")
+    return moment
+
+
 def within_tolerance(text: str, now: datetime) -> bool:
+    """A Lima-time timestamp within ``MAX_CLOCK_SKEW`` of ``now``."""
     try:
-        return abs(parse_timestamp(text) - now) <= MAX_CLOCK_SKEW
+        return abs(parse_lima_timestamp(text) - now) <= MAX_CLOCK_SKEW
     except ValueError:
         return False
 
@@ -226,5 +258,6 @@ def envelope(code: str, data: Any = None, message: str | None = None) -> dict:
     return {"code": code, "message": message or MESSAGES.get(code, ""), "data": data}
 
 
-def error_detail(code: str, message: str, field: str | None = None) -> dict:
-    return {"code": code, "message": message, "field": field}
+def error_detail(code: str, message: str | None = None, field: str | None = None) -> dict:
+    """One item of an error envelope's ``data``; the message defaults to the code's published text."""
+    return {"code": code, "message": message or MESSAGES.get(code, ""), "field": field}

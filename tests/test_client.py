@@ -214,7 +214,7 @@ async def test_508_that_survives_the_refresh_is_permanent_and_fails_the_refund(d
     monkeypatch.setattr(stack.sandbox.state, "token_grant", lambda token, now: None)  # every token refused
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, external_ref="R-direct"))
-    assert (caught.value.code, caught.value.http_status) == ("508", 401)
+    assert (caught.value.code, caught.value.http_status) == ("508", 400)  # at 400, as the document lists it
     assert stack.sandbox.state.authorizations["m1"] == 2  # one refresh
     assert stack.sent.count("POST", "/v1/refunds") == 2  # one retry
     await process_refund(stack.res, refund.refund_id)
@@ -228,14 +228,14 @@ async def test_bad_credentials_are_508_at_authorization(stack, merchant):
     assert (caught.value.code, caught.value.field) == ("508", "hashString")
 
 
-# --- 111 / 112 / 113: the request is malformed -------------------------------------------------
+# --- 111 with 112 / 113 inside: the request is malformed ------------------------------------------
 
 async def test_111_wrong_type(db, stack, merchant, monkeypatch):
     await paid(db)
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, reason=["not", "text"]))
     assert (caught.value.code, caught.value.field, caught.value.http_status) == ("111", "refundReason", 400)
-    assert "refundReason" in caught.value.message
+    assert caught.value.message == "Solicitud con datos inválidos. refundReason: Valor invalido."
     corrupt_requests(stack, monkeypatch, lambda body: body.update(refundAmount="25.00"))
     await assert_worker_fails_a_refund_with(db, stack, "111")
 
@@ -244,19 +244,20 @@ async def test_112_required(db, stack, merchant, monkeypatch):
     await paid(db)
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, notify_url=""))
-    assert (caught.value.code, caught.value.field) == ("112", "notifyUrl")
+    assert (caught.value.code, caught.value.field) == ("111", "notifyUrl")
+    assert caught.value.details == [{"code": "112", "message": "Requerido.", "field": "notifyUrl"}]
     corrupt_requests(stack, monkeypatch, lambda body: body.pop("originalTransactionId"))
-    await assert_worker_fails_a_refund_with(db, stack, "112")
+    await assert_worker_fails_a_refund_with(db, stack, "111")
 
 
 async def test_113_invalid_value(db, stack, merchant, monkeypatch):
     await paid(db)
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, currency="EUR"))
-    assert (caught.value.code, caught.value.field) == ("113", "currency")
-    assert caught.value.details == [{"code": "113", "message": "currency must be one of PEN, USD", "field": "currency"}]
+    assert (caught.value.code, caught.value.field) == ("111", "currency")
+    assert caught.value.details == [{"code": "113", "message": "Valor invalido.", "field": "currency"}]
     change_orders(stack, monkeypatch, currency="USD")  # not what was paid
-    await assert_worker_fails_a_refund_with(db, stack, "113")
+    await assert_worker_fails_a_refund_with(db, stack, "111")
 
 
 # --- 601-607 -------------------------------------------------------------------------------------

@@ -1,13 +1,17 @@
-"""The sandbox PagoEfectivo gateway's HTTP surface (CONTRACT §4.1-4.5).
+"""The sandbox PagoEfectivo gateway's HTTP surface (docs/PROTOCOL.md §1-§7).
+
+Published ("Integración Api CIP – Documentación Técnica 1.1"): the authorization, CIP
+creation (``POST /v1/cips``), the envelope with its codes at their HTTP statuses and their
+texts. Every answer, unknown routes and wrong methods included, is that JSON envelope.
 
 Order of checks on a refund request (the first failing one answers):
-latency → source IP in the global allow list (607) → Bearer token (401/508) → token issued
-to that merchantId, merchant registered (401/508) → source IP in the merchant's allow list
-(607) → rate limits (429) and injected errors (500/166) → required fields (112) → field
-types (111) and values (113) → timestamp within 5 minutes (606) → RSA signature (605) →
-externalRef replay or reuse (604) → original transaction paid to that merchant (603) →
-currency (113) → refund window (602) → refundable amount (601) → provider decision
-(success | pending | failure) and execution.
+latency → source IP in the global allow list (607) → Bearer token (400/508) → token issued
+to that merchantId, merchant registered (400/508) → source IP in the merchant's allow list
+(607) → rate limits (429) and injected errors (500/166) → the Origin header and required
+fields (111: 112 each) → field values and types (111: 113 each) → timestamp within 5
+minutes (606) → RSA signature (605) → externalRef replay or reuse (604) → original
+transaction paid to that merchant (603) → currency (111: 113) → refund window (602) →
+refundable amount (601) → provider decision (success | pending | failure) and execution.
 
 With every chaos knob at its default the only extra work is a few dictionary lookups:
 nothing sleeps, not even ``sleep(0)``.
@@ -16,9 +20,11 @@ nothing sleeps, not even ``sleep(0)``.
 from __future__ import annotations
 
 import asyncio
+import html
 import hmac
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
@@ -34,8 +40,9 @@ from .notifier import Notifier
 from .seed import Seed
 from .state import Conflict, OverRefundable, RefundRecord, SandboxState
 from .wire import (
-    RATE_LIMITED, RefundOrder, Refusal, bearer_token, json_response, parse_authorization, parse_payment,
-    parse_refund, read_object, refusal, source_ip_refusal, token_refusal,
+    AUTHORIZATION_FIELDS, CIP_FIELDS, PAYMENT_FIELDS, RATE_LIMITED, REFUND_FIELDS, RefundOrder, Refusal, Problems,
+    bearer_token, check_origin, json_response, parse_authorization, parse_cip, parse_payment, parse_refund,
+    read_object, refusal, source_ip_refusal, token_refusal,
 )
 
 log = logging.getLogger("pagoefectivo.sandbox")
@@ -44,6 +51,12 @@ log = logging.getLogger("pagoefectivo.sandbox")
 REFUND_WINDOW_DAYS = {"cash": 90, "bank_transfer": 90}
 PENDING_SETTLE_SECONDS = (0.05, 0.2)
 DECLINED = "failure"
+# Modelled (511, p. 13, names no figure): the largest CIP a merchant may create, unless its seed says.
+DEFAULT_MAX_CIP_AMOUNT = Decimal("30000.00")
+# The document: "Si no se envía la fecha a expirar se tomará el tiempo acordado por defecto" (p. 9).
+DEFAULT_CIP_TERM = timedelta(days=7)
+# Answers the document has no code for: the HTTP status as the code (like the modelled "429").
+HTTP_MESSAGES = {404: "Recurso no encontrado.", 405: "Método no permitido.", 413: "Solicitud demasiado grande."}
 
 
 @dataclass
@@ -55,6 +68,19 @@ class Sandbox:
     directory: Directory
     notifier: Notifier
     notify_base_url: str | None
+    service_codes: dict[str, str] = field(default_factory=dict)  # merchantId -> codeService (seed)
+    cip_limits: dict[str, Decimal] = field(default_factory=dict)  # merchantId -> largest CIP amount (seed)
+
+    def code_service(self, merchant: Registration) -> str:
+        """The merchant's service code (``codeService``, 3-5 characters, p. 7): from the seed,
+        else made from the merchantId (``seller-1`` → ``SELLE``, ``m1`` → ``M1X``)."""
+        if code := self.service_codes.get(merchant.merchant_id):
+            return code
+        letters = re.sub(r"[^A-Z0-9]", "", merchant.merchant_id.upper())[:5]
+        return letters.ljust(3, "X")
+
+    def max_cip_amount(self, merchant_id: str) -> Decimal:
+        return self.cip_limits.get(merchant_id, DEFAULT_MAX_CIP_AMOUNT)
 
 
 SANDBOX = web.AppKey("sandbox", Sandbox)
@@ -76,11 +102,15 @@ def create_app(config: ChaosConfig | None = None, *, database_url: str | None = 
     chaos = Chaos(config)
     app = web.Application(middlewares=[_errors])
     app[SANDBOX] = Sandbox(SandboxState(), chaos, directory, Notifier(chaos),
-                           notify_base_url.rstrip("/") if notify_base_url else None)
+                           notify_base_url.rstrip("/") if notify_base_url else None,
+                           service_codes=dict(seed.service_codes) if seed is not None else {},
+                           cip_limits=dict(seed.cip_limits) if seed is not None else {})
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/authorizations", authorize)
+    app.router.add_post("/v1/cips", post_cip)
     app.router.add_post("/v1/refunds", post_refund)
     app.router.add_get("/v1/refunds/{external_ref}", get_refund)
+    app.router.add_get("/sandbox/cips/{document_id}.html", cip_document)
     app.router.add_post("/sandbox/payments", sandbox_payment)
     app.router.add_get("/sandbox/ledger", ledger)
     app.router.add_get("/sandbox/chaos", get_chaos)
@@ -102,13 +132,23 @@ async def _lifecycle(app: web.Application):
 
 @web.middleware
 async def _errors(request: web.Request, handler):
-    """Refusals become envelopes; anything unexpected is a 500/166, never a stack trace on the wire."""
+    """Every answer is the JSON envelope: refusals (their reasons logged), unknown routes and
+    wrong methods, and anything unexpected as 500/166, never a stack trace on the wire."""
     try:
         return await handler(request)
     except Refusal as exc:
+        if exc.reasons:
+            log.info("%s %s refused %s (%s): %s", request.method, request.path, exc.code, exc.status,
+                     "; ".join(exc.reasons))
         return exc.response()
-    except web.HTTPException:
-        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if exc.status >= 500:
+            return Refusal(exc.status, protocol.INTERNAL_ERROR).response()
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return Refusal(exc.status, str(exc.status), [], message=HTTP_MESSAGES.get(exc.status, exc.reason),
+                       headers=headers).response()
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return Refusal(500, protocol.INTERNAL_ERROR).response()
@@ -124,20 +164,23 @@ async def authorize(request: web.Request) -> web.Response:
     sandbox = request.app[SANDBOX]
     await sandbox.chaos.latency()
     _check_source(request, sandbox)
-    auth = parse_authorization(await read_object(request))
+    auth = parse_authorization(await read_object(request, AUTHORIZATION_FIELDS))
     now = _now()
     if not protocol.within_tolerance(auth.date_request, now):
-        raise refusal(protocol.INVALID_VALUE, "dateRequest must be Lima time within 5 minutes of the gateway clock",
-                      "dateRequest")
+        problems = Problems()
+        problems.invalid("dateRequest", "dateRequest must be Lima time (-05:00) within 5 minutes of the gateway clock")
+        problems.raise_any()
     given = auth.hash_string.strip().lower().encode("utf-8")
     for merchant in await sandbox.directory.merchants_by_credentials(auth.access_key, auth.service_id):
         expected = protocol.auth_hash(auth.service_id, auth.access_key, merchant.secret_key,
                                       auth.date_request).encode("utf-8")
         if hmac.compare_digest(expected, given):
             _check_source(request, sandbox, merchant)
-            token, grant = sandbox.state.issue_token(merchant.merchant_id, merchant.service_id, now)
+            code_service = sandbox.code_service(merchant)
+            token, grant = sandbox.state.issue_token(merchant.merchant_id, merchant.service_id, now,
+                                                     code_service=code_service)
             return json_response(protocol.envelope(protocol.OK, {
-                "token": token, "codeService": str(merchant.service_id),
+                "token": token, "codeService": code_service,
                 "tokenStart": protocol.lima_timestamp(grant.start),
                 "tokenExpires": protocol.lima_timestamp(grant.expires),
             }), status=201)
@@ -200,6 +243,8 @@ async def _original(sandbox: Sandbox, order: RefundOrder) -> _Original:
     """The paid transaction: a CIP this sandbox created, or one in the project's database."""
     cip = sandbox.state.cip(order.merchant_id, order.original_transaction_id)
     if cip is not None:
+        if cip.paid_at is None:
+            raise refusal(protocol.TRANSACTION_UNKNOWN, "the CIP is not paid", "originalTransactionId")
         return _Original(cip.amount, cip.currency, cip.method, cip.paid_at)
     payment = await sandbox.directory.payment(order.merchant_id, order.original_transaction_id)
     if payment is not None:
@@ -220,13 +265,13 @@ async def post_refund(request: web.Request) -> web.Response:
     await sandbox.chaos.latency()
     _check_source(request, sandbox)
     grant = _grant(request, sandbox)
-    body = await read_object(request)
+    body = await read_object(request, REFUND_FIELDS)
     claimed = body.get("merchantId")
     if claimed not in (None, "") and str(claimed) != grant.merchant_id:
         raise token_refusal("the token was not issued to this merchantId", "merchantId")
     merchant = await _registered(request, sandbox, grant.merchant_id)
     _faults(sandbox, grant.merchant_id, merchant_limit=True)
-    order = parse_refund(body)
+    order = parse_refund(body, request.headers)
     now = _now()
     if abs(order.timestamp - now) > protocol.MAX_CLOCK_SKEW:
         raise refusal(protocol.TIMESTAMP_OUT_OF_TOLERANCE, "timestamp is more than 5 minutes off the gateway clock",
@@ -315,16 +360,65 @@ async def get_refund(request: web.Request) -> web.Response:
     _check_source(request, sandbox)
     grant = _grant(request, sandbox)
     merchant_id = request.headers.get(protocol.MERCHANT_HEADER, "").strip()
+    problems = Problems()
     if not merchant_id:
-        raise refusal(protocol.REQUIRED, f"{protocol.MERCHANT_HEADER} is required", protocol.MERCHANT_HEADER)
+        problems.missing(protocol.MERCHANT_HEADER)
+    problems.raise_any()
     if merchant_id != grant.merchant_id:
         raise token_refusal("the token was not issued to this merchant", protocol.MERCHANT_HEADER)
     await _registered(request, sandbox, merchant_id)
     _faults(sandbox, merchant_id, merchant_limit=False)
+    check_origin(problems, request.headers)
+    problems.raise_any()
     record = sandbox.state.refund(merchant_id, request.match_info["external_ref"])
     if record is None:
         raise refusal(protocol.TRANSACTION_UNKNOWN, "no refund with this externalRef", "externalRef", status=404)
     return _refund_answer(record)
+
+
+# --- CIP creation (API CIP 1.1 §5.1.2) ---------------------------------------------------
+
+async def post_cip(request: web.Request) -> web.Response:
+    """``POST /v1/cips``: a CIP pending payment, answered 201 as in the document's example (p. 12),
+    ``code`` and ``cip`` as JSON numbers there."""
+    sandbox = request.app[SANDBOX]
+    await sandbox.chaos.latency()
+    _check_source(request, sandbox)
+    grant = _grant(request, sandbox)
+    merchant = await _registered(request, sandbox, grant.merchant_id)
+    _faults(sandbox, grant.merchant_id, merchant_limit=False)
+    now = _now()
+    order = parse_cip(await read_object(request, CIP_FIELDS), request.headers, now)
+    if order.service_id is not None and order.service_id != grant.service_id:
+        raise token_refusal("serviceId is not the service the token was issued to", "serviceId")
+    if order.amount > (limit := sandbox.max_cip_amount(merchant.merchant_id)):
+        raise refusal(protocol.CIP_AMOUNT_OVER_MAXIMUM, f"amount over this merchant's maximum of {limit}", "amount")
+    expiry = order.date_expiry or now + DEFAULT_CIP_TERM
+    cip = sandbox.state.add_cip(merchant_id=merchant.merchant_id, transaction_code=order.transaction_code,
+                                amount=order.amount, currency=order.currency, method="cash", paid_at=None,
+                                date_expiry=expiry, fields=order.fields)
+    log.info("cip %s for %s: %s %s, expires %s", cip.cip, merchant.merchant_id, cip.amount, cip.currency,
+             protocol.lima_timestamp(expiry))
+    return json_response({"code": int(protocol.OK), "message": protocol.MESSAGES[protocol.OK], "data": {
+        "cip": int(cip.cip), "currency": cip.currency, "amount": cip.amount, "transactionCode": cip.transaction_code,
+        "dateExpiry": protocol.lima_timestamp(expiry),
+        "cipUrl": f"{request.url.origin()}/sandbox/cips/{cip.document_id}.html",
+    }}, status=201)
+
+
+async def cip_document(request: web.Request) -> web.Response:
+    """The CIP's HTML document (``cipUrl``): what the customer takes to pay."""
+    cip = request.app[SANDBOX].state.cip_document(request.match_info["document_id"])
+    if cip is None:
+        raise web.HTTPNotFound()
+    rows = [("CIP", cip.cip), ("Monto", f"{cip.currency} {cip.amount}"),
+            ("Vence", protocol.lima_timestamp(cip.date_expiry) if cip.date_expiry else "-"),
+            ("Concepto", cip.fields.get("paymentConcept", "")), ("Estado", "Pagado" if cip.paid_at else
+                                                                 "Pendiente de pago")]
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(str(v))}</td></tr>" for k, v in rows)
+    return web.Response(text=f"<!doctype html><html lang=\"es\"><head><meta charset=\"utf-8\"><title>CIP {cip.cip}"
+                             f"</title></head><body><h1>PagoEfectivo (sandbox)</h1><table>{cells}</table></body></html>",
+                        content_type="text/html")
 
 
 # --- 4.5 sandbox-only endpoints ---------------------------------------------------------
@@ -332,7 +426,7 @@ async def get_refund(request: web.Request) -> web.Response:
 async def sandbox_payment(request: web.Request) -> web.Response:
     """A customer pays: a new CIP, paid now, announced to the merchant by a signed cip.paid."""
     sandbox = request.app[SANDBOX]
-    order = parse_payment(await read_object(request))
+    order = parse_payment(await read_object(request, PAYMENT_FIELDS))
     merchant = await sandbox.directory.merchant(order.merchant_id)
     if merchant is None:
         raise refusal(protocol.INVALID_VALUE, "no sandbox merchant with this id", "merchantId")

@@ -4,7 +4,7 @@ So that the sandbox can run beside a deployment that has its own database (and i
 master key), the merchants it knows and the payments it will refund come from a file::
 
     {"merchants": [{"merchantId", "env", "serviceId", "accessKey", "secretKey",
-                    "publicKeyPem", "notifyUrl"?, "allowedIps"?}],
+                    "publicKeyPem", "notifyUrl"?, "allowedIps"?, "codeService"?, "maxCipAmount"?}],
      "payments":  [{"merchantId", "transactionId", "amount", "currency",
                     "method"?, "paidAt"?}]}
 
@@ -15,7 +15,8 @@ docs/PROTOCOL.md describes the format.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -42,6 +43,8 @@ class SeedError(ValueError):
 class Seed:
     merchants: list[Registration]
     payments: list[PaidTransaction]
+    service_codes: dict[str, str] = field(default_factory=dict)  # merchantId -> codeService
+    cip_limits: dict[str, Decimal] = field(default_factory=dict)  # merchantId -> largest CIP amount (511)
 
     def directory(self) -> SeedDirectory:
         return SeedDirectory(self.merchants, self.payments)
@@ -65,7 +68,16 @@ def parse_seed(document: Any, *, now: datetime | None = None) -> Seed:
     unknown = set(document) - {"merchants", "payments"}
     if unknown:
         raise SeedError(f"unknown key(s) {', '.join(sorted(unknown))}; use merchants and payments")
-    merchants = [_merchant(f"merchants[{i}]", item) for i, item in enumerate(_list(document, "merchants"))]
+    items = _list(document, "merchants")
+    merchants = [_merchant(f"merchants[{i}]", item) for i, item in enumerate(items)]
+    service_codes, cip_limits = {}, {}
+    for i, (item, merchant) in enumerate(zip(items, merchants)):
+        if (code := _text(f"merchants[{i}]", item, "codeService", required=False)) is not None:
+            if not _SERVICE_CODE.fullmatch(code):
+                raise SeedError(f"merchants[{i}].codeService: 3 to 5 letters or digits, such as \"SRV\"")
+            service_codes[merchant.merchant_id] = code
+        if item.get("maxCipAmount") not in (None, ""):
+            cip_limits[merchant.merchant_id] = _amount(f"merchants[{i}]", item["maxCipAmount"], "maxCipAmount")
     seen: set[str] = set()
     for i, merchant in enumerate(merchants):
         if merchant.merchant_id in seen:
@@ -81,7 +93,7 @@ def parse_seed(document: Any, *, now: datetime | None = None) -> Seed:
             raise SeedError(f"payments[{i}].transactionId: {payment.transaction_id!r} appears twice for"
                             f" {payment.merchant_id!r}")
         keys.add(key)
-    return Seed(merchants, payments)
+    return Seed(merchants, payments, service_codes, cip_limits)
 
 
 def _list(document: dict, name: str) -> list:
@@ -116,7 +128,8 @@ def _text(where: str, item: dict, name: str, *, required: bool = True, identifie
 
 
 _MERCHANT_KEYS = {"merchantId", "env", "serviceId", "accessKey", "secretKey", "publicKeyPem", "notifyUrl",
-                  "allowedIps"}
+                  "allowedIps", "codeService", "maxCipAmount"}
+_SERVICE_CODE = re.compile(r"[A-Za-z0-9]{3,5}")  # codeService: AN, 3-5 (API CIP 1.1 §5.1.1, p. 7)
 
 
 def _merchant(where: str, item: Any) -> Registration:
@@ -179,15 +192,15 @@ def _payment(where: str, item: Any, merchants: set[str], paid_at_default: dateti
     return PaidTransaction(merchant_id, transaction_id, amount, currency, method, paid_at)  # type: ignore[arg-type]
 
 
-def _amount(where: str, value: Any) -> Decimal:
+def _amount(where: str, value: Any, name: str = "amount") -> Decimal:
     if isinstance(value, bool) or not isinstance(value, (str, int, Decimal)):
-        raise SeedError(f"{where}.amount: must be a decimal such as \"100.00\"")
+        raise SeedError(f"{where}.{name}: must be a decimal such as \"100.00\"")
     try:
         amount = Decimal(value.strip() if isinstance(value, str) else value)
     except InvalidOperation:
-        raise SeedError(f"{where}.amount: {value!r} is not a decimal") from None
+        raise SeedError(f"{where}.{name}: {value!r} is not a decimal") from None
     if not amount.is_finite() or amount <= 0:
-        raise SeedError(f"{where}.amount: must be greater than 0")
+        raise SeedError(f"{where}.{name}: must be greater than 0")
     if amount.as_tuple().exponent < -2:  # type: ignore[operator]
-        raise SeedError(f"{where}.amount: at most 2 decimals")
+        raise SeedError(f"{where}.{name}: at most 2 decimals")
     return amount.quantize(Decimal("0.01"))

@@ -8,7 +8,9 @@ with another request on the same event loop.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import secrets
 import time
 import uuid
@@ -23,11 +25,29 @@ from .wire import RefundOrder
 
 DECLINE_CODE = "701"
 DECLINE_REASON = "declined by issuer"
+# A token is 200-205 characters (API CIP 1.1 §5.1.1, p. 7), JWT-shaped like the document's examples.
+TOKEN_LENGTH = 203
+_JWT_HEADER = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9"  # {"alg":"HS256","typ":"JWT"}
 
 
 def _token_key(token: str) -> str:
     """Tokens are kept by digest, so the store never holds a usable credential."""
     return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def new_token(code_service: str, service_id: int, expires: datetime) -> str:
+    """A JWT-shaped token as in the document's examples (``sub`` the codeService, ``nameid``
+    the idService), TOKEN_LENGTH long when the claims allow; its last part is random, so
+    that nobody can forge one: the sandbox knows a token only by its digest."""
+    claims = {"sub": code_service, "jti": str(uuid.uuid4()), "nameid": str(service_id),
+              "exp": int(expires.timestamp())}
+    head = f"{_JWT_HEADER}.{_b64url(json.dumps(claims, separators=(',', ':')).encode())}."
+    random_part = secrets.token_urlsafe(64)  # 86 characters, 512 bits
+    return head + random_part[:max(43, TOKEN_LENGTH - len(head))]
 
 
 @dataclass(frozen=True)
@@ -40,7 +60,8 @@ class TokenGrant:
 
 @dataclass(frozen=True)
 class Cip:
-    """A payment made through ``POST /sandbox/payments``; ``cip`` is its transaction id."""
+    """A CIP: created by ``POST /v1/cips`` (unpaid until paid), or paid at once through
+    ``POST /sandbox/payments``; ``cip`` is the transaction id refunds name."""
 
     cip: str
     merchant_id: str
@@ -48,7 +69,10 @@ class Cip:
     amount: Decimal
     currency: str
     method: str
-    paid_at: datetime
+    paid_at: datetime | None
+    date_expiry: datetime | None = None
+    document_id: str | None = None  # the name of its HTML document (cipUrl)
+    fields: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -99,12 +123,19 @@ class OverRefundable(Exception):
         self.available = available
 
 
+_SEQUENCE_EPOCH_NS = 1_577_836_800 * 10**9  # 2020-01-01T00:00:00Z
+_SEQUENCE_TICK_NS = 100_000  # 100 µs
+
+
 class _Sequence:
-    """Numeric ids that stay unique across restarts: a microsecond clock base plus a counter
-    (the receiver deduplicates on operationNumber, so a restarted sandbox must not reuse one)."""
+    """Numeric ids of at most 14 digits (the published length of a CIP and of an
+    operationNumber, API CIP 1.1 pp. 11 and 14) that stay unique across restarts: the count
+    of 100 µs ticks since 2020 (13 digits until the 2280s) plus a counter. The receiver
+    deduplicates on operationNumber, so a restarted sandbox must not reuse one; it could only
+    if the run before handed out more than 10,000 numbers a second on average."""
 
     def __init__(self) -> None:
-        self._next = time.time_ns() // 1000
+        self._next = (time.time_ns() - _SEQUENCE_EPOCH_NS) // _SEQUENCE_TICK_NS
 
     def __call__(self) -> str:
         self._next += 1
@@ -124,10 +155,11 @@ class SandboxState:
 
     # --- tokens ----------------------------------------------------------------------
 
-    def issue_token(self, merchant_id: str, service_id: int, now: datetime) -> tuple[str, TokenGrant]:
+    def issue_token(self, merchant_id: str, service_id: int, now: datetime, *,
+                    code_service: str = "SBX") -> tuple[str, TokenGrant]:
         self._drop_expired_tokens(now)
-        token = secrets.token_urlsafe(32)
         grant = TokenGrant(merchant_id, service_id, now, now + protocol.TOKEN_LIFETIME)
+        token = new_token(code_service, service_id, grant.expires)
         self.tokens[_token_key(token)] = grant
         self.authorizations[merchant_id] += 1
         return token, grant
@@ -150,13 +182,18 @@ class SandboxState:
     # --- payments --------------------------------------------------------------------
 
     def add_cip(self, *, merchant_id: str, transaction_code: str, amount: Decimal, currency: str, method: str,
-                paid_at: datetime) -> Cip:
-        cip = Cip(self.next_cip(), merchant_id, transaction_code, amount, currency, method, paid_at)
+                paid_at: datetime | None, date_expiry: datetime | None = None, fields: dict | None = None) -> Cip:
+        cip = Cip(self.next_cip(), merchant_id, transaction_code, amount, currency, method, paid_at,
+                  date_expiry=date_expiry, document_id=str(uuid.uuid4()).upper(), fields=dict(fields or {}))
         self.cips[(merchant_id, cip.cip)] = cip
         return cip
 
     def cip(self, merchant_id: str, number: str) -> Cip | None:
         return self.cips.get((merchant_id, number))
+
+    def cip_document(self, document_id: str) -> Cip | None:
+        """The CIP whose HTML document (cipUrl) has this name."""
+        return next((cip for cip in self.cips.values() if cip.document_id == document_id), None)
 
     # --- refunds ---------------------------------------------------------------------
 

@@ -1,17 +1,25 @@
-"""Reading requests and writing answers in PagoEfectivo's shapes (CONTRACT §4).
+"""Reading requests and writing answers in PagoEfectivo's shapes (docs/PROTOCOL.md).
 
 Only ``pagoefectivo.protocol`` is used for formats, never the client, so that a bug in
 the shared client cannot hide on both sides of the wire. Every refusal is a ``Refusal``
 carrying its HTTP status and the published envelope ``{"code","message","data":[...]}``.
 
-Field problems are told apart as the published codes suggest: 112 a required field is
-missing, 111 a field has the wrong JSON type (a string where a number belongs, an object
-where text belongs), 113 the type is right but the value is not allowed. One answer names
-every problem; its envelope code is 111 if any field has the wrong type, else 113.
+Field problems are answered as "Integración Api CIP – Documentación Técnica 1.1" shows
+("Respuesta de validaciones", p. 12): HTTP 400, top-level code 111 "Solicitud con datos
+inválidos.", and in ``data`` one item per field: 112 "Requerido." for a missing one, 113
+"Valor invalido." for one whose value (or JSON type) is not allowed. One answer names every
+problem. Published codes always carry their published text; why a value was refused goes
+to the sandbox's log (``Refusal.reasons``), not to the wire.
+
+JSON field names are matched without regard to case (``AccessKey`` is ``accessKey``), as
+PagoEfectivo's own C# demo sends PascalCase names.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -29,20 +37,26 @@ MAX_AMOUNT = Decimal("999999999999.99")
 MAX_IDENTIFIER = 64
 MAX_REASON = 255
 MAX_URL = 2048
-RATE_LIMITED = "429"  # not a published code: the client goes by the HTTP status and Retry-After
+RATE_LIMITED = protocol.RATE_LIMITED  # not a published code: the client goes by the HTTP status and Retry-After
+# Published codes answer with their published text; the modelled ones (601-607) explain themselves.
+PUBLISHED_CODES = frozenset({protocol.OK, protocol.INVALID_DATA, protocol.REQUIRED, protocol.INVALID_VALUE,
+                             protocol.INTERNAL_ERROR, protocol.TOKEN_INVALID, protocol.CIP_AMOUNT_OVER_MAXIMUM})
+
+log = logging.getLogger("pagoefectivo.sandbox")
 
 
 class Refusal(Exception):
-    """An error answer: HTTP status, envelope code and per-field details."""
+    """An error answer: HTTP status, envelope code and per-field details; ``reasons`` say why, for the log."""
 
     def __init__(self, status: int, code: str, details: list[dict] | None = None, *,
-                 message: str | None = None, headers: dict[str, str] | None = None):
+                 message: str | None = None, headers: dict[str, str] | None = None, reasons: Iterable[str] = ()):
         super().__init__(code)
         self.status = status
         self.code = code
         self.details = details or []
         self.message = message
         self.headers = headers or {}
+        self.reasons = list(reasons)
 
     def response(self) -> web.Response:
         return json_response(protocol.envelope(self.code, self.details, self.message),
@@ -50,11 +64,17 @@ class Refusal(Exception):
 
 
 def refusal(code: str, message: str, field: str | None = None, *, status: int = 400) -> Refusal:
-    return Refusal(status, code, [protocol.error_detail(code, message, field)])
+    """A refusal with one detail. A published code carries its published text (``message`` is
+    logged); a modelled one carries ``message``. A field's 112 or 113 answers as 111 (p. 12)."""
+    text = None if code in PUBLISHED_CODES else message
+    detail = protocol.error_detail(code, text, field)
+    top = protocol.INVALID_DATA if code in (protocol.REQUIRED, protocol.INVALID_VALUE) else code  # p. 12
+    return Refusal(status, top, [detail], reasons=[f"{field or '-'}: {message}"])
 
 
 def token_refusal(message: str, field: str | None = "Authorization") -> Refusal:
-    return refusal(protocol.TOKEN_INVALID, message, field, status=401)
+    """508 at HTTP 400, where the document lists it (p. 13)."""
+    return refusal(protocol.TOKEN_INVALID, message, field, status=400)
 
 
 def source_ip_refusal(remote: str | None) -> Refusal:
@@ -67,16 +87,45 @@ def json_response(payload: Any, *, status: int = 200, headers: dict[str, str] | 
                         content_type="application/json")
 
 
-async def read_object(request: web.Request) -> dict:
-    """The JSON object body, numbers as Decimal; anything else is 111."""
+def invalid_request(reason: str) -> Refusal:
+    """111 with no field to name (the body as a whole cannot be read)."""
+    return Refusal(400, protocol.INVALID_DATA, [], reasons=[reason])
+
+
+async def read_object(request: web.Request, names: Iterable[str] = ()) -> dict:
+    """The JSON object body, numbers as Decimal; anything else is 111. Keys that match one of
+    ``names`` without regard to case are renamed to it (a name sent twice in two cases is 113)."""
     raw = await request.read()
     try:
         body = protocol.loads(raw)
     except (ValueError, RecursionError):
-        raise refusal(protocol.INVALID_DATA, "the body is not JSON") from None
+        raise invalid_request("the body is not JSON") from None
     if not isinstance(body, dict):
-        raise refusal(protocol.INVALID_DATA, "the body is not a JSON object")
-    return body
+        raise invalid_request("the body is not a JSON object")
+    return canonical_names(body, names)
+
+
+def canonical_names(body: Mapping[str, Any], names: Iterable[str]) -> dict:
+    """``body`` with every key spelled as in ``names`` when it matches one without regard to case."""
+    spelled = {name.lower(): name for name in names}
+    result: dict[str, Any] = {}
+    problems = Problems()
+    for key, value in body.items():
+        name = spelled.get(key.lower(), key)
+        if name in result:
+            problems.invalid(name, f"{name} is sent twice, in two spellings")
+        result[name] = value
+    problems.raise_any()
+    return result
+
+
+def check_origin(problems: "Problems", headers: Mapping[str, str]) -> None:
+    """``Origin`` is mandatory and one of web/android/ios (API CIP 1.1 §5.1.2, p. 8)."""
+    origin = headers.get(protocol.ORIGIN_HEADER, "").strip()
+    if not origin:
+        problems.missing(protocol.ORIGIN_HEADER)
+    elif origin not in protocol.ORIGINS:
+        problems.invalid(protocol.ORIGIN_HEADER, f"Origin must be one of {', '.join(protocol.ORIGINS)}, not {origin!r}")
 
 
 def bearer_token(request: web.Request) -> str:
@@ -91,35 +140,48 @@ def _present(value: Any) -> bool:
     return value is not None and value != ""
 
 
-def require(body: dict, names: tuple[str, ...]) -> None:
-    missing = [name for name in names if not _present(body.get(name))]
-    if missing:
-        raise Refusal(400, protocol.REQUIRED,
-                      [protocol.error_detail(protocol.REQUIRED, f"{name} is required", name) for name in missing])
-
-
-class _Problems:
-    """Collects 111/113 details so that one answer names every invalid field."""
+class Problems:
+    """Collects 112/113 details so that one 111 answer names every missing or invalid field."""
 
     def __init__(self) -> None:
         self.details: list[dict] = []
+        self.reasons: list[str] = []
 
-    def add(self, field: str, message: str) -> None:
-        """A value that is not allowed (113)."""
-        self.details.append(protocol.error_detail(protocol.INVALID_VALUE, message, field))
+    def missing(self, field: str) -> None:
+        """A required field that is absent, null or empty (112 "Requerido.")."""
+        self.details.append(protocol.error_detail(protocol.REQUIRED, None, field))
+        self.reasons.append(f"{field}: required")
 
-    def wrong_type(self, field: str, message: str) -> None:
-        """A value of the wrong JSON type (111)."""
-        self.details.append(protocol.error_detail(protocol.INVALID_DATA, message, field))
+    def invalid(self, field: str, reason: str) -> None:
+        """A value, or a JSON type, that is not allowed (113 "Valor invalido.")."""
+        self.details.append(protocol.error_detail(protocol.INVALID_VALUE, None, field))
+        self.reasons.append(f"{field}: {reason}")
+
+    # the names the parsers below were written with
+    add = invalid
+    wrong_type = invalid
+
+    def require(self, body: Mapping[str, Any], names: Iterable[str]) -> set[str]:
+        """Record every absent name; returns them, so that their other checks are skipped."""
+        absent = {name for name in names if not _present(body.get(name))}
+        for name in names:
+            if name in absent:
+                self.missing(name)
+        return absent
 
     def raise_any(self) -> None:
         if self.details:
-            codes = {detail["code"] for detail in self.details}
-            raise Refusal(400, protocol.INVALID_DATA if protocol.INVALID_DATA in codes else protocol.INVALID_VALUE,
-                          self.details)
+            raise Refusal(400, protocol.INVALID_DATA, self.details, reasons=self.reasons)
 
 
-def _identifier(problems: _Problems, body: dict, name: str, *, optional: bool = False) -> str | None:
+def require(body: dict, names: tuple[str, ...]) -> None:
+    """111 naming each absent field (112), before anything else is looked at."""
+    problems = Problems()
+    problems.require(body, names)
+    problems.raise_any()
+
+
+def _identifier(problems: Problems, body: dict, name: str, *, optional: bool = False) -> str | None:
     value = body.get(name)
     if optional and not _present(value):
         return None
@@ -133,7 +195,7 @@ def _identifier(problems: _Problems, body: dict, name: str, *, optional: bool = 
     return text
 
 
-def _amount(problems: _Problems, body: dict, name: str, *, strings: bool = False) -> Decimal | None:
+def _amount(problems: Problems, body: dict, name: str, *, strings: bool = False) -> Decimal | None:
     value = body.get(name)
     if isinstance(value, str) and strings:
         try:
@@ -153,7 +215,7 @@ def _amount(problems: _Problems, body: dict, name: str, *, strings: bool = False
     return amount.quantize(CENT)
 
 
-def _currency(problems: _Problems, body: dict) -> str | None:
+def _currency(problems: Problems, body: dict) -> str | None:
     value = body.get("currency")
     if not isinstance(value, str):
         problems.wrong_type("currency", f"currency must be a string, one of {', '.join(CURRENCIES)}")
@@ -174,9 +236,12 @@ class AuthRequest:
     hash_string: str
 
 
+AUTHORIZATION_FIELDS = ("accessKey", "idService", "dateRequest", "hashString")  # API CIP 1.1 §5.1.1, pp. 5-6
+
+
 def parse_authorization(body: dict) -> AuthRequest:
-    require(body, ("accessKey", "idService", "dateRequest", "hashString"))
-    problems = _Problems()
+    require(body, AUTHORIZATION_FIELDS)
+    problems = Problems()
     service = body["idService"]
     if isinstance(service, str) and service.isdigit():
         service = int(service)
@@ -195,6 +260,7 @@ def parse_authorization(body: dict) -> AuthRequest:
 
 REFUND_REQUIRED = ("merchantId", "originalTransactionId", "refundAmount", "currency", "externalRef",
                    "notifyUrl", "timestamp", "signature")
+REFUND_FIELDS = REFUND_REQUIRED + ("refundReason",)
 
 
 @dataclass(frozen=True)
@@ -215,10 +281,13 @@ class RefundOrder:
         return (self.original_transaction_id, self.amount, self.currency) == (original_transaction_id, amount, currency)
 
 
-def parse_refund(body: dict) -> RefundOrder:
-    """Required (112), then valid values (113); the timestamp's tolerance is checked later (606)."""
-    require(body, REFUND_REQUIRED)
-    problems = _Problems()
+def parse_refund(body: dict, headers: Mapping[str, str]) -> RefundOrder:
+    """The Origin header and required fields (112), then valid values (113), each answer as 111;
+    the timestamp's tolerance is checked later (606)."""
+    problems = Problems()
+    check_origin(problems, headers)
+    if problems.require(body, REFUND_REQUIRED):
+        problems.raise_any()
     merchant_id = _identifier(problems, body, "merchantId")
     transaction_id = _identifier(problems, body, "originalTransactionId")
     amount = _amount(problems, body, "refundAmount")
@@ -239,9 +308,9 @@ def parse_refund(body: dict) -> RefundOrder:
         problems.wrong_type("timestamp", "timestamp must be a string")
     else:
         try:
-            timestamp = protocol.parse_timestamp(body["timestamp"])
+            timestamp = protocol.parse_lima_timestamp(body["timestamp"])
         except ValueError:
-            problems.add("timestamp", "timestamp must be yyyy-MM-ddTHH:mm:ss-05:00")
+            problems.add("timestamp", "timestamp must be Lima time, yyyy-MM-ddTHH:mm:ss-05:00")
     if not isinstance(body["signature"], str):
         problems.wrong_type("signature", "signature must be a base64 string")
     problems.raise_any()
@@ -274,9 +343,12 @@ class PaymentOrder:
     method: str
 
 
+PAYMENT_FIELDS = ("merchantId", "transactionCode", "amount", "currency", "method")
+
+
 def parse_payment(body: dict) -> PaymentOrder:
     require(body, ("merchantId", "transactionCode", "amount", "currency"))
-    problems = _Problems()
+    problems = Problems()
     merchant_id = _identifier(problems, body, "merchantId")
     transaction_code = _identifier(problems, body, "transactionCode")
     amount = _amount(problems, body, "amount", strings=True)
@@ -286,3 +358,110 @@ def parse_payment(body: dict) -> PaymentOrder:
         problems.add("method", f"method must be one of {', '.join(METHODS)}")
     problems.raise_any()
     return PaymentOrder(merchant_id, transaction_code, amount, currency, method)  # type: ignore[arg-type]
+
+
+# --- CIP creation (API CIP 1.1 §5.1.2, pp. 8-12) -----------------------------------------
+
+CIP_REQUIRED = ("currency", "amount", "transactionCode", "userEmail", "userPhone", "userCodeCountry")
+# name: (longest length, "AN" text | "N" digits); the document's "Longitud" column (p. 9)
+CIP_TEXT = {
+    "transactionCode": (36, "AN"), "paymentConcept": (50, "AN"), "additionalData": (200, "AN"),
+    "adminEmail": (100, "AN"), "userEmail": (100, "AN"), "userId": (100, "AN"), "userName": (30, "AN"),
+    "userLastName": (30, "AN"), "userCountry": (20, "AN"), "userCodeCountry": (5, "AN"),
+    "userDocumentNumber": (14, "N"), "userPhone": (15, "N"),
+}
+CIP_FIELDS = ("currency", "amount", "transactionCode", "dateExpiry", "userDocumentType", "userUbigeo",
+              "serviceId") + tuple(CIP_TEXT)
+DOCUMENT_TYPES = ("DNI", "PAR", "PAS", "LMI", "NAN")
+MAX_CIP_AMOUNT = Decimal("9999999999999999.99")  # "16 dígitos numéricos, 2 dígitos decimales"
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+_COUNTRY_CODE = re.compile(r"\+?[0-9]{1,4}")
+
+
+@dataclass(frozen=True)
+class CipOrder:
+    currency: str
+    amount: Decimal
+    transaction_code: str
+    date_expiry: datetime | None  # None: the sandbox's default term
+    service_id: int | None  # the body's serviceId (in the document's example, not in its table)
+    fields: dict  # every text field as received, for the CIP document
+
+
+def parse_cip(body: dict, headers: Mapping[str, str], now: datetime) -> CipOrder:
+    """Headers and body of ``POST /v1/cips``: 112 for what is missing, 113 for what is not
+    allowed, all in one 111 answer."""
+    problems = Problems()
+    check_origin(problems, headers)
+    absent = problems.require(body, CIP_REQUIRED)
+    currency = _currency(problems, body) if "currency" not in absent else None
+    amount = None
+    if "amount" not in absent:
+        amount = _amount(problems, body, "amount", strings=True)
+        if amount is not None and amount > MAX_CIP_AMOUNT:
+            problems.invalid("amount", "amount has more than 16 integer digits")
+            amount = None
+    texts: dict[str, str] = {}
+    for name, (longest, kind) in CIP_TEXT.items():
+        value = body.get(name)
+        if name in absent or not _present(value):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool) and (kind == "N" or name == "userId"):
+            value = str(value)
+        if not isinstance(value, str):
+            problems.invalid(name, f"{name} must be a string")
+        elif len(value) > longest:
+            problems.invalid(name, f"{name} must be at most {longest} characters")
+        elif kind == "N" and not value.isdigit():
+            problems.invalid(name, f"{name} must be digits")
+        else:
+            texts[name] = value
+    for name in ("adminEmail", "userEmail"):
+        if name in texts and not _EMAIL.fullmatch(texts[name]):
+            problems.invalid(name, f"{name} must be an email address")
+    if "userCodeCountry" in texts and not _COUNTRY_CODE.fullmatch(texts["userCodeCountry"]):
+        problems.invalid("userCodeCountry", "userCodeCountry must be a country calling code such as +51")
+    ubigeo = body.get("userUbigeo")
+    if _present(ubigeo):
+        if isinstance(ubigeo, str) and len(ubigeo) == 6 and ubigeo.isdigit():
+            texts["userUbigeo"] = ubigeo
+        else:
+            problems.invalid("userUbigeo", "userUbigeo must be 6 digits (INEI), such as \"150115\"")
+    document_type = body.get("userDocumentType")
+    if _present(document_type):
+        if document_type in DOCUMENT_TYPES:
+            texts["userDocumentType"] = document_type
+        else:
+            problems.invalid("userDocumentType", f"userDocumentType must be one of {', '.join(DOCUMENT_TYPES)}")
+    date_expiry = None
+    if _present(body.get("dateExpiry")):
+        date_expiry = _date_expiry(problems, body["dateExpiry"], now)
+    service_id = None
+    if _present(body.get("serviceId")):
+        service = body["serviceId"]
+        if isinstance(service, str) and service.isdigit():
+            service = int(service)
+        if isinstance(service, bool) or not isinstance(service, int) or service <= 0:
+            problems.invalid("serviceId", "serviceId must be a positive number")
+        else:
+            service_id = service
+    problems.raise_any()
+    return CipOrder(currency, amount, texts["transactionCode"], date_expiry, service_id,  # type: ignore[arg-type]
+                    texts)
+
+
+def _date_expiry(problems: Problems, value: Any, now: datetime) -> datetime | None:
+    """``yyyy-mm-ddThh:mm:ss(+/-)zzzz``, any offset (p. 9); the document's own example writes a
+    space for the ``T`` (p. 10), so both are read. It must be in the future."""
+    if not isinstance(value, str):
+        problems.invalid("dateExpiry", "dateExpiry must be a string")
+        return None
+    try:
+        moment = protocol.parse_timestamp(value.strip())
+    except ValueError:
+        problems.invalid("dateExpiry", "dateExpiry must be yyyy-mm-ddThh:mm:ss-05:00")
+        return None
+    if moment <= now:
+        problems.invalid("dateExpiry", "dateExpiry is not in the future")
+        return None
+    return moment
