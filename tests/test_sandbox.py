@@ -434,9 +434,25 @@ async def test_chaos_merges_keys_and_refuses_unknown_ones(gateway):
     assert after == merged
 
 
+async def test_by_default_a_notification_gets_one_second_attempt_as_published(gateway, keys, paid, receiver):
+    notifier = gateway.app[SANDBOX].notifier
+    await set_chaos(gateway, sync_status_mix={"success": 1}, notification_time_scale=0.001)
+    assert notifier.retry_delays() == pytest.approx([0.01])  # 10 s after the first, at this scale
+    receiver.answers = [503] * 10
+    token = await token_for(gateway, keys)
+    assert (await refund(gateway, token, refund_body(keys, receiver)))[0].status == 200
+    first, second = await receiver.wait_for(2, timeout=5)
+    assert (first.body, first.headers[protocol.SIGNATURE_HEADER]) == (second.body, second.headers[protocol.SIGNATURE_HEADER])
+    deadline = asyncio.get_running_loop().time() + 5
+    while notifier.abandoned == 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.1)
+    assert (notifier.abandoned, notifier.delivered, notifier.attempts, len(receiver.received)) == (1, 0, 2, 2)
+
+
 async def test_notifications_are_retried_until_answered_200(gateway, keys, paid, receiver):
     receiver.answers = [503, 503]
-    await set_chaos(gateway, sync_status_mix={"success": 1}, notification_time_scale=0.001)
+    await set_chaos(gateway, sync_status_mix={"success": 1}, notification_time_scale=0.001, notification_retries=11)
     token = await token_for(gateway, keys)
     assert (await refund(gateway, token, refund_body(keys, receiver)))[0].status == 200
     notes = await receiver.wait_for(3, timeout=5)
@@ -504,14 +520,15 @@ async def test_authorizations_are_counted_and_tokens_can_be_revoked(gateway, key
 
 # --- notification retry schedule ----------------------------------------------------------
 
-async def test_notifications_follow_the_schedule_then_are_abandoned(gateway, keys, paid, receiver):
+async def test_the_long_schedule_knob_retries_over_days_then_abandons(gateway, keys, paid, receiver):
     from pagoefectivo.sandbox.notifier import RETRY_SCHEDULE_S
 
     notifier = gateway.app[SANDBOX].notifier
     assert RETRY_SCHEDULE_S[0] == 10 and list(RETRY_SCHEDULE_S) == sorted(RETRY_SCHEDULE_S)  # growing delays
     assert sum(RETRY_SCHEDULE_S) > 2 * 86400  # days, as real providers do
-    await set_chaos(gateway, sync_status_mix={"success": 1}, notification_time_scale=0.00001)
+    await set_chaos(gateway, sync_status_mix={"success": 1}, notification_time_scale=0.00001, notification_retries=11)
     assert notifier.retry_delays() == pytest.approx([d * 0.00001 for d in RETRY_SCHEDULE_S])
+    assert (await call(gateway, "POST", "/sandbox/chaos", {"notification_retries": 12}))[0].status == 400
     receiver.answers = [503] * 100
     token = await token_for(gateway, keys)
     assert (await refund(gateway, token, refund_body(keys, receiver)))[0].status == 200
