@@ -16,10 +16,17 @@ Two structures per merchant, updated atomically by Lua scripts on Redis's own cl
 
 A gateway 429 pauses the merchant for its Retry-After across all workers; slots booked
 during a pause start after it.
+
+``admit`` is the one question a worker asks before a request: may this merchant's refund go
+now? It waits in place for room that comes within ``SHORT_WAIT_MS`` (a re-queue hop costs
+more than such a wait) and otherwise answers how long to wait; the worker then re-queues the
+refund to arrive at its slot (``workers.sender``), with jitter only when it owns no slot, so
+that refunds paused together do not come back together.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +37,10 @@ import redis.asyncio as aioredis
 # The window is a little longer than a second: a send counted on Redis's clock reaches the
 # gateway some milliseconds later, and the gateway's own one-second window must never see more.
 WINDOW_MS = 1050
+# A refund whose merchant's window is full waits for room in place when room comes this soon,
+# and at most this long in all, so that a worker never holds a refund long.
+SHORT_WAIT_MS = 100
+MAX_WAIT_IN_PLACE_MS = 500
 
 # What both scripts share: Redis's clock, the pause, and the schedule's next free slot.
 # A schedule key is forgotten a minute after its last booked slot has passed.
@@ -141,6 +152,19 @@ class RateLimiter:
             args=[interval, per_window, -1 if slot_ms is None else slot_ms, WINDOW_MS],
         )
         return Decision(int(wait), None if int(slot) < 0 else int(slot))
+
+    async def admit(self, merchant_id: str, per_second: Decimal, *, slot_ms: int | None = None) -> Decision:
+        """``acquire``, after waiting in place for room that comes soon: go now (``wait_ms`` 0), or
+        how long to wait and the slot the refund owns meanwhile."""
+        waited = 0
+        while True:
+            decision = await self.acquire(merchant_id, per_second, slot_ms=slot_ms)
+            wait = decision.wait_ms
+            if not wait or decision.slot_ms is None or wait > SHORT_WAIT_MS or waited + wait > MAX_WAIT_IN_PLACE_MS:
+                return decision
+            await asyncio.sleep(wait / 1000)
+            waited += wait
+            slot_ms = decision.slot_ms
 
     async def book(self, merchant_id: str, per_second: Decimal, count: int) -> Booking:
         """Book the next ``count`` slots of a merchant's schedule (refunds handed over together)."""

@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from refunds.ratelimit import WINDOW_MS, RateLimiter
+from refunds.ratelimit import MAX_WAIT_IN_PLACE_MS, SHORT_WAIT_MS, WINDOW_MS, RateLimiter
 
 
 @pytest_asyncio.fixture
@@ -68,25 +68,19 @@ async def test_gateway_429_pauses_the_merchant_for_every_worker(limiter):
 
 
 async def test_a_booked_refund_meeting_a_full_window_waits_in_place_only_when_room_comes_soon(limiter):
-    from types import SimpleNamespace
-
-    from workers.sender import MAX_WAIT_IN_PLACE_MS, SHORT_WAIT_MS, _admit
-
-    worker = SimpleNamespace(limiter=limiter)
-    merchant = SimpleNamespace(merchant_id="m-full", rate_limit=Decimal(10))
     booking = await limiter.book("m-full", Decimal(10), 11)
     for slot in booking.slots_ms[:10]:  # ten sends fill the one-second window
         assert (await limiter.acquire("m-full", Decimal(10), slot_ms=slot)).wait_ms == 0
     filled = time.monotonic()
 
     # room comes only when the first send ages out (~1 s): re-queue, do not hold the thread
-    decision = await _admit(worker, merchant, booking.slots_ms[10])
+    decision = await limiter.admit("m-full", Decimal(10), slot_ms=booking.slots_ms[10])
     assert decision.wait_ms > MAX_WAIT_IN_PLACE_MS and decision.slot_ms == booking.slots_ms[10]
     assert time.monotonic() - filled < 0.3
 
     # room comes within SHORT_WAIT_MS: wait for it here and send
     await asyncio.sleep((WINDOW_MS - SHORT_WAIT_MS / 2) / 1000 - (time.monotonic() - filled))
     waiting = time.monotonic()
-    decision = await _admit(worker, merchant, booking.slots_ms[10])
+    decision = await limiter.admit("m-full", Decimal(10), slot_ms=booking.slots_ms[10])
     assert decision.wait_ms == 0
     assert 0.01 <= time.monotonic() - waiting <= 0.4

@@ -193,6 +193,26 @@ async def test_transient_errors_leave_the_refund_for_a_later_retry(db, make_merc
     assert len(await ledger(http, sandbox_url)) == 1
 
 
+async def test_a_failed_status_lookup_releases_the_claim_for_the_delayed_retry(db, make_merchant, stack):
+    """The retry of a refund whose earlier attempt may have landed asks for its status first; when
+    that lookup fails too, the claim is released at once (else the next retry finds it held and
+    the refund waits for the claim to expire)."""
+    res, sandbox_url, http = stack
+    await make_merchant("m1")
+    await chaos(http, sandbox_url, error_rate=1.0)
+    refund = await accepted_refund(db)
+    await process_refund(res, refund.refund_id)  # attempt 1: the POST fails
+    await process_refund(res, refund.refund_id)  # attempt 2: the status lookup fails
+    waiting = await find_refund(db, refund.refund_id)
+    assert (waiting.state, waiting.attempts) == ("submitted", 2)
+    assert waiting.claimed_until is None and waiting.delivered_at > datetime.now(timezone.utc)
+    await chaos(http, sandbox_url, error_rate=0.0, sync_status_mix={"success": 1})
+    await process_refund(res, refund.refund_id)  # attempt 3 takes the claim at once: status, then send
+    settled = await find_refund(db, refund.refund_id)
+    assert (settled.state, settled.attempts) == ("succeeded", 3)
+    assert len(await ledger(http, sandbox_url)) == 1
+
+
 async def test_merchant_rate_limit_defers_instead_of_sending(db, make_merchant, stack):
     res, sandbox_url, http = stack
     await make_merchant("m1", rate_limit=Decimal("1"))

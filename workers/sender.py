@@ -15,51 +15,22 @@ from datetime import datetime, timezone
 from uuid import UUID
 
 import dramatiq
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential_jitter
 
 from pagoefectivo.client import Credentials, RefundAnswer, RefundOrder
-from pagoefectivo.errors import (
-    EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError,
-)
+from pagoefectivo.errors import EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError
 from refunds import logs, metrics
 from refunds.delivery import send_refund_message
 from refunds.merchants import Merchant
-from refunds.ratelimit import Decision
 from refunds.records import Refund, find_refund
 from refunds.states import Move, release_claim
 
 from .resources import Resources
+from .retries import RETRY_HORIZON_SECONDS, RetryLater, in_attempt_retries, retry_delay_ms
 from .status_schedule import next_check_delay
 
 log = logging.getLogger(__name__)
 
-# delayed retries continue at least this long before a refund is sent to manual review
-RETRY_HORIZON_SECONDS = 26 * 3600
-MAX_BACKOFF_SECONDS = 3600
 ANSWER_STATES = {"success": "succeeded", "failure": "failed", "pending": "pending"}
-# A refund whose slot has come but whose merchant's one-second window is still full waits
-# for room in place when room comes this soon (a re-queue hop costs more than the wait),
-# and at most this long in all, so a worker thread is never held for long.
-SHORT_WAIT_MS = 100
-MAX_WAIT_IN_PLACE_MS = 500
-
-
-class RetryLater(Exception):
-    """A transient fault outlived the in-attempt retries: retry the refund later, with backoff."""
-
-
-def _transient_not_rate_limit(exc: BaseException) -> bool:
-    return isinstance(exc, TransientError) and not isinstance(exc, RateLimited)
-
-
-def in_attempt_retries() -> AsyncRetrying:
-    """Short retries inside one attempt: a few seconds in all, well within the actor's time limit."""
-    return AsyncRetrying(
-        retry=retry_if_exception(_transient_not_rate_limit),
-        stop=stop_after_attempt(4) | stop_after_delay(5),
-        wait=wait_exponential_jitter(multiplier=0.1, max=1.5),
-        reraise=True,
-    )
 
 
 async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = None) -> None:
@@ -95,19 +66,6 @@ async def process_refunds(res: Resources, items: list[tuple[UUID, int | None]]) 
             raise outcome
 
 
-async def _admit(res: Resources, merchant: Merchant, slot_ms: int | None) -> Decision:
-    """The rate limiter's answer for a refund, after waiting in place for room that comes soon."""
-    waited = 0
-    while True:
-        decision = await res.limiter.acquire(merchant.merchant_id, merchant.rate_limit, slot_ms=slot_ms)
-        wait = decision.wait_ms
-        if not wait or decision.slot_ms is None or wait > SHORT_WAIT_MS or waited + wait > MAX_WAIT_IN_PLACE_MS:
-            return decision
-        await asyncio.sleep(wait / 1000)
-        waited += wait
-        slot_ms = decision.slot_ms
-
-
 async def _submit(res: Resources, refund: Refund, merchant: Merchant, creds: Credentials, slot_ms: int | None) -> None:
     async with res.in_flight:  # one of this process's WORKER_IN_FLIGHT turns at the gateway
         asked = await _ask_gateway(res, refund, merchant, creds, slot_ms)
@@ -119,7 +77,7 @@ async def _ask_gateway(res: Resources, refund: Refund, merchant: Merchant, creds
                        slot_ms: int | None) -> tuple[Refund, RefundAnswer] | None:
     """Rate-limit slot, claim, request: the claimed refund and the gateway's answer to record,
     or None when there is none (re-queued for later, claimed by another, or settled here)."""
-    decision = await _admit(res, merchant, slot_ms)
+    decision = await res.limiter.admit(merchant.merchant_id, merchant.rate_limit, slot_ms=slot_ms)
     if decision.wait_ms:
         await _defer(res, refund, decision.wait_ms, rate_limited=True, slot_ms=decision.slot_ms)
         return None
@@ -127,6 +85,18 @@ async def _ask_gateway(res: Resources, refund: Refund, merchant: Merchant, creds
     if claimed is None:
         return None  # another worker holds the claim, or the refund moved on
     refund, claimed_from = claimed
+    try:
+        return await _attempt(res, refund, claimed_from, merchant, creds)
+    except RetryLater as exc:  # the claim is released first, so that the delayed retry can take it
+        async with res.pool.acquire() as conn:
+            await release_claim(conn, refund.refund_id, code=exc.code, message=str(exc))
+        raise
+
+
+async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: Merchant,
+                   creds: Credentials) -> tuple[Refund, RefundAnswer] | None:
+    """One claimed attempt: the answer to record, or None when it was settled or deferred here;
+    RetryLater when a transient fault outlived the attempt's retries."""
     try:
         if claimed_from == "submitted" or refund.attempts > 1:
             # a previous attempt may have reached the gateway: settle it, never resend blind
@@ -136,7 +106,8 @@ async def _ask_gateway(res: Resources, refund: Refund, merchant: Merchant, creds
         return refund, await _send(res, creds, merchant, refund)
     except RateLimited as exc:
         await res.limiter.pause(refund.merchant_id, exc.retry_after)
-        await _release(res, refund, exc)
+        async with res.pool.acquire() as conn:
+            await release_claim(conn, refund.refund_id, code=exc.code, message=exc.message)
         await _defer(res, refund, int(exc.retry_after * 1000), rate_limited=True)
     except EnvironmentMismatch as exc:
         await _settle(res, refund, "manual_review", code="environment_mismatch", message=str(exc))
@@ -146,11 +117,9 @@ async def _ask_gateway(res: Resources, refund: Refund, merchant: Merchant, creds
         answer = await _status_with_retries(res, creds, refund.external_ref)
         if answer is not None:
             return refund, answer
-        await _release(res, refund, exc)
-        raise RetryLater("outcome unknown and the gateway has no record of it yet") from None
+        raise RetryLater("outcome unknown and the gateway has no record of it yet", code=exc.code) from None
     except GatewayError as exc:
-        await _release(res, refund, exc)
-        raise RetryLater(exc.message) from None
+        raise RetryLater(exc.message, code=exc.code) from None
     return None
 
 
@@ -184,7 +153,7 @@ async def _status_with_retries(res: Resources, creds: Credentials, external_ref:
             with attempt:
                 return await res.client.refund_status(creds, external_ref)
     except (TransientError, OutcomeUnknown) as exc:
-        raise RetryLater(f"status of {external_ref} unavailable: {exc.message}") from None
+        raise RetryLater(f"status of {external_ref} unavailable: {exc.message}", code=exc.code) from None
     return None
 
 
@@ -225,13 +194,8 @@ async def _settle(res: Resources, refund: Refund, to_state: str, **details) -> N
                  extra={"refund_id": str(refund.refund_id), "merchant": refund.merchant_id})
 
 
-async def _release(res: Resources, refund: Refund, exc: GatewayError) -> None:
-    async with res.pool.acquire() as conn:
-        await release_claim(conn, refund.refund_id, code=exc.code, message=exc.message)
-
-
 async def _retry_later(res: Resources, refund: Refund, reason: str) -> None:
-    """Delayed retry for longer outages: exponential backoff with jitter, 1 s up to 1 h.
+    """Delayed retry for longer outages (``workers.retries``).
 
     The refund keeps exactly one live message (a new delayed one), so the outbox sweep and
     retries never multiply messages. Past the retry horizon it goes to manual review.
@@ -244,8 +208,7 @@ async def _retry_later(res: Resources, refund: Refund, reason: str) -> None:
     if age > RETRY_HORIZON_SECONDS:
         await _settle(res, current, "manual_review", code="retries_exhausted", message=reason)
         return
-    ceiling = min(MAX_BACKOFF_SECONDS, 2 ** min(current.attempts, 12))
-    delay_ms = int(1000 * random.uniform(ceiling / 2, ceiling))
+    delay_ms = retry_delay_ms(current.attempts)
     log.warning("refund %s: retry in %.1fs (%s)", refund.refund_id, delay_ms / 1000, reason, extra={"cause": reason})
     await _defer(res, current, delay_ms, rate_limited=False)
 
