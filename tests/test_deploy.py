@@ -477,7 +477,8 @@ def test_compose_file_passes_docker_compose_config():
 # --- Kubernetes ------------------------------------------------------------------------------------
 
 KNOWN_KINDS = {
-    ("v1", "ConfigMap"), ("v1", "Secret"), ("v1", "Service"), ("apps/v1", "Deployment"), ("batch/v1", "Job"),
+    ("v1", "ConfigMap"), ("v1", "Secret"), ("v1", "Service"), ("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"),
+    ("batch/v1", "Job"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"),
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
 }
@@ -495,6 +496,11 @@ def k8s_documents() -> list[tuple[Path, dict]]:
 
 def k8s_objects(kind: str) -> list[dict]:
     return [doc for _, doc in k8s_documents() if doc["kind"] == kind]
+
+
+def k8s_workloads() -> list[dict]:
+    """The services' pods: Deployments, and the receiver's StatefulSet (a journal volume per pod)."""
+    return k8s_objects("Deployment") + k8s_objects("StatefulSet")
 
 
 def _pod_spec(obj: dict) -> dict:
@@ -541,12 +547,12 @@ def test_k8s_kustomizations_list_every_manifest():
     manifests = {path.resolve() for path, doc in k8s_documents() if doc["kind"] != "Kustomization"}
     assert manifests - listed == {(K8S_DIR / "secret.example.yaml").resolve()}, "only the Secret template stays out"
     assert len(images) == 2 and images[0] == images[1], "both kustomizations deploy the same image"
-    containers = [c for d in k8s_objects("Deployment") + k8s_objects("Job") for c in _pod_spec(d)["containers"]]
+    containers = [c for d in k8s_workloads() + k8s_objects("Job") for c in _pod_spec(d)["containers"]]
     assert {c["image"] for c in containers} == {images[0][0]["name"]}
 
 
 def test_k8s_deployments_run_the_four_services():
-    deployments = {_kind_of_deployment(d): d for d in k8s_objects("Deployment")}
+    deployments = {_kind_of_deployment(d): d for d in k8s_workloads()}
     assert set(deployments) == SERVICE_KINDS
     assert deployments["scheduler"]["spec"]["replicas"] == 1
     (job,) = k8s_objects("Job")
@@ -557,7 +563,7 @@ def test_k8s_deployments_run_the_four_services():
 
 def test_k8s_deployments_labels_grace_and_security():
     uid = dockerfile_uid()
-    for deployment in k8s_objects("Deployment"):
+    for deployment in k8s_workloads():
         name = deployment["metadata"]["name"]
         selector = deployment["spec"]["selector"]["matchLabels"]
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -578,7 +584,7 @@ def test_k8s_deployments_labels_grace_and_security():
 
 
 def test_k8s_probes_point_at_declared_ports_and_served_paths():
-    for deployment in k8s_objects("Deployment"):
+    for deployment in k8s_workloads():
         kind = _kind_of_deployment(deployment)
         ports = _container_ports(deployment)
         (container,) = _pod_spec(deployment)["containers"]
@@ -612,7 +618,7 @@ def test_k8s_configuration_comes_from_the_configmap_and_the_secret():
     for kind, port_setting in PORT_SETTING.items():
         if port_setting in configmap["data"]:
             assert int(configmap["data"][port_setting]) == DEFAULT_PORTS[kind]
-    for obj in k8s_objects("Deployment") + k8s_objects("Job"):
+    for obj in k8s_workloads() + k8s_objects("Job"):
         name = obj["metadata"]["name"]
         spec = _pod_spec(obj)
         (container,) = spec["containers"]
@@ -637,7 +643,7 @@ def test_k8s_configuration_comes_from_the_configmap_and_the_secret():
 
 
 def test_k8s_prometheus_annotations_name_a_declared_port():
-    for deployment in k8s_objects("Deployment"):
+    for deployment in k8s_workloads():
         kind = _kind_of_deployment(deployment)
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
@@ -648,7 +654,7 @@ def test_k8s_prometheus_annotations_name_a_declared_port():
 
 def _deployment_selected(selector: dict) -> dict:
     """The one Deployment whose pods a selector picks."""
-    picked = [d for d in k8s_objects("Deployment")
+    picked = [d for d in k8s_workloads()
               if selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
     assert len(picked) == 1, f"selector {selector} picks {[d['metadata']['name'] for d in picked]}, not one Deployment"
     return picked[0]
@@ -680,6 +686,18 @@ def test_k8s_hpa_and_pdbs_select_deployments():
         selected = _deployment_selected(pdb["spec"]["selector"]["matchLabels"])
         covered.add(_kind_of_deployment(selected))
     assert {"worker", "receiver"} <= covered
+
+
+def test_k8s_each_receiver_pod_has_its_own_journal_volume():
+    (receiver,) = [d for d in k8s_workloads() if _kind_of_deployment(d) == "receiver"]
+    assert receiver["kind"] == "StatefulSet"
+    (claim,) = receiver["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert receiver["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
+    (container,) = _pod_spec(receiver)["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert mounts[env["RECEIVER_JOURNAL_DIR"]] == claim["metadata"]["name"]
 
 
 def test_k8s_kustomize_builds():
