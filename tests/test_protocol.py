@@ -95,3 +95,14 @@ def test_status_path_and_answer():
     assert protocol.refund_answer({"refundId": "X", "externalRef": "R-1", "status": "failure", "reasonCode": "701",
                                    "reason": "declined"}) == {
         "status": "failure", "refund_id": "X", "external_ref": "R-1", "code": "701", "message": "declined"}
+
+
+def test_lima_time_is_the_published_rule_for_signed_times():
+    """dateRequest is "(GTM-5) Hora Lima" (API CIP 1.1 §5.1.1): the same instant in another offset is refused."""
+    moment = datetime(2026, 11, 25, 15, 0, tzinfo=timezone.utc)
+    assert protocol.parse_lima_timestamp("2026-11-25T10:00:00-05:00") == moment
+    assert protocol.parse_lima_timestamp("2026-11-25T10:00:00-0500") == moment  # "(+/-)zzzz"
+    for other in ("2026-11-25T15:00:00+00:00", "2026-11-25T15:00:00Z", "2026-11-25T10:00:00"):
+        with pytest.raises(ValueError):
+            protocol.parse_lima_timestamp(other)
+        assert not protocol.within_tolerance(other, moment)
