@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import harness as h
 
 HIGH_LIMIT = 100_000  # per second: never reached
+OWN_KINDS = ("intake", "worker", "receiver", "scheduler", "postgres", "redis")  # the sandbox is PagoEfectivo's
+SANDBOX_PROGRAM = "pagoefectivo.sandbox"  # its Postgres backends' application_name (refunds.db)
 
 
 def run(args) -> dict:
@@ -74,6 +76,7 @@ def run(args) -> dict:
                 # an idle backend publishes its counters within 10 s (PGSTAT_IDLE_INTERVAL)
                 time.sleep(0 if args.smoke else 11)
                 pg_before = asyncio.run(h.pg_stats())
+                backends_before = asyncio.run(h.backend_cpu_by_program())
                 with h.CpuMeter(system) as meter:
                     if profiler:
                         profiler.__enter__()
@@ -82,6 +85,7 @@ def run(args) -> dict:
                     if profiler:
                         profiler.__exit__(None, None, None)
                 intake = load.result()
+                backends_after = asyncio.run(h.backend_cpu_by_program())
             finally:
                 load.kill()
             meter.add("load client", intake["cpu_s"])
@@ -104,6 +108,10 @@ def run(args) -> dict:
     elapsed = last_done - intake["started_at"]
     latency = [done - created for created, done, _ in times]
     baseline = sum(b["per_second"] for b in baselines) / len(baselines)
+    # our own processes: the services, Redis and Postgres, less the sandbox's Postgres backends
+    sandbox_backends = max(0.0, backends_after.get(SANDBOX_PROGRAM, 0.0) - backends_before.get(SANDBOX_PROGRAM, 0.0))
+    own_cpu = sum(meter.seconds.get(kind, 0.0) for kind in OWN_KINDS) - sandbox_backends
+    noop_per_cpu_s = sum(b["per_cpu_s"] for b in baselines) / len(baselines)
     figures.update({
         "refunds": len(times), "seconds": elapsed, "refunds_per_s": len(times) / elapsed,
         "intake": {"accepted_per_s": intake["statuses"].get("202", 0) / intake["elapsed"],
@@ -111,6 +119,9 @@ def run(args) -> dict:
         "baselines": baselines, "noop_per_s": baseline,
         "ratio": len(times) / elapsed / baseline,
         "cpu_s_per_1000": meter.per_thousand(len(times)),
+        "sandbox_postgres_cpu_s_per_1000": 1000 * sandbox_backends / max(1, len(times)),
+        "own_refunds_per_cpu_s": len(times) / max(own_cpu, 1e-9), "noop_per_cpu_s": noop_per_cpu_s,
+        "cpu_ratio": len(times) / max(own_cpu, 1e-9) / noop_per_cpu_s,
         "postgres_per_refund": {k: (pg_after[k] - pg_before[k]) / max(1, len(times)) for k in pg_after},
         "other_cores": meter.other_cores,
         "final_p50_s": h.percentile(latency, 50), "final_p99_s": h.percentile(latency, 99),
@@ -145,6 +156,10 @@ def report(f: dict) -> None:
     print("no-op dramatiq baseline: " + ", ".join(f"{b['when']} {b['per_second']:.0f}/s" for b in f["baselines"])
           + f" -> {f['noop_per_s']:.0f} messages/s")
     print(f"end to end: {f['refunds']} refunds in {f['seconds']:.1f} s = {f['refunds_per_s']:.0f} refunds/s")
+    print(f"our own processes (intake, workers, receiver, scheduler, Redis, Postgres less the sandbox's backends "
+          f"{f['sandbox_postgres_cpu_s_per_1000']:.2f} CPU s per 1,000): {f['own_refunds_per_cpu_s']:.0f} refunds per "
+          f"CPU-second; no-op dramatiq (workers and Redis): {f['noop_per_cpu_s']:.0f} messages per CPU-second; "
+          f"CPU RATIO {f['cpu_ratio']:.3f}")
     print(f"RATIO refunds/s : no-op messages/s = {f['ratio']:.3f} (goal >= 0.30)")
 
 

@@ -645,6 +645,25 @@ async def analyze() -> None:
         await conn.close()
 
 
+async def backend_cpu_by_program() -> dict[str, float]:
+    """CPU seconds so far of this database's Postgres backends, by the program they serve
+    (``application_name``, see refunds.db), so that a service's share of Postgres can be told apart."""
+    import asyncpg
+
+    from refunds.settings import get_settings
+
+    conn = await asyncpg.connect(get_settings().require("database_url"))
+    try:
+        rows = await conn.fetch("SELECT pid, application_name FROM pg_stat_activity"
+                                " WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    finally:
+        await conn.close()
+    by_program: dict[str, float] = {}
+    for row in rows:
+        by_program[row["application_name"]] = by_program.get(row["application_name"], 0.0) + tree_cpu(row["pid"])
+    return by_program
+
+
 async def pg_stats() -> dict[str, int]:
     """This database's transaction and row counters (pg_stat_database), to count work per refund."""
     import asyncpg
@@ -829,9 +848,12 @@ def noop_baseline(env: Environment, count: int, *, processes: int, threads: int,
     from refundctl.processes import ServiceGroup
 
     queue = actor = "bench_noop_async" if asyncio_actor else "bench_noop"  # as in bench/noop_actor.py
+    from refunds.delivery import enqueue_script_call
+
     client = redis.Redis.from_url(env.redis_url)
     broker = RedisBroker(client=client, middleware=[])
     dispatch = broker.scripts["dispatch"]
+    redis_pid = server_pids(env.database_url, env.redis_url).get("redis")
 
     def enqueue(n: int) -> None:
         for start in range(0, n, 1000):
@@ -840,10 +862,8 @@ def noop_baseline(env: Environment, count: int, *, processes: int, threads: int,
             for _ in range(min(1000, n - start)):
                 message = Message(queue_name=queue, actor_name=actor, args=(), kwargs={}, options={})
                 message = message.copy(options={"redis_message_id": message.message_id})
-                dispatch(keys=[broker.namespace], args=[
-                    "enqueue", timestamp, queue, broker.broker_id, broker.heartbeat_timeout,
-                    broker.dead_message_ttl, 0, 0, message.options["redis_message_id"], message.encode()],
-                    client=pipe)
+                keys, script_args = enqueue_script_call(broker, message, timestamp)
+                dispatch(keys=keys, args=script_args, client=pipe)
             pipe.execute()
 
     def drained(timeout: float) -> float:
@@ -863,11 +883,13 @@ def noop_baseline(env: Environment, count: int, *, processes: int, threads: int,
         enqueue(warmup)
         drained(120)
         cpu = tree_cpu(service.process.pid)
+        redis_cpu = tree_cpu(redis_pid) if redis_pid else 0.0
         started = time.perf_counter()
         enqueue(count)
         enqueued = time.perf_counter() - started
         elapsed = drained(600) - started
         cpu = tree_cpu(service.process.pid) - cpu
+        redis_cpu = (tree_cpu(redis_pid) if redis_pid else 0.0) - redis_cpu
         group.check_alive()
     finally:
         for service in group.services:  # the main process alone first (see System.stop)
@@ -879,7 +901,8 @@ def noop_baseline(env: Environment, count: int, *, processes: int, threads: int,
         client.delete(f"{broker.namespace}:{queue}", f"{broker.namespace}:{queue}.msgs")
         client.close()
     return {"messages": count, "seconds": elapsed, "per_second": count / elapsed, "enqueue_seconds": enqueued,
-            "cpu_s": cpu, "cpu_s_per_1000": 1000 * cpu / count}
+            "cpu_s": cpu, "cpu_s_per_1000": 1000 * cpu / count, "redis_cpu_s": redis_cpu,
+            "per_cpu_s": count / max(cpu + redis_cpu, 1e-9)}  # messages per CPU-second of workers and Redis
 
 
 def noop_baseline_of(env: Environment, args, when: str) -> dict:

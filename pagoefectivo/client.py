@@ -138,9 +138,9 @@ def check_gateway_url(env: str, base_url: str) -> None:
             f"production credentials go only over https, not to {parts.scheme}://{parts.hostname}")
 
 
-# Called after each exchange with (method, path, request body, status, response body, headers):
+# Called after each exchange as hook(method, path, request body, status, response body, headers=...):
 # the owner decides whether and how bodies are logged (redacted); the client logs no bodies itself.
-ExchangeHook = Callable[[str, str, object, int | None, object, dict], None]
+ExchangeHook = Callable[..., None]
 
 
 class PagoEfectivoClient:
@@ -307,7 +307,7 @@ class PagoEfectivoClient:
                 status = response.status
                 payload = _envelope(raw)
                 if self._on_exchange is not None:
-                    self._on_exchange(method, path, json_body, status, payload, all_headers)
+                    self._on_exchange(method, path, json_body, status, payload, headers=all_headers)
                 if timed and not 200 <= status < 300 and self._skewed():
                     raise self._clock_skew(code=payload.get("code") if payload else None, http_status=status)
                 if status == 429:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from decimal import Decimal
 from pathlib import Path
 
@@ -21,8 +22,17 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+def application_name() -> str:
+    """Who a connection belongs to in pg_stat_activity: the running program's main module
+    (``producers.http``, ``receiver``, ``workers.scheduler``, ``dramatiq`` for the workers)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = spec.name if spec is not None else Path(sys.argv[0] or "python").name
+    return name.removesuffix(".__main__")[:63]
+
+
 async def connect(dsn: str) -> asyncpg.Connection:
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": application_name()})
     await _init_connection(conn)
     return conn
 
@@ -34,7 +44,8 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session)
+        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session,
+        server_settings={"application_name": application_name()})
 
 
 async def migrate(dsn: str) -> None:

@@ -16,7 +16,6 @@ import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from pagoefectivo.client import PagoEfectivoClient
 from refunds import db as dbmod
 from refundctl.processes import free_port
 from refunds.settings import get_settings
@@ -64,7 +63,7 @@ async def start_stack(database_url, redis_url, vault, monkeypatch, *,
     from pagoefectivo.sandbox import create_app as sandbox_app
     from receiver import create_app as receiver_app
     from refunds.ratelimit import RateLimiter
-    from workers.resources import Resources
+    from workers.resources import Resources, gateway_client
 
     receiver_runner, receiver_url = await serve(receiver_app(database_url=database_url, vault=vault))
     app = sandbox_app(database_url=database_url, vault=vault, notify_base_url=receiver_url)
@@ -75,7 +74,7 @@ async def start_stack(database_url, redis_url, vault, monkeypatch, *,
     settings = get_settings()
     pool = await dbmod.create_pool(database_url, max_size=5)
     session = aiohttp.ClientSession(trace_configs=list(trace_configs))
-    client = PagoEfectivoClient(session, base_url=sandbox_url, env="sandbox", timeout=CLIENT_TIMEOUT)
+    client = gateway_client(session, settings, timeout=CLIENT_TIMEOUT)  # as the workers make it
     redis_client = aioredis.from_url(redis_url)
     await redis_client.flushdb()
     res = Resources(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))

@@ -51,3 +51,22 @@ def test_the_writer_patterns_find_what_they_look_for():
     assert not STATE_SET.search("UPDATE refunds SET delivered_at = x.at FROM y WHERE refund_id = x.id AND state = 'q'")
     assert not STATE_SET.search("UPDATE refunds SET next_check_at = now() WHERE refund_id = $1 AND state = 'pending'")
     assert AUDIT_ROW.search("insert into  refund_events (refund_id) values ($1)")
+
+
+def test_each_program_names_its_connections_in_pg_stat_activity(database_url, tmp_path):
+    """Postgres shows which service a backend serves (operators; the benchmarks' CPU per service)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "probe_service.py").write_text(
+        "import asyncio, sys\n"
+        "from refunds import db\n"
+        "async def main():\n"
+        "    pool = await db.create_pool(sys.argv[1], max_size=1)\n"
+        "    print(await pool.fetchval(\"SELECT current_setting('application_name')\"))\n"
+        "    await pool.close()\n"
+        "asyncio.run(main())\n")
+    run = subprocess.run([sys.executable, "-m", "probe_service", database_url], cwd=tmp_path, text=True,
+                         capture_output=True, timeout=60, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "probe_service"

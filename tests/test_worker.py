@@ -213,6 +213,27 @@ async def test_a_failed_status_lookup_releases_the_claim_for_the_delayed_retry(d
     assert len(await ledger(http, sandbox_url)) == 1
 
 
+async def test_gateway_exchanges_are_logged_redacted_when_asked(db, make_merchant, stack, monkeypatch, caplog):
+    """REFUNDS_LOG_BODIES=1: the worker's client logs each exchange through the core's redacting logger."""
+    import json
+    import logging
+
+    from refunds import logs
+
+    res, sandbox_url, http = stack
+    await make_merchant("m1")
+    await chaos(http, sandbox_url, sync_status_mix={"success": 1})
+    monkeypatch.setenv("REFUNDS_LOG_BODIES", "1")
+    refund = await accepted_refund(db)
+    with caplog.at_level(logging.INFO, logger="pagoefectivo.client"):
+        await process_refund(res, refund.refund_id)
+    assert (await find_refund(db, refund.refund_id)).state == "succeeded"
+    exchanges = [r for r in caplog.records if getattr(r, "event", None) == "gateway_exchange"]
+    assert [r.path for r in exchanges][:2] == ["/v1/authorizations", "/v1/refunds"]
+    authorization = json.dumps(exchanges[0].request_body)
+    assert logs.REDACTED in authorization and "hashString" in authorization
+
+
 async def test_merchant_rate_limit_defers_instead_of_sending(db, make_merchant, stack):
     res, sandbox_url, http = stack
     await make_merchant("m1", rate_limit=Decimal("1"))

@@ -36,6 +36,12 @@ ACTOR = "worker"  # who the audit rows of the worker's moves name
 GATEWAY_LOG = logging.getLogger("pagoefectivo.client")  # where gateway exchanges are logged (REFUNDS_LOG_BODIES=1)
 
 
+def gateway_client(session: aiohttp.ClientSession, settings: Settings, **options) -> PagoEfectivoClient:
+    """The gateway client as a worker uses it: its exchanges logged, redacted, when REFUNDS_LOG_BODIES=1."""
+    return PagoEfectivoClient(session, base_url=settings.base_url, env=settings.pagoefectivo_env,
+                              on_exchange=functools.partial(logs.log_exchange, GATEWAY_LOG), **options)
+
+
 @dataclass
 class Resources:
     settings: Settings
@@ -84,8 +90,7 @@ class Resources:
         pool = await db.create_pool(settings.require("database_url"), min_size=1, max_size=pool_size)
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.worker_in_flight,
                                                                       limit_per_host=settings.worker_in_flight))
-        client = PagoEfectivoClient(session, base_url=settings.base_url, env=settings.pagoefectivo_env,
-                                    on_exchange=functools.partial(logs.log_exchange, GATEWAY_LOG))
+        client = gateway_client(session, settings)
         redis_client = aioredis.from_url(settings.require("redis_url"))
         return cls(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))
 
