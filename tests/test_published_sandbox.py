@@ -38,6 +38,7 @@ def fixture(name: str):
 
 
 SCRIPT = fixture("authorization_script.json")
+TEXTS = {row["code"]: row["message"] for row in fixture("codes.json")}  # the document's, not protocol.MESSAGES
 
 
 def now() -> datetime:
@@ -118,9 +119,9 @@ def live_cip_body(**changes) -> dict:
 
 
 def invalid(*fields: tuple[str, str]) -> dict:
-    """The published 111 answer (p. 12) naming ``(code, field)`` pairs."""
-    return {"code": "111", "message": "Solicitud con datos inválidos.",
-            "data": [protocol.error_detail(code, None, field) for code, field in fields]}
+    """The published 111 answer (p. 12) naming ``(code, field)`` pairs, with the document's texts."""
+    return {"code": "111", "message": TEXTS["111"],
+            "data": [{"code": code, "message": TEXTS[code], "field": field} for code, field in fields]}
 
 
 # --- the document's codes and texts -------------------------------------------------------------
@@ -283,7 +284,7 @@ async def test_511_over_the_merchants_maximum(gateway):
     headers = await cip_headers(gateway)
     status, _, payload = await send(gateway, "POST", "/v1/cips", live_cip_body(amount=MAX_CIP + Decimal("0.01")),
                                     headers=headers)
-    assert (status, payload["code"], payload["message"]) == (400, "511", protocol.MESSAGES["511"])
+    assert (status, payload["code"], payload["message"]) == (400, "511", TEXTS["511"])
     status, _, _ = await send(gateway, "POST", "/v1/cips", live_cip_body(amount=MAX_CIP), headers=headers)
     assert status == 201
 

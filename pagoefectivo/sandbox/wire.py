@@ -17,7 +17,6 @@ PagoEfectivo's own C# demo sends PascalCase names.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -41,8 +40,6 @@ RATE_LIMITED = protocol.RATE_LIMITED  # not a published code: the client goes by
 # Published codes answer with their published text; the modelled ones (601-607) explain themselves.
 PUBLISHED_CODES = frozenset({protocol.OK, protocol.INVALID_DATA, protocol.REQUIRED, protocol.INVALID_VALUE,
                              protocol.INTERNAL_ERROR, protocol.TOKEN_INVALID, protocol.CIP_AMOUNT_OVER_MAXIMUM})
-
-log = logging.getLogger("pagoefectivo.sandbox")
 
 
 class Refusal(Exception):
@@ -157,10 +154,6 @@ class Problems:
         self.details.append(protocol.error_detail(protocol.INVALID_VALUE, None, field))
         self.reasons.append(f"{field}: {reason}")
 
-    # the names the parsers below were written with
-    add = invalid
-    wrong_type = invalid
-
     def require(self, body: Mapping[str, Any], names: Iterable[str]) -> set[str]:
         """Record every absent name; returns them, so that their other checks are skipped."""
         absent = {name for name in names if not _present(body.get(name))}
@@ -186,11 +179,11 @@ def _identifier(problems: Problems, body: dict, name: str, *, optional: bool = F
     if optional and not _present(value):
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        problems.wrong_type(name, f"{name} must be a string")
+        problems.invalid(name, f"{name} must be a string")
         return None
     text = str(value)
     if len(text) > MAX_IDENTIFIER or text != text.strip():
-        problems.add(name, f"{name} must be at most {MAX_IDENTIFIER} characters without surrounding spaces")
+        problems.invalid(name, f"{name} must be at most {MAX_IDENTIFIER} characters without surrounding spaces")
         return None
     return text
 
@@ -203,14 +196,14 @@ def _amount(problems: Problems, body: dict, name: str, *, strings: bool = False)
         except ArithmeticError:
             value = None
     if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
-        problems.wrong_type(name, f"{name} must be a JSON number such as 10.50")
+        problems.invalid(name, f"{name} must be a JSON number such as 10.50")
         return None
     amount = Decimal(value)
     if not amount.is_finite() or amount <= 0 or amount > MAX_AMOUNT:
-        problems.add(name, f"{name} must be greater than 0")
+        problems.invalid(name, f"{name} must be greater than 0")
         return None
     if amount.as_tuple().exponent < -2:  # type: ignore[operator]
-        problems.add(name, f"{name} must have at most 2 decimals")
+        problems.invalid(name, f"{name} must have at most 2 decimals")
         return None
     return amount.quantize(CENT)
 
@@ -218,10 +211,10 @@ def _amount(problems: Problems, body: dict, name: str, *, strings: bool = False)
 def _currency(problems: Problems, body: dict) -> str | None:
     value = body.get("currency")
     if not isinstance(value, str):
-        problems.wrong_type("currency", f"currency must be a string, one of {', '.join(CURRENCIES)}")
+        problems.invalid("currency", f"currency must be a string, one of {', '.join(CURRENCIES)}")
         return None
     if value not in CURRENCIES:
-        problems.add("currency", f"currency must be one of {', '.join(CURRENCIES)}")
+        problems.invalid("currency", f"currency must be one of {', '.join(CURRENCIES)}")
         return None
     return value
 
@@ -246,12 +239,12 @@ def parse_authorization(body: dict) -> AuthRequest:
     if isinstance(service, str) and service.isdigit():
         service = int(service)
     if isinstance(service, bool) or not isinstance(service, int):
-        problems.wrong_type("idService", "idService must be a number")
+        problems.invalid("idService", "idService must be a number")
     elif service <= 0:
-        problems.add("idService", "idService must be a positive number")
+        problems.invalid("idService", "idService must be a positive number")
     for name in ("accessKey", "dateRequest", "hashString"):
         if not isinstance(body[name], str):
-            problems.wrong_type(name, f"{name} must be a string")
+            problems.invalid(name, f"{name} must be a string")
     problems.raise_any()
     return AuthRequest(body["accessKey"], service, body["dateRequest"], body["hashString"])
 
@@ -295,24 +288,24 @@ def parse_refund(body: dict, headers: Mapping[str, str]) -> RefundOrder:
     external_ref = _identifier(problems, body, "externalRef")
     reason = body.get("refundReason")
     if _present(reason) and not isinstance(reason, str):
-        problems.wrong_type("refundReason", "refundReason must be a string")
+        problems.invalid("refundReason", "refundReason must be a string")
     elif _present(reason) and len(reason) > MAX_REASON:
-        problems.add("refundReason", f"refundReason must be at most {MAX_REASON} characters")
+        problems.invalid("refundReason", f"refundReason must be at most {MAX_REASON} characters")
     notify_url = body.get("notifyUrl")
     if not isinstance(notify_url, str):
-        problems.wrong_type("notifyUrl", "notifyUrl must be a string")
+        problems.invalid("notifyUrl", "notifyUrl must be a string")
     elif not _valid_url(notify_url):
-        problems.add("notifyUrl", "notifyUrl must be an http(s) URL")
+        problems.invalid("notifyUrl", "notifyUrl must be an http(s) URL")
     timestamp = None
     if not isinstance(body["timestamp"], str):
-        problems.wrong_type("timestamp", "timestamp must be a string")
+        problems.invalid("timestamp", "timestamp must be a string")
     else:
         try:
             timestamp = protocol.parse_lima_timestamp(body["timestamp"])
         except ValueError:
-            problems.add("timestamp", "timestamp must be Lima time, yyyy-MM-ddTHH:mm:ss-05:00")
+            problems.invalid("timestamp", "timestamp must be Lima time, yyyy-MM-ddTHH:mm:ss-05:00")
     if not isinstance(body["signature"], str):
-        problems.wrong_type("signature", "signature must be a base64 string")
+        problems.invalid("signature", "signature must be a base64 string")
     problems.raise_any()
     return RefundOrder(
         merchant_id=merchant_id, original_transaction_id=transaction_id, amount=amount,  # type: ignore[arg-type]
@@ -355,7 +348,7 @@ def parse_payment(body: dict) -> PaymentOrder:
     currency = _currency(problems, body)
     method = body.get("method") or "cash"
     if method not in METHODS:
-        problems.add("method", f"method must be one of {', '.join(METHODS)}")
+        problems.invalid("method", f"method must be one of {', '.join(METHODS)}")
     problems.raise_any()
     return PaymentOrder(merchant_id, transaction_code, amount, currency, method)  # type: ignore[arg-type]
 
