@@ -216,6 +216,21 @@ async def test_worker_processes_killed_at_random_moments(db, make_merchant, data
     await assert_exactly_once(db, system.sandbox_url)
 
 
+async def test_a_worker_started_with_a_backlog_works_it_without_a_failed_message(db, make_merchant, database_url,
+                                                                              system):
+    """The worker's resources open before its threads take messages. Opened after them, every
+    message of a waiting backlog failed with a traceback on the pipe to dramatiq's parent, which
+    filled it and stalled the boot until dramatiq's 30 s fork timeout."""
+    requests = await seed(db, make_merchant, {"ba": 500}, 300)
+    await enqueue_all(database_url, requests)  # no worker yet: the backlog waits in Redis
+    await asyncio.to_thread(system.start, "--sync-status-mix", '{"success": 1}')
+    await wait_all_final(db, len(requests), timeout=120)
+    await assert_exactly_once(db, system.sandbox_url)
+    log = system.worker.log_path.read_text(errors="replace")
+    assert "worker resources open" in log
+    assert "Failed to process message" not in log and "are not open" not in log
+
+
 async def test_sigterm_lets_in_flight_refunds_finish_or_return_safely(db, make_merchant, database_url, system):
     requests = await seed(db, make_merchant, {"ta": 500}, 300)
     await asyncio.to_thread(system.start, "--latency-ms", "300", "--sync-status-mix", '{"success": 1}')

@@ -278,3 +278,40 @@ async def test_pending_refund_is_polled_then_sent_to_manual_review(db, make_merc
     review = await find_refund(db, refund.refund_id)
     assert (review.state, review.provider_code) == ("manual_review", "unsettled")
     assert len(await ledger(http, sandbox_url)) == 1
+
+
+def test_a_worker_opens_its_resources_before_any_thread_takes_a_message(monkeypatch, redis_url):
+    """A message waiting when the worker boots finds the worker's resources open, even when
+    opening them is slow (a loaded Postgres): the threads start only after they are open."""
+    import dramatiq
+    from dramatiq import Worker
+
+    from workers import resources
+    from workers.broker import setup_broker
+
+    slow_open = resources.Resources.open
+
+    async def open_slowly(*args, **kwargs):
+        await asyncio.sleep(0.5)
+        return await slow_open(*args, **kwargs)
+
+    monkeypatch.setattr(resources.Resources, "open", open_slowly)
+    broker = setup_broker()
+    queue = f"boot-probe-{uuid.uuid4().hex[:8]}"
+    seen = []
+
+    def probe():
+        seen.append(resources._current is not None)
+
+    dramatiq.actor(probe, broker=broker, queue_name=queue, actor_name=queue, max_retries=0)
+    broker.actors[queue].send()  # waiting before the worker boots
+    worker = Worker(broker, queues={queue}, worker_threads=2)
+    worker.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+        broker.close()
+    assert seen == [True]

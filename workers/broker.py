@@ -14,7 +14,7 @@ from dramatiq.middleware import AsyncIO  # noqa: E402
 from refunds import logs  # noqa: E402
 from refunds.settings import get_settings  # noqa: E402
 
-from .resources import WorkerResources  # noqa: E402
+from .resources import UvloopPolicy, WorkerResources  # noqa: E402
 
 
 class JsonLogs(dramatiq.Middleware):
@@ -44,7 +44,8 @@ def setup_broker() -> RedisBroker:
     broker = PromptRedisBroker(url=get_settings().require("redis_url"))
     broker.add_middleware(JsonLogs())
     broker.add_middleware(WorkerMetrics())
+    broker.add_middleware(UvloopPolicy())
     broker.add_middleware(AsyncIO())
-    broker.add_middleware(WorkerResources(), before=AsyncIO)
+    broker.add_middleware(WorkerResources())
     dramatiq.set_broker(broker)
     return broker

@@ -109,17 +109,21 @@ def current() -> Resources:
     return _current
 
 
-class WorkerResources(dramatiq.Middleware):
-    """Opens Resources on the AsyncIO middleware's event loop when the worker boots, and closes
-    them after the worker threads have finished their messages (so an in-flight refund is never
-    cut off by a closed pool). Must be added before AsyncIO, whose shutdown stops the loop."""
+class UvloopPolicy(dramatiq.Middleware):
+    """Makes the event loop that the AsyncIO middleware creates libuv's: added before AsyncIO,
+    in worker processes only (a global policy would also reach anything else importing workers)."""
 
     def before_worker_boot(self, broker, worker):
-        # runs before AsyncIO's, which creates the event loop: make it libuv's (in worker
-        # processes only: a global policy would also reach anything else that imports workers)
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
-    def after_worker_boot(self, broker, worker):
+
+class WorkerResources(dramatiq.Middleware):
+    """Opens Resources on the AsyncIO middleware's event loop before the worker's threads take
+    any message, and closes them after those threads have finished theirs (an in-flight refund
+    is never cut off by a closed pool). Added after AsyncIO: its boot hook runs after AsyncIO
+    made the loop, its shutdown hook before AsyncIO stops it (dramatiq runs after_* in reverse)."""
+
+    def before_worker_boot(self, broker, worker):
         global _current
         threads = getattr(worker, "worker_threads", 8)
         _current = get_event_loop_thread().run_coroutine(Resources.open(pool_size=min(max(4, threads + 2), 20)))
