@@ -185,3 +185,20 @@ async def test_the_refundctl_script(db, make_merchant, database_url, module_redi
                                    capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert [t["name"] for t in json.loads(done.stdout)] == ["svc-checkout"]
+
+
+async def test_caller_text_reaches_the_terminal_escaped_never_as_sequences_or_markup(db, make_merchant, refundctl):
+    """A reason carrying an OSC hyperlink and an ANSI colour, and an audit message that looks like
+    Rich markup: `refund show` prints both as text, its exit status 0."""
+    await make_merchant("m1")
+    await paid(db)
+    refund = await create(refundctl, "R-ESC")
+    hostile = "\x1b]8;;https://evil.example\x07click\x1b]8;;\x07 \x1b[31mred\x1b[0m\r\nforged: line"
+    await db.execute("UPDATE refunds SET reason = $2 WHERE refund_id = $1::uuid", refund["refund_id"], hostile)
+    await db.execute("UPDATE refund_events SET message = '[/oops] [bold]x' WHERE refund_id = $1::uuid",
+                     refund["refund_id"])
+    code, out, err = await refundctl("refund", "show", "R-ESC")
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert "\\x1b]8;;https://evil.example\\x07click" in out and "\\x0d\\x0aforged: line" in out
+    assert "[/oops] [bold]x" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from refunds.errors import ConfigError, NotFound, RefundRefused, RefundsError  # noqa: F401  (re-exported)
 
@@ -31,15 +32,27 @@ def emit(args, document, human) -> None:
         human()
 
 
+# C0 and C1 control characters and DEL: an ESC starts an ANSI or OSC sequence, a CR or LF forges lines
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def terminal_safe(value) -> str:
+    """Text from callers (a refund's reason, a note, a provider message) as an operator's terminal
+    may show it: each control character written out as ``\\xNN``, so that no escape sequence runs."""
+    text = "" if value is None else str(value)
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+
+
 def table(title: str, columns: list[str], rows: list[list]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     shown = Table(title=title)
     for column in columns:
         shown.add_column(column)
     for row in rows:
-        shown.add_row(*["" if v is None else str(v) for v in row])
+        shown.add_row(*[Text(terminal_safe(value)) for value in row])  # Text: never read as Rich markup
     Console().print(shown)
 
 

@@ -13,7 +13,7 @@ import json
 import sys
 
 from .common import (
-    NotFound, RefundRefused, RefundsError, dsn, emit, table, with_conn, with_json,
+    NotFound, RefundRefused, RefundsError, dsn, emit, table, terminal_safe, with_conn, with_json,
 )
 
 OPERATOR = "refundctl"  # requested_by / actor when the operator gives no name
@@ -83,7 +83,7 @@ def _show(args, refund, events) -> None:
 
     def human():
         for key, value in refund.to_json().items():
-            print(f"{key:>24}: {'' if value is None else value}")
+            print(f"{key:>24}: {terminal_safe(value)}")
         table("history", ["at", "from", "to", "by", "code", "message"],
               [[e["occurred_at"], e["from_state"], e["to_state"], e["actor"], e["code"], e["message"]] for e in events])
 
@@ -187,7 +187,7 @@ def cmd_refund_import(args) -> int:
                         if args.json:
                             errors.append(result.to_json())
                         field = f" ({result.field})" if result.field else ""
-                        progress.console.print(f"line {result.line}: {result.message}{field} [{result.code}]",
+                        progress.console.print(terminal_safe(f"line {result.line}: {result.message}{field} [{result.code}]"),
                                                markup=False, soft_wrap=True)
                     if done % 200 == 0:
                         progress.update(task, completed=result.position, rows=done)
