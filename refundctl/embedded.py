@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import hashlib
 import logging
 import os
 import shutil
@@ -94,8 +95,8 @@ def embedded_postgres(*, bin_dir: str | os.PathLike | None = None) -> Iterator[s
     """A private Postgres with a `refunds` database; yields its DSN and removes everything at exit."""
     with _sigterm_raises_system_exit():
         started = time.monotonic()
-        bin_path = Path(bin_dir) if bin_dir else _postgres_bin_dir()
         account = _server_account()
+        bin_path = _reachable_install(Path(bin_dir) if bin_dir else _postgres_bin_dir(), account)
         root = Path(tempfile.mkdtemp(prefix="refunds-pg-", dir=_temp_base(account))).resolve()
 
         def start() -> tuple[subprocess.Popen, int]:
@@ -131,6 +132,40 @@ def _postgres_bin_dir() -> Path:
 
         bin_dir = Path(POSTGRES_BIN_PATH)
     return bin_dir
+
+
+def _reachable_install(bin_dir: Path, account) -> Path:
+    """``bin_dir``, or, when the server account cannot reach it (a checkout in root's 0700 home),
+    the bin folder of a copy in a temp folder it can reach, made once per install and reused.
+
+    The copy keeps the wheel's layout: ``<package>/<install>/{bin,lib,share}`` beside the
+    ``<package>.libs`` folder that the binaries' RPATH names (``$ORIGIN/../../../pgserver.libs``).
+    A folder that is not such an install is left as it is (and fails clearly when run).
+    """
+    install = bin_dir.parent
+    package = install.parent
+    libs = package.parent / f"{package.name}.libs"
+    if (account is None or _searchable_by(str(bin_dir), account) or bin_dir.name != "bin"
+            or not all((install / part).is_dir() for part in ("lib", "share"))):
+        return bin_dir
+    source = (bin_dir / "postgres").stat()
+    stamp = hashlib.sha256(f"{install.resolve()}:{source.st_size}:{source.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = Path(_temp_base(account)) / f"refunds-pginstall-{stamp}"
+    copied_bin = target / package.name / install.name / "bin"
+    if not (target / "complete").exists():
+        staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+        try:
+            for part in ("bin", "lib", "share"):
+                shutil.copytree(install / part, staging / package.name / install.name / part, symlinks=True)
+            if libs.is_dir():
+                shutil.copytree(libs, staging / libs.name, symlinks=True)
+            staging.chmod(0o755)  # root's, readable and searchable by the server account
+            (staging / "complete").touch()
+            staging.rename(target)
+            log.info("Postgres binaries copied to %s: %s is not reachable by %s", target, install, account.pw_name)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another run made it meanwhile, or a real failure
+    return copied_bin
 
 
 def _check_postgres_binaries(bin_dir: Path, root: Path, account, creds: dict) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import select
+import shutil
 import signal
 import socket
 import stat
@@ -310,6 +311,30 @@ def test_unrunnable_binaries_fail_clearly():
             child.unlink()
         locked.rmdir()
     assert set(os.listdir(tempfile.gettempdir())) <= before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only: Postgres then runs as another account")
+def test_a_checkout_in_a_folder_others_cannot_enter_still_runs_postgres(tmp_path):
+    """The project under root's 0700 home: the server account cannot reach the venv's binaries,
+    so a copy it can reach is made (once) and used."""
+    from refundctl.embedded import _postgres_bin_dir
+
+    home = tmp_path / "root-home"
+    home.mkdir(mode=0o700)
+    site = home / "venv" / "site-packages"  # the wheel's layout: pgserver/pginstall beside pgserver.libs
+    shipped = _postgres_bin_dir().parent
+    shutil.copytree(shipped, site / "pgserver" / "pginstall", symlinks=True, ignore=shutil.ignore_patterns("include"))
+    shutil.copytree(shipped.parent.parent / "pgserver.libs", site / "pgserver.libs", symlinks=True)
+    with embedded_postgres(bin_dir=site / "pgserver" / "pginstall" / "bin") as url:
+        assert asyncio.run(fetchval(url, "SELECT 1")) == 1
+
+
+async def fetchval(url: str, sql: str):
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
 
 
 def test_sigterm_handler_installed_only_when_default():
