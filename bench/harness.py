@@ -429,6 +429,7 @@ class System:
             "PAGOEFECTIVO_ENV": "sandbox", "PAGOEFECTIVO_BASE_URL": self.sandbox_url,
             "REFUNDS_NOTIFY_URL": self.receiver_url,
             "RECEIVER_PORT": str(self.ports["receiver"]), "RECEIVER_HOST": "127.0.0.1",
+            "RECEIVER_JOURNAL_DIR": str(self.metrics_dir.with_name(self.metrics_dir.name + "-journal")),
             "INTAKE_PORT": str(self.ports["intake"]), "INTAKE_HOST": "127.0.0.1",
             "METRICS_PORT": str(self.ports["metrics"]), "METRICS_HOST": "127.0.0.1",
             "SCHEDULER_METRICS_PORT": str(self.ports["scheduler_metrics"]),

@@ -418,7 +418,9 @@ def main(args) -> int:
                "LOG_LEVEL": "INFO"}
 
         receiver_port, baseline_port = free_port(), free_port()
-        receiver = start_server([sys.executable, "-m", "receiver"], {**env, "RECEIVER_PORT": str(receiver_port)},
+        receiver = start_server([sys.executable, "-m", "receiver"],
+                                {**env, "RECEIVER_PORT": str(receiver_port),
+                                 "RECEIVER_JOURNAL_DIR": str(workdir / "receiver-journal")},
                                 workdir / "receiver.log")
         stack.callback(lambda: (receiver.terminate(), receiver.wait(30)))
         baseline = start_server([sys.executable, __file__, "_baseline", "--port", str(baseline_port)], env,

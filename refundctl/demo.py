@@ -90,6 +90,7 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
             "PAGOEFECTIVO_BASE_URL": f"http://127.0.0.1:{ports['sandbox']}",
             "REFUNDS_NOTIFY_URL": f"http://127.0.0.1:{ports['receiver']}",
             "RECEIVER_PORT": str(ports["receiver"]),
+            "RECEIVER_JOURNAL_DIR": str(work_dir / "receiver-journal"),
             "RECEIVER_HOST": "127.0.0.1",
             "INTAKE_PORT": str(ports["intake"]),
             "INTAKE_HOST": "127.0.0.1",
@@ -110,7 +111,7 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
 
         group = ServiceGroup(env=env, log_dir=logs_dir)
         try:
-            # the provider-like notification retry schedule, compressed to the demo's time scale
+            # notifications as PagoEfectivo publishes them (an attempt and a second one), the wait compressed
             sandbox_args = ["-m", "pagoefectivo.sandbox", "--port", str(ports["sandbox"]),
                             "--notification-time-scale", "0.01"]
             if chaos:
