@@ -3,8 +3,9 @@
 The file is read lazily (``csv.reader`` over the open file's lines) and its rows are
 accepted in bounded batches of concurrent ``enqueue_refund`` calls on one asyncpg
 pool, so a file of any length is imported in flat memory. Every row goes through the
-same validation and idempotency as the intake API, so importing the same file again
-creates nothing: its rows come back as replays.
+same validation (``refunds.requests.RefundRequest``) and idempotency as the intake API,
+so importing the same file again creates nothing: its rows come back as replays. Cells are
+taken as written: one with leading or trailing spaces is refused by name, as the API does.
 
 The header (first line) names the columns, in any order; ``reason`` may be left out::
 
@@ -142,9 +143,9 @@ def _waves(batch: list[_Row], columns: dict[str, int]) -> list[list[_Row]]:
         wave = 0
         keys = ()
         if row.cells is not None and len(row.cells) == len(columns):
-            merchant = row.cells[columns["merchant_id"]].strip()
+            merchant = row.cells[columns["merchant_id"]]  # cells as validated: surrounding spaces are refused
             keys = (("ref", merchant, row.cells[columns["external_ref"]]),
-                    ("payment", merchant, row.cells[columns["original_transaction_id"]].strip()))
+                    ("payment", merchant, row.cells[columns["original_transaction_id"]]))
             wave = max((last.get(key, -1) for key in keys), default=-1) + 1
             for key in keys:
                 last[key] = wave

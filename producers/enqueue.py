@@ -1,7 +1,8 @@
 """Accept a refund request: validate it against its payment, store it, then deliver it.
 
 The same function serves the intake API, the CLI, CSV import and Python callers, so
-every door has the same validation and the same idempotency.
+every door has the same validation (``refunds.requests.RefundRequest``) and the same
+idempotency.
 
 One statement (one round trip, one implicit transaction) decides and writes, because
 intake throughput is bounded by round trips to Postgres. It takes the requests as arrays,
@@ -20,7 +21,6 @@ its paid amount (whatever the snapshot said). Python then phrases each verdict
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -32,16 +32,15 @@ import asyncpg
 from refunds import metrics
 from refunds.delivery import deliver_async
 from refunds.errors import IdempotencyConflict, RefundRefused
-from refunds.money import format_amount, parse_amount, parse_currency
+from refunds.money import format_amount
 from refunds.records import COLUMNS, Refund, find_by_external_ref
+from refunds.requests import MAX_TEXT, RefundRequest, free_text
 from refunds.settings import get_settings
 from refunds.sql import Statement
 from refunds.states import first_events
 from refunds.tokens import ACTIVE_TOKEN_SQL, TokenRevoked
 
-EXTERNAL_REF = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-AMOUNT = re.compile(r"^[0-9]{1,12}(\.[0-9]{1,2})?$")
-MAX_REASON = 255
+MAX_REASON = MAX_TEXT
 DEFAULT_WINDOW_DAYS = 90
 
 _REFUND_FIELDS = tuple(name.strip() for name in COLUMNS.split(","))
@@ -129,50 +128,11 @@ class EnqueueResult:
         return {"refund_id": str(self.refund.refund_id), "external_ref": self.refund.external_ref, "state": self.refund.state}
 
 
-def check_text(name: str, value: object, *, max_length: int, required: bool = True) -> str | None:
-    """A string Postgres can store (no NUL, valid UTF-8) within the length; else RefundRefused naming it."""
-    if value is None and not required:
-        return None
-    if not isinstance(value, str) or (required and not value.strip()) or len(value) > max_length:
-        wanted = "a non-empty string" if required else "a string"
-        raise RefundRefused("invalid_field", f"{name} must be {wanted} of at most {max_length} characters", name)
-    if "\x00" in value:
-        raise RefundRefused("invalid_field", f"{name} must not contain NUL characters", name)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RefundRefused("invalid_field", f"{name} is not valid Unicode text", name) from None
-    return value
-
-
-@dataclass(frozen=True)
-class RefundRequest:
-    merchant_id: str
-    original_transaction_id: str
-    amount: Decimal
-    currency: str
-    external_ref: str
-    reason: str | None = None
-
-    @classmethod
-    def parse(cls, *, merchant_id, original_transaction_id, amount, currency, external_ref, reason=None) -> "RefundRequest":
-        """Check the shape of each field; raise RefundRefused naming the first bad one."""
-        merchant_id = check_text("merchant_id", merchant_id, max_length=64)
-        original_transaction_id = check_text("original_transaction_id", original_transaction_id, max_length=64)
-        if isinstance(amount, str) and not AMOUNT.fullmatch(amount):
-            raise RefundRefused(
-                "invalid_amount", 'amount must be a decimal string with at most 2 decimals, such as "10.50"', "amount"
-            )
-        if not isinstance(external_ref, str) or not EXTERNAL_REF.fullmatch(external_ref):
-            raise RefundRefused(
-                "invalid_field", "external_ref must be 1-64 characters of letters, digits, and _ . : -", "external_ref"
-            )
-        reason = check_text("reason", reason, max_length=MAX_REASON, required=False)
-        return cls(
-            merchant_id=merchant_id.strip(), original_transaction_id=original_transaction_id.strip(),
-            amount=parse_amount(amount), currency=parse_currency(currency), external_ref=external_ref,
-            reason=(reason or None),
-        )
+def check_text(name: str, value: object, *, max_length: int = MAX_TEXT, required: bool = False) -> str | None:
+    """A decision's note by the requests' free-text rule (``refunds.requests.free_text``), for producers.approvals."""
+    if max_length != MAX_TEXT or required:
+        raise ValueError("free text is optional and at most MAX_TEXT characters, as refunds.requests.Text")
+    return free_text(value, name)
 
 
 async def enqueue_refund(
@@ -221,7 +181,20 @@ async def accept_refund(
             merchant_id=merchant_id, original_transaction_id=original_transaction_id, amount=amount,
             currency=currency, external_ref=external_ref, reason=reason,
         )
-        ask = Ask(request, requested_by, now or datetime.now(timezone.utc), token_hash)
+    except RefundRefused as refused:
+        metrics.refunds_rejected_total.labels(refused.code).inc()
+        raise
+    return await accept_request(pool, request, requested_by=requested_by, now=now, token_hash=token_hash, accept=accept)
+
+
+async def accept_request(
+    pool: asyncpg.Pool | asyncpg.Connection, request: RefundRequest, *, requested_by: str | None = None,
+    now: datetime | None = None, token_hash: str | None = None,
+    accept: "Callable[[Ask], Awaitable[EnqueueResult]] | None" = None,
+) -> EnqueueResult:
+    """``accept_refund`` for a request validated already (the intake validates its body first)."""
+    ask = Ask(request, requested_by, now or datetime.now(timezone.utc), token_hash)
+    try:
         result = await (accept(ask) if accept is not None else _accept(pool, ask))
     except RefundRefused as refused:
         metrics.refunds_rejected_total.labels(refused.code).inc()

@@ -1,7 +1,8 @@
 """The intake API (its OpenAPI document at /openapi.json): refund requests over HTTP, for any service.
 
-Thin on purpose: this module authenticates, checks the JSON shape and the token's
-merchant scope; ``enqueue_refund`` does everything else, so the API, the CLI and Python
+Thin on purpose: this module authenticates, validates the body with the models every door
+uses (``refunds.requests``, which also make the document's schemas) and checks the token's
+merchant scope; ``producers.enqueue`` does everything else, so the API, the CLI and Python
 callers accept exactly the same refunds with the same idempotency.
 
 Order of checks on ``POST /v1/refunds``, cheapest and least trusting first: declared size
@@ -23,29 +24,27 @@ import asyncio
 import json
 import logging
 import os
-import re
 import sys
-from dataclasses import dataclass
-from decimal import Decimal
 from uuid import UUID
 
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from pydantic import ValidationError
+from pydantic.json_schema import models_json_schema
 
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
 from refunds import metrics, service
 from refunds.errors import IdempotencyConflict, NotFound, RefundRefused
-from refunds.money import CURRENCIES
 from refunds.records import Refund, find_by_external_ref, find_refund, refund_events
+from refunds.requests import ANSWER_MODELS, REQUEST_MODELS, Decision, RefundLookup, RefundRequest, validated
 from refunds.settings import get_settings
-from refunds.states import STATES
 from refunds.tokens import MAX_TOKEN_LENGTH, ApiToken, TokenCache, TokenRevoked, authenticate, hash_token
 
 from .accept_batch import AcceptBatcher
 from .approvals import ApprovalError, NotAwaitingApproval, SamePerson, decide
-from .enqueue import AMOUNT, EXTERNAL_REF, MAX_REASON, accept_refund, hand_over
+from .enqueue import accept_request, hand_over
 
 log = logging.getLogger("intake")
 
@@ -53,135 +52,6 @@ MAX_BODY = 16 * 1024
 REQUEST_TIMEOUT = 15.0  # a Postgres that hangs (rather than refuses) still yields a prompt 503
 PROBE_TIMEOUT = 3.0
 API_VERSION = "1.0.0"
-
-
-# --- request fields: the one table that the validator and /openapi.json both read ---------
-
-@dataclass(frozen=True)
-class Field:
-    """One JSON string field of a request body, with the rules the handler enforces."""
-
-    name: str
-    description: str
-    example: str
-    required: bool = True
-    max_length: int | None = None
-    pattern: str | None = None
-    enum: tuple[str, ...] | None = None
-    code: str = "invalid_field"  # error code when the value breaks a rule
-    rule: str = ""  # the rule in words, for the error message
-
-    def check(self, value: object) -> str:
-        """Return the value if it follows the rules; raise RefundRefused naming this field."""
-        if not isinstance(value, str):
-            kind = {bool: "a boolean", list: "an array", dict: "an object"}.get(type(value), "a number")
-            raise RefundRefused(self.code, f"{self.name} must be a string ({self.rule}), not {kind}", self.name)
-        if "\x00" in value or not _encodable(value):
-            raise RefundRefused(self.code, f"{self.name} must be text without NUL characters or lone surrogates", self.name)
-        if (
-            (self.enum is not None and value not in self.enum)
-            or (self.max_length is not None and len(value) > self.max_length)
-            or (self.pattern is not None and not re.fullmatch(self.pattern, value))
-            or (self.required and value == "")
-        ):
-            raise RefundRefused(self.code, f"{self.name} must be {self.rule}", self.name)
-        return value
-
-    def schema(self) -> dict:
-        schema: dict = {"type": "string", "description": self.description, "example": self.example}
-        if self.required:
-            schema["minLength"] = 1
-        if self.max_length is not None:
-            schema["maxLength"] = self.max_length
-        if self.pattern is not None:
-            schema["pattern"] = self.pattern
-        if self.enum is not None:
-            schema["enum"] = list(self.enum)
-        if not self.required:
-            schema["nullable"] = True
-        return schema
-
-
-def _encodable(value: str) -> bool:
-    """Whether Postgres can store it: JSON may carry lone surrogates (\\ud800) that UTF-8 cannot."""
-    try:
-        value.encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-REFUND_FIELDS: tuple[Field, ...] = (
-    Field(
-        "merchant_id", "The marketplace seller that took the payment; the token must be scoped to it.",
-        "seller-1", max_length=64, pattern=r"^[A-Za-z0-9_.-]{1,64}$",
-        rule="1-64 characters of letters, digits, and _ . -",
-    ),
-    Field(
-        "original_transaction_id", "The paid PagoEfectivo transaction (CIP number) to refund.",
-        "2900123", max_length=64, pattern=r"^\S(.*\S)?$",
-        rule="a non-empty string of at most 64 characters, without surrounding spaces",
-    ),
-    Field(
-        "amount", "Amount to refund: a decimal string with at most 2 decimals, greater than 0. Never a JSON number.",
-        "10.50", max_length=15, pattern=AMOUNT.pattern, code="invalid_amount",
-        rule='a decimal string with at most 2 decimals, such as "10.50"',
-    ),
-    Field(
-        "currency", "Currency of the payment being refunded.", "PEN", enum=CURRENCIES, code="invalid_currency",
-        rule="one of " + ", ".join(CURRENCIES),
-    ),
-    Field(
-        "external_ref",
-        "Your idempotency key for this refund, unique per merchant: repeating a request with the same"
-        " external_ref and terms returns the first answer (200); other terms are refused (409).",
-        "order-1234-refund-1", max_length=64, pattern=EXTERNAL_REF.pattern,
-        rule="1-64 characters of letters, digits, and _ . : -",
-    ),
-    Field(
-        "reason", "Why the refund is made; kept with the refund.", "damaged item", required=False,
-        max_length=MAX_REASON, rule=f"a string of at most {MAX_REASON} characters",
-    ),
-)
-
-DECISION_FIELDS: tuple[Field, ...] = (
-    Field(
-        "message", "A note kept in the refund's event history with the decision.", "checked with the seller",
-        required=False, max_length=MAX_REASON, rule=f"a string of at most {MAX_REASON} characters",
-    ),
-)
-
-
-def object_schema(fields: tuple[Field, ...]) -> dict:
-    schema = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {f.name: f.schema() for f in fields},
-    }
-    required = [f.name for f in fields if f.required]
-    if required:
-        schema["required"] = required
-    return schema
-
-
-def validate(body: object, fields: tuple[Field, ...]) -> dict:
-    """Check a parsed JSON body against a field table; raise RefundRefused naming the first bad field."""
-    if not isinstance(body, dict):
-        raise RefundRefused("invalid_body", "the request body must be a JSON object", None)
-    known = {f.name for f in fields}
-    for name in body:
-        if name not in known:
-            raise RefundRefused("unknown_field", f"{name!r} is not a field of this request", name)
-    values = {}
-    for f in fields:
-        value = body.get(f.name)
-        if value is None:
-            if f.required:
-                raise RefundRefused("missing_field", f"{f.name} is required", f.name)
-            values[f.name] = None
-            continue
-        values[f.name] = f.check(value)
-    return values
 
 
 # --- errors ---------------------------------------------------------------------------------
@@ -223,6 +93,11 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return error_response(409, exc.code, exc.message, exc.field)
     except RefundRefused as exc:
         return error_response(422, exc.code, exc.message, exc.field)
+    except ValidationError as exc:  # input validated without refunds.requests.validated: still the caller's fault
+        log.warning("%s %s: validation outside refunds.requests.validated (%s)", request.method, request.path, exc.title)
+        first = exc.errors(include_url=False)[0]
+        field = str(first["loc"][0]) if first["loc"] else None
+        return error_response(422, "invalid_request", first["msg"], field)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -319,13 +194,14 @@ def _check_declared_size(request: web.Request) -> None:
 
 
 async def _read_json(request: web.Request, *, optional: bool = False) -> object:
-    """The body as JSON, read with a hard cap; floats become Decimal so nothing is rounded."""
+    """The body as JSON, read with a hard cap. No field takes a JSON number (``amount`` is a
+    decimal string), so numbers stay int/float here for the models to refuse."""
     _check_declared_size(request)
     raw = await request.read()  # client_max_size stops a longer (chunked) body with 413
     if optional and not raw.strip():
         return {}
     try:
-        return json.loads(raw.decode("utf-8"), parse_float=Decimal, object_pairs_hook=_no_duplicate_keys)
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError:
         raise ApiError(400, "malformed_json", "the request body is not UTF-8") from None
     except (ValueError, RecursionError) as exc:
@@ -383,15 +259,15 @@ async def create_refund(request: web.Request) -> web.Response:
         tokens.put(token)
     try:
         try:
-            fields = validate(body, REFUND_FIELDS)
+            asked = validated(RefundRequest, body)
         except RefundRefused as exc:
             _refused(exc)
             raise
-        if not token.allows(fields["merchant_id"]):
+        if not token.allows(asked.merchant_id):
             raise ApiError(403, "merchant_not_allowed",
-                           f"this token may not act for merchant {fields['merchant_id']!r}", "merchant_id")
-        result = await accept_refund(pool, **fields, requested_by=token.name, token_hash=token.token_hash,
-                                     accept=request.app[ACCEPTS].accept)
+                           f"this token may not act for merchant {asked.merchant_id!r}", "merchant_id")
+        result = await accept_request(pool, asked, requested_by=token.name, token_hash=token.token_hash,
+                                      accept=request.app[ACCEPTS].accept)
     except TokenRevoked:
         tokens.forget(token.token_hash)
         raise _unauthorized() from None
@@ -420,23 +296,20 @@ async def show_refund(request: web.Request) -> web.Response:
 
 async def find_refund_by_external_ref(request: web.Request) -> web.Response:
     token = await _authenticate(request)
-    lookup = {}
-    for f in REFUND_FIELDS:
-        if f.name in ("merchant_id", "external_ref"):
-            value = request.query.get(f.name)
-            if not value:
-                raise ApiError(400, "missing_parameter", f"query parameter {f.name} is required", f.name)
-            try:
-                lookup[f.name] = f.check(value)
-            except RefundRefused as exc:
-                raise ApiError(400, "invalid_parameter", exc.message, f.name) from None
-    if not token.allows(lookup["merchant_id"]):
-        raise ApiError(403, "merchant_not_allowed", f"this token may not act for merchant {lookup['merchant_id']!r}", "merchant_id")
+    try:  # an empty parameter counts as missing
+        lookup = validated(RefundLookup, {name: value for name in RefundLookup.model_fields
+                                            if (value := request.query.get(name))})
+    except RefundRefused as exc:
+        if exc.code == "missing_field":
+            raise ApiError(400, "missing_parameter", f"query parameter {exc.field} is required", exc.field) from None
+        raise ApiError(400, "invalid_parameter", exc.message, exc.field) from None
+    if not token.allows(lookup.merchant_id):
+        raise ApiError(403, "merchant_not_allowed", f"this token may not act for merchant {lookup.merchant_id!r}", "merchant_id")
     pool = await request.app[DATABASE].pool()
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
-        refund = await find_by_external_ref(conn, lookup["merchant_id"], lookup["external_ref"])
+        refund = await find_by_external_ref(conn, lookup.merchant_id, lookup.external_ref)
         if refund is None:
-            raise ApiError(404, "not_found", f"no refund with external_ref {lookup['external_ref']!r} for this merchant")
+            raise ApiError(404, "not_found", f"no refund with external_ref {lookup.external_ref!r} for this merchant")
         return web.json_response(await _with_events(conn, refund))
 
 
@@ -455,7 +328,7 @@ async def _decide(request: web.Request, decision: str) -> web.Response:
     """Approve or reject a refund waiting for approval; the approver is the token (rules in producers.approvals)."""
     token = await _authenticate(request)
     refund_id = _refund_id(request)
-    note = validate(await _read_json(request, optional=True), DECISION_FIELDS)["message"]
+    note = validated(Decision, await _read_json(request, optional=True)).message
     pool = await request.app[DATABASE].pool()
     async with pool.acquire() as conn:
         try:
@@ -506,19 +379,26 @@ async def metrics_view(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+SCHEMA_REF = "#/components/schemas/{model}"
+
+
 async def openapi_view(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
 def openapi_document() -> dict:
-    """The OpenAPI 3.0 document; request bodies come from the same field tables the handlers validate with.
+    """The OpenAPI 3.1 document: its schemas are the JSON Schemas of the models every door
+    validates with (``refunds.requests``), the paths around them are written here.
 
     Every status a handler can answer is listed with its body schema, so a client generated
     from it (and the schemathesis run in the tests) sees no undocumented answer.
     """
+    _, generated = models_json_schema(
+        [(model, "validation") for model in (*REQUEST_MODELS, *ANSWER_MODELS)], ref_template=SCHEMA_REF)
+    lookup = RefundLookup.model_json_schema(ref_template=SCHEMA_REF)
 
     def ref(name: str) -> dict:
-        return {"$ref": f"#/components/schemas/{name}"}
+        return {"$ref": SCHEMA_REF.format(model=name)}
 
     def answer(description: str, schema: str = "Error", headers: dict | None = None) -> dict:
         response = {"description": description, "content": {"application/json": {"schema": ref(schema)}}}
@@ -565,12 +445,8 @@ def openapi_document() -> dict:
     def with_links(response: dict) -> dict:
         return {**response, "links": follow}
 
-    text = {"type": "string"}
-    optional_string = {"type": "string", "nullable": True}
-    timestamp = {"type": "string", "format": "date-time"}
-    states = {"type": "string", "enum": list(STATES)}
     return {
-        "openapi": "3.0.3",
+        "openapi": "3.1.0",
         "info": {
             "title": "PagoEfectivo refunds intake API",
             "version": API_VERSION,
@@ -600,8 +476,9 @@ def openapi_document() -> dict:
                     "operationId": "findRefund",
                     "summary": "Find a refund by its external_ref",
                     "parameters": [
-                        {"name": f.name, "in": "query", "required": True, "schema": f.schema()}
-                        for f in REFUND_FIELDS if f.name in ("merchant_id", "external_ref")
+                        {"name": name, "in": "query", "required": True, "description": schema["description"],
+                         "schema": schema}
+                        for name, schema in lookup["properties"].items()
                     ],
                     "responses": {
                         "200": answer("The refund with its events", "RefundWithEvents"),
@@ -637,65 +514,11 @@ def openapi_document() -> dict:
                 "503": answer("not ready; down names what is unreachable", "NotReady"),
             }),
             "/metrics": plain("metrics", "Prometheus metrics", {"200": {
-                "description": "Prometheus text format", "content": {"text/plain": {"schema": text}}}}),
+                "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}),
         },
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "description": "refundctl token create"}},
-            "schemas": {
-                "RefundRequest": object_schema(REFUND_FIELDS),
-                "Decision": object_schema(DECISION_FIELDS),
-                "Accepted": {
-                    "type": "object", "required": ["refund_id", "external_ref", "state"], "additionalProperties": False,
-                    "properties": {
-                        "refund_id": {"type": "string", "format": "uuid"},
-                        "external_ref": text,
-                        "state": states,
-                    },
-                },
-                "Event": {
-                    "type": "object", "required": ["from_state", "to_state", "actor", "code", "message", "occurred_at"],
-                    "properties": {
-                        "from_state": {**states, "nullable": True}, "to_state": states, "actor": text,
-                        "code": optional_string, "message": optional_string, "occurred_at": timestamp,
-                    },
-                },
-                "RefundWithEvents": {
-                    "type": "object",
-                    "required": ["refund_id", "merchant_id", "external_ref", "original_transaction_id", "amount",
-                                 "currency", "state", "created_at", "updated_at", "events"],
-                    "properties": {
-                        "refund_id": {"type": "string", "format": "uuid"},
-                        "merchant_id": text, "external_ref": text, "original_transaction_id": text,
-                        "amount": {"type": "string", "pattern": AMOUNT.pattern, "example": "10.50"},
-                        "currency": {"type": "string", "enum": list(CURRENCIES)},
-                        "reason": optional_string, "state": states, "requested_by": optional_string,
-                        "attempts": {"type": "integer"}, "provider_refund_id": optional_string,
-                        "provider_code": optional_string, "provider_message": optional_string,
-                        "created_at": timestamp, "updated_at": timestamp,
-                        "completed_at": {**timestamp, "nullable": True},
-                        "events": {"type": "array", "items": ref("Event")},
-                    },
-                },
-                "Status": {
-                    "type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}},
-                },
-                "NotReady": {
-                    "type": "object", "required": ["status", "down", "error"],
-                    "properties": {
-                        "status": {"type": "string", "enum": ["unavailable"]},
-                        "down": {"type": "array", "items": {"type": "string", "enum": ["postgres", "redis"]}},
-                        "error": ref("ErrorDetail"),
-                    },
-                },
-                "ErrorDetail": {
-                    "type": "object", "required": ["code", "message"],
-                    "properties": {"code": text, "message": text, "field": text},
-                },
-                "Error": {
-                    "type": "object", "required": ["error"], "additionalProperties": False,
-                    "properties": {"error": ref("ErrorDetail")},
-                },
-            },
+            "schemas": generated["$defs"],
         },
     }
 

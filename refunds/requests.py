@@ -1,0 +1,303 @@
+"""A refund request and the intake API's other bodies and answers, as pydantic models.
+
+One validation for every door: the intake API, ``producers.enqueue_refund`` (and the
+synchronous producer), CSV import and ``refundctl`` all build a ``RefundRequest`` through
+``validated``, which turns pydantic's ValidationError into RefundRefused with the stable
+``code``, the ``field`` at fault and the rule in words. The same models are the schemas of
+the intake's OpenAPI document (``producers.http.openapi_document``), so what the document
+promises is what every door checks.
+
+The rules:
+
+* Identifiers (``merchant_id``, ``original_transaction_id``, ``external_ref``) with leading or
+  trailing whitespace are refused, never stripped. They are compared exactly (idempotency,
+  the payment lookup), a JSON Schema pattern can state "refused" but not "stripped", and a
+  caller whose key arrives altered cannot find its refund by the key it sent.
+* No control characters: identifiers carry none, free text (``reason``, a decision's
+  ``message``) only tab and line breaks. Lone surrogates (valid in JSON, not in UTF-8) are
+  refused, so Postgres never sees a value it cannot store.
+* ``amount`` is a decimal string with at most 2 decimals and at most 12 digits before the
+  point, greater than 0 (a ``Decimal`` is accepted too from Python). A number is refused at
+  every door: a float cannot hold cents exactly, and an integer may mean soles or céntimos.
+* Unknown fields are refused (a misspelt ``ammount`` must not pass as a missing one).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import typing
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Literal, TypeVar
+from uuid import UUID
+
+from pydantic import (
+    BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, StringConstraints, TypeAdapter,
+    ValidationError, WithJsonSchema, field_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from .errors import RefundRefused
+from .money import CENT, CURRENCIES, MAX_AMOUNT, format_amount
+from .states import STATES
+
+MAX_ID = 64
+MAX_TEXT = 255
+MERCHANT_ID = r"^[A-Za-z0-9_.-]{1,64}$"  # as schema.sql's CHECK on merchants
+EXTERNAL_REF = r"^[A-Za-z0-9_.:-]{1,64}$"
+AMOUNT = r"^[0-9]{1,12}(\.[0-9]{1,2})?$"  # numeric(14, 2)
+_CONTROL = r"\x00-\x1f\x7f-\x9f"
+IDENTIFIER = rf"^[^\s{_CONTROL}]([^{_CONTROL}]*[^\s{_CONTROL}])?$"
+TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"  # tab, LF and CR allowed
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How a refusal of a field reads: its error code and the rule in words ("<field> must be <rule>")."""
+
+    rule: str
+    code: str = "invalid_field"
+
+
+_AMOUNT = re.compile(AMOUNT)
+AMOUNT_RULE = Rule('a decimal string with at most 2 decimals, such as "10.50"', "invalid_amount")
+
+
+def _amount(value: object) -> Decimal:
+    """A positive Decimal with 2 places from a decimal string (or a Decimal); numbers are refused."""
+    if isinstance(value, str):
+        if len(value) > 15 or _AMOUNT.fullmatch(value) is None:
+            raise PydanticCustomError("refused", f"amount must be {AMOUNT_RULE.rule}")
+        value = Decimal(value)
+    elif isinstance(value, Decimal) and value.is_finite():
+        if value.as_tuple().exponent < -2:
+            raise PydanticCustomError("refused", f"amount {value} has more than 2 decimals")
+        if value > MAX_AMOUNT:
+            raise PydanticCustomError("refused", f"amount {value} is over {MAX_AMOUNT}")
+    else:
+        raise PydanticCustomError("refused", f"amount must be {AMOUNT_RULE.rule}, not {_kind(value)}")
+    if value <= 0:
+        raise PydanticCustomError("refused", "amount must be greater than 0")
+    return value.quantize(CENT)
+
+
+MerchantId = Annotated[str, StringConstraints(max_length=MAX_ID, pattern=MERCHANT_ID),
+                       Rule("1-64 characters of letters, digits, and _ . -")]
+TransactionId = Annotated[str, StringConstraints(max_length=MAX_ID, pattern=IDENTIFIER),
+                          Rule("1-64 characters without control characters or surrounding spaces")]
+ExternalRef = Annotated[str, StringConstraints(max_length=MAX_ID, pattern=EXTERNAL_REF),
+                        Rule("1-64 characters of letters, digits, and _ . : -")]
+Amount = Annotated[
+    Decimal, PlainValidator(_amount), PlainSerializer(format_amount, return_type=str),
+    WithJsonSchema({"type": "string", "pattern": AMOUNT, "maxLength": 15}), AMOUNT_RULE,
+]
+Currency = Annotated[Literal[CURRENCIES], Rule("one of " + ", ".join(CURRENCIES), "invalid_currency")]
+TEXT_RULE = Rule(f"text of at most {MAX_TEXT} characters, with no control characters other than tab and line breaks")
+Text = Annotated[str, StringConstraints(max_length=MAX_TEXT, pattern=TEXT), TEXT_RULE]
+State = Literal[STATES]
+
+
+class _Request(BaseModel):
+    """A request body: strict types, unknown fields refused, immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class RefundRequest(_Request):
+    """A refund request: the body of POST /v1/refunds, checked alike at every other door (Python, CSV, refundctl)."""
+
+    # ``parse`` builds it from Python values, ``validated`` from a JSON body; both raise RefundRefused.
+
+    merchant_id: MerchantId = Field(
+        description="The marketplace seller that took the payment; the token must be scoped to it.",
+        examples=["seller-1"])
+    original_transaction_id: TransactionId = Field(
+        description="The paid PagoEfectivo transaction (CIP number) to refund.", examples=["2900123"])
+    amount: Amount = Field(
+        description="Amount to refund: a decimal string with at most 2 decimals, greater than 0."
+                    " Never a JSON number.", examples=["10.50"])
+    currency: Currency = Field(description="Currency of the payment being refunded.", examples=["PEN"])
+    external_ref: ExternalRef = Field(
+        description="Your idempotency key for this refund, unique per merchant: repeating a request with the"
+                    " same external_ref and terms returns the first answer (200); other terms are refused (409).",
+        examples=["order-1234-refund-1"])
+    reason: Text | None = Field(
+        default=None, description="Why the refund is made; kept with the refund (an empty string is none).",
+        examples=["damaged item"])
+
+    @field_validator("reason")
+    @classmethod
+    def _no_empty_reason(cls, value: str | None) -> str | None:
+        return value or None
+
+    @classmethod
+    def parse(cls, *, merchant_id, original_transaction_id, amount, currency, external_ref, reason=None) -> "RefundRequest":
+        """The request from Python values; raises RefundRefused naming the first bad field."""
+        return validated(cls, {
+            "merchant_id": merchant_id, "original_transaction_id": original_transaction_id, "amount": amount,
+            "currency": currency, "external_ref": external_ref, "reason": reason,
+        })
+
+
+class RefundLookup(BaseModel):
+    """The query of GET /v1/refunds: a refund by its merchant and external_ref (other parameters ignored)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    merchant_id: MerchantId = Field(description="The refund's merchant; the token must be scoped to it.",
+                                    examples=["seller-1"])
+    external_ref: ExternalRef = Field(description="The external_ref the refund was requested with.",
+                                      examples=["order-1234-refund-1"])
+
+
+class Decision(_Request):
+    """The body of an approval or a rejection (it may be left out)."""
+
+    message: Text | None = Field(default=None, description="A note kept in the refund's event history with the decision.",
+                                 examples=["checked with the seller"])
+
+
+# --- answers: every field the server sends is required; null where it may be null ------------------
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Accepted(_Answer):
+    """The answer to a refund request: 202 when accepted now, 200 for a replay of an identical one."""
+
+    refund_id: UUID
+    external_ref: str
+    state: State
+
+
+class Event(_Answer):
+    """One audit row of a refund's history; ``from_state`` is null for the first."""
+
+    from_state: State | None
+    to_state: State
+    actor: str
+    code: str | None
+    message: str | None
+    occurred_at: datetime
+
+
+class RefundWithEvents(_Answer):
+    """A refund as stored, with its whole event history."""
+
+    refund_id: UUID
+    merchant_id: str
+    external_ref: str
+    original_transaction_id: str
+    amount: Amount
+    currency: Currency
+    reason: str | None
+    state: State
+    requested_by: str | None
+    attempts: int
+    provider_refund_id: str | None
+    provider_code: str | None
+    provider_message: str | None
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+    events: list[Event]
+
+
+def _no_default(schema: dict) -> None:
+    schema.pop("default", None)
+
+
+class ErrorDetail(_Answer):
+    """What went wrong: a stable code, a message for people, and the request field at fault if there is one."""
+
+    code: str
+    message: str
+    field: Annotated[str | None, WithJsonSchema({"type": "string"})] = Field(default=None, json_schema_extra=_no_default)
+
+
+class Error(_Answer):
+    """Every error answer's body."""
+
+    error: ErrorDetail
+
+
+class Status(_Answer):
+    status: Literal["ok"]
+
+
+class NotReady(_Answer):
+    """/readyz when a dependency is down: which one."""
+
+    status: Literal["unavailable"]
+    down: list[Literal["postgres", "redis"]]
+    error: ErrorDetail
+
+
+# --- ValidationError -> RefundRefused ------------------------------------------------------------
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def validated(model: type[M], data: object) -> M:
+    """``model`` from ``data`` (a JSON body or Python values); raises RefundRefused naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise refusal(model, exc) from None
+
+
+def refusal(model: type[BaseModel], exc: ValidationError) -> RefundRefused:
+    """The first problem of ``exc`` as RefundRefused; an unknown field is reported before the others."""
+    errors = exc.errors(include_url=False)
+    error = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    if not error["loc"]:
+        return RefundRefused("invalid_body", "the request body must be a JSON object", None)
+    name = str(error["loc"][0])
+    if error["type"] == "extra_forbidden":
+        return RefundRefused("unknown_field", f"{name!r} is not a field of this request", name)
+    field = model.model_fields[name]
+    if error["type"] == "missing" or (error["input"] is None and field.is_required()):
+        return RefundRefused("missing_field", f"{name} is required", name)
+    rule = rules(model)[name]
+    if error["type"] == "refused":
+        return RefundRefused(rule.code, error["msg"], name)
+    value = error["input"]
+    return RefundRefused(rule.code, f"{name} must be {rule.rule}" + ("" if isinstance(value, str) else f", not {_kind(value)}"), name)
+
+
+@functools.cache
+def rules(model: type[BaseModel]) -> dict[str, Rule]:
+    """Each field's Rule, from its type's annotations (also inside ``X | None``)."""
+    found = {}
+    for name, field in model.model_fields.items():
+        candidates = list(field.metadata)
+        for arg in typing.get_args(field.annotation):
+            candidates.extend(getattr(arg, "__metadata__", ()))
+        found[name] = next((c for c in candidates if isinstance(c, Rule)), Rule("valid"))
+    return found
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float, Decimal)):
+        return "a number"
+    return {list: "an array", dict: "an object", type(None): "null"}.get(type(value), f"a {type(value).__name__}")
+
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (RefundRequest, Decision)
+ANSWER_MODELS: tuple[type[BaseModel], ...] = (Accepted, RefundWithEvents, Status, NotReady, Error)
+
+
+_FREE_TEXT = TypeAdapter(Text | None, config=ConfigDict(strict=True))
+
+
+def free_text(value: object, field: str) -> str | None:
+    """``value`` by the rule of a request's free text (as ``reason``); else RefundRefused naming ``field``."""
+    try:
+        return _FREE_TEXT.validate_python(value)
+    except ValidationError:
+        raise RefundRefused(TEXT_RULE.code, f"{field} must be {TEXT_RULE.rule}", field) from None
