@@ -18,12 +18,11 @@ from uuid import UUID
 
 import asyncpg
 
+from refunds.delivery import deliver_async
 from refunds.errors import NotFound, RefundsError
 from refunds.records import Refund, find_refund
+from refunds.requests import free_text
 from refunds.states import transition
-
-from refunds.delivery import deliver_async
-from .enqueue import MAX_REASON, check_text
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ async def decide(
     if decision not in DECISIONS:
         raise ValueError(f"decision must be one of {', '.join(DECISIONS)}")
     to_state, verb = DECISIONS[decision]
-    note = check_text("message", note, max_length=MAX_REASON, required=False)
+    note = free_text(note, "message")
     refund = await find_refund(conn, refund_id)
     if refund is None or (merchants is not None and refund.merchant_id not in merchants):
         raise NotFound(f"no refund {refund_id}")

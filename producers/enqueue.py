@@ -34,13 +34,12 @@ from refunds.delivery import deliver_async
 from refunds.errors import IdempotencyConflict, RefundRefused
 from refunds.money import format_amount
 from refunds.records import COLUMNS, Refund, find_by_external_ref
-from refunds.requests import MAX_TEXT, RefundRequest, free_text
+from refunds.requests import RefundRequest
 from refunds.settings import get_settings
 from refunds.sql import Statement
 from refunds.states import first_events
 from refunds.tokens import ACTIVE_TOKEN_SQL, TokenRevoked
 
-MAX_REASON = MAX_TEXT
 DEFAULT_WINDOW_DAYS = 90
 
 _REFUND_FIELDS = tuple(name.strip() for name in COLUMNS.split(","))
@@ -126,13 +125,6 @@ class EnqueueResult:
 
     def to_json(self) -> dict:
         return {"refund_id": str(self.refund.refund_id), "external_ref": self.refund.external_ref, "state": self.refund.state}
-
-
-def check_text(name: str, value: object, *, max_length: int = MAX_TEXT, required: bool = False) -> str | None:
-    """A decision's note by the requests' free-text rule (``refunds.requests.free_text``), for producers.approvals."""
-    if max_length != MAX_TEXT or required:
-        raise ValueError("free text is optional and at most MAX_TEXT characters, as refunds.requests.Text")
-    return free_text(value, name)
 
 
 async def enqueue_refund(
