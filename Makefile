@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest $(ARGS)
+
+# Everything but the chaos runs, the benchmarks and the slow end-to-end runs: under two minutes.
+test-fast: $(STAMP)
+	$(BIN)/pytest -m "not chaos and not bench and not slow" $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

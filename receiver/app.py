@@ -90,7 +90,7 @@ async def expect_continue(request: web.Request) -> None:
     """``Expect: 100-continue`` as aiohttp does it; any other expectation is 417.
 
     aiohttp's own handler echoes the header into its 417 text and fails with a 500 when the
-    value is not valid UTF-8 (found by tests/test_receiver_fuzz.py).
+    value is not valid UTF-8 (found by tests/receiver/test_receiver_fuzz.py).
     """
     expect = request.headers.get("Expect", "")
     if request.version != aiohttp.HttpVersion11:

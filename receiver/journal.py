@@ -35,7 +35,7 @@ import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge

@@ -9,7 +9,7 @@ message sent twice is harmless: the worker's claim on the refund decides.
 worker-thread hop per refund cost more CPU than the rest of the intake's work: it
 gathers the refunds handed over at the same moment and sends them in one pipelined
 write on an asyncio Redis client, running dramatiq's own ``dispatch`` Lua script with
-the arguments ``RedisBroker.enqueue`` gives it (tests/test_producers.py checks that a
+the arguments ``RedisBroker.enqueue`` gives it (tests/producers/test_producers.py checks that a
 dramatiq consumer reads these messages exactly as its own). If that ever fails for
 another reason than Redis being away, it falls back to ``deliver``.
 
@@ -237,7 +237,7 @@ def enqueue_script_call(broker: RedisBroker, message: Message, timestamp_ms: int
     stores exactly what dramatiq would.
 
     This is dramatiq's internal calling convention, not its public API: the dependency is pinned
-    to the releases it holds for, and tests/test_dramatiq_contract.py compares it with what
+    to the releases it holds for, and tests/refunds/test_dramatiq_contract.py compares it with what
     ``RedisBroker.enqueue`` really passes. The order: command, timestamp, queue, broker id,
     heartbeat timeout, dead message TTL, do maintenance (no: workers do it), max unpack size
     (read only by maintenance and fetch), then the command's own: message id and data.

@@ -1,0 +1,200 @@
+"""refundctl token list|revoke and refund approve|reject|retry, against real Postgres and Redis.
+
+The commands run in-process (``refundctl.cli.main`` in a worker thread, so that its
+``asyncio.run`` has a thread of its own) with stdout and stderr captured; one test runs
+the installed ``refundctl`` script itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from refundctl.cli import main
+from refunds.payments import find_payment
+from refunds.states import transition
+from refunds.tokens import authenticate, create_token
+from tests.helpers import paid
+
+REDIS_DB = 13  # module_redis_url: a Redis database of our own
+
+
+def queued(client) -> list[str]:
+    return [json.loads(raw)["args"][0] for raw in client.hgetall("dramatiq:refunds.msgs").values()]
+
+
+@pytest.fixture
+def refundctl(capsys, queue):
+    """Run one refundctl command; returns (exit status, stdout, stderr)."""
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = await asyncio.to_thread(main, list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+
+async def create(refundctl, external_ref: str, amount: str = "10.00", requested_by: str = "alice") -> dict:
+    code, out, err = await refundctl(
+        "refund", "create", "--merchant", "m1", "--transaction", "CIP-1", "--amount", amount, "--currency", "PEN",
+        "--external-ref", external_ref, "--requested-by", requested_by, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+# --- tokens ----------------------------------------------------------------------------------
+
+async def test_token_list_shows_names_and_scopes_never_secrets_and_revoke_acts_at_once(db, make_merchant, refundctl):
+    await make_merchant("m1")
+    await make_merchant("m2")
+    alice = await create_token(db, "alice", ["m1"])
+    await create_token(db, "bob", ["m1", "m2"])
+
+    code, out, _ = await refundctl("token", "list", "--json")
+    assert code == 0
+    listed = json.loads(out)
+    assert [(t["name"], t["merchants"], t["active"]) for t in listed] == [("alice", ["m1"], True),
+                                                                         ("bob", ["m1", "m2"], True)]
+    assert alice not in out and "hash" not in out
+    code, out, _ = await refundctl("token", "list")
+    assert code == 0 and "alice" in out and "m1, m2" in out and alice not in out
+
+    code, out, _ = await refundctl("token", "revoke", "alice")
+    assert code == 0 and "token alice revoked" in out
+    assert await authenticate(db, alice) is None
+    listed = json.loads((await refundctl("token", "list", "--json"))[1])
+    assert listed[0]["name"] == "alice" and not listed[0]["active"] and listed[0]["revoked_at"]
+    code, _, err = await refundctl("token", "revoke", "alice")
+    assert code == 1 and "no active token named 'alice'" in err
+
+
+# --- approvals ---------------------------------------------------------------------------------
+
+async def test_approve_and_reject_follow_the_four_eyes_rule(db, make_merchant, refundctl, queue):
+    await make_merchant("m1", refund_mode="approval")
+    await paid(db)
+    first = await create(refundctl, "R-1")
+    second = await create(refundctl, "R-2", amount="30.00")
+    assert first["state"] == second["state"] == "awaiting_approval"
+    assert queued(queue) == []
+
+    for same in ("alice", "ALICE"):
+        code, _, err = await refundctl("refund", "approve", "R-1", "--by", same)
+        assert code == 1 and "requested this refund and cannot also approve it" in err, err
+    code, _, err = await refundctl("refund", "approve", "R-1", "--by", "bad name!")
+    assert code == 1 and "--by" in err
+    assert await db.fetchval("SELECT state FROM refunds WHERE external_ref = 'R-1'") == "awaiting_approval"
+
+    code, out, err = await refundctl("refund", "approve", "R-1", "--by", "bob", "--message", "checked", "--json")
+    assert code == 0, err
+    approved = json.loads(out)
+    assert approved["state"] == "queued"
+    assert (approved["events"][-1]["actor"], approved["events"][-1]["message"]) == ("approver:bob", "approved by bob: checked")
+    assert queued(queue) == [first["refund_id"]]
+    code, _, err = await refundctl("refund", "approve", first["refund_id"], "--by", "carol")
+    assert code == 1 and "not awaiting approval" in err
+
+    code, out, err = await refundctl("refund", "reject", second["refund_id"], "--by", "bob")
+    assert code == 0 and "rejected by bob: rejected" in out, err
+    events = await db.fetch("SELECT actor, to_state FROM refund_events WHERE refund_id = $1 ORDER BY event_id",
+                            await db.fetchval("SELECT refund_id FROM refunds WHERE external_ref = 'R-2'"))
+    assert [(e["actor"], e["to_state"]) for e in events] == [("alice", "awaiting_approval"), ("approver:bob", "rejected")]
+    assert (await find_payment(db, "m1", "CIP-1")).refunded_amount == Decimal("10.00")  # R-2's 30.00 released
+    assert queued(queue) == [first["refund_id"]]
+    code, _, err = await refundctl("refund", "reject", "R-404", "--by", "bob")
+    assert code == 1 and "no refund with id or external ref 'R-404'" in err
+
+
+async def test_the_api_and_the_command_share_one_approval_rule(db, make_merchant, refundctl):
+    """A refund asked for over HTTP by token 'alice' cannot be approved by an operator calling himself alice."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from producers.http import create_app
+
+    await make_merchant("m1", approval_threshold=Decimal("5.00"))
+    await paid(db)
+    token = await create_token(db, "alice", ["m1"])
+    async with TestClient(TestServer(create_app(database_url=os.environ["DATABASE_URL"]))) as http:
+        response = await http.post("/v1/refunds", headers={"Authorization": f"Bearer {token}"}, json={
+            "merchant_id": "m1", "original_transaction_id": "CIP-1", "amount": "9.00", "currency": "PEN",
+            "external_ref": "API-1"})
+        assert response.status == 202 and (await response.json())["state"] == "awaiting_approval"
+    code, _, err = await refundctl("refund", "approve", "API-1", "--by", "alice")
+    assert code == 1 and "cannot also approve" in err
+    code, _, err = await refundctl("refund", "approve", "API-1", "--by", "ops:bob")
+    assert code == 0, err
+
+
+# --- retry -------------------------------------------------------------------------------------
+
+async def test_retry_queues_again_audits_the_operator_and_delivers(db, make_merchant, refundctl, queue):
+    await make_merchant("m1")
+    await paid(db)
+    refund = await create(refundctl, "R-1", requested_by="refundctl")
+    assert queued(queue) == [refund["refund_id"]]
+    queue.flushdb()
+    code, _, err = await refundctl("refund", "retry", "R-1")
+    assert code == 1 and "only a refund in manual_review or failed can be retried" in err
+
+    refund_id = (await db.fetchval("SELECT refund_id FROM refunds"))
+    await transition(db, refund_id, "submitted", actor="worker")
+    await transition(db, refund_id, "manual_review", actor="worker", code="timeout")
+    code, out, err = await refundctl("refund", "retry", "R-1", "--by", "ops-carol", "--json")
+    assert code == 0, err
+    shown = json.loads(out)
+    assert shown["state"] == "queued"
+    assert (shown["events"][-1]["from_state"], shown["events"][-1]["actor"]) == ("manual_review", "operator:ops-carol")
+    assert queued(queue) == [refund["refund_id"]]  # delivered again, after the commit
+
+    await transition(db, refund_id, "submitted", actor="worker")
+    await transition(db, refund_id, "failed", actor="worker", code="605")
+    code, _, err = await refundctl("refund", "retry", refund["refund_id"])
+    assert code == 1 and "605" in err
+
+
+async def test_show_resolves_an_external_ref(db, make_merchant, refundctl):
+    await make_merchant("m1")
+    await paid(db)
+    refund = await create(refundctl, "R-9")
+    code, out, _ = await refundctl("refund", "show", "R-9", "--json")
+    assert code == 0 and json.loads(out)["refund_id"] == refund["refund_id"]
+
+
+# --- the installed script ----------------------------------------------------------------------
+
+async def test_the_refundctl_script(db, make_merchant, database_url, module_redis_url):
+    await make_merchant("m1")
+    await create_token(db, "svc-checkout", ["m1"])
+    script = Path(sys.executable).with_name("refundctl")
+    env = {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": module_redis_url}
+    done = await asyncio.to_thread(subprocess.run, [str(script), "token", "list", "--json"], env=env,
+                                   capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [t["name"] for t in json.loads(done.stdout)] == ["svc-checkout"]
+
+
+async def test_caller_text_reaches_the_terminal_escaped_never_as_sequences_or_markup(db, make_merchant, refundctl):
+    """A reason carrying an OSC hyperlink and an ANSI colour, and an audit message that looks like
+    Rich markup: `refund show` prints both as text, its exit status 0."""
+    await make_merchant("m1")
+    await paid(db)
+    refund = await create(refundctl, "R-ESC")
+    hostile = "\x1b]8;;https://evil.example\x07click\x1b]8;;\x07 \x1b[31mred\x1b[0m\r\nforged: line"
+    await db.execute("UPDATE refunds SET reason = $2 WHERE refund_id = $1::uuid", refund["refund_id"], hostile)
+    await db.execute("UPDATE refund_events SET message = '[/oops] [bold]x' WHERE refund_id = $1::uuid",
+                     refund["refund_id"])
+    code, out, err = await refundctl("refund", "show", "R-ESC")
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out
+    assert "\\x1b]8;;https://evil.example\\x07click" in out and "\\x0d\\x0aforged: line" in out
+    assert "[/oops] [bold]x" in out

@@ -1,0 +1,100 @@
+"""Merchant secrets at rest: sealed, bound to their row, and re-wrappable without downtime."""
+
+import asyncio
+import base64
+import os
+import subprocess
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+
+from refundctl.embedded import _postgres_bin_dir
+from refunds.errors import VaultError
+from pagoefectivo.protocol import public_key_pem
+from refunds.merchants import add_merchant, find_merchant, rewrap_all, rotate_secret
+from refunds.vault import LocalKeyProvider, Vault, generate_master_key
+from tests.helpers import FIXTURES
+
+SECRET = "Nfybo8h0yN7CFN1ycX+XaG99pj/y3Vt25urt1LUR"
+KEY_PEM = (FIXTURES / "merchant_test_key.pem").read_bytes()
+
+
+def pem_body(pem: bytes) -> str:
+    """The base64 body of a PEM key: what a thief would look for in a dump."""
+    return "".join(line for line in pem.decode().splitlines() if not line.startswith("-----"))
+
+
+async def test_a_stolen_dump_reveals_no_secret(db, database_url, make_merchant):
+    keys = await make_merchant("m1", secret_key=SECRET)
+    dump = subprocess.run([str(_postgres_bin_dir() / "pg_dump"), "--data-only", database_url],
+                          capture_output=True, check=True).stdout.decode()
+    assert "COPY public.merchants" in dump  # the dump really holds the merchants table
+    assert SECRET not in dump
+    body = pem_body(keys.private_key_pem)
+    assert body[:64] not in dump.replace("\n", "")
+    assert base64.b64encode(SECRET.encode()).decode() not in dump
+
+
+async def test_a_ciphertext_moved_to_another_row_does_not_open(db, vault, make_merchant):
+    await make_merchant("m1", secret_key=SECRET)
+    await make_merchant("m2", secret_key="other-secret")
+    await db.execute("""UPDATE merchants SET secret_key_sealed = (SELECT secret_key_sealed FROM merchants
+                        WHERE merchant_id = 'm1') WHERE merchant_id = 'm2'""")
+    stolen = await find_merchant(db, "m2")
+    with pytest.raises(VaultError):
+        stolen.secret_key(vault)
+    with pytest.raises(VaultError):  # nor as another field of the same row
+        vault.open((await find_merchant(db, "m1")).secret_key_sealed, "merchant:m1:private_key")
+
+
+async def test_secret_rotation_keeps_the_old_secret_for_the_overlap(db, vault, make_merchant):
+    await make_merchant("m1", secret_key=SECRET)
+    await rotate_secret(db, vault, "m1", "brand-new-secret", overlap=timedelta(hours=1))
+    merchant = await find_merchant(db, "m1")
+    assert merchant.secret_key(vault) == "brand-new-secret"
+    assert merchant.notification_secrets(vault) == ("brand-new-secret", SECRET)
+    later = merchant.previous_secret_valid_until + timedelta(seconds=1)
+    assert merchant.notification_secrets(vault, later) == ("brand-new-secret",)
+    with pytest.raises(ValueError):
+        await rotate_secret(db, vault, "m1", "brand-new-secret", overlap=timedelta(hours=1))
+
+
+NEW_MASTER_KEY = base64.b64decode(generate_master_key())
+
+
+@pytest.fixture
+def rotating_vault():
+    """What every process runs with during a rotation: the new key current, the old one still opening."""
+    return Vault(provider=LocalKeyProvider(NEW_MASTER_KEY, (base64.b64decode(os.environ["REFUNDS_MASTER_KEY"]),)))
+
+
+async def test_master_key_rotation_under_load_loses_nothing(db, database_url, vault, rotating_vault, redis_url,
+                                                            monkeypatch):
+    """Refunds go through the worker, sandbox and receiver while every data key is re-wrapped."""
+    from tests.workers import test_worker
+    for index in range(4):
+        await add_merchant(db, vault, merchant_id=f"r{index}", env="sandbox", service_id=100 + index,
+                           access_key=f"AKR{index}", secret_key=f"secret-{index}", private_key_pem=KEY_PEM,
+                           public_key_pem=public_key_pem(KEY_PEM), rate_limit=Decimal(1000))
+    async with test_worker.running_stack(database_url, redis_url, rotating_vault, monkeypatch) as stack:
+        res, sandbox_url, http = stack
+        await test_worker.chaos(http, sandbox_url, sync_status_mix={"success": 1})
+        ids = [(await test_worker.accepted_refund(db, external_ref=f"K-{i}", amount="1.00", merchant=f"r{i % 4}"))
+               .refund_id for i in range(60)]
+
+        async def rotate():
+            return await rewrap_all(db, rotating_vault)
+
+        rotated, _ = await asyncio.gather(rotate(), test_worker.settle_all(res, db, ids))
+        assert rotated == 4
+        states = [r["state"] for r in await db.fetch("SELECT state FROM refunds")]
+        assert states == ["succeeded"] * 60
+        assert len(await test_worker.ledger(http, sandbox_url)) == 60
+    after = Vault(NEW_MASTER_KEY)  # the old key is gone now
+    for index in range(4):
+        merchant = await find_merchant(db, f"r{index}")
+        assert merchant.secret_key(after) == f"secret-{index}"
+        assert merchant.private_key_pem(after) == KEY_PEM
+        with pytest.raises(VaultError):
+            merchant.secret_key(vault)
