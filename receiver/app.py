@@ -1,4 +1,4 @@
-"""The notify_url service: HTTP in front of ``events`` (CONTRACT §4.4).
+"""The notify_url service: HTTP in front of ``events``.
 
 Order of checks on a notification, cheapest and least trusting first: source address (403,
 only with an allow list, see ``sources``) → path → declared size → merchant (404) → body

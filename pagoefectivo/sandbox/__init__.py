@@ -1,4 +1,4 @@
-"""A faithful simulated PagoEfectivo gateway (CONTRACT §4.5) for the demo and the tests.
+"""A faithful simulated PagoEfectivo gateway (docs/PROTOCOL.md) for the demo and the tests.
 
 It speaks the wire protocol of ``pagoefectivo.protocol`` only (never the client), keeps
 its own tokens, CIPs, refunds and ledger in memory, reads merchants and payments from the

@@ -1,4 +1,4 @@
-"""Gateway faults on demand (CONTRACT §4.5), so the refund path is tested against a bad day.
+"""Gateway faults on demand (docs/PROTOCOL.md lists them), so the refund path is tested against a bad day.
 
 ``ChaosConfig`` is the set of knobs (the same names as ``POST /sandbox/chaos`` keys and, in
 kebab case, as ``sandbox serve`` flags); ``Chaos`` makes the random decisions from it.

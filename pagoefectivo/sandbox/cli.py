@@ -47,7 +47,7 @@ def flag(key: str) -> str:
 
 
 def build_parser(prog: str = "python -m pagoefectivo.sandbox") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="The PagoEfectivo sandbox gateway (CONTRACT §4.5).")
+    parser = argparse.ArgumentParser(prog=prog, description="The PagoEfectivo sandbox gateway (docs/PROTOCOL.md).")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"listen address (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
     parser.add_argument("--seed", metavar="FILE", default=None,

@@ -31,7 +31,7 @@ from refunds.payments import Payment, find_payments
 from refunds.vault import Vault
 
 ENVIRONMENT = "sandbox"
-NOTIFY_PATH = "/pagoefectivo/notifications/{merchant_id}"  # CONTRACT §2: the receiver's path per merchant
+NOTIFY_PATH = "/pagoefectivo/notifications/{merchant_id}"  # README: the receiver's path per merchant
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ ACTOR_TIME_LIMIT_S = int(re.search(r"time_limit=([\d_]+)", (ROOT / "workers" / "
                          .group(1).replace("_", "")) / 1000
 CONSUMER_STOP_S = 10  # after the workers: consumer threads stop and prefetched messages go back to Redis
 SERVICE_KINDS = {"intake", "receiver", "worker", "scheduler"}
-SERVED_PATHS = {  # what each service answers besides its API (CONTRACT §3, §4.4; workers/metrics.py)
+SERVED_PATHS = {  # what each service answers besides its API (producers/http.py, receiver/app.py, workers/metrics.py)
     "intake": {"/healthz", "/readyz", "/metrics"},
     "receiver": {"/healthz", "/readyz", "/metrics"},
     "worker": {"/metrics"},
