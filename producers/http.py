@@ -50,6 +50,9 @@ log = logging.getLogger("intake")
 
 MAX_BODY = 16 * 1024
 REQUEST_TIMEOUT = 15.0  # a Postgres that hangs (rather than refuses) still yields a prompt 503
+# A body still arriving after this long is the client's fault (408), not an outage: read under its
+# own, shorter bound, so that its TimeoutError is never taken for the database's.
+BODY_TIMEOUT = 10.0
 PROBE_TIMEOUT = 3.0
 API_VERSION = "1.0.0"
 
@@ -197,7 +200,13 @@ async def _read_json(request: web.Request, *, optional: bool = False) -> object:
     """The body as JSON, read with a hard cap. No field takes a JSON number (``amount`` is a
     decimal string), so numbers stay int/float here for the models to refuse."""
     _check_declared_size(request)
-    raw = await request.read()  # client_max_size stops a longer (chunked) body with 413
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()  # client_max_size stops a longer (chunked) body with 413
+    except TimeoutError:
+        log.warning("%s %s: the request body did not arrive within %.0f s (from %s)", request.method, request.path,
+                    BODY_TIMEOUT, request.remote)
+        raise ApiError(408, "request_timeout", f"the request body did not arrive within {BODY_TIMEOUT:.0f} s") from None
     if optional and not raw.strip():
         return {}
     try:

@@ -580,3 +580,33 @@ async def test_module_serves_until_sigterm(database_url, module_redis_url):
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_body_that_never_finishes_is_408_and_logged_not_a_database_outage(db, client, make_merchant,
+                                                                                 monkeypatch, caplog):
+    """A client that sends its headers and part of its body, then stalls: 408 once the body
+    timeout passes, logged as what it is (a TimeoutError is also an OSError, which once made it
+    a 503 'refund store unavailable' and a false database outage in the log)."""
+    import logging
+
+    from producers import http as intake
+
+    monkeypatch.setattr(intake, "BODY_TIMEOUT", 0.3)
+    await make_merchant("m1")
+    headers = await bearer(db)
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(("POST /v1/refunds HTTP/1.1\r\nHost: intake\r\nContent-Type: application/json\r\n"
+                      f"Authorization: {headers['Authorization']}\r\nContent-Length: 200\r\n\r\n"
+                      '{"merchant_id": "m1", ').encode())
+        await writer.drain()
+        with caplog.at_level(logging.WARNING, logger="producers.http"):
+            status_line = await asyncio.wait_for(reader.readline(), timeout=10)
+            answer = await asyncio.wait_for(reader.read(4096), timeout=10)
+    finally:
+        writer.close()
+    assert status_line.startswith(b"HTTP/1.1 408"), status_line
+    assert b'"request_timeout"' in answer
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("did not arrive within" in m for m in messages)
+    assert not any("database unavailable" in m for m in messages)
