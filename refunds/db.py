@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from decimal import Decimal
@@ -10,11 +11,47 @@ from pathlib import Path
 import asyncpg
 import simplejson
 
+from .errors import ConfigError
+
 SCHEMA_PATH = Path(__file__).resolve().parent / "schema.sql"  # shipped in the package: a plain install can migrate
 MIGRATION_LOCK = 0x7265_6675_6E64  # advisory lock id: one migration at a time
+POOLER_FOUND = ("DATABASE_URL reaches Postgres through a connection pooler (PgBouncer?) but DATABASE_POOLER=none: "
+                "set DATABASE_POOLER=transaction (or =prepared if it keeps prepared statements per client)")
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+def pooler_setting(pooler: str | None = None) -> str:
+    """``pooler`` or DATABASE_POOLER, read afresh: a first connection must not fill
+    ``get_settings``' cache before a tool or test has set the rest of the environment."""
+    if pooler is not None:
+        return pooler
+    from pydantic import ValidationError
+
+    from .settings import Settings, get_settings
+
+    try:
+        return Settings().database_pooler
+    except ValidationError:
+        return get_settings().database_pooler  # raises ConfigError naming the malformed setting
+
+
+def _statement_options(pooler: str) -> dict:
+    """asyncpg names the statements it caches; behind a transaction pooler the next transaction
+    may run on another server connection, where that name is missing or is another client's
+    statement. Without the cache every statement is unnamed and parsed with its own execution."""
+    return {"statement_cache_size": 0} if pooler == "transaction" else {}
+
+
+async def _refuse_pooler(conn: asyncpg.Connection) -> None:
+    """A pooler answers the startup with its own backend key, so its pid is not the backend's.
+    Run before any prepared statement (simple protocol) so a pooler cannot mix them up first."""
+    status = await conn.execute(f"SELECT 1 WHERE pg_backend_pid() = {int(conn.get_server_pid())}")
+    if status != "SELECT 1":
+        raise ConfigError(POOLER_FOUND)
+
+
+async def _init_connection(conn: asyncpg.Connection, *, pooler: str = "none") -> None:
+    if pooler == "none":
+        await _refuse_pooler(conn)
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog",
         encoder=lambda value: simplejson.dumps(value, use_decimal=True),
@@ -31,9 +68,16 @@ def application_name() -> str:
     return name.removesuffix(".__main__")[:63]
 
 
-async def connect(dsn: str) -> asyncpg.Connection:
-    conn = await asyncpg.connect(dsn, server_settings={"application_name": application_name()})
-    await _init_connection(conn)
+async def connect(dsn: str, *, pooler: str | None = None) -> asyncpg.Connection:
+    """One connection; ``pooler`` defaults to DATABASE_POOLER."""
+    pooler = pooler_setting(pooler)
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": application_name()},
+                                 **_statement_options(pooler))
+    try:
+        await _init_connection(conn, pooler=pooler)
+    except BaseException:
+        conn.terminate()
+        raise
     return conn
 
 
@@ -42,16 +86,19 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     session advisory locks, SET or open cursors), and an open transaction is still rolled back."""
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, pooler: str | None = None) -> asyncpg.Pool:
+    """A pool; ``pooler`` defaults to DATABASE_POOLER."""
+    pooler = pooler_setting(pooler)
     return await asyncpg.create_pool(
-        dsn, min_size=min_size, max_size=max_size, init=_init_connection, reset=_keep_session,
-        server_settings={"application_name": application_name()})
+        dsn, min_size=min_size, max_size=max_size, init=functools.partial(_init_connection, pooler=pooler),
+        reset=_keep_session, server_settings={"application_name": application_name()}, **_statement_options(pooler))
 
 
-async def migrate(dsn: str) -> None:
-    """Apply schema.sql; every statement in it is idempotent."""
+async def migrate(dsn: str, *, pooler: str | None = None) -> None:
+    """Apply schema.sql; every statement in it is idempotent. One transaction: it may go through
+    a transaction pooler too (with DATABASE_POOLER set for it)."""
     sql = SCHEMA_PATH.read_text()
-    conn = await asyncpg.connect(dsn)
+    conn = await connect(dsn, pooler=pooler)
     try:
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)

@@ -1,7 +1,9 @@
 """The reconciliation export: every refund linked to its original transaction.
 
 Rows stream from a server-side cursor, so a month of refunds never sits in memory;
-totals per merchant and currency are summed on the way.
+totals per merchant and currency are summed on the way. The cursor is SQL (DECLARE, FETCH)
+rather than asyncpg's, which prepares a named statement: behind a transaction pooler
+(DATABASE_POOLER=transaction) that name would outlive the transaction on a shared connection.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ JOIN payments p ON p.merchant_id = r.merchant_id AND p.transaction_id = r.origin
 WHERE r.created_at >= $1 AND r.created_at < $2
 ORDER BY r.created_at, r.refund_id
 """
+_BATCH = 500  # rows per FETCH
 
 
 @dataclass
@@ -64,11 +67,13 @@ async def refund_rows(conn: asyncpg.Connection, date_from: datetime, date_to: da
     if date_from.tzinfo is None or date_to.tzinfo is None:
         raise ValueError("report bounds must be timezone-aware")
     async with conn.transaction(readonly=True, isolation="repeatable_read"):
-        async for record in conn.cursor(_QUERY, date_from, date_to, prefetch=500):
-            row = dict(record)
-            if totals is not None:
-                totals.add(row)
-            yield row
+        await conn.execute(f"DECLARE refund_report NO SCROLL CURSOR FOR {_QUERY}", date_from, date_to)
+        while records := await conn.fetch(f"FETCH {_BATCH} FROM refund_report"):
+            for record in records:
+                row = dict(record)
+                if totals is not None:
+                    totals.add(row)
+                yield row
 
 
 def as_text(row: dict) -> dict[str, str]:

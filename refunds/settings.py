@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
     database_url: str | None = None
+    # What is between DATABASE_URL and Postgres (docs/DEPLOYMENT.md "PgBouncer"): none (checked on
+    # every new connection), a pooler in transaction mode (no named prepared statements), or one
+    # that keeps each client's prepared statements (PgBouncer >= 1.21 with max_prepared_statements).
+    database_pooler: Literal["none", "transaction", "prepared"] = "none"
     redis_url: str | None = None
     refunds_master_key: str | None = Field(default=None, repr=False)
     refunds_master_key_file: Path | None = None
