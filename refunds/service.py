@@ -1,13 +1,16 @@
 """The life of a long-running HTTP service process (intake, receiver, sandbox), written once.
 
 Settings are read before anything starts, so a missing one stops the process with one
-line naming it (exit 2); a port that cannot be bound is one line too (exit 1); SIGTERM
-and SIGINT finish in-flight requests and run the app's cleanup hooks.
+line naming it (exit 2); a port that cannot be bound, or a database or Redis away at start,
+is one line too (exit 3); SIGTERM and SIGINT finish in-flight requests and run the app's
+cleanup hooks. The exit statuses and the one line each expected failure prints are here,
+for refundctl too, so that every command and service answers the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import signal
 import sys
@@ -16,8 +19,54 @@ from collections.abc import Callable
 import uvloop  # libuv's event loop: the services spend their time in socket round trips
 
 from . import logs
-from .errors import ConfigError
+from .errors import ConfigError, RefundsError, VaultError
 from .settings import Settings, get_settings
+
+
+# Exit statuses of every service and refundctl command (README "Exit statuses"). systemd's
+# RestartPreventExitStatus=2: a configuration error is not fixed by a restart; an outage may be.
+OK = 0
+FINDINGS = 1  # the command ran and found something: disagreements, refused rows, no such refund
+USAGE = 2  # a bad argument or setting
+UNAVAILABLE = 3  # a dependency is away: the database, Redis, the gateway
+INTERRUPTED = 130  # Ctrl-C, as shells count it
+
+
+class Usage(RefundsError):
+    """A command's arguments do not make sense together (one alone is argparse's to refuse)."""
+
+
+class Unavailable(RefundsError):
+    """A dependency (the gateway, a port to listen on, ...) is away; trying again later may work."""
+
+
+def failure(exc: BaseException) -> tuple[int, str] | None:
+    """The exit status and one line for an expected failure; None for a bug, which keeps its traceback."""
+    import asyncpg
+    import redis.exceptions
+
+    if isinstance(exc, (ConfigError, VaultError, Usage)):
+        return USAGE, str(exc)
+    if isinstance(exc, Unavailable):
+        return UNAVAILABLE, str(exc)
+    if isinstance(exc, RefundsError):
+        return FINDINGS, str(exc)
+    if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):  # wrong user or password
+        return USAGE, f"database refused the login (DATABASE_URL): {exc}"
+    if isinstance(exc, asyncpg.UndefinedTableError):
+        return UNAVAILABLE, f"database has no schema yet (run refundctl db migrate): {exc}"
+    if isinstance(exc, (asyncpg.InvalidCatalogNameError, asyncpg.exceptions.PostgresConnectionError,
+                        asyncpg.exceptions.OperatorInterventionError, asyncpg.exceptions.InsufficientResourcesError)):
+        return UNAVAILABLE, f"database unavailable: {exc}"
+    if isinstance(exc, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+        return UNAVAILABLE, f"Redis unavailable: {exc}"
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):  # names the address
+        return UNAVAILABLE, f"cannot listen: {exc}"
+    if isinstance(exc, OSError) and exc.filename is not None:  # a file named in an argument or setting
+        return USAGE, f"{exc.filename}: {exc.strerror}"
+    if isinstance(exc, OSError):  # refused, reset, unknown host, timed out: asyncpg lets these through as they are
+        return UNAVAILABLE, f"cannot connect: {exc.strerror or exc or type(exc).__name__}"
+    return None
 
 
 def load_settings(name: str, check: Callable[[Settings], object] | None = None) -> Settings | None:
@@ -38,12 +87,23 @@ def load_settings(name: str, check: Callable[[Settings], object] | None = None) 
 
 def run(name: str, app, host: str, port: int, **runner_options) -> int:
     """Serve ``app`` until SIGTERM/SIGINT; the exit status for ``main``."""
+    return guarded(name, lambda: uvloop.run(_serve(name, app, host, port, runner_options)))
+
+
+def guarded(name: str, body: Callable[[], int | None]) -> int:
+    """Run a process's ``body``; an expected failure ends it with ``name: <one line>`` and its status."""
     try:
-        uvloop.run(_serve(name, app, host, port, runner_options))
-    except OSError as exc:  # the port is taken, or the host is not ours
-        print(f"{name}: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    return 0
+        return body() or OK
+    except KeyboardInterrupt:
+        return INTERRUPTED
+    except Exception as exc:
+        found = failure(exc)
+        if found is None:
+            raise
+        print(f"{name}: {found[1]}", file=sys.stderr)
+        return found[0]
+
+
 
 
 async def _serve(name: str, app, host: str, port: int, runner_options: dict) -> None:

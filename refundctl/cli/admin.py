@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import asyncio
 
-from .common import dsn, vault, with_conn
+from .common import database, emit, vault, with_conn, with_json
 
 
 def cmd_db_migrate(args) -> int:
     from refunds import db
 
-    asyncio.run(db.migrate(dsn()))
-    print("schema applied")
+    asyncio.run(database(db.migrate))
+    emit(args, {"schema": "applied"}, lambda: print("schema applied"))
     return 0
 
 
 def cmd_keys_generate(args) -> int:
     from refunds.vault import generate_master_key
 
-    print(generate_master_key())
+    key = generate_master_key()
+    emit(args, {"master_key": key}, lambda: print(key))
     return 0
 
 
@@ -33,16 +34,17 @@ def cmd_keys_rotate_master(args) -> int:
 
     sealer = vault()
     count = asyncio.run(with_conn(lambda conn: rewrap_all(conn, sealer)))
-    print(f"re-wrapped the data keys of {count} merchants with the current master key")
+    emit(args, {"merchants_rewrapped": count},
+         lambda: print(f"re-wrapped the data keys of {count} merchants with the current master key"))
     return 0
 
 
 def register(sub) -> None:
     dbp = sub.add_parser("db").add_subparsers(dest="db_command", required=True)
-    dbp.add_parser("migrate", help="apply schema.sql (safe to run again)").set_defaults(func=cmd_db_migrate)
+    with_json(dbp.add_parser("migrate", help="apply schema.sql (safe to run again)")).set_defaults(func=cmd_db_migrate)
 
     keys = sub.add_parser("keys").add_subparsers(dest="keys_command", required=True)
-    keys.add_parser("generate", help="print a new REFUNDS_MASTER_KEY").set_defaults(func=cmd_keys_generate)
-    keys.add_parser(
+    with_json(keys.add_parser("generate", help="print a new REFUNDS_MASTER_KEY")).set_defaults(func=cmd_keys_generate)
+    with_json(keys.add_parser(
         "rotate-master", help="re-wrap every data key with REFUNDS_MASTER_KEY (old key in REFUNDS_PREVIOUS_MASTER_KEYS)"
-    ).set_defaults(func=cmd_keys_rotate_master)
+    )).set_defaults(func=cmd_keys_rotate_master)

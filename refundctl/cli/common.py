@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+from datetime import datetime, timezone
 
 from refunds.errors import ConfigError, NotFound, RefundRefused, RefundsError  # noqa: F401  (re-exported)
+from refunds.service import Unavailable, Usage  # noqa: F401  (re-exported)
 
 
 def settings():
@@ -56,10 +59,19 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
     Console().print(shown)
 
 
+async def database(connect):
+    """``await connect(DATABASE_URL)``, naming the database when it cannot be reached (asyncpg
+    lets a refused connection or an unknown host through as a bare OSError)."""
+    try:
+        return await connect(dsn())
+    except OSError as exc:
+        raise Unavailable(f"database unavailable: {exc.strerror or exc or type(exc).__name__}") from None
+
+
 async def with_conn(fn):
     from refunds import db
 
-    conn = await db.connect(dsn())
+    conn = await database(db.connect)
     try:
         return await fn(conn)
     finally:
@@ -70,3 +82,59 @@ def with_json(parser):
     parser.add_argument("--json", action="store_true", help="print one JSON document")
     return parser
 
+
+
+# --- lists: --limit and an --after cursor ------------------------------------------------------
+
+DEFAULT_LIMIT = 100
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def with_page(parser):
+    """--json, --limit and --after on a list command (README "Lists")."""
+    with_json(parser)
+    parser.add_argument("--limit", type=positive, default=DEFAULT_LIMIT, help=f"rows at most (default {DEFAULT_LIMIT})")
+    parser.add_argument("--after", metavar="CURSOR", default=None,
+                        help="start after this cursor: the next cursor the previous page printed")
+    return parser
+
+
+def stamp(moment: datetime) -> str:
+    """A time as a cursor part: UTC, fixed width, so that text order is time order."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def page(args, items: list, key, *, parts: int, newest_first: bool = False) -> tuple[list, str | None]:
+    """Keyset paging: at most --limit of ``items`` after the --after cursor, in the order of ``key``
+    (a tuple of ``parts`` texts, the last one free, joined by commas as the cursor); and the next
+    cursor, None on the last page. A row added or changed between pages never shifts the rest."""
+    ordered = sorted(items, key=key, reverse=newest_first)
+    if args.after is not None:
+        after = tuple(args.after.split(",", parts - 1))
+        if len(after) != parts:
+            raise Usage(f"--after {args.after!r} is not a cursor of this list ({parts} parts joined by commas)")
+        ordered = [item for item in ordered if (key(item) < after if newest_first else key(item) > after)]
+    shown = ordered[:args.limit]
+    return shown, ",".join(key(shown[-1])) if len(ordered) > args.limit else None
+
+
+def emit_page(args, name: str, views: list[dict], cursor: str | None, human) -> None:
+    """A page of a list: ``{name: [...], "next_cursor": ...}`` with --json, else ``human()`` and how
+    to ask for the next page."""
+    if getattr(args, "json", False):
+        print(json.dumps({name: views, "next_cursor": cursor}, indent=2, default=str))
+        return
+    human()
+    if cursor is not None:
+        import shlex
+
+        print(f"more: add --after {terminal_safe(shlex.quote(cursor))}")

@@ -7,7 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from .common import (
-    RefundsError, emit, table, vault, with_conn, with_json,
+    Usage, emit, emit_page, page, table, vault, with_conn, with_json, with_page,
 )
 
 
@@ -21,17 +21,17 @@ def cmd_merchant_add(args) -> int:
     try:
         public_pem = public_key_pem(private_pem)
     except (ValueError, TypeError) as exc:
-        raise RefundsError(f"--private-key-file is not an unencrypted PEM RSA private key: {exc}") from None
+        raise Usage(f"--private-key-file is not an unencrypted PEM RSA private key: {exc}") from None
     if not secret:
-        raise RefundsError("--secret-key-file is empty")
+        raise Usage("--secret-key-file is empty")
     sealer = vault()
 
     async def run(conn):
         return await add_merchant(
             conn, sealer, merchant_id=args.id, env=args.env, service_id=args.service_id, access_key=args.access_key,
             secret_key=secret, private_key_pem=private_pem, public_key_pem=public_pem,
-            rate_limit=Decimal(args.rate_limit), refund_mode=args.refund_mode, notify_url=args.notify_url,
-            approval_threshold=Decimal(args.approval_threshold) if args.approval_threshold else None,
+            rate_limit=args.rate_limit, refund_mode=args.refund_mode, notify_url=args.notify_url,
+            approval_threshold=args.approval_threshold,
         )
 
     merchant = asyncio.run(with_conn(run))
@@ -43,8 +43,9 @@ def cmd_merchant_list(args) -> int:
     from refunds.merchants import list_merchants
 
     merchants = asyncio.run(with_conn(list_merchants))
-    views = [m.public_view() for m in merchants]
-    emit(args, views, lambda: table(
+    shown, cursor = page(args, merchants, lambda m: (m.merchant_id,), parts=1)
+    views = [m.public_view() for m in shown]
+    emit_page(args, "merchants", views, cursor, lambda: table(
         "merchants", ["merchant", "env", "service id", "rate/s", "mode", "approval above"],
         [[v["merchant_id"], v["env"], v["service_id"], v["rate_limit"], v["refund_mode"], v["approval_threshold"]] for v in views],
     ))
@@ -63,10 +64,23 @@ def cmd_merchant_rotate_secret(args) -> int:
         until = asyncio.run(with_conn(lambda conn: rotate_secret(
             conn, sealer, args.id, secret, overlap=timedelta(hours=args.overlap_hours))))
     except ValueError as exc:
-        raise RefundsError(f"--secret-key-file: {exc}") from None
+        raise Usage(f"--secret-key-file: {exc}") from None
     emit(args, {"merchant_id": args.id, "previous_secret_valid_until": until.isoformat()},
          lambda: print(f"merchant {args.id}: new secret in use; the old one verifies notifications until {until}"))
     return 0
+
+
+def _decimal(text: str) -> Decimal:
+    import argparse
+    from decimal import InvalidOperation
+
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value.is_finite() or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of at least 0")
+    return value
 
 
 def register(sub) -> None:
@@ -78,12 +92,12 @@ def register(sub) -> None:
     add.add_argument("--access-key", required=True)
     add.add_argument("--secret-key-file", required=True)
     add.add_argument("--private-key-file", required=True)
-    add.add_argument("--rate-limit", default="10", help="refunds per second at the gateway")
-    add.add_argument("--approval-threshold", default=None)
+    add.add_argument("--rate-limit", type=_decimal, default=Decimal("10"), help="refunds per second at the gateway")
+    add.add_argument("--approval-threshold", type=_decimal, default=None)
     add.add_argument("--refund-mode", default="auto", choices=["auto", "approval", "off"])
     add.add_argument("--notify-url", default=None)
     add.set_defaults(func=cmd_merchant_add)
-    with_json(merchant.add_parser("list")).set_defaults(func=cmd_merchant_list)
+    with_page(merchant.add_parser("list", help="by merchant id")).set_defaults(func=cmd_merchant_list)
     rotate = with_json(merchant.add_parser("rotate-secret", help="replace a merchant's secretKey, with an overlap"))
     rotate.add_argument("--id", required=True)
     rotate.add_argument("--secret-key-file", required=True)

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import asyncio
 
-from .common import emit, table, with_conn, with_json
+from .common import emit, emit_page, page, stamp, table, with_conn, with_json, with_page
 
 
 def cmd_notifications_list(args) -> int:
     from receiver.inbox import list_notifications
 
     found = asyncio.run(with_conn(lambda conn: list_notifications(
-        conn, result=args.result, merchant_id=args.merchant, event_type=args.event_type, limit=args.limit)))
-    views = [n.to_json() for n in found]
-    emit(args, views, lambda: table(
+        conn, result=args.result, merchant_id=args.merchant, event_type=args.event_type, limit=None)))
+    shown, cursor = page(args, found, lambda n: (stamp(n.received_at), n.merchant_id, n.operation_number), parts=3,
+                         newest_first=True)
+    views = [n.to_json() for n in shown]
+    emit_page(args, "notifications", views, cursor, lambda: table(
         "notifications", ["received", "merchant", "operation", "event", "result", "reference", "amount"],
         [[v["received_at"], v["merchant_id"], v["operation_number"], v["event_type"], v["result"], v["reference"],
           f'{v["amount"]} {v["currency"] or ""}'.strip() if v["amount"] is not None else None] for v in views],
@@ -49,29 +51,16 @@ def _days(text: str) -> int:
     return days
 
 
-def _limit(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
-    return value
-
-
 def register(sub) -> None:
-    from receiver.inbox import DEFAULT_LIMIT, RESULTS
+    from receiver.inbox import RESULTS
 
     group = sub.add_parser("notifications", help="notifications the receiver kept").add_subparsers(
         dest="notifications_command", required=True)
-    nlist = with_json(group.add_parser("list", help="newest first"))
+    nlist = with_page(group.add_parser("list", help="newest first"))
     nlist.add_argument("--result", default=None, choices=RESULTS,
                        help="unknown: refund or event type we do not know; mismatch: contradicts our record")
     nlist.add_argument("--merchant", default=None)
     nlist.add_argument("--event-type", default=None)
-    nlist.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT)
     nlist.set_defaults(func=cmd_notifications_list)
     purge = with_json(group.add_parser("purge", help="delete deduplication rows past the retention window"))
     purge.add_argument("--older-than-days", type=_days, default=30)

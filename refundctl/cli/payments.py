@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime, timezone
 
 from .common import (
-    RefundsError, emit, table, with_conn, with_json,
+    Usage, emit, emit_page, page, table, with_conn, with_json, with_page,
 )
 
 
@@ -14,9 +14,12 @@ def cmd_payment_record(args) -> int:
     from refunds.money import parse_amount, parse_currency
     from refunds.payments import record_payment
 
-    paid_at = datetime.fromisoformat(args.paid_at) if args.paid_at else datetime.now(timezone.utc)
-    if paid_at.tzinfo is None:
-        raise RefundsError("--paid-at must carry a UTC offset, e.g. 2026-11-20T10:00:00-05:00")
+    try:
+        paid_at = datetime.fromisoformat(args.paid_at) if args.paid_at else datetime.now(timezone.utc)
+    except ValueError:
+        paid_at = None
+    if paid_at is None or paid_at.tzinfo is None:
+        raise Usage("--paid-at must be ISO-8601 with a UTC offset, e.g. 2026-11-20T10:00:00-05:00")
     amount, currency = parse_amount(args.amount), parse_currency(args.currency)
 
     async def run(conn):
@@ -37,8 +40,9 @@ def cmd_payment_list(args) -> int:
     from refunds.payments import list_payments
 
     payments = asyncio.run(with_conn(lambda conn: list_payments(conn, args.merchant)))
-    views = [p.to_json() for p in payments]
-    emit(args, views, lambda: table(
+    shown, cursor = page(args, payments, lambda p: (p.merchant_id, p.transaction_id), parts=2)
+    views = [p.to_json() for p in shown]
+    emit_page(args, "payments", views, cursor, lambda: table(
         "payments", ["merchant", "transaction", "amount", "currency", "method", "paid at", "refunded"],
         [[v["merchant_id"], v["transaction_id"], v["amount"], v["currency"], v["method"], v["paid_at"], v["refunded_amount"]] for v in views],
     ))
@@ -56,6 +60,6 @@ def register(sub) -> None:
     record.add_argument("--method", default="cash", choices=["cash", "bank_transfer"])
     record.add_argument("--paid-at", default=None, help="ISO-8601 with offset (default: now)")
     record.set_defaults(func=cmd_payment_record)
-    plist = with_json(payment.add_parser("list"))
+    plist = with_page(payment.add_parser("list", help="by merchant and transaction"))
     plist.add_argument("--merchant", default=None)
     plist.set_defaults(func=cmd_payment_list)

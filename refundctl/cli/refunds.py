@@ -13,7 +13,8 @@ import json
 import sys
 
 from .common import (
-    NotFound, RefundRefused, RefundsError, dsn, emit, table, terminal_safe, with_conn, with_json,
+    NotFound, RefundRefused, Unavailable, Usage, dsn, emit, emit_page, page, stamp, table,
+    positive, terminal_safe, with_conn, with_json, with_page,
 )
 
 OPERATOR = "refundctl"  # requested_by / actor when the operator gives no name
@@ -47,8 +48,9 @@ def cmd_refund_list(args) -> int:
     from refunds.records import list_refunds
 
     refunds = asyncio.run(with_conn(lambda conn: list_refunds(conn, merchant_id=args.merchant, state=args.state)))
-    views = [r.to_json() for r in refunds]
-    emit(args, views, lambda: table(
+    shown, cursor = page(args, refunds, lambda r: (stamp(r.created_at), str(r.refund_id)), parts=2)
+    views = [r.to_json() for r in shown]
+    emit_page(args, "refunds", views, cursor, lambda: table(
         "refunds", ["refund", "merchant", "external ref", "transaction", "amount", "state", "updated"],
         [[v["refund_id"], v["merchant_id"], v["external_ref"], v["original_transaction_id"],
           f'{v["amount"]} {v["currency"]}', v["state"], v["updated_at"]] for v in views],
@@ -70,7 +72,7 @@ async def resolve(conn, ref: str):
     if refund is None:
         rows = await conn.fetch("SELECT merchant_id FROM refunds WHERE external_ref = $1", ref)
         if len(rows) > 1:
-            raise RefundsError(f"external ref {ref!r} is used by several merchants; give the refund id")
+            raise Usage(f"external ref {ref!r} is used by several merchants; give the refund id")
         if rows:
             refund = await find_by_external_ref(conn, rows[0]["merchant_id"], ref)
     if refund is None:
@@ -105,7 +107,7 @@ def _check_name(name: str) -> str:
     from refunds.tokens import NAME
 
     if not NAME.fullmatch(name or ""):
-        raise RefundsError("--by must be 1-64 characters of letters, digits, and _ . @ : -")
+        raise Usage("--by must be 1-64 characters of letters, digits, and _ . @ : -")
     return name
 
 
@@ -201,7 +203,7 @@ def cmd_refund_import(args) -> int:
         if isinstance(exc, FileNotFoundError):
             raise
         done = sum(counts.values())
-        raise RefundsError(
+        raise Unavailable(
             f"import stopped after {done} rows ({type(exc).__name__}: {exc}); the rows accepted so far stay "
             "accepted: import the same file again to finish it") from None
     except CsvHeaderError as exc:
@@ -218,15 +220,6 @@ def cmd_refund_import(args) -> int:
         f"{counts['refused']} refused"
     ))
     return 1 if counts["refused"] else 0
-
-
-def _positive(text: str) -> int:
-    import argparse
-
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def register(sub) -> None:
@@ -249,16 +242,19 @@ def register(sub) -> None:
                     "may be left out). Amounts are decimal strings such as 10.50. Each refused row is reported on "
                     "stderr (and in --json) with its line number and reason; importing the same file again "
                     "creates nothing new. Exit status: 0 when every row was accepted or already accepted, 1 when "
-                    "any row was refused (or the header is unusable)."))
+                    "any row was refused (or the header is unusable), 2 when FILE cannot be read, 3 when the database "
+                    "is away (import the same file again later to finish)."))
     rimport.add_argument("file", metavar="FILE.csv")
     rimport.add_argument("--requested-by", default=OPERATOR, metavar="NAME",
                          help=f"recorded as each refund's requester (default {OPERATOR}); an approver must differ")
-    rimport.add_argument("--concurrency", type=_positive, default=8, help="refunds accepted at once (pool size)")
+    rimport.add_argument("--concurrency", type=positive, default=8, help="refunds accepted at once (pool size)")
     rimport.set_defaults(func=cmd_refund_import)
 
-    rlist = with_json(refund.add_parser("list"))
+    from refunds.states import STATES
+
+    rlist = with_page(refund.add_parser("list", help="oldest first"))
     rlist.add_argument("--merchant", default=None)
-    rlist.add_argument("--state", default=None)
+    rlist.add_argument("--state", default=None, choices=STATES)
     rlist.set_defaults(func=cmd_refund_list)
     show = with_json(refund.add_parser("show", help="a refund and its whole event history"))
     show.add_argument("ref", help="refund id or external ref")

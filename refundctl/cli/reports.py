@@ -9,7 +9,7 @@ import sys
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 
-from .common import RefundsError, settings, table, vault, with_conn
+from .common import Unavailable, Usage, settings, table, vault, with_conn, with_json
 
 LIMA = timezone(timedelta(hours=-5))
 
@@ -20,17 +20,17 @@ def _bounds(args) -> tuple[datetime, datetime]:
         try:
             moment = datetime.fromisoformat(text)
         except ValueError:
-            raise RefundsError(f"{'--to' if end else '--from'} {text!r} is not a date (YYYY-MM-DD)") from None
+            raise Usage(f"{'--to' if end else '--from'} {text!r} is not a date (YYYY-MM-DD)") from None
         if len(text) == 10:  # a calendar day
             day = date.fromisoformat(text) + timedelta(days=1 if end else 0)
             return datetime.combine(day, time(), LIMA)
         if moment.tzinfo is None:
-            raise RefundsError(f"{text!r} needs a UTC offset")
+            raise Usage(f"{text!r} needs a UTC offset")
         return moment
 
     start, stop = parse(args.date_from, False), parse(args.date_to, True)
     if stop <= start:
-        raise RefundsError("--to is before --from")
+        raise Usage("--to is before --from")
     return start, stop
 
 
@@ -42,7 +42,7 @@ def cmd_report_refunds(args) -> int:
 
     async def run(conn):
         out = sys.stdout
-        if args.format == "csv":
+        if args.format == "csv" and not args.json:
             writer = csv.DictWriter(out, fieldnames=COLUMNS)
             writer.writeheader()
             async for row in refund_rows(conn, start, stop, totals):
@@ -56,7 +56,7 @@ def cmd_report_refunds(args) -> int:
             out.write('\n], "totals": ' + json.dumps(totals.to_json()) + "}\n")
 
     asyncio.run(with_conn(run))
-    if args.format == "csv":  # the CSV stays machine-readable; totals go to stderr
+    if args.format == "csv" and not args.json:  # the CSV stays machine-readable; totals go to stderr
         print("totals: " + json.dumps(totals.to_json()), file=sys.stderr)
     return 0
 
@@ -65,6 +65,7 @@ def cmd_reconcile(args) -> int:
     import aiohttp
 
     from pagoefectivo.client import PagoEfectivoClient
+    from pagoefectivo.errors import GatewayError
 
     from ..reconcile import reconcile
 
@@ -79,7 +80,10 @@ def cmd_reconcile(args) -> int:
             async for disagreement in reconcile(conn, client, sealer, start, stop, ledger=ledger):
                 found.append(disagreement)
 
-    asyncio.run(with_conn(run))
+    try:
+        asyncio.run(with_conn(run))
+    except (aiohttp.ClientError, GatewayError) as exc:  # a dependency away (exit 3), not a finding (exit 1)
+        raise Unavailable(f"gateway unavailable: {exc or type(exc).__name__}") from None
     if args.json:
         print(json.dumps([d.to_json() for d in found], indent=2))
     elif found:
@@ -99,12 +103,12 @@ async def _load_ledger(source: str) -> list[dict]:
 
         async with aiohttp.ClientSession() as session, session.get(source) as response:
             if response.status != 200:
-                raise RefundsError(f"--ledger {source}: HTTP {response.status}")
+                raise Unavailable(f"--ledger {source}: HTTP {response.status}")
             return loads(await response.read())
     try:
         return loads(Path(source).read_bytes())
     except (OSError, ValueError) as exc:
-        raise RefundsError(f"--ledger {source}: {exc}") from None
+        raise Usage(f"--ledger {source}: {exc}") from None
 
 
 def register(sub) -> None:
@@ -113,11 +117,12 @@ def register(sub) -> None:
     refunds.add_argument("--from", dest="date_from", required=True, help="YYYY-MM-DD (Lima) or ISO-8601")
     refunds.add_argument("--to", dest="date_to", required=True, help="YYYY-MM-DD inclusive (Lima) or ISO-8601")
     refunds.add_argument("--format", choices=["csv", "json"], default="csv")
+    with_json(refunds)  # the same as --format json
     refunds.set_defaults(func=cmd_report_refunds)
 
     rec = sub.add_parser("reconcile", help="ask the gateway about every refund of a period; list disagreements")
     rec.add_argument("--from", dest="date_from", required=True)
     rec.add_argument("--to", dest="date_to", required=True)
     rec.add_argument("--ledger", help="the gateway's ledger: a JSON file or URL of executed refunds")
-    rec.add_argument("--json", action="store_true")
+    with_json(rec)
     rec.set_defaults(func=cmd_reconcile)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from .common import (
-    NotFound, emit, table, with_conn, with_json,
+    NotFound, emit, emit_page, page, table, with_conn, with_json, with_page,
 )
 
 
@@ -24,8 +24,8 @@ def cmd_token_create(args) -> int:
 def cmd_token_list(args) -> int:
     from refunds.tokens import list_tokens
 
-    tokens = asyncio.run(with_conn(list_tokens))
-    emit(args, tokens, lambda: table(
+    tokens, cursor = page(args, asyncio.run(with_conn(list_tokens)), lambda t: (t["name"],), parts=1)
+    emit_page(args, "tokens", tokens, cursor, lambda: table(
         "intake API tokens", ["name", "merchants", "created", "revoked"],
         [[t["name"], ", ".join(t["merchants"]), t["created_at"], t["revoked_at"] or ""] for t in tokens],
     ))
@@ -47,7 +47,7 @@ def register(sub) -> None:
     create.add_argument("--name", required=True)
     create.add_argument("--merchant", required=True, action="append")
     create.set_defaults(func=cmd_token_create)
-    with_json(token.add_parser("list", help="every token, active or revoked (never the secret)")).set_defaults(
+    with_page(token.add_parser("list", help="every token, active or revoked (never the secret)")).set_defaults(
         func=cmd_token_list)
     revoke = with_json(token.add_parser("revoke", help="revoke a token at once"))
     revoke.add_argument("name")

@@ -62,7 +62,7 @@ async def test_token_list_shows_names_and_scopes_never_secrets_and_revoke_acts_a
 
     code, out, _ = await refundctl("token", "list", "--json")
     assert code == 0
-    listed = json.loads(out)
+    listed = json.loads(out)["tokens"]
     assert [(t["name"], t["merchants"], t["active"]) for t in listed] == [("alice", ["m1"], True),
                                                                          ("bob", ["m1", "m2"], True)]
     assert alice not in out and "hash" not in out
@@ -72,7 +72,7 @@ async def test_token_list_shows_names_and_scopes_never_secrets_and_revoke_acts_a
     code, out, _ = await refundctl("token", "revoke", "alice")
     assert code == 0 and "token alice revoked" in out
     assert await authenticate(db, alice) is None
-    listed = json.loads((await refundctl("token", "list", "--json"))[1])
+    listed = json.loads((await refundctl("token", "list", "--json"))[1])["tokens"]
     assert listed[0]["name"] == "alice" and not listed[0]["active"] and listed[0]["revoked_at"]
     code, _, err = await refundctl("token", "revoke", "alice")
     assert code == 1 and "no active token named 'alice'" in err
@@ -92,7 +92,7 @@ async def test_approve_and_reject_follow_the_four_eyes_rule(db, make_merchant, r
         code, _, err = await refundctl("refund", "approve", "R-1", "--by", same)
         assert code == 1 and "requested this refund and cannot also approve it" in err, err
     code, _, err = await refundctl("refund", "approve", "R-1", "--by", "bad name!")
-    assert code == 1 and "--by" in err
+    assert code == 2 and "--by" in err
     assert await db.fetchval("SELECT state FROM refunds WHERE external_ref = 'R-1'") == "awaiting_approval"
 
     code, out, err = await refundctl("refund", "approve", "R-1", "--by", "bob", "--message", "checked", "--json")
@@ -180,7 +180,7 @@ async def test_the_refundctl_script(db, make_merchant, database_url, module_redi
     done = await asyncio.to_thread(subprocess.run, [str(script), "token", "list", "--json"], env=env,
                                    capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert [t["name"] for t in json.loads(done.stdout)] == ["svc-checkout"]
+    assert [t["name"] for t in json.loads(done.stdout)["tokens"]] == ["svc-checkout"]
 
 
 async def test_caller_text_reaches_the_terminal_escaped_never_as_sequences_or_markup(db, make_merchant, refundctl):
