@@ -12,20 +12,20 @@ SCHEDULER_METRICS_PORT. Dashboards and alerts sum across them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-MERCHANT_LABEL = os.environ.get("REFUNDS_METRICS_MERCHANT_LABEL", "1").lower() not in ("0", "false", "no", "off")
+from .settings import get_settings
+
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 COMPLETION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 21600, 86400)
 
 
 def merchant_label(merchant_id: str) -> str:
-    return merchant_id if MERCHANT_LABEL else "all"
+    return merchant_id if get_settings().refunds_metrics_merchant_label else "all"
 
 
 refunds_accepted_total = Counter("refunds_accepted_total", "Refund requests accepted by a producer", ["merchant"])

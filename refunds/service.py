@@ -65,8 +65,22 @@ def failure(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, OSError) and exc.filename is not None:  # a file named in an argument or setting
         return USAGE, f"{exc.filename}: {exc.strerror}"
     if isinstance(exc, OSError):  # refused, reset, unknown host, timed out: asyncpg lets these through as they are
-        return UNAVAILABLE, f"cannot connect: {exc.strerror or exc or type(exc).__name__}"
+        return UNAVAILABLE, f"{_client_of(exc)} unavailable: {exc.strerror or exc or type(exc).__name__}"
     return None
+
+
+_CLIENTS = {"asyncpg": "database", "redis": "Redis", "aiohttp": "HTTP peer"}
+
+
+def _client_of(exc: BaseException) -> str:
+    """Which dependency a bare OSError is about: the client library its traceback went through."""
+    frame = exc.__traceback__
+    while frame is not None:
+        package = frame.tb_frame.f_globals.get("__name__", "").partition(".")[0]
+        if package in _CLIENTS:
+            return _CLIENTS[package]
+        frame = frame.tb_next
+    return "connection"
 
 
 def load_settings(name: str, check: Callable[[Settings], object] | None = None) -> Settings | None:

@@ -66,6 +66,15 @@ class Settings(BaseSettings):
     worker_in_flight: int = Field(default=128, ge=1, le=1024)
     # Scheduler: a refund not picked up this long after its hand-off is handed over again.
     refund_outbox_grace_seconds: float = Field(default=30, gt=0)
+    # Scheduler: seconds between passes (outbox sweep, status polls, gauges); its /metrics (0: off).
+    scheduler_interval: float = Field(default=5, gt=0)
+    scheduler_metrics_port: int = Field(default=9192, ge=0, le=65535)
+    # Where the services listen (default, and when empty: 0.0.0.0, every interface).
+    intake_host: str = "0.0.0.0"
+    receiver_host: str = "0.0.0.0"
+    metrics_host: str = "0.0.0.0"
+    # Off (0): the metrics' merchant label reads "all", for marketplaces with very many sellers.
+    refunds_metrics_merchant_label: bool = True
     # Retention: notification dedup rows at least 30 days (providers retry that long), audit
     # rows at least 180 days (every refund auditable for six months).
     notification_retention_days: int = Field(default=45, ge=30)
@@ -76,6 +85,11 @@ class Settings(BaseSettings):
     @classmethod
     def _strip(cls, value: str | None) -> str | None:
         return value.strip().rstrip("/") or None if value else None
+
+    @field_validator("intake_host", "receiver_host", "metrics_host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return value.strip() or "0.0.0.0"
 
     def require(self, name: str):
         """Return a setting that this process cannot run without."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from .metrics import WorkerMetrics  # before anything imports prometheus_client: it sets up multiprocess mode
 
@@ -22,7 +21,7 @@ class JsonLogs(dramatiq.Middleware):
 
     def after_process_boot(self, broker):
         logs.adopt_handlers("worker")
-        if os.environ.get("LOG_LEVEL"):  # else dramatiq's own level (-v for debug)
+        if "log_level" in get_settings().model_fields_set and get_settings().log_level:  # else dramatiq's own (-v)
             logging.getLogger().setLevel(get_settings().log_level.upper())
 
 

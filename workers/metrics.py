@@ -28,7 +28,6 @@ from pathlib import Path
 from refunds.errors import ConfigError
 from refunds.settings import get_settings
 
-DEFAULT_SCHEDULER_METRICS_PORT = 9192
 RUN_MARK = ".run"
 
 
@@ -172,7 +171,7 @@ def serve_worker_metrics() -> int:
     logs.configure("worker-metrics", get_settings().log_level.upper())
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=str(MULTIPROC_DIR))
-    host, port = os.environ.get("METRICS_HOST", "0.0.0.0"), get_settings().metrics_port
+    host, port = get_settings().metrics_host, get_settings().metrics_port
     try:
         _, thread = start_http_server(port, host, registry)
     except OSError as exc:
@@ -183,24 +182,13 @@ def serve_worker_metrics() -> int:
     return 0
 
 
-def scheduler_metrics_port() -> int:
-    raw = os.environ.get("SCHEDULER_METRICS_PORT", "").strip()
-    try:
-        port = int(raw) if raw else DEFAULT_SCHEDULER_METRICS_PORT
-    except ValueError:
-        raise ConfigError(f"SCHEDULER_METRICS_PORT is malformed: {raw!r} is not a port number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"SCHEDULER_METRICS_PORT is malformed: {port} is not a port number")
-    return port
-
-
 def serve_scheduler_metrics(gauges: metrics.DatabaseGauges, port: int) -> None:
     """The scheduler's /metrics (a daemon thread): its database gauges plus its own process metrics."""
     from prometheus_client import REGISTRY
 
     REGISTRY.register(gauges)
     if port:
-        start_http_server(port, os.environ.get("METRICS_HOST", "0.0.0.0"), REGISTRY)
+        start_http_server(port, get_settings().metrics_host, REGISTRY)
 
 
 def read_queue_depth(client, queue: str) -> dict[tuple[str, str], int]:

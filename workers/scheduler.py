@@ -14,9 +14,8 @@ import time
 
 import asyncpg
 
-from refunds import db, logs, metrics, retention
+from refunds import db, metrics, retention, service
 from refunds.delivery import QUEUE, deliver, producer_broker
-from refunds.errors import ConfigError
 from refunds.settings import get_settings
 from refunds.states import STATES
 
@@ -125,23 +124,15 @@ async def run(interval: float = 5.0) -> None:
 
 
 def main() -> int:
+    settings = service.load_settings("scheduler", lambda s: (s.require("database_url"), s.require("redis_url")))
+    if settings is None:
+        return service.USAGE
     try:
-        settings = get_settings()
-        settings.require("database_url")
-        settings.require("redis_url")
-        interval = float(__import__("os").environ.get("SCHEDULER_INTERVAL", "5"))
-        metrics_port = worker_metrics.scheduler_metrics_port()
-    except ConfigError as exc:
-        print(f"scheduler: {exc}", file=sys.stderr)
-        return 2
-    logs.configure("scheduler", settings.log_level.upper())
-    try:
-        worker_metrics.serve_scheduler_metrics(GAUGES, metrics_port)
+        worker_metrics.serve_scheduler_metrics(GAUGES, settings.scheduler_metrics_port)
     except OSError as exc:  # the sweep matters more than its metrics: run on; the target-down alert tells
         log.error("scheduler metrics: cannot listen on port %d (SCHEDULER_METRICS_PORT): %s",
-                  metrics_port, exc.strerror or exc)
-    asyncio.run(run(interval))
-    return 0
+                  settings.scheduler_metrics_port, exc.strerror or exc)
+    return service.guarded("scheduler", lambda: asyncio.run(run(settings.scheduler_interval)))
 
 
 if __name__ == "__main__":

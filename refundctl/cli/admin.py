@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from .common import database, emit, vault, with_conn, with_json
+from .common import dsn, emit, vault, with_conn, with_json
 
 
 def cmd_db_migrate(args) -> int:
     from refunds import db
 
-    asyncio.run(database(db.migrate))
+    asyncio.run(db.migrate(dsn()))
     emit(args, {"schema": "applied"}, lambda: print("schema applied"))
     return 0
 

@@ -59,19 +59,10 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
     Console().print(shown)
 
 
-async def database(connect):
-    """``await connect(DATABASE_URL)``, naming the database when it cannot be reached (asyncpg
-    lets a refused connection or an unknown host through as a bare OSError)."""
-    try:
-        return await connect(dsn())
-    except OSError as exc:
-        raise Unavailable(f"database unavailable: {exc.strerror or exc or type(exc).__name__}") from None
-
-
 async def with_conn(fn):
     from refunds import db
 
-    conn = await database(db.connect)
+    conn = await db.connect(dsn())
     try:
         return await fn(conn)
     finally:
