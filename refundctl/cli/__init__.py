@@ -45,7 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        try:
+            return _main(list(sys.argv[1:] if argv is None else argv))
+        finally:
+            sys.stdout.flush()  # a closed pipe shows here, inside main, not at exit (--help and --version too)
+    except BrokenPipeError:
+        return _reader_left()
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "passthrough", False):
@@ -56,12 +65,16 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, extra: list[str]) -> int:
     try:
         status = args.func(args, extra) if getattr(args, "passthrough", False) else args.func(args)
-        sys.stdout.flush()  # a closed pipe shows here, inside main, not at exit
-    except BrokenPipeError:
-        # The reader left: stdout goes to devnull so that the interpreter's last flush stays quiet too.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return CLOSED_PIPE
+        sys.stdout.flush()
+    except BrokenPipeError:  # here, before service.guarded could take it for a connection lost
+        return _reader_left()
     return status
+
+
+def _reader_left() -> int:
+    """The reader of our stdout is gone: point stdout at devnull, so that no later flush complains."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return CLOSED_PIPE
 
 
 if __name__ == "__main__":

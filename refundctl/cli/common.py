@@ -56,7 +56,14 @@ def table(title: str, columns: list[str], rows: list[list]) -> None:
         shown.add_column(column)
     for row in rows:
         shown.add_row(*[Text(terminal_safe(value)) for value in row])  # Text: never read as Rich markup
-    Console().print(shown)
+    console = Console()
+    console.on_broken_pipe = _closed_pipe
+    console.print(shown)
+
+
+def _closed_pipe():
+    """Rich's own answer to a closed pipe is exit 1; refundctl's is the one in refundctl.cli.main."""
+    raise BrokenPipeError
 
 
 async def with_conn(fn):

@@ -1,0 +1,167 @@
+"""The installed `refundctl` and `python -m workers.scheduler` as an operator's script meets them:
+each expected failure one line on stderr with its documented exit status (README "Exit statuses":
+0 ok, 1 findings, 2 usage or configuration, 3 a dependency unavailable), --version, --json,
+quiet on a closed pipe (141), filters checked, and lists paged with --limit and --after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from importlib.metadata import version
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from producers import enqueue_refund
+from tests.helpers import ROOT, paid
+
+REDIS_DB = 6  # module_redis_url: the deliveries of this module's refunds stay here
+SCRIPT = Path(sys.executable).with_name("refundctl")
+
+
+def run(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    """The real refundctl in a child process (its exit status is the script's, not main()'s)."""
+    return subprocess.run([str(SCRIPT), *argv], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+
+
+def one_line(err: str) -> str:
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture
+def closed_port():
+    """A local port that refuses connections (bound, never listening)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+def test_a_database_that_does_not_exist_is_one_line_and_exit_3(database_url):
+    missing = urlunsplit(urlsplit(database_url)._replace(path="/refunds_never_created"))
+    done = run("db", "migrate", DATABASE_URL=missing)
+    assert done.returncode == 3
+    assert one_line(done.stderr) == 'refundctl: database unavailable: database "refunds_never_created" does not exist'
+
+
+def test_a_database_that_is_down_is_one_line_and_exit_3(closed_port):
+    done = run("refund", "list", "--json", DATABASE_URL=f"postgresql://refunds:s3cret@127.0.0.1:{closed_port}/refunds")
+    assert done.returncode == 3 and done.stdout == ""
+    line = one_line(done.stderr)
+    assert line.startswith("refundctl: database unavailable:") and str(closed_port) in line and "s3cret" not in line
+
+
+def test_a_bad_setting_is_one_line_and_exit_2_for_refundctl_and_the_scheduler():
+    done = run("refund", "list", INTAKE_PORT="abc")
+    assert done.returncode == 2
+    assert one_line(done.stderr).startswith("refundctl: INTAKE_PORT is malformed")
+
+    scheduler = subprocess.run([sys.executable, "-m", "workers.scheduler"], env={**os.environ, "SCHEDULER_INTERVAL": "abc"},
+                               capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert scheduler.returncode == 2  # RestartPreventExitStatus=2 in deploy/systemd: not restarted in a loop
+    assert "SCHEDULER_INTERVAL is malformed" in one_line(scheduler.stderr)
+
+
+def test_the_scheduler_runs_on_while_redis_is_down_and_stops_cleanly(closed_port):
+    """Redis away is an outage the scheduler outlives (Postgres is the truth): no exit, no traceback."""
+    env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{closed_port}/0", "SCHEDULER_INTERVAL": "0.2",
+           "SCHEDULER_METRICS_PORT": "0"}
+    scheduler = subprocess.Popen([sys.executable, "-m", "workers.scheduler"], env=env, cwd=ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3)
+    assert scheduler.poll() is None
+    scheduler.send_signal(signal.SIGTERM)
+    out, err = scheduler.communicate(timeout=30)
+    assert scheduler.returncode == 0 and "Traceback" not in err, err
+    assert "queue depth unavailable" in err
+
+
+def test_bad_arguments_are_one_line_and_exit_2():
+    done = run("refund", "list", "--state", "bogus", "--json")
+    assert done.returncode == 2 and done.stdout == ""
+    line = one_line(done.stderr)
+    assert "'bogus'" in line and "'queued'" in line and "'manual_review'" in line
+    for argv in (["refund", "list", "--limit", "0"], ["refund", "list", "--after", "no-comma"],
+                 ["report", "refunds", "--from", "2026-13-01", "--to", "2026-12-01"], ["nonsense"],
+                 ["payment", "record", "--merchant", "m1", "--transaction", "T", "--amount", "1", "--currency", "PEN",
+                  "--paid-at", "yesterday"]):
+        done = run(*argv)
+        assert done.returncode == 2, (argv, done.stderr)
+        one_line(done.stderr)
+
+
+def test_version_is_the_installed_package_version():
+    done = run("--version")
+    assert (done.returncode, done.stdout) == (0, f"refundctl {version('pagoefectivo-refunds')}\n")
+
+
+async def test_refunds_page_with_limit_and_cursor_and_report_as_json(db, make_merchant, queue, module_redis_url):
+    await make_merchant("m1")
+    await paid(db)
+    for n in range(5):
+        await enqueue_refund(db, merchant_id="m1", original_transaction_id="CIP-1", amount="1.00", currency="PEN",
+                             external_ref=f"R-{n}", reason=None, requested_by="alice")
+    expected = [str(r) for r in await db.fetchval("SELECT array_agg(refund_id ORDER BY created_at, refund_id) FROM refunds")]
+
+    pages, cursor = [], None
+    while True:
+        done = await asyncio.to_thread(run, "refund", "list", "--limit", "2", "--json",
+                                       *(["--after", cursor] if cursor else []))
+        assert done.returncode == 0, done.stderr
+        document = json.loads(done.stdout)
+        pages.append([r["refund_id"] for r in document["refunds"]])
+        cursor = document["next_cursor"]
+        if cursor is None:
+            break
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert sum(pages, []) == expected
+
+    done = await asyncio.to_thread(run, "refund", "list", "--limit", "4")
+    assert done.returncode == 0 and "more: add --after " in done.stdout
+    done = await asyncio.to_thread(run, "refund", "list", "--state", "queued", "--json")
+    assert len(json.loads(done.stdout)["refunds"]) == 5
+
+    today = date.today()
+    done = await asyncio.to_thread(run, "report", "refunds", "--from", str(today - timedelta(days=1)),
+                                   "--to", str(today + timedelta(days=1)), "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert sorted(r["refund_id"] for r in report["refunds"]) == sorted(expected) and "totals" in report
+
+
+async def test_refund_create_with_redis_down_is_accepted_for_the_scheduler(db, make_merchant, closed_port):
+    await make_merchant("m1")
+    await paid(db)
+    done = await asyncio.to_thread(
+        run, "refund", "create", "--merchant", "m1", "--transaction", "CIP-1", "--amount", "2.00", "--currency", "PEN",
+        "--external-ref", "R-REDIS-DOWN", "--json", REDIS_URL=f"redis://127.0.0.1:{closed_port}/0")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert json.loads(done.stdout)["state"] == "queued"
+
+
+async def test_a_closed_pipe_ends_quietly_with_141(db, make_merchant):
+    await make_merchant("m1")
+    for argv in (["merchant", "list"], ["merchant", "list", "--json"], ["--version"]):
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first byte: every write is EPIPE
+        child = subprocess.Popen([str(SCRIPT), *argv], stdout=write, stderr=subprocess.PIPE, cwd=ROOT)
+        os.close(write)
+        _, err = child.communicate(timeout=60)
+        assert err == b"", (argv, err)
+        assert child.returncode in ((0,) if argv == ["--version"] else (141,)), argv  # argparse's own exit for --version
+    # and as an operator writes it, with pipefail: no "Broken pipe" line
+    done = subprocess.run(["bash", "-o", "pipefail", "-c", f"'{SCRIPT}' merchant list --json | head -c 1"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.stderr == "" and done.returncode in (0, 141)
