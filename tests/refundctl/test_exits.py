@@ -165,3 +165,36 @@ async def test_a_closed_pipe_ends_quietly_with_141(db, make_merchant):
     done = subprocess.run(["bash", "-o", "pipefail", "-c", f"'{SCRIPT}' merchant list --json | head -c 1"],
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert done.stderr == "" and done.returncode in (0, 141)
+
+
+@pytest.fixture
+async def erroring_gateway():
+    """A gateway that answers every request 500."""
+    from aiohttp import web
+
+    async def boom(request):
+        return web.Response(status=500, text="boom")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", boom)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+    await runner.cleanup()
+
+
+async def test_reconcile_tells_a_gateway_away_or_erroring_from_findings(db, make_merchant, queue, closed_port,
+                                                                         erroring_gateway):
+    await make_merchant("m1")
+    await paid(db)
+    await enqueue_refund(db, merchant_id="m1", original_transaction_id="CIP-1", amount="1.00", currency="PEN",
+                         external_ref="R-1", reason=None, requested_by="alice")
+    await db.execute("UPDATE refunds SET state = 'succeeded'")
+    today = date.today()
+    period = ("--from", str(today - timedelta(days=1)), "--to", str(today + timedelta(days=1)))
+    for base_url in (f"http://127.0.0.1:{closed_port}", erroring_gateway):
+        done = await asyncio.to_thread(run, "reconcile", *period, "--json", PAGOEFECTIVO_BASE_URL=base_url)
+        assert done.returncode == 3, (base_url, done.stderr)
+        assert one_line(done.stderr).startswith("refundctl: gateway unavailable"), done.stderr
