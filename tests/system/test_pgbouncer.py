@@ -10,21 +10,29 @@ sandbox ledger agreeing; with the default (none) a process refuses to start, in 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import re
 import secrets
+import shutil
 import subprocess
 import sys
 from datetime import date, timedelta
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+import yaml
 
-from bench.pgbouncer_bench import PGBOUNCER, PgBouncer
+from bench.pgbouncer_bench import PGBOUNCER, PgBouncer, pgbouncer_version
+from refunds import db as dbmod
 from refunds.states import FINAL
 from tests.conftest import _with_database, redis_db_url
 from tests.helpers import ROOT
 
 REDIS_DB = 15  # the demo's queue, apart from every other test's
+COMPONENT = ROOT / "deploy" / "kubernetes" / "pgbouncer"
+SERVICES = {"refunds-intake", "refunds-receiver", "refunds-worker", "refunds-scheduler"}
 
 
 @pytest.fixture(scope="module")
@@ -130,3 +138,70 @@ async def _states(url: str) -> dict[str, int]:
         return dict(await conn.fetch("SELECT state, count(*) FROM refunds GROUP BY state"))
     finally:
         await conn.close()
+
+
+def test_the_kubernetes_component_validates_and_points_the_services_at_pgbouncer(tmp_path):
+    files = sorted(str(p) for p in COMPONENT.glob("*.json"))
+    run = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", *files],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "ERROR" not in run.stdout + run.stderr, run.stdout + run.stderr
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:  # the schemas above still ran; kustomize comes with kubectl
+        return
+    overlay = tmp_path / "overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [os.path.relpath(COMPONENT.parent, overlay)], "components": [os.path.relpath(COMPONENT, overlay)]}))
+    run = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True, timeout=120)
+    if run.returncode != 0 and "unknown command" in run.stderr:
+        return
+    assert run.returncode == 0, run.stderr
+    built = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(run.stdout) if d}
+    assert built[("ConfigMap", "refunds-config")]["data"]["DATABASE_POOLER"] == "transaction"
+    assert {("Deployment", "refunds-pgbouncer"), ("Service", "refunds-pgbouncer"),
+            ("ConfigMap", "refunds-pgbouncer")} <= set(built)
+    workloads = {name: d for (kind, name), d in built.items() if kind in ("Deployment", "StatefulSet")}
+    for name in SERVICES:
+        (container,) = workloads[name]["spec"]["template"]["spec"]["containers"]
+        (url,) = [e for e in container["env"] if e["name"] == "DATABASE_URL"]
+        assert url["valueFrom"]["secretKeyRef"] == {"name": "refunds-secrets", "key": "DATABASE_URL_POOLED"}, name
+
+
+class ShippedPgBouncer(PgBouncer):
+    """This machine's PgBouncer with the component's pgbouncer.ini: its Secret's two files written
+    here (a database named ``refunds`` on the session's server, a user with a password)."""
+
+    def __init__(self, server_url: str, database: str):
+        super().__init__(server_url)
+        self.database = database
+
+    def _ini(self) -> str:
+        ini = json.loads((COMPONENT / "configmap.json").read_text())["data"]["pgbouncer.ini"]
+        secret = self.folder / "secret"
+        secret.mkdir()
+        (secret / "databases.ini").write_text(
+            f"[databases]\nrefunds = host={self.server.hostname} port={self.server.port or 5432} dbname={self.database}\n")
+        (secret / "userlist.txt").write_text(f'"{self.server.username or "postgres"}" "s3cret-for-test"\n')
+        ini = ini.replace("/etc/pgbouncer/secret", str(secret)).replace("listen_addr = 0.0.0.0", "listen_addr = 127.0.0.1")
+        ini = ini.replace("listen_port = 6432", f"listen_port = {self.port}")
+        major, minor = map(int, re.search(r"(\d+)\.(\d+)", pgbouncer_version()).groups())
+        if (major, minor) < (1, 21):  # as the ini says: 1.18-1.20 refuse the setting
+            ini = re.sub(r"(?m)^max_prepared_statements.*$", "", ini)
+        return ini
+
+
+async def test_the_shipped_pgbouncer_ini_runs_and_carries_the_services_statements(services, database_url):
+    """The ConfigMap's ini, as it is, on this machine's PgBouncer (1.18 on Debian 12)."""
+    user = urlsplit(database_url).username or "postgres"
+    with ShippedPgBouncer(services.database_url, database_url.rsplit("/", 1)[1]) as bouncer:
+        url = f"postgresql://{user}:s3cret-for-test@127.0.0.1:{bouncer.port}/refunds"
+        for _ in range(2):
+            conn = await dbmod.connect(url, pooler="transaction")
+            try:
+                assert await conn.fetchval("SELECT current_database()") == database_url.rsplit("/", 1)[1]
+                assert await conn.fetchval("SELECT count(*) FROM merchants WHERE merchant_id = $1", "none") == 0
+            finally:
+                await conn.close()
+        with pytest.raises(asyncpg.PostgresError, match="authentication failed"):  # the userlist's password, not trust
+            await asyncpg.connect(f"postgresql://{user}:wrong@127.0.0.1:{bouncer.port}/refunds")
