@@ -97,6 +97,15 @@ def positive(text: str) -> int:
     return value
 
 
+def merchant_id(text: str) -> str:
+    """--merchant as a filter: a malformed id is a usage error, not an empty list."""
+    from refunds.requests import MERCHANT_ID
+
+    if not re.fullmatch(MERCHANT_ID, text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a merchant id (1-64 letters, digits, _ . -)")
+    return text
+
+
 def with_page(parser):
     """--json, --limit and --after on a list command (README "Lists")."""
     with_json(parser)

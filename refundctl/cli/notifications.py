@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .common import emit, emit_page, page, stamp, table, with_conn, with_json, with_page
+from .common import emit, emit_page, merchant_id, page, stamp, table, with_conn, with_json, with_page
 
 
 def cmd_notifications_list(args) -> int:
@@ -59,7 +59,7 @@ def register(sub) -> None:
     nlist = with_page(group.add_parser("list", help="newest first"))
     nlist.add_argument("--result", default=None, choices=RESULTS,
                        help="unknown: refund or event type we do not know; mismatch: contradicts our record")
-    nlist.add_argument("--merchant", default=None)
+    nlist.add_argument("--merchant", type=merchant_id, default=None)
     nlist.add_argument("--event-type", default=None)
     nlist.set_defaults(func=cmd_notifications_list)
     purge = with_json(group.add_parser("purge", help="delete deduplication rows past the retention window"))

@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime, timezone
 
 from .common import (
-    Usage, emit, emit_page, page, table, with_conn, with_json, with_page,
+    Usage, emit, emit_page, merchant_id, page, table, with_conn, with_json, with_page,
 )
 
 
@@ -61,5 +61,5 @@ def register(sub) -> None:
     record.add_argument("--paid-at", default=None, help="ISO-8601 with offset (default: now)")
     record.set_defaults(func=cmd_payment_record)
     plist = with_page(payment.add_parser("list", help="by merchant and transaction"))
-    plist.add_argument("--merchant", default=None)
+    plist.add_argument("--merchant", type=merchant_id, default=None)
     plist.set_defaults(func=cmd_payment_list)

@@ -13,7 +13,7 @@ import json
 import sys
 
 from .common import (
-    NotFound, RefundRefused, Unavailable, Usage, dsn, emit, emit_page, page, stamp, table,
+    NotFound, RefundRefused, Unavailable, Usage, dsn, emit, emit_page, merchant_id, page, stamp, table,
     positive, terminal_safe, with_conn, with_json, with_page,
 )
 
@@ -253,7 +253,7 @@ def register(sub) -> None:
     from refunds.states import STATES
 
     rlist = with_page(refund.add_parser("list", help="oldest first"))
-    rlist.add_argument("--merchant", default=None)
+    rlist.add_argument("--merchant", type=merchant_id, default=None)
     rlist.add_argument("--state", default=None, choices=STATES)
     rlist.set_defaults(func=cmd_refund_list)
     show = with_json(refund.add_parser("show", help="a refund and its whole event history"))

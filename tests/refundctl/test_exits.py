@@ -94,6 +94,7 @@ def test_bad_arguments_are_one_line_and_exit_2():
     line = one_line(done.stderr)
     assert "'bogus'" in line and "'queued'" in line and "'manual_review'" in line
     for argv in (["refund", "list", "--limit", "0"], ["refund", "list", "--after", "no-comma"],
+                 ["payment", "list", "--merchant", "not a merchant"],
                  ["report", "refunds", "--from", "2026-13-01", "--to", "2026-12-01"], ["nonsense"],
                  ["payment", "record", "--merchant", "m1", "--transaction", "T", "--amount", "1", "--currency", "PEN",
                   "--paid-at", "yesterday"]):
