@@ -99,15 +99,16 @@ def test_with_the_default_setting_a_pooler_is_refused_in_one_line(fresh_database
 
 
 def test_a_service_refuses_to_start_behind_a_pooler_with_the_default_setting(fresh_database, tmp_path):
-    """The scheduler opens its pool first thing: it stops, one line, instead of running against it."""
+    """The scheduler opens its pool first thing: it stops (exit 2, one line) instead of running against it."""
     direct, pooled = fresh_database
     assert refundctl(direct, "db", "migrate").returncode == 0
     env = {**os.environ, "DATABASE_URL": pooled, "SCHEDULER_METRICS_PORT": "0"}
     env.pop("DATABASE_POOLER", None)
     run = subprocess.run([sys.executable, "-m", "workers.scheduler"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=60)
-    assert run.returncode != 0
-    assert "DATABASE_POOLER=transaction" in run.stderr, run.stderr[-2000:]
+    assert run.returncode == 2, run.stderr[-2000:]
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith("scheduler: ") and "DATABASE_POOLER=transaction" in line, line
 
 
 @pytest.mark.slow
