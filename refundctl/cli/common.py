@@ -81,7 +81,6 @@ def with_json(parser):
     return parser
 
 
-
 # --- lists: --limit and an --after cursor ------------------------------------------------------
 
 DEFAULT_LIMIT = 100
