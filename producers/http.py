@@ -15,7 +15,8 @@ re-checks it, see ``create_refund``), and concurrent requests share the acceptin
 body ``{"error": {"code", "message", "field"?}}``. A Postgres outage answers 503, never a
 stack trace; retrying then is safe because ``external_ref`` makes the request idempotent.
 
-``python -m producers.http`` serves it (DATABASE_URL, REDIS_URL, INTAKE_PORT, INTAKE_HOST).
+``python -m producers.http`` serves it (DATABASE_URL, REDIS_URL, INTAKE_PORT, INTAKE_HOST), and its
+/metrics on INTAKE_METRICS_PORT only (merchant ids are label values: not for the public port).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from uuid import UUID
 import asyncpg
 import redis.asyncio as aioredis
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
@@ -148,8 +148,7 @@ def create_app(*, database_url: str, redis_url: str | None = None) -> web.Applic
     app.router.add_post("/v1/refunds/{refund_id}/reject", reject_refund)
     app.router.add_get("/openapi.json", openapi_view)
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_view)
+    app.router.add_get("/readyz", readyz)  # /metrics: on INTAKE_METRICS_PORT only (refunds.serving)
     return app
 
 
@@ -350,7 +349,7 @@ async def _decide(request: web.Request, decision: str) -> web.Response:
         return web.json_response(await _with_events(conn, moved))
 
 
-# --- probes, metrics, the document --------------------------------------------------------------
+# --- probes, the document ---------------------------------------------------------------------
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
@@ -382,10 +381,6 @@ async def readyz(request: web.Request) -> web.Response:
             status=503,
         )
     return web.json_response({"status": "ok"})
-
-
-async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 SCHEMA_REF = "#/components/schemas/{model}"
@@ -522,8 +517,6 @@ def openapi_document() -> dict:
                 "200": answer("ready", "Status"),
                 "503": answer("not ready; down names what is unreachable", "NotReady"),
             }),
-            "/metrics": plain("metrics", "Prometheus metrics", {"200": {
-                "description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}),
         },
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "description": "refundctl token create"}},
@@ -544,7 +537,8 @@ def main() -> int:
         return 2
     host = os.environ.get("INTAKE_HOST", "").strip() or DEFAULT_HOST
     app = create_app(database_url=settings.database_url, redis_url=settings.redis_url)
-    return service.run("intake", app, host, settings.intake_port, access_log_format=ACCESS_LOG_FORMAT)
+    return service.run("intake", app, host, settings.intake_port, metrics_port=settings.intake_metrics_port,
+                       access_log_format=ACCESS_LOG_FORMAT)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Settings: DATABASE_URL, REFUNDS_MASTER_KEY (or REFUNDS_MASTER_KEY_FILE), RECEIVE
 RECEIVER_TRUSTED_PROXIES (comma-separated CIDRs, default empty: see ``sources``),
 RECEIVER_JOURNAL_DIR (default ``receiver-journal/<RECEIVER_PORT>`` in the working directory:
 one per receiver of a host) and
-RECEIVER_JOURNAL_MAX_BYTES (default 512 MiB; see ``journal``). A missing or malformed one,
+RECEIVER_JOURNAL_MAX_BYTES (default 512 MiB; see ``journal``); its /metrics on
+RECEIVER_METRICS_PORT (default 9194) only. A missing or malformed one,
 or a journal directory that cannot be used or is locked by another receiver, stops the
 process at start with one line naming it (exit 2).
 """
@@ -46,7 +47,8 @@ def main() -> int:
     app = create_app(database_url=settings.database_url, vault=vault_from_settings(settings), sources=sources,
                      journal=journal)
     # access_log off: the app logs one line per notification itself
-    return service.run("receiver", app, host, settings.receiver_port, access_log=None)
+    return service.run("receiver", app, host, settings.receiver_port, metrics_port=settings.receiver_metrics_port,
+                       access_log=None)
 
 
 if __name__ == "__main__":

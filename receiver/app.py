@@ -23,7 +23,6 @@ from datetime import datetime, timezone
 import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from pagoefectivo.protocol import SIGNATURE_HEADER
 from refunds import metrics
@@ -76,8 +75,8 @@ def create_app(*, database_url: str, vault: Vault, key_ttl: float = 60.0, source
     app.router.add_post(NOTIFY_PATH, notification, expect_handler=expect_continue)
     app.router.add_get("/healthz", healthz, expect_handler=expect_continue)
     app.router.add_get("/readyz", readyz, expect_handler=expect_continue)
-    app.router.add_get("/metrics", metrics_view, expect_handler=expect_continue)
-    # everything else, so that no request reaches aiohttp's own routes and their expect handler
+    # everything else (/metrics too: it is on RECEIVER_METRICS_PORT only), so that no request
+    # reaches aiohttp's own routes and their expect handler
     app.router.add_route("*", "/{path:.*}", not_found, expect_handler=expect_continue)
     return app
 
@@ -357,7 +356,3 @@ async def readyz(request: web.Request) -> web.Response:
             return web.json_response({"status": "journalling", "database": "unavailable"})
         return web.json_response({"status": "unavailable"}, status=503)
     return web.json_response({"status": "ok"})
-
-
-async def metrics_view(request: web.Request) -> web.Response:
-    return web.Response(body=generate_latest(REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -10,6 +10,8 @@ for refundctl too, so that every command and service answers the same way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import errno
 import logging
 import signal
@@ -22,6 +24,7 @@ from . import logs
 from .errors import ConfigError, RefundsError, VaultError
 from .settings import Settings, get_settings
 
+log = logging.getLogger("service")
 
 # Exit statuses of every service and refundctl command (README "Exit statuses"). systemd's
 # RestartPreventExitStatus=2: a configuration error is not fixed by a restart; an outage may be.
@@ -99,9 +102,11 @@ def load_settings(name: str, check: Callable[[Settings], object] | None = None) 
     return settings
 
 
-def run(name: str, app, host: str, port: int, **runner_options) -> int:
-    """Serve ``app`` until SIGTERM/SIGINT; the exit status for ``main``."""
-    return guarded(name, lambda: uvloop.run(_serve(name, app, host, port, runner_options)))
+def run(name: str, app, host: str, port: int, *, metrics_port: int = 0, **runner_options) -> int:
+    """Serve ``app`` until SIGTERM/SIGINT, and /metrics alone on ``metrics_port`` (0: not served);
+    the exit status for ``main``. Both listen under HTTP_HEADER_TIMEOUT, HTTP_IDLE_TIMEOUT and
+    HTTP_MAX_CONNECTIONS (``refunds.serving``)."""
+    return guarded(name, lambda: uvloop.run(_serve(name, app, host, port, metrics_port, runner_options)))
 
 
 def guarded(name: str, body: Callable[[], int | None]) -> int:
@@ -118,20 +123,33 @@ def guarded(name: str, body: Callable[[], int | None]) -> int:
         return found[0]
 
 
-
-
-async def _serve(name: str, app, host: str, port: int, runner_options: dict) -> None:
-    from aiohttp import web
+async def _serve(name: str, app, host: str, port: int, metrics_port: int, runner_options: dict) -> None:
+    from . import serving
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    runner = web.AppRunner(app, **runner_options)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
+    limits = serving.Limits.from_settings(get_settings())
+    async with serving.serving("public", app, host, port, limits, **runner_options), \
+            contextlib.AsyncExitStack() as extras:
         print(f"{name} listening on http://{host}:{port}", flush=True)
+        if metrics_port:
+            await _serve_metrics(extras, name, metrics_port, limits)
         await stop.wait()
-    finally:
-        await runner.cleanup()
+
+
+async def _serve_metrics(extras: contextlib.AsyncExitStack, name: str, port: int, limits) -> None:
+    """/metrics alone on its own port (METRICS_HOST, as the workers'); one that cannot be bound is
+    logged and the service runs on without it: its requests matter more, the target-down alert tells."""
+    from . import serving
+
+    host = get_settings().metrics_host
+    limits = dataclasses.replace(limits, max_connections=serving.METRICS_CONNECTIONS)
+    try:
+        await extras.enter_async_context(
+            serving.serving("metrics", serving.metrics_app(), host, port, limits, access_log=None))
+    except OSError as exc:
+        log.error("%s metrics: cannot listen on %s:%d: %s", name, host, port, exc.strerror or exc)
+        return
+    log.info("%s metrics on http://%s:%d/metrics", name, host, port)

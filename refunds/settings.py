@@ -51,6 +51,17 @@ class Settings(BaseSettings):
     receiver_journal_dir: Path | None = None
     receiver_journal_max_bytes: int = Field(default=512 * 1024 * 1024, ge=1024 * 1024)
     metrics_port: int = Field(default=9191, ge=0, le=65535)
+    # The intake's and the receiver's /metrics, on a port of their own (0: not served): never on
+    # the public port, where anyone could read merchant ids and their counts.
+    intake_metrics_port: int = Field(default=9193, ge=0, le=65535)
+    receiver_metrics_port: int = Field(default=9194, ge=0, le=65535)
+    # The intake and the receiver (refunds/serving.py): seconds a connection has for a complete
+    # request head (from its opening, or the head's first byte), seconds an idle keep-alive
+    # connection is kept (above a proxy's upstream keep-alive, 60 s in nginx), and the most
+    # connections open at once (more are answered 503 and closed; well under the descriptor limit).
+    http_header_timeout: float = Field(default=10, gt=0)
+    http_idle_timeout: float = Field(default=75, gt=0)
+    http_max_connections: int = Field(default=1024, ge=1)
     # Refund window per payment method, in days (cash: 90 by PagoEfectivo practice).
     refund_window_days: dict[str, int] = {"cash": 90, "bank_transfer": 90}
     # Worker: how long one claim on a refund lasts before another delivery may take it over.

@@ -27,6 +27,7 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import REGISTRY, generate_latest
 
 from pagoefectivo.protocol import SIGNATURE_HEADER, dumps
 from receiver import create_app
@@ -389,7 +390,7 @@ async def test_a_full_journal_answers_503_and_keeps_what_it_took(vault, tmp_path
             assert third.status == 503
             assert (await post(client, "m1", cip_paid("op-x"), "not-the-secret")).status == 401  # never journalled
             assert (await client.get("/readyz")).status == 503  # no database, no room
-            metrics = await (await client.get("/metrics")).text()
+            metrics = generate_latest(REGISTRY).decode()
             assert "refund_journal_entries 2.0" in metrics and f"refund_journal_max_bytes {2 * BLOCK}.0" in metrics
     finally:
         journal.close()
