@@ -6,7 +6,7 @@ RECEIVER_TRUSTED_PROXIES (comma-separated CIDRs, default empty: see ``sources``)
 RECEIVER_JOURNAL_DIR (default ``receiver-journal/<RECEIVER_PORT>`` in the working directory:
 one per receiver of a host) and
 RECEIVER_JOURNAL_MAX_BYTES (default 512 MiB; see ``journal``); its /metrics on
-RECEIVER_METRICS_PORT (default 9194) only. A missing or malformed one,
+RECEIVER_METRICS_PORT (default 9181) only. A missing or malformed one,
 or a journal directory that cannot be used or is locked by another receiver, stops the
 process at start with one line naming it (exit 2).
 """

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import resource
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -24,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, gen
 log = logging.getLogger("serving")
 
 METRICS_CONNECTIONS = 8  # Prometheus and a curl or two; its own cap, so a full public port never hides the metrics
-REFUSING_SECONDS = 1.0  # a refused connection's request is read and dropped this long (for an eighth of the cap at most)
+REFUSING_SECONDS = 1.0  # a refused connection's request is read and dropped this long (an eighth of the cap at most)
 _BUSY_BODY = b'{"error": {"code": "unavailable", "message": "too many connections; retry later"}}\n'
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
         b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
@@ -75,6 +76,7 @@ class Listener:
         self.name, self.runner, self.limits = name, runner, limits
         self.open: dict[asyncio.BaseTransport, _Connection] = {}
         self.refusing: set[_Connection] = set()
+        self.warned = -60.0  # when the cap was last logged (once a minute at most)
         self.gauge = connections_open.labels(name)
 
     def __call__(self) -> asyncio.Protocol:
@@ -119,13 +121,18 @@ class _Connection(asyncio.Protocol):
     def _refuse(self, transport) -> None:
         """503, then what the client sent is read and dropped for a moment before the close:
         closing on unread bytes would reset the connection, and the client might never read the 503."""
-        connections_closed.labels(self.listener.name, "max_connections").inc()
+        listener = self.listener
+        connections_closed.labels(listener.name, "max_connections").inc()
+        if time.monotonic() - listener.warned >= 60:
+            listener.warned = time.monotonic()
+            log.warning("%s port: %d connections open (HTTP_MAX_CONNECTIONS): new ones are answered 503",
+                        listener.name, len(listener.open))
         transport.write(BUSY)
-        if len(self.listener.refusing) >= self.listener.limits.max_connections // 8:  # no descriptors for manners
+        if len(listener.refusing) >= listener.limits.max_connections // 8:  # no descriptors for manners
             transport.close()
             return
         transport.write_eof()
-        self.listener.refusing.add(self)
+        listener.refusing.add(self)
         self._deadline(REFUSING_SECONDS)
 
     def data_received(self, data: bytes) -> None:

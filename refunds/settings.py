@@ -53,8 +53,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9191, ge=0, le=65535)
     # The intake's and the receiver's /metrics, on a port of their own (0: not served): never on
     # the public port, where anyone could read merchant ids and their counts.
-    intake_metrics_port: int = Field(default=9193, ge=0, le=65535)
-    receiver_metrics_port: int = Field(default=9194, ge=0, le=65535)
+    intake_metrics_port: int = Field(default=9180, ge=0, le=65535)
+    receiver_metrics_port: int = Field(default=9181, ge=0, le=65535)
     # The intake and the receiver (refunds/serving.py): seconds a connection has for a complete
     # request head (from its opening, or the head's first byte), seconds an idle keep-alive
     # connection is kept (above a proxy's upstream keep-alive, 60 s in nginx), and the most
