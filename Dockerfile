@@ -59,9 +59,12 @@ ENV PATH=/opt/venv/bin:$PATH \
 
 RUN groupadd --system --gid 10001 refunds \
  && useradd --system --uid 10001 --gid refunds --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin refunds
+        --shell /usr/sbin/nologin refunds \
+ && install -d -m 0700 -o 10001 -g 10001 /var/lib/refunds/journal
 
-# Owned by root and read-only to the service user; it writes only to /tmp (worker metrics files).
+# Owned by root and read-only to the service user; it writes only to /tmp (worker metrics files)
+# and to the receiver's journal, /var/lib/refunds/journal (RECEIVER_JOURNAL_DIR: mount a volume
+# there, one per receiver replica, so a journalled notification outlives the container).
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app /app
 WORKDIR /app

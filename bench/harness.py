@@ -210,6 +210,7 @@ class Environment:
     work: Path
     private_pem: bytes = b""
     merchants: dict[str, Decimal] = field(default_factory=dict)
+    sandboxes: list[str] = field(default_factory=list)  # running sandbox gateways, told of every payment
 
     @property
     def services_text(self) -> str:
@@ -293,11 +294,10 @@ async def seed_merchants(env: Environment, limits: dict[str, float | Decimal]) -
     from pagoefectivo.protocol import public_key_pem
     from refunds import db as dbmod
     from refunds.merchants import add_merchant
-    from refunds.vault import Vault
 
     if not env.private_pem:
         env.private_pem = new_private_pem()
-    vault = Vault(base64.b64decode(env.master_key))
+    vault = vault_of(env)
     conn = await dbmod.connect(env.database_url)
     try:
         for merchant_id, limit in limits.items():
@@ -362,7 +362,17 @@ async def seed_payments(env: Environment, requests: list[dict], concurrency: int
             await conn.execute("ANALYZE payments")
     finally:
         await pool.close()
+    from refundctl.onboarding import tell_of_store
+
+    for sandbox_url in env.sandboxes:  # the gateway keeps its own records: tell it too
+        await tell_of_store(env.database_url, vault_of(env), sandbox_url)
     return len(wanted)
+
+
+def vault_of(env: Environment):
+    from refunds.vault import Vault
+
+    return Vault(base64.b64decode(env.master_key))
 
 
 async def create_intake_token(env: Environment) -> str:
@@ -457,6 +467,14 @@ class System:
         # the provider-like notification retry schedule, compressed (as the demo does)
         self.services["sandbox"] = g.start("sandbox", "-m", "pagoefectivo.sandbox", "--port", str(self.ports["sandbox"]),
                                            "--notification-time-scale", "0.01", *self.sandbox_args)
+        g.wait_healthy(self.services["sandbox"], f"{self.sandbox_url}/healthz")
+        # the gateway keeps its own records: tell it of the merchants and payments seeded in ours
+        # before any worker may send a refund
+        from refundctl.onboarding import tell_of_store
+
+        asyncio.run(tell_of_store(self.env.database_url, vault_of(self.env), self.sandbox_url,
+                                  receiver_url=self.receiver_url))
+        self.env.sandboxes.append(self.sandbox_url)
         self.services["receiver"] = g.start("receiver", "-m", "receiver")
         if self.with_intake:
             self.services["intake"] = g.start("intake", "-m", "producers.http")
@@ -464,7 +482,6 @@ class System:
             "worker", *self.worker_command, "--processes", str(self.processes), "--threads", str(self.threads),
             extra_env={"PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)})
         self.services["scheduler"] = g.start("scheduler", "-m", "workers.scheduler")
-        g.wait_healthy(self.services["sandbox"], f"{self.sandbox_url}/healthz")
         g.wait_healthy(self.services["receiver"], f"{self.receiver_url}/healthz")
         if self.with_intake:
             g.wait_healthy(self.services["intake"], f"{self.intake_url}/healthz")
@@ -476,6 +493,8 @@ class System:
         lets in-flight messages finish (~3 s). A SIGTERM to the whole process group (what
         ServiceGroup.stop sends) reaches the children twice, which dramatiq takes as "kill now",
         and the main process then hangs until the SIGKILL 15 s later."""
+        if self.sandbox_url in self.env.sandboxes:
+            self.env.sandboxes.remove(self.sandbox_url)
         worker = self.services.get("worker")
         if worker is not None and worker.process.poll() is None:
             worker.process.terminate()

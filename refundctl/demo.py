@@ -38,8 +38,9 @@ from pagoefectivo.protocol import dumps, loads, public_key_pem
 
 from refunds import db
 from .embedded import provide_services
-from refunds.merchants import add_merchant
+from refunds.merchants import add_merchant, get_merchant
 from refunds.payments import record_payment
+from .onboarding import onboard, record_paid
 from .processes import ServiceGroup, free_port
 from refunds.states import FINAL
 from refunds.tokens import create_token
@@ -124,6 +125,9 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
                                  extra_env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
             scheduler = group.start("scheduler", "-m", "workers.scheduler")
             group.wait_healthy(sandbox, f"{env['PAGOEFECTIVO_BASE_URL']}/healthz")
+            # the gateway keeps its own registry: each seller hands it its keys and notify URL
+            asyncio.run(_onboard(services.database_url, vault, merchant_ids, env["PAGOEFECTIVO_BASE_URL"],
+                                 env["REFUNDS_NOTIFY_URL"]))
             group.wait_healthy(receiver, f"{env['REFUNDS_NOTIFY_URL']}/healthz")
             group.wait_healthy(intake, f"http://127.0.0.1:{ports['intake']}/healthz")
             scrape = {"intake": f"127.0.0.1:{ports['intake']}", "receiver": f"127.0.0.1:{ports['receiver']}",
@@ -178,6 +182,17 @@ async def _seed_merchants(dsn: str, vault: Vault, count: int) -> tuple[list[str]
         await conn.close()
 
 
+async def _onboard(dsn: str, vault: Vault, merchant_ids: list[str], sandbox_url: str, receiver_url: str) -> None:
+    conn = await db.connect(dsn)
+    try:
+        async with aiohttp.ClientSession() as http:
+            for merchant_id in merchant_ids:
+                await onboard(http, sandbox_url, await get_merchant(conn, merchant_id), vault,
+                              receiver_url=receiver_url)
+    finally:
+        await conn.close()
+
+
 def _hold_until(path: Path, group: ServiceGroup, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -202,7 +217,7 @@ async def _drive(group, env, dsn, merchant_ids, token, total, ports, metrics_dir
             invalid = max(3, total // 50) if total >= 20 else 0
             valid = total - invalid
             payments = await _create_payments(http, conn, group, sandbox_url, merchant_ids, valid)
-            old = await _record_old_payments(conn, merchant_ids)
+            old = await _record_old_payments(http, conn, sandbox_url, merchant_ids)
             plan = _plan(payments, old, merchant_ids, valid, invalid)
             outcome = await _submit(http, intake_url, token, plan)
             finished = await _await_final(conn, group, outcome)
@@ -244,14 +259,17 @@ async def _create_payments(http, conn, group, sandbox_url, merchant_ids, valid) 
             await asyncio.sleep(0.1)
 
 
-async def _record_old_payments(conn, merchant_ids) -> list[tuple[str, str]]:
-    """Payments made long ago: refunds against them must be refused (window closed)."""
+async def _record_old_payments(http, conn, sandbox_url, merchant_ids) -> list[tuple[str, str]]:
+    """Payments made long ago, known to both parties: refunds against them must be refused
+    (window closed)."""
     paid_at = datetime.now(timezone.utc) - timedelta(days=120)
     old = []
     for merchant_id in merchant_ids:
         transaction_id = f"OLD-{merchant_id}"
-        await record_payment(conn, merchant_id=merchant_id, transaction_id=transaction_id, amount=PAYMENT_AMOUNT,
-                             currency="PEN", method="cash", paid_at=paid_at)
+        payment = dict(merchant_id=merchant_id, transaction_id=transaction_id, amount=PAYMENT_AMOUNT,
+                       currency="PEN", method="cash", paid_at=paid_at)
+        await record_paid(http, sandbox_url, **payment)
+        await record_payment(conn, **payment)
         old.append((merchant_id, transaction_id))
     return old
 

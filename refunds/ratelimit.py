@@ -10,18 +10,21 @@ Two structures per merchant, updated atomically by Lua scripts on Redis's own cl
   refund that comes without a slot (approvals, the outbox sweep, a producer without a
   pool) books one when a worker first asks (``acquire``) and, if it cannot go now, is
   re-queued to arrive exactly then: a backlog is walked through once, in order;
-- a sliding one-second window of actual sends, checked by ``acquire`` at send time for
-  every refund, booked or not, so that even when workers fall behind and booked slots
-  bunch up, the gateway never sees more than the limit in any second.
+- a sliding one-second window of actual sends, counted by ``permit`` the moment a request
+  leaves, for every refund, booked or not, so that even when workers fall behind, booked
+  slots bunch up, or the steps between admission and the request (the claim, a token) take
+  different times, the gateway never sees more than the limit in any second.
 
 A gateway 429 pauses the merchant for its Retry-After across all workers; slots booked
 during a pause start after it.
 
-``admit`` is the one question a worker asks before a request: may this merchant's refund go
-now? It waits in place for room that comes within ``SHORT_WAIT_MS`` (a re-queue hop costs
-more than such a wait) and otherwise answers how long to wait; the worker then re-queues the
-refund to arrive at its slot (``workers.sender``), with jitter only when it owns no slot, so
-that refunds paused together do not come back together.
+A worker asks two questions (``workers.sender``). ``admit``, before it claims a refund: is
+it this refund's turn in the schedule? It waits in place for a turn that comes within
+``SHORT_WAIT_MS`` (a re-queue hop costs more than such a wait) and otherwise answers how long
+to wait; the worker then re-queues the refund to arrive at its slot, with jitter only when it
+owns no slot, so that refunds paused together do not come back together. ``permit``, just
+before each request: is there room in the window? It waits in place for it (the claimed
+refund is held for at most a window) and counts the request.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ import redis.asyncio as aioredis
 # The window is a little longer than a second: a send counted on Redis's clock reaches the
 # gateway some milliseconds later, and the gateway's own one-second window must never see more.
 WINDOW_MS = 1050
+# ``permit`` waits in place this long at most: a full window frees room within WINDOW_MS;
+# only a pause (a gateway 429) lasts longer.
+MAX_PERMIT_WAIT_MS = WINDOW_MS + 100
 # A refund whose merchant's window is full waits for room in place when room comes this soon,
 # and at most this long in all, so that a worker never holds a refund long.
 SHORT_WAIT_MS = 100
@@ -63,39 +69,45 @@ end
 """
 
 _ACQUIRE = _SCHEDULE + """
-local sched, window, pause = KEYS[1], KEYS[2], KEYS[3]
+local sched, pause = KEYS[1], KEYS[3]
 local interval = tonumber(ARGV[1])
-local per_window = tonumber(ARGV[2])
-local slot = tonumber(ARGV[3])          -- a slot booked earlier, or -1
-local WINDOW_MS = tonumber(ARGV[4])
+local slot = tonumber(ARGV[2])          -- a slot booked earlier, or -1
 local paused = paused_for(pause)
 if paused > 0 then
   return {paused, -1}
 end
-redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_MS)
+if slot >= 0 then
+  return {0, -1}                        -- its turn, booked earlier: the window is permit's
+end
 local tat = next_free(sched, now)
-local room = redis.call('ZCARD', window) < per_window
-if room and (slot >= 0 or tat <= now) then
-  redis.call('ZADD', window, now, now .. ':' .. redis.call('INCR', window .. ':seq'))
-  redis.call('PEXPIRE', window, 2 * WINDOW_MS)
-  redis.call('PEXPIRE', window .. ':seq', 2000)
-  if slot < 0 then
-    keep_schedule(sched, tat + interval)
-  end
+keep_schedule(sched, tat + interval)
+if tat <= now then
   return {0, -1}
 end
-if slot >= 0 then
-  -- a booked slot arrived while the window is full: wait for the oldest send to age out
-  local oldest = redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')
-  local wait = 1
-  if oldest[2] then wait = math.max(1, tonumber(oldest[2]) + WINDOW_MS - now) end
-  return {wait, slot}
-end
-keep_schedule(sched, tat + interval)
 return {math.max(1, tat - now), tat}
 """
 
-# Books the next `count` slots; never touches the window (acquire checks it at send time).
+# Counts a request in the window if there is room; else how long until there is.
+_PERMIT = _SCHEDULE + """
+local window, pause = KEYS[2], KEYS[3]
+local per_window = tonumber(ARGV[1])
+local WINDOW_MS = tonumber(ARGV[2])
+local paused = paused_for(pause)
+if paused > 0 then
+  return paused
+end
+redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_MS)
+if redis.call('ZCARD', window) < per_window then
+  redis.call('ZADD', window, now, now .. ':' .. redis.call('INCR', window .. ':seq'))
+  redis.call('PEXPIRE', window, 2 * WINDOW_MS)
+  redis.call('PEXPIRE', window .. ':seq', 2000)
+  return 0
+end
+local oldest = redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')
+return math.max(1, tonumber(oldest[2]) + WINDOW_MS - now)
+"""
+
+# Books the next `count` slots; never touches the window (permit counts it at send time).
 _BOOK = _SCHEDULE + """
 local sched, pause = KEYS[1], KEYS[3]
 local interval = tonumber(ARGV[1])
@@ -133,6 +145,7 @@ class RateLimiter:
     def __init__(self, client: aioredis.Redis, *, prefix: str = "refunds:rate:"):
         self._client = client
         self._acquire = client.register_script(_ACQUIRE)
+        self._permit = client.register_script(_PERMIT)
         self._book = client.register_script(_BOOK)
         self._prefix = prefix
 
@@ -141,17 +154,27 @@ class RateLimiter:
         return [base + ":sched", base + ":window", base + ":pause"]
 
     async def acquire(self, merchant_id: str, per_second: Decimal, *, slot_ms: int | None = None) -> Decision:
-        """May this merchant's next request go now? If not, how long to wait, and which slot it owns.
+        """Is it this merchant's refund's turn? If not, how long to wait, and which slot it owns.
 
-        With ``slot_ms`` (a slot booked earlier, by ``book`` or a previous ``acquire``) only the
-        window is checked: the slot is never booked twice.
+        With ``slot_ms`` (a slot booked earlier, by ``book`` or a previous ``acquire``) only a
+        pause is checked: the slot is never booked twice.
         """
-        interval, per_window = _pace(per_second)
+        interval, _ = _pace(per_second)
         wait, slot = await self._acquire(
-            keys=self._keys(merchant_id),
-            args=[interval, per_window, -1 if slot_ms is None else slot_ms, WINDOW_MS],
-        )
+            keys=self._keys(merchant_id), args=[interval, -1 if slot_ms is None else slot_ms])
         return Decision(int(wait), None if int(slot) < 0 else int(slot))
+
+    async def permit(self, merchant_id: str, per_second: Decimal) -> int:
+        """Just before a request: wait in place for room in the merchant's window and count the
+        request (0), or answer how long a pause still lasts when that is longer than a window."""
+        _, per_window = _pace(per_second)
+        waited = 0
+        while True:
+            wait = int(await self._permit(keys=self._keys(merchant_id), args=[per_window, WINDOW_MS]))
+            if not wait or waited + wait > MAX_PERMIT_WAIT_MS:
+                return wait
+            await asyncio.sleep(wait / 1000)
+            waited += wait
 
     async def admit(self, merchant_id: str, per_second: Decimal, *, slot_ms: int | None = None) -> Decision:
         """``acquire``, after waiting in place for room that comes soon: go now (``wait_ms`` 0), or

@@ -101,9 +101,12 @@ _MOVE_RETURNING = ", m.code AS given_code, m.message AS given_message"
 _MOVE_AND_RECORD = _with_audit_rows(_MOVE, _MOVE_EVENT, also_returning=_MOVE_RETURNING)
 
 _CLAIM_AND_RECORD = _with_audit_rows(
+    # provider_code after a claim: the code the previous attempt released its claim with, or
+    # NULL when that claim expired instead (its worker may have died mid-request)
     """UPDATE refunds r SET
            state = 'submitted', attempts = r.attempts + 1, updated_at = now(),
-           claimed_until = now() + make_interval(secs => $claim_seconds)
+           claimed_until = now() + make_interval(secs => $claim_seconds),
+           provider_code = CASE WHEN r.claimed_until IS NULL THEN r.provider_code END
        FROM previous
        WHERE r.refund_id = previous.refund_id AND (previous.state = 'queued'
              OR (previous.state = 'submitted' AND (r.claimed_until IS NULL OR r.claimed_until < now())))""",

@@ -161,8 +161,15 @@ def rsa_private_pem() -> bytes:
 
 
 @pytest.fixture
-def make_merchant(db, vault, rsa_private_pem):
-    """Create a sandbox merchant with real credentials; returns MerchantKeys."""
+def make_merchant(merchant_maker):
+    """Create a sandbox merchant with real credentials; returns MerchantKeys. Test modules that
+    run a sandbox gateway override it to onboard the merchant there too (tests/stack.py)."""
+    return merchant_maker
+
+
+@pytest.fixture
+def merchant_maker(db, vault, rsa_private_pem):
+    """``make_merchant`` in our store alone, whatever a module overrides."""
 
     async def make(merchant_id: str = "m1", **overrides) -> MerchantKeys:
         secret = overrides.pop("secret_key", secrets.token_urlsafe(24))

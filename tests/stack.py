@@ -17,8 +17,10 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from refunds import db as dbmod
+from refundctl.onboarding import onboard, record_paid, tell_of_store
 from refundctl.processes import free_port
 from refunds.settings import get_settings
+from tests.helpers import paid
 
 CLIENT_TIMEOUT = 1.0  # the worker client's timeout in these tests; the sandbox holds lost answers longer
 
@@ -51,12 +53,36 @@ class RunningStack:
     sandbox_url: str
     sandbox_app: web.Application
     http: aiohttp.ClientSession  # a plain session for the tests' own calls to the sandbox
+    receiver_url: str
+
+    async def onboard(self, merchant) -> None:
+        """Register ``merchant`` (ours, with its keys) with the sandbox gateway, as its seller would."""
+        await onboard(self.http, self.sandbox_url, merchant, self.res.vault, receiver_url=self.receiver_url)
+
+    def onboarded(self, make_merchant):
+        """``make_merchant`` (conftest) that also onboards each merchant it makes with the gateway."""
+        async def make(*args, **kwargs):
+            keys = await make_merchant(*args, **kwargs)
+            if keys.merchant.env == "sandbox":  # a sandbox gateway knows no production merchant
+                await self.onboard(keys.merchant)
+            return keys
+        return make
+
+    async def paid(self, db, merchant: str = "m1", transaction: str = "CIP-1", amount: str = "100.00", *,
+                   currency: str = "PEN", method: str = "cash", days_ago: float = 0):
+        """A payment both parties know: the gateway's record of it and ours (what its cip.paid records)."""
+        payment = await paid(db, merchant, transaction, amount, currency=currency, method=method, days_ago=days_ago)
+        await record_paid(self.http, self.sandbox_url, merchant_id=merchant, transaction_id=transaction,
+                          amount=payment.amount, currency=currency, method=method, paid_at=payment.paid_at)
+        return payment
 
 
 @contextlib.asynccontextmanager
 async def start_stack(database_url, redis_url, vault, monkeypatch, *,
                       trace_configs: Sequence[aiohttp.TraceConfig] = ()) -> AsyncIterator[RunningStack]:
     """Sandbox + receiver on real ports, and worker Resources pointing at them (Redis flushed).
+    The merchants and payments already in our store are told to the sandbox; later ones through
+    ``RunningStack.onboard`` / ``onboarded`` / ``paid``.
 
     ``trace_configs`` go on the worker client's session, to observe what it sends.
     """
@@ -66,7 +92,7 @@ async def start_stack(database_url, redis_url, vault, monkeypatch, *,
     from workers.resources import Resources, gateway_client
 
     receiver_runner, receiver_url = await serve(receiver_app(database_url=database_url, vault=vault))
-    app = sandbox_app(database_url=database_url, vault=vault, notify_base_url=receiver_url)
+    app = sandbox_app()
     sandbox_runner, sandbox_url = await serve(app)
     monkeypatch.setenv("REFUNDS_NOTIFY_URL", receiver_url)
     monkeypatch.setenv("PAGOEFECTIVO_BASE_URL", sandbox_url)
@@ -79,8 +105,10 @@ async def start_stack(database_url, redis_url, vault, monkeypatch, *,
     await redis_client.flushdb()
     res = Resources(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))
     http = aiohttp.ClientSession()
+    running = RunningStack(res, sandbox_url, app, http, receiver_url)
     try:
-        yield RunningStack(res, sandbox_url, app, http)
+        await tell_of_store(database_url, vault, sandbox_url, receiver_url=receiver_url)
+        yield running
     finally:
         await http.close()
         await res.close()

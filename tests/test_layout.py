@@ -20,9 +20,9 @@ SANDBOX = "pagoefectivo.sandbox"
 ALLOWED = {
     "refunds": set(),
     "pagoefectivo": set(),
-    # The simulated gateway still reads merchants and payments from our store; it is a test
-    # double of PagoEfectivo, run by the tooling, never by a service.
-    SANDBOX: {"pagoefectivo", "refunds"},
+    # The simulated gateway is another party: it shares the wire protocol with our client and
+    # keeps its own records; the tooling runs it, never a service.
+    SANDBOX: {"pagoefectivo"},
     "producers": {"refunds", "pagoefectivo"},
     "workers": {"refunds", "pagoefectivo"},
     "receiver": {"refunds", "pagoefectivo"},

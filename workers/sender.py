@@ -1,8 +1,13 @@
 """Send one refund to the gateway, exactly once, and record what it answered.
 
 The order of steps is what makes double refunds impossible:
-rate-limit slot → claim (a row lock decides who talks to the gateway) → if a previous
-attempt may have reached the gateway, ask for its status first → send → record.
+its turn in the merchant's schedule → claim (a row lock decides who talks to the gateway) →
+if a previous attempt may have reached the gateway, ask for its status first → room in the
+merchant's window, counted as the request leaves → send → record.
+
+A previous attempt may have reached the gateway unless it ended with nothing sent: a 429
+(the gateway executed nothing) or a wait for the merchant's window; then the next attempt
+sends at once.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from uuid import UUID
 import dramatiq
 
 from pagoefectivo.client import Credentials, RefundAnswer, RefundOrder
+from pagoefectivo.protocol import RATE_LIMITED
 from pagoefectivo.errors import EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError
 from refunds import logs, metrics
 from refunds.delivery import send_refund_message
@@ -31,6 +37,17 @@ from .status_schedule import next_check_delay
 log = logging.getLogger(__name__)
 
 ANSWER_STATES = {"success": "succeeded", "failure": "failed", "pending": "pending"}
+# The codes an attempt releases its claim with when it sent nothing the gateway executed.
+PAUSED = "rate_limit_paused"  # the merchant's requests were paused (a 429 elsewhere) as this one was to leave
+NOTHING_SENT = frozenset({RATE_LIMITED, PAUSED})
+
+
+class _Paused(Exception):
+    """The merchant is paused for longer than a window: this refund waits ``wait_ms``, unsent."""
+
+    def __init__(self, wait_ms: int):
+        super().__init__(wait_ms)
+        self.wait_ms = wait_ms
 
 
 async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = None) -> None:
@@ -98,7 +115,7 @@ async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: 
     """One claimed attempt: the answer to record, or None when it was settled or deferred here;
     RetryLater when a transient fault outlived the attempt's retries."""
     try:
-        if claimed_from == "submitted" or refund.attempts > 1:
+        if (claimed_from == "submitted" or refund.attempts > 1) and refund.provider_code not in NOTHING_SENT:
             # a previous attempt may have reached the gateway: settle it, never resend blind
             answer = await _status_with_retries(res, creds, refund.external_ref)
             if answer is not None:
@@ -106,9 +123,9 @@ async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: 
         return refund, await _send(res, creds, merchant, refund)
     except RateLimited as exc:
         await res.limiter.pause(refund.merchant_id, exc.retry_after)
-        async with res.pool.acquire() as conn:
-            await release_claim(conn, refund.refund_id, code=exc.code, message=exc.message)
-        await _defer(res, refund, int(exc.retry_after * 1000), rate_limited=True)
+        await _wait_unsent(res, refund, int(exc.retry_after * 1000), code=RATE_LIMITED, message=exc.message)
+    except _Paused as exc:
+        await _wait_unsent(res, refund, exc.wait_ms, code=PAUSED, message="the merchant's requests are paused")
     except EnvironmentMismatch as exc:
         await _settle(res, refund, "manual_review", code="environment_mismatch", message=str(exc))
     except PermanentError as exc:
@@ -123,6 +140,13 @@ async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: 
     return None
 
 
+async def _wait_unsent(res: Resources, refund: Refund, wait_ms: int, *, code: str, message: str | None) -> None:
+    """Nothing was executed: release the claim with a code that says so, and come back later."""
+    async with res.pool.acquire() as conn:
+        await release_claim(conn, refund.refund_id, code=code, message=message)
+    await _defer(res, refund, wait_ms, rate_limited=True)
+
+
 async def _send(res: Resources, creds: Credentials, merchant: Merchant, refund: Refund) -> RefundAnswer:
     notify_url = merchant.notify_url_or(res.settings.refunds_notify_url)
     if notify_url is None:
@@ -134,6 +158,9 @@ async def _send(res: Resources, creds: Credentials, merchant: Merchant, refund: 
     )
     async for attempt in in_attempt_retries():
         with attempt:
+            await res.client.token(creds)  # fetched (if need be) before the permit, not between it and the request
+            if wait_ms := await res.limiter.permit(merchant.merchant_id, merchant.rate_limit):
+                raise _Paused(wait_ms)
             started = time.perf_counter()
             try:
                 answer = await res.client.request_refund(creds, order)

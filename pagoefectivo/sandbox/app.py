@@ -23,26 +23,23 @@ import asyncio
 import html
 import hmac
 import logging
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
 
 from aiohttp import web
 
 from pagoefectivo import protocol
-from refunds.vault import Vault
 
 from .allowlist import permits
 from .chaos import Chaos, ChaosConfig, ChaosError
-from .directory import DatabaseDirectory, Directory, Registration
 from .notifier import Notifier
-from .seed import Seed
-from .state import Conflict, OverRefundable, RefundRecord, SandboxState
+from .registry import Registration, Registry
+from .seed import Seed, SeedError, parse_merchant
+from .state import Cip, Conflict, OverRefundable, RefundRecord, SandboxState
 from .wire import (
     AUTHORIZATION_FIELDS, CIP_FIELDS, PAYMENT_FIELDS, RATE_LIMITED, REFUND_FIELDS, RefundOrder, Refusal, Problems,
-    bearer_token, check_origin, json_response, parse_authorization, parse_cip, parse_payment, parse_refund,
-    read_object, refusal, source_ip_refusal, token_refusal,
+    bearer_token, check_origin, json_response, operator_refusal, parse_authorization, parse_cip, parse_payment,
+    parse_refund, read_object, refusal, source_ip_refusal, token_refusal,
 )
 
 log = logging.getLogger("pagoefectivo.sandbox")
@@ -51,8 +48,6 @@ log = logging.getLogger("pagoefectivo.sandbox")
 REFUND_WINDOW_DAYS = {"cash": 90, "bank_transfer": 90}
 PENDING_SETTLE_SECONDS = (0.05, 0.2)
 DECLINED = "failure"
-# Modelled (511, p. 13, names no figure): the largest CIP a merchant may create, unless its seed says.
-DEFAULT_MAX_CIP_AMOUNT = Decimal("30000.00")
 # The document: "Si no se envía la fecha a expirar se tomará el tiempo acordado por defecto" (p. 9).
 DEFAULT_CIP_TERM = timedelta(days=7)
 # Answers the document has no code for: the HTTP status as the code (like the modelled "429").
@@ -65,53 +60,42 @@ class Sandbox:
 
     state: SandboxState
     chaos: Chaos
-    directory: Directory
+    registry: Registry
     notifier: Notifier
     notify_base_url: str | None
-    service_codes: dict[str, str] = field(default_factory=dict)  # merchantId -> codeService (seed)
-    cip_limits: dict[str, Decimal] = field(default_factory=dict)  # merchantId -> largest CIP amount (seed)
-
-    def code_service(self, merchant: Registration) -> str:
-        """The merchant's service code (``codeService``, 3-5 characters, p. 7): from the seed,
-        else made from the merchantId (``seller-1`` → ``SELLE``, ``m1`` → ``M1X``)."""
-        if code := self.service_codes.get(merchant.merchant_id):
-            return code
-        letters = re.sub(r"[^A-Z0-9]", "", merchant.merchant_id.upper())[:5]
-        return letters.ljust(3, "X")
-
-    def max_cip_amount(self, merchant_id: str) -> Decimal:
-        return self.cip_limits.get(merchant_id, DEFAULT_MAX_CIP_AMOUNT)
 
 
 SANDBOX = web.AppKey("sandbox", Sandbox)
 
 
-def create_app(config: ChaosConfig | None = None, *, database_url: str | None = None, vault: Vault | None = None,
-               seed: Seed | None = None, notify_base_url: str | None = None) -> web.Application:
-    """The gateway application; its database pool and HTTP session are made on start.
-
-    Merchants and payments come from ``seed`` when given (the database is then not read),
-    else from the project's database at ``database_url`` (secrets opened with ``vault``).
-    """
-    if seed is not None:
-        directory: Directory = seed.directory()
-    elif database_url and vault is not None:
-        directory = DatabaseDirectory(database_url, vault)
-    else:
-        raise ValueError("the sandbox needs a seed, or a database URL and the vault")
+def create_app(config: ChaosConfig | None = None, *, seed: Seed | None = None,
+               notify_base_url: str | None = None) -> web.Application:
+    """The gateway application, knowing the merchants and payments of ``seed`` (if any) and
+    those onboarded later; its HTTP session for notifications is made on start."""
     chaos = Chaos(config)
+    state = SandboxState()
+    registry = Registry()
+    if seed is not None:
+        for merchant in seed.merchants:
+            if merchant.env == "sandbox":  # production credentials are unknown to a sandbox gateway
+                registry.register(merchant)
+        for payment in seed.payments:
+            state.add_cip(merchant_id=payment.merchant_id, transaction_code=payment.transaction_id,
+                          amount=payment.amount, currency=payment.currency, method=payment.method,
+                          paid_at=payment.paid_at, number=payment.transaction_id)
     app = web.Application(middlewares=[_errors])
-    app[SANDBOX] = Sandbox(SandboxState(), chaos, directory, Notifier(chaos),
-                           notify_base_url.rstrip("/") if notify_base_url else None,
-                           service_codes=dict(seed.service_codes) if seed is not None else {},
-                           cip_limits=dict(seed.cip_limits) if seed is not None else {})
+    app[SANDBOX] = Sandbox(state, chaos, registry, Notifier(chaos),
+                           notify_base_url.rstrip("/") if notify_base_url else None)
     app.cleanup_ctx.append(_lifecycle)
     app.router.add_post("/v1/authorizations", authorize)
     app.router.add_post("/v1/cips", post_cip)
     app.router.add_post("/v1/refunds", post_refund)
     app.router.add_get("/v1/refunds/{external_ref}", get_refund)
     app.router.add_get("/sandbox/cips/{document_id}.html", cip_document)
+    app.router.add_put("/sandbox/merchants/{merchant_id}", put_merchant)
+    app.router.add_get("/sandbox/merchants/{merchant_id}", get_merchant)
     app.router.add_post("/sandbox/payments", sandbox_payment)
+    app.router.add_post("/sandbox/cips/{cip}/payment", pay_cip)
     app.router.add_get("/sandbox/ledger", ledger)
     app.router.add_get("/sandbox/chaos", get_chaos)
     app.router.add_post("/sandbox/chaos", post_chaos)
@@ -121,13 +105,11 @@ def create_app(config: ChaosConfig | None = None, *, database_url: str | None = 
 
 async def _lifecycle(app: web.Application):
     sandbox = app[SANDBOX]
-    await sandbox.directory.start()
     await sandbox.notifier.start()
     try:
         yield
     finally:
         await sandbox.notifier.close()
-        await sandbox.directory.close()
 
 
 @web.middleware
@@ -171,12 +153,12 @@ async def authorize(request: web.Request) -> web.Response:
         problems.invalid("dateRequest", "dateRequest must be Lima time (-05:00) within 5 minutes of the gateway clock")
         problems.raise_any()
     given = auth.hash_string.strip().lower().encode("utf-8")
-    for merchant in await sandbox.directory.merchants_by_credentials(auth.access_key, auth.service_id):
+    for merchant in sandbox.registry.merchants_by_credentials(auth.access_key, auth.service_id):
         expected = protocol.auth_hash(auth.service_id, auth.access_key, merchant.secret_key,
                                       auth.date_request).encode("utf-8")
         if hmac.compare_digest(expected, given):
             _check_source(request, sandbox, merchant)
-            code_service = sandbox.code_service(merchant)
+            code_service = merchant.service_code
             token, grant = sandbox.state.issue_token(merchant.merchant_id, merchant.service_id, now,
                                                      code_service=code_service)
             return json_response(protocol.envelope(protocol.OK, {
@@ -207,8 +189,8 @@ def _check_source(request: web.Request, sandbox: Sandbox, merchant: Registration
             raise source_ip_refusal(request.remote)
 
 
-async def _registered(request: web.Request, sandbox: Sandbox, merchant_id: str) -> Registration:
-    merchant = await sandbox.directory.merchant(merchant_id)
+def _registered(request: web.Request, sandbox: Sandbox, merchant_id: str) -> Registration:
+    merchant = sandbox.registry.merchant(merchant_id)
     if merchant is None:
         raise token_refusal("the merchant is not registered", "merchantId")
     _check_source(request, sandbox, merchant)
@@ -231,26 +213,15 @@ def _rate_limited(seconds: int) -> Refusal:
     return Refusal(429, RATE_LIMITED, message="Demasiadas solicitudes.", headers={"Retry-After": str(seconds)})
 
 
-@dataclass(frozen=True)
-class _Original:
-    amount: Decimal
-    currency: str
-    method: str
-    paid_at: datetime
-
-
-async def _original(sandbox: Sandbox, order: RefundOrder) -> _Original:
-    """The paid transaction: a CIP this sandbox created, or one in the project's database."""
+def _original(sandbox: Sandbox, order: RefundOrder) -> Cip:
+    """The paid transaction: a CIP this sandbox knows for that merchant, paid."""
     cip = sandbox.state.cip(order.merchant_id, order.original_transaction_id)
-    if cip is not None:
-        if cip.paid_at is None:
-            raise refusal(protocol.TRANSACTION_UNKNOWN, "the CIP is not paid", "originalTransactionId")
-        return _Original(cip.amount, cip.currency, cip.method, cip.paid_at)
-    payment = await sandbox.directory.payment(order.merchant_id, order.original_transaction_id)
-    if payment is not None:
-        return _Original(payment.amount, payment.currency, payment.method, payment.paid_at)
-    raise refusal(protocol.TRANSACTION_UNKNOWN, "no paid transaction with this id for this merchant",
-                  "originalTransactionId")
+    if cip is None:
+        raise refusal(protocol.TRANSACTION_UNKNOWN, "no paid transaction with this id for this merchant",
+                      "originalTransactionId")
+    if cip.paid_at is None:
+        raise refusal(protocol.TRANSACTION_UNKNOWN, "the CIP is not paid", "originalTransactionId")
+    return cip
 
 
 def _signed_by(merchant: Registration, order: RefundOrder) -> bool:
@@ -269,7 +240,7 @@ async def post_refund(request: web.Request) -> web.Response:
     claimed = body.get("merchantId")
     if claimed not in (None, "") and str(claimed) != grant.merchant_id:
         raise token_refusal("the token was not issued to this merchantId", "merchantId")
-    merchant = await _registered(request, sandbox, grant.merchant_id)
+    merchant = _registered(request, sandbox, grant.merchant_id)
     _faults(sandbox, grant.merchant_id, merchant_limit=True)
     order = parse_refund(body, request.headers)
     now = _now()
@@ -277,17 +248,15 @@ async def post_refund(request: web.Request) -> web.Response:
         raise refusal(protocol.TIMESTAMP_OUT_OF_TOLERANCE, "timestamp is more than 5 minutes off the gateway clock",
                       "timestamp")
     if not _signed_by(merchant, order):
-        merchant = await sandbox.directory.merchant(order.merchant_id, fresh=True)  # the key may have rotated
-        if merchant is None or not _signed_by(merchant, order):
-            raise refusal(protocol.SIGNATURE_INVALID, "signature does not verify with the registered public key",
-                          "signature")
+        raise refusal(protocol.SIGNATURE_INVALID, "signature does not verify with the registered public key",
+                      "signature")
     try:
         earlier = sandbox.state.replay(order)
     except Conflict:
         raise _reused() from None
     if earlier is not None:
         return _refund_answer(earlier)
-    original = await _original(sandbox, order)
+    original = _original(sandbox, order)
     if original.currency != order.currency:
         raise refusal(protocol.INVALID_VALUE, f"the transaction was paid in {original.currency}", "currency")
     window = timedelta(days=REFUND_WINDOW_DAYS.get(original.method, 90))
@@ -366,7 +335,7 @@ async def get_refund(request: web.Request) -> web.Response:
     problems.raise_any()
     if merchant_id != grant.merchant_id:
         raise token_refusal("the token was not issued to this merchant", protocol.MERCHANT_HEADER)
-    await _registered(request, sandbox, merchant_id)
+    _registered(request, sandbox, merchant_id)
     _faults(sandbox, merchant_id, merchant_limit=False)
     check_origin(problems, request.headers)
     problems.raise_any()
@@ -385,13 +354,13 @@ async def post_cip(request: web.Request) -> web.Response:
     await sandbox.chaos.latency()
     _check_source(request, sandbox)
     grant = _grant(request, sandbox)
-    merchant = await _registered(request, sandbox, grant.merchant_id)
+    merchant = _registered(request, sandbox, grant.merchant_id)
     _faults(sandbox, grant.merchant_id, merchant_limit=False)
     now = _now()
     order = parse_cip(await read_object(request, CIP_FIELDS), request.headers, now)
     if order.service_id is not None and order.service_id != grant.service_id:
         raise token_refusal("serviceId is not the service the token was issued to", "serviceId")
-    if order.amount > (limit := sandbox.max_cip_amount(merchant.merchant_id)):
+    if order.amount > (limit := merchant.max_cip_amount):
         raise refusal(protocol.CIP_AMOUNT_OVER_MAXIMUM, f"amount over this merchant's maximum of {limit}", "amount")
     expiry = order.date_expiry or now + DEFAULT_CIP_TERM
     cip = sandbox.state.add_cip(merchant_id=merchant.merchant_id, transaction_code=order.transaction_code,
@@ -423,29 +392,87 @@ async def cip_document(request: web.Request) -> web.Response:
 
 # --- 4.5 sandbox-only endpoints ---------------------------------------------------------
 
-async def sandbox_payment(request: web.Request) -> web.Response:
-    """A customer pays: a new CIP, paid now, announced to the merchant by a signed cip.paid."""
+async def put_merchant(request: web.Request) -> web.Response:
+    """Onboarding: a merchant registers (or re-registers, to rotate keys) its service, access
+    key, secret, public key and notify URL, as it would with PagoEfectivo; 201 when new."""
     sandbox = request.app[SANDBOX]
-    order = parse_payment(await read_object(request, PAYMENT_FIELDS))
-    merchant = await sandbox.directory.merchant(order.merchant_id)
+    merchant_id = request.match_info["merchant_id"]
+    before = sandbox.registry.merchant(merchant_id)
+    try:
+        merchant = parse_merchant(await read_object(request), "merchant", merchant_id=merchant_id)
+        sandbox.registry.register(merchant)
+    except (SeedError, ValueError) as exc:
+        where, _, _ = str(exc).partition(":")
+        raise operator_refusal(str(exc), where.removeprefix("merchant.") if "." in where else None) from None
+    if before is None:
+        log.info("merchant %s onboarded (service %s)", merchant_id, merchant.service_id)
+    elif before.secret_key != merchant.secret_key:
+        sandbox.state.revoke_tokens(merchant_id)  # tokens issued under the old secret end with it
+    return json_response(merchant.to_json(), status=201 if before is None else 200)
+
+
+async def get_merchant(request: web.Request) -> web.Response:
+    merchant = request.app[SANDBOX].registry.merchant(request.match_info["merchant_id"])
     if merchant is None:
-        raise refusal(protocol.INVALID_VALUE, "no sandbox merchant with this id", "merchantId")
+        raise web.HTTPNotFound()
+    return json_response(merchant.to_json())
+
+
+async def sandbox_payment(request: web.Request) -> web.Response:
+    """A customer pays: a new CIP, paid now, announced to the merchant by a signed cip.paid.
+    With ``transactionId`` (and ``paidAt``), a payment made before this run, under that id."""
+    sandbox = request.app[SANDBOX]
     now = _now()
+    order = parse_payment(await read_object(request, PAYMENT_FIELDS), now)
+    merchant = sandbox.registry.merchant(order.merchant_id)
+    if merchant is None:
+        raise operator_refusal("no sandbox merchant with this id (onboard it first)", "merchantId")
+    if order.transaction_id and (known := sandbox.state.cip(merchant.merchant_id, order.transaction_id)):
+        if (known.amount, known.currency, known.paid_at is None) != (order.amount, order.currency, False):
+            raise operator_refusal("transactionId is known with another amount or currency, or unpaid",
+                                   "transactionId")
+        return json_response({"cip": known.cip})  # recorded before: the same payment, told once
     cip = sandbox.state.add_cip(merchant_id=merchant.merchant_id, transaction_code=order.transaction_code,
-                                amount=order.amount, currency=order.currency, method=order.method, paid_at=now)
+                                amount=order.amount, currency=order.currency, method=order.method,
+                                paid_at=order.paid_at or now, number=order.transaction_id)
+    if order.notify:
+        _announce_payment(sandbox, merchant, cip)
+    return json_response({"cip": cip.cip})
+
+
+async def pay_cip(request: web.Request) -> web.Response:
+    """The customer pays a CIP made by ``POST /v1/cips`` (at an agent, by its number): the
+    merchant gets a signed cip.paid."""
+    sandbox = request.app[SANDBOX]
+    number = request.match_info["cip"]
+    found = sorted((cip for (_, n), cip in sandbox.state.cips.items() if n == number),
+                   key=lambda cip: cip.paid_at is not None)  # an unpaid one first
+    if not found:
+        raise refusal(protocol.TRANSACTION_UNKNOWN, "no CIP with this number", "cip", status=404)
+    try:
+        cip = sandbox.state.pay(found[0], _now())
+    except ValueError as exc:
+        raise operator_refusal(str(exc), "cip", status=409) from None
+    merchant = sandbox.registry.merchant(cip.merchant_id)
+    if merchant is not None:
+        _announce_payment(sandbox, merchant, cip)
+    return json_response({"cip": cip.cip, "paymentDate": protocol.lima_timestamp(cip.paid_at)})
+
+
+def _announce_payment(sandbox: Sandbox, merchant: Registration, cip: Cip) -> None:
+    """The signed cip.paid to the merchant's notify URL (API CIP 1.1 §5.2, p. 14)."""
     url = merchant.notify_url_or(sandbox.notify_base_url)
     if url is None:
         log.warning("cip %s for %s: no notify URL (merchant has none, REFUNDS_NOTIFY_URL unset)",
                     cip.cip, merchant.merchant_id)
-    else:
-        sandbox.notifier.send(url, merchant.merchant_id, {
-            "eventType": "cip.paid",
-            "operationNumber": sandbox.state.next_operation_number(),
-            "data": {"cip": cip.cip, "currency": cip.currency, "amount": cip.amount,
-                     "transactionCode": cip.transaction_code, "paymentDate": protocol.lima_timestamp(now),
-                     "merchantId": merchant.merchant_id, "method": cip.method},
-        }, merchant.secret_key)
-    return json_response({"cip": cip.cip})
+        return
+    sandbox.notifier.send(url, merchant.merchant_id, {
+        "eventType": "cip.paid",
+        "operationNumber": sandbox.state.next_operation_number(),
+        "data": {"cip": cip.cip, "currency": cip.currency, "amount": cip.amount,
+                 "transactionCode": cip.transaction_code, "paymentDate": protocol.lima_timestamp(cip.paid_at),
+                 "merchantId": merchant.merchant_id, "method": cip.method},
+    }, merchant.secret_key)
 
 
 async def ledger(request: web.Request) -> web.Response:
@@ -461,7 +488,7 @@ async def post_chaos(request: web.Request) -> web.Response:
     try:
         config = chaos.update(await read_object(request))
     except ChaosError as exc:
-        raise refusal(protocol.INVALID_VALUE, exc.message, exc.key) from None
+        raise operator_refusal(exc.message, exc.key) from None
     log.info("chaos now %s", config.to_json())
     return json_response(config.to_json())
 

@@ -1,9 +1,9 @@
 """``python -m pagoefectivo.sandbox`` / ``refundctl sandbox serve``: run the gateway until SIGTERM or SIGINT.
 
-Merchants and payments come from the project's database (DATABASE_URL, with
-REFUNDS_MASTER_KEY or REFUNDS_MASTER_KEY_FILE to open the secrets) or, with ``--seed FILE``,
-from a seed file alone (then neither is required, and the database is not read).
-REFUNDS_NOTIFY_URL is where merchants without their own notify URL get ``cip.paid``.
+The gateway is a party of its own: it starts knowing nobody (or what ``--seed FILE``
+holds) and learns merchants through the onboarding call, payments through its own CIPs.
+``--notify-base-url`` (default: REFUNDS_NOTIFY_URL) is where merchants registered without
+a notify URL get ``cip.paid``.
 Every chaos key is also a flag (``latency_ms`` → ``--latency-ms``); mappings take JSON,
 ``--allowed-ips`` takes ``CIDR,CIDR``.
 """
@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from dataclasses import fields
+from datetime import datetime, timezone
 
-from refunds import service
-from refunds.vault import vault_from_settings
+import uvloop
+from aiohttp import web
 
 from .app import create_app
 from .chaos import ChaosConfig, ChaosError
@@ -42,6 +45,17 @@ _METAVARS = {"rate": "P", "duration": "N", "seconds": "S", "limits": "JSON", "mi
              "cidrs": "CIDR,...", "merchant_cidrs": "JSON"}
 
 
+class JsonLines(logging.Formatter):
+    """One JSON object per line, as the services log (an exception as its one-line cause)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+                "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info and record.exc_info[1] is not None:
+            line["cause"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        return json.dumps(line, default=str)
+
+
 def flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
@@ -51,7 +65,10 @@ def build_parser(prog: str = "python -m pagoefectivo.sandbox") -> argparse.Argum
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"listen address (default {DEFAULT_HOST})")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"listen port (default {DEFAULT_PORT})")
     parser.add_argument("--seed", metavar="FILE", default=None,
-                        help="merchants and payments from this JSON file instead of DATABASE_URL (docs/PROTOCOL.md)")
+                        help="merchants and payments known from the start (docs/PROTOCOL.md)")
+    parser.add_argument("--notify-base-url", metavar="URL", default=os.environ.get("REFUNDS_NOTIFY_URL") or None,
+                        help="cip.paid for merchants registered without a notify URL goes to"
+                             " URL/pagoefectivo/notifications/{merchantId} (default: REFUNDS_NOTIFY_URL)")
     chaos = parser.add_argument_group("chaos", "gateway faults; the same keys as POST /sandbox/chaos")
     for f in fields(ChaosConfig):
         kind = f.metadata["kind"]
@@ -74,21 +91,22 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = chaos_from_args(parser, args)
+    seed = None
     if args.seed is not None:
         try:
             seed = load_seed(args.seed)
         except SeedError as exc:
             print(f"sandbox: --seed {exc}", file=sys.stderr)
             return 2
-        settings = service.load_settings("sandbox")
-        if settings is None:
-            return 2
-        app = create_app(config, seed=seed, notify_base_url=settings.refunds_notify_url)
-    else:
-        settings = service.load_settings("sandbox", lambda s: (s.require("database_url"), s.master_key()))
-        if settings is None:
-            return 2
-        app = create_app(config, database_url=settings.database_url, vault=vault_from_settings(settings),
-                         notify_base_url=settings.refunds_notify_url)
-    # access_log off: refunds are logged by the app, tokens never are
-    return service.run("sandbox", app, args.host, args.port, access_log=None)
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLines())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    app = create_app(config, seed=seed, notify_base_url=args.notify_base_url)
+    try:
+        # access_log off: refunds are logged by the app, tokens never are
+        web.run_app(app, host=args.host, port=args.port, access_log=None, loop=uvloop.new_event_loop(),
+                    print=lambda _: print(f"sandbox listening on http://{args.host}:{args.port}", flush=True))
+    except OSError as exc:
+        print(f"sandbox: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 3
+    return 0

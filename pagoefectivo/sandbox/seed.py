@@ -1,7 +1,7 @@
-"""``--seed FILE``: the gateway's registry from a JSON file instead of the project's database.
+"""``--seed FILE``: merchants and payments the gateway knows from the start.
 
-So that the sandbox can run beside a deployment that has its own database (and its own
-master key), the merchants it knows and the payments it will refund come from a file::
+The sandbox keeps its own records, filled by onboarding calls (docs/PROTOCOL.md); a seed
+file fills them at start instead, for merchants and payments that exist before a run::
 
     {"merchants": [{"merchantId", "env", "serviceId", "accessKey", "secretKey",
                     "publicKeyPem", "notifyUrl"?, "allowedIps"?, "codeService"?, "maxCipAmount"?}],
@@ -16,7 +16,7 @@ docs/PROTOCOL.md describes the format.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from pagoefectivo import protocol
 
 from .allowlist import parse_cidrs
-from .directory import PaidTransaction, Registration, SeedDirectory
+from .registry import ENVIRONMENT, PaidTransaction, Registration
 from .wire import CURRENCIES, MAX_IDENTIFIER, METHODS
 
 ENVIRONMENTS = ("sandbox", "production")
@@ -43,11 +43,6 @@ class SeedError(ValueError):
 class Seed:
     merchants: list[Registration]
     payments: list[PaidTransaction]
-    service_codes: dict[str, str] = field(default_factory=dict)  # merchantId -> codeService
-    cip_limits: dict[str, Decimal] = field(default_factory=dict)  # merchantId -> largest CIP amount (511)
-
-    def directory(self) -> SeedDirectory:
-        return SeedDirectory(self.merchants, self.payments)
 
 
 def load_seed(path: str | Path, *, now: datetime | None = None) -> Seed:
@@ -69,15 +64,7 @@ def parse_seed(document: Any, *, now: datetime | None = None) -> Seed:
     if unknown:
         raise SeedError(f"unknown key(s) {', '.join(sorted(unknown))}; use merchants and payments")
     items = _list(document, "merchants")
-    merchants = [_merchant(f"merchants[{i}]", item) for i, item in enumerate(items)]
-    service_codes, cip_limits = {}, {}
-    for i, (item, merchant) in enumerate(zip(items, merchants)):
-        if (code := _text(f"merchants[{i}]", item, "codeService", required=False)) is not None:
-            if not _SERVICE_CODE.fullmatch(code):
-                raise SeedError(f"merchants[{i}].codeService: 3 to 5 letters or digits, such as \"SRV\"")
-            service_codes[merchant.merchant_id] = code
-        if item.get("maxCipAmount") not in (None, ""):
-            cip_limits[merchant.merchant_id] = _amount(f"merchants[{i}]", item["maxCipAmount"], "maxCipAmount")
+    merchants = [parse_merchant(item, f"merchants[{i}]") for i, item in enumerate(items)]
     seen: set[str] = set()
     for i, merchant in enumerate(merchants):
         if merchant.merchant_id in seen:
@@ -93,7 +80,7 @@ def parse_seed(document: Any, *, now: datetime | None = None) -> Seed:
             raise SeedError(f"payments[{i}].transactionId: {payment.transaction_id!r} appears twice for"
                             f" {payment.merchant_id!r}")
         keys.add(key)
-    return Seed(merchants, payments, service_codes, cip_limits)
+    return Seed(merchants, payments)
 
 
 def _list(document: dict, name: str) -> list:
@@ -132,10 +119,17 @@ _MERCHANT_KEYS = {"merchantId", "env", "serviceId", "accessKey", "secretKey", "p
 _SERVICE_CODE = re.compile(r"[A-Za-z0-9]{3,5}")  # codeService: AN, 3-5 (API CIP 1.1 §5.1.1, p. 7)
 
 
-def _merchant(where: str, item: Any) -> Registration:
+def parse_merchant(item: Any, where: str, *, merchant_id: str | None = None) -> Registration:
+    """A merchant's registration, from a seed file or the onboarding call (which names the
+    merchant in its path and may leave ``env`` out)."""
     item = _object(where, item, _MERCHANT_KEYS)
-    merchant_id = _text(where, item, "merchantId", identifier=True)
-    env = _text(where, item, "env")
+    if merchant_id is None:  # a seed file names the merchant and its environment
+        merchant_id = _text(where, item, "merchantId", identifier=True)
+        env = _text(where, item, "env")
+    else:  # the onboarding call names it in its path; sandbox unless said
+        if item.get("merchantId") not in (None, merchant_id):
+            raise SeedError(f"{where}.merchantId: must be the merchant named in the path, {merchant_id!r}")
+        env = _text(where, item, "env", required=False) or ENVIRONMENT
     if env not in ENVIRONMENTS:
         raise SeedError(f"{where}.env: must be one of {', '.join(ENVIRONMENTS)}")
     service_id = item.get("serviceId")
@@ -161,10 +155,16 @@ def _merchant(where: str, item: Any) -> Registration:
         allowed_ips = parse_cidrs(item.get("allowedIps") or [])
     except ValueError as exc:
         raise SeedError(f"{where}.allowedIps: {exc}") from None
+    code_service = _text(where, item, "codeService", required=False)
+    if code_service is not None and not _SERVICE_CODE.fullmatch(code_service):
+        raise SeedError(f"{where}.codeService: 3 to 5 letters or digits, such as \"SRV\"")
+    extra = {}
+    if item.get("maxCipAmount") not in (None, ""):
+        extra["max_cip_amount"] = _amount(where, item["maxCipAmount"], "maxCipAmount")
     return Registration(
         merchant_id=merchant_id, env=env, service_id=service_id, access_key=access_key,  # type: ignore[arg-type]
         public_key_pem=public_pem, secret_key=secret_key, notify_url=notify_url,  # type: ignore[arg-type]
-        allowed_ips=allowed_ips,
+        allowed_ips=allowed_ips, code_service=code_service, **extra,
     )
 
 

@@ -15,7 +15,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 
@@ -60,8 +60,9 @@ class TokenGrant:
 
 @dataclass(frozen=True)
 class Cip:
-    """A CIP: created by ``POST /v1/cips`` (unpaid until paid), or paid at once through
-    ``POST /sandbox/payments``; ``cip`` is the transaction id refunds name."""
+    """A CIP: created by ``POST /v1/cips`` (unpaid until ``POST /sandbox/cips/{cip}/payment``),
+    or paid at once through ``POST /sandbox/payments`` or a seed file; ``cip`` is the
+    transaction id refunds name."""
 
     cip: str
     merchant_id: str
@@ -182,14 +183,28 @@ class SandboxState:
     # --- payments --------------------------------------------------------------------
 
     def add_cip(self, *, merchant_id: str, transaction_code: str, amount: Decimal, currency: str, method: str,
-                paid_at: datetime | None, date_expiry: datetime | None = None, fields: dict | None = None) -> Cip:
-        cip = Cip(self.next_cip(), merchant_id, transaction_code, amount, currency, method, paid_at,
+                paid_at: datetime | None, date_expiry: datetime | None = None, fields: dict | None = None,
+                number: str | None = None) -> Cip:
+        """A new CIP, numbered by the gateway unless ``number`` names a payment made before this
+        run (a seed file's, or one recorded through ``POST /sandbox/payments``)."""
+        cip = Cip(number or self.next_cip(), merchant_id, transaction_code, amount, currency, method, paid_at,
                   date_expiry=date_expiry, document_id=str(uuid.uuid4()).upper(), fields=dict(fields or {}))
+        if (merchant_id, cip.cip) in self.cips:
+            raise ValueError(f"{merchant_id} already has a payment {cip.cip}")
         self.cips[(merchant_id, cip.cip)] = cip
         return cip
 
     def cip(self, merchant_id: str, number: str) -> Cip | None:
         return self.cips.get((merchant_id, number))
+
+    def pay(self, cip: Cip, now: datetime) -> Cip:
+        """The customer pays an unpaid CIP (ValueError if it is paid or expired)."""
+        if cip.paid_at is not None:
+            raise ValueError(f"CIP {cip.cip} is already paid")
+        if cip.date_expiry is not None and cip.date_expiry <= now:
+            raise ValueError(f"CIP {cip.cip} expired at {protocol.lima_timestamp(cip.date_expiry)}")
+        paid = self.cips[(cip.merchant_id, cip.cip)] = replace(cip, paid_at=now)
+        return paid
 
     def cip_document(self, document_id: str) -> Cip | None:
         """The CIP whose HTML document (cipUrl) has this name."""

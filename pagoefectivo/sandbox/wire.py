@@ -69,6 +69,13 @@ def refusal(code: str, message: str, field: str | None = None, *, status: int = 
     return Refusal(status, top, [detail], reasons=[f"{field or '-'}: {message}"])
 
 
+def operator_refusal(message: str, field: str | None, *, status: int = 400) -> Refusal:
+    """111 (113) for the sandbox's own calls (onboarding, payments, chaos): they are not the
+    published API, so the detail says what is wrong instead of the published text."""
+    return Refusal(status, protocol.INVALID_DATA, [protocol.error_detail(protocol.INVALID_VALUE, message, field)],
+                   reasons=[f"{field or '-'}: {message}"])
+
+
 def token_refusal(message: str, field: str | None = "Authorization") -> Refusal:
     """508 at HTTP 400, where the document lists it (p. 13)."""
     return refusal(protocol.TOKEN_INVALID, message, field, status=400)
@@ -334,12 +341,16 @@ class PaymentOrder:
     amount: Decimal
     currency: str
     method: str
+    transaction_id: str | None = None  # a payment made before this run, under this id
+    paid_at: datetime | None = None  # when it was made (now when absent)
+    notify: bool = True  # send cip.paid to the merchant
 
 
-PAYMENT_FIELDS = ("merchantId", "transactionCode", "amount", "currency", "method")
+PAYMENT_FIELDS = ("merchantId", "transactionCode", "amount", "currency", "method", "transactionId", "paidAt",
+                  "notify")
 
 
-def parse_payment(body: dict) -> PaymentOrder:
+def parse_payment(body: dict, now: datetime) -> PaymentOrder:
     require(body, ("merchantId", "transactionCode", "amount", "currency"))
     problems = Problems()
     merchant_id = _identifier(problems, body, "merchantId")
@@ -349,8 +360,22 @@ def parse_payment(body: dict) -> PaymentOrder:
     method = body.get("method") or "cash"
     if method not in METHODS:
         problems.invalid("method", f"method must be one of {', '.join(METHODS)}")
+    transaction_id = _identifier(problems, body, "transactionId", optional=True)
+    paid_at = None
+    if _present(body.get("paidAt")):
+        try:
+            paid_at = protocol.parse_timestamp(str(body["paidAt"]))
+        except ValueError:
+            problems.invalid("paidAt", "paidAt must be ISO-8601 with its offset, e.g. 2026-11-20T10:00:00-05:00")
+        else:
+            if paid_at > now:
+                problems.invalid("paidAt", "paidAt must not be in the future")
+    notify = body.get("notify", True)
+    if not isinstance(notify, bool):
+        problems.invalid("notify", "notify must be true or false")
     problems.raise_any()
-    return PaymentOrder(merchant_id, transaction_code, amount, currency, method)  # type: ignore[arg-type]
+    return PaymentOrder(merchant_id, transaction_code, amount, currency, method,  # type: ignore[arg-type]
+                        transaction_id, paid_at, notify)
 
 
 # --- CIP creation (API CIP 1.1 §5.1.2, pp. 8-12) -----------------------------------------

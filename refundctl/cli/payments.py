@@ -50,6 +50,27 @@ def cmd_payment_list(args) -> int:
 
 
 
+def cmd_payment_import(args) -> int:
+    """Payments whose cip.paid never came (docs/OPERATIONS.md): which we lack, and filling them."""
+    from ..payment_import import PaymentFileError, import_payments, read_rows
+
+    try:
+        rows = read_rows(args.file)
+        outcomes = asyncio.run(with_conn(lambda conn: import_payments(conn, rows, dry_run=args.dry_run)))
+    except PaymentFileError as exc:
+        raise Usage(str(exc)) from None
+    views = [o.to_json() for o in outcomes]
+    counts = {kind: sum(1 for v in views if v["outcome"] == kind) for kind in ("missing", "recorded", "known",
+                                                                                "conflict")}
+    emit(args, {"payments": views, "counts": counts}, lambda: (table(
+        "payments" + (" (dry run: nothing recorded)" if args.dry_run else ""),
+        ["line", "merchant", "transaction", "amount", "currency", "outcome", "held"],
+        [[v["line"], v["merchant_id"], v["transaction_id"], v["amount"], v["currency"], v["outcome"],
+          v["held"] or ""] for v in views if v["outcome"] != "known" or args.verbose]),
+        print(", ".join(f"{count} {kind}" for kind, count in counts.items()))))
+    return 1 if counts["missing"] or counts["conflict"] else 0
+
+
 def register(sub) -> None:
     payment = sub.add_parser("payment").add_subparsers(dest="payment_command", required=True)
     record = with_json(payment.add_parser("record", help="record a paid original transaction"))
@@ -63,3 +84,9 @@ def register(sub) -> None:
     plist = with_page(payment.add_parser("list", help="by merchant and transaction"))
     plist.add_argument("--merchant", type=merchant_id, default=None)
     plist.set_defaults(func=cmd_payment_list)
+    imp = with_json(payment.add_parser(
+        "import", help="payments whose cip.paid never came, from a CSV of paid CIPs (docs/OPERATIONS.md)"))
+    imp.add_argument("file", help="CSV: merchant_id,transaction_id,amount,currency[,method][,paid_at]")
+    imp.add_argument("--dry-run", action="store_true", help="only say which payments we lack (exit 1 if any)")
+    imp.add_argument("--verbose", action="store_true", help="list the rows we already hold too")
+    imp.set_defaults(func=cmd_payment_import)

@@ -1,14 +1,48 @@
-"""refundctl demo and sandbox serve: running the system."""
+"""refundctl demo, sandbox serve and sandbox onboard: running the system."""
 
 from __future__ import annotations
 
+import asyncio
 
+from .common import Unavailable, Usage, with_json
 
 
 def cmd_sandbox_serve(args, extra: list[str]) -> int:
     from pagoefectivo.sandbox import main as sandbox_main
 
     return sandbox_main(extra)
+
+
+def cmd_sandbox_onboard(args) -> int:
+    """Hand a sandbox gateway a merchant's keys and notify URL, as its seller would PagoEfectivo."""
+    import aiohttp
+
+    from refunds.merchants import get_merchant
+
+    from ..onboarding import onboard
+    from .common import emit, settings, vault, with_conn
+
+    sandbox_url = args.sandbox_url or settings().pagoefectivo_base_url
+    receiver_url = args.receiver_url or settings().refunds_notify_url
+    if not sandbox_url:
+        raise Usage("--sandbox-url (or PAGOEFECTIVO_BASE_URL) names the sandbox gateway")
+    merchant = asyncio.run(with_conn(lambda conn: get_merchant(conn, args.merchant)))
+    if merchant.env != "sandbox":
+        raise Usage(f"{args.merchant} is a {merchant.env} merchant: a sandbox gateway knows sandbox merchants only")
+
+    async def run():
+        async with aiohttp.ClientSession() as http:
+            return await onboard(http, sandbox_url, merchant, vault(), receiver_url=receiver_url)
+
+    try:
+        registered = asyncio.run(run())
+    except (aiohttp.ClientError, OSError) as exc:
+        raise Unavailable(f"sandbox gateway at {sandbox_url} unreachable: {exc}") from None
+    except RuntimeError as exc:  # the gateway refused the registration
+        raise Usage(str(exc)) from None
+    emit(args, registered, lambda: print(f"{args.merchant} onboarded with {sandbox_url}"
+                                         f" (notify URL {registered.get('notifyUrl') or 'none'})"))
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -31,3 +65,12 @@ def register(sub) -> None:
     serve = sandbox.add_parser("serve", help="the PagoEfectivo sandbox gateway (all sandbox flags pass through)",
                                add_help=False)
     serve.set_defaults(func=cmd_sandbox_serve, passthrough=True)
+    onboard = with_json(sandbox.add_parser(
+        "onboard", help="register a sandbox merchant (keys, notify URL) with a sandbox gateway"))
+    onboard.add_argument("merchant", help="the merchant's id in our store")
+    onboard.add_argument("--sandbox-url", default=None,
+                         help="the sandbox gateway (default: PAGOEFECTIVO_BASE_URL)")
+    onboard.add_argument("--receiver-url", default=None,
+                         help="the receiver's public base URL, for a merchant without its own notify URL"
+                              " (default: REFUNDS_NOTIFY_URL)")
+    onboard.set_defaults(func=cmd_sandbox_onboard)

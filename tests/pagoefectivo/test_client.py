@@ -35,7 +35,8 @@ from refundctl.processes import free_port
 from refunds.records import find_refund, refund_events
 from refunds.settings import DEFAULT_BASE_URLS
 from tests.stack import CLIENT_TIMEOUT as TIMEOUT
-from tests.stack import chaos, process_refund, serve, start_stack
+from tests.stack import RunningStack, chaos, process_refund, serve, start_stack
+from refundctl.onboarding import record_paid
 from tests.helpers import FIXTURES, paid
 
 
@@ -62,6 +63,10 @@ class Stack:
     http: aiohttp.ClientSession
     app: web.Application
     sent: RequestCounter
+    running: RunningStack
+
+    async def paid(self, db, *args, **kwargs):
+        return await self.running.paid(db, *args, **kwargs)
 
     @property
     def client(self) -> PagoEfectivoClient:
@@ -86,7 +91,13 @@ async def stack(db, database_url, redis_url, vault, monkeypatch):
     """The shared stack (tests/stack.py), with every request of the worker's client counted."""
     sent = RequestCounter()
     async with start_stack(database_url, redis_url, vault, monkeypatch, trace_configs=[sent.trace]) as running:
-        yield Stack(running.res, running.sandbox_url, running.http, running.sandbox_app, sent)
+        yield Stack(running.res, running.sandbox_url, running.http, running.sandbox_app, sent, running)
+
+
+@pytest.fixture
+def make_merchant(make_merchant, stack):
+    """Merchants made in these tests are onboarded with the sandbox gateway too."""
+    return stack.running.onboarded(make_merchant)
 
 
 @pytest_asyncio.fixture
@@ -110,10 +121,12 @@ def order(stack: Stack, external_ref="R-1", amount="25.00", **overrides) -> Refu
     return RefundOrder(**fields)
 
 
-async def accepted_refund(db, external_ref="R-1", amount="25.00"):
+async def accepted_refund(stack: Stack | None, db, external_ref="R-1", amount="25.00"):
+    """A refund of CIP-9, accepted; the payment known to both parties, or to ours alone
+    without a ``stack``."""
     from producers import enqueue_refund
 
-    await paid(db, transaction="CIP-9")
+    await (stack.paid if stack is not None else paid)(db, transaction="CIP-9")
     result = await enqueue_refund(db, merchant_id="m1", original_transaction_id="CIP-9", amount=amount,
                                   currency="PEN", external_ref=external_ref)
     return result.refund
@@ -128,7 +141,7 @@ async def assert_failed_with(db, stack: Stack, refund_id, code: str) -> None:
 
 async def assert_worker_fails_a_refund_with(db, stack: Stack, code: str) -> None:
     """The worker's side of a malformed request: a refund accepted now, once processed, is failed with ``code``."""
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await process_refund(stack.res, refund.refund_id)
     await assert_failed_with(db, stack, refund.refund_id, code)
 
@@ -185,7 +198,7 @@ async def test_token_is_refreshed_five_minutes_before_expiry(stack, merchant):
 
 
 async def test_508_drops_the_token_refreshes_once_and_retries_once(db, stack, merchant):
-    await paid(db, transaction="CIP-9")
+    await stack.paid(db, transaction="CIP-9")
     await stack.chaos(sync_status_mix={"success": 1})
     creds = creds_of(merchant)
     await stack.client.token(creds)
@@ -207,7 +220,7 @@ async def test_concurrent_callers_refused_with_the_same_token_share_one_refresh(
 
 
 async def test_508_that_survives_the_refresh_is_permanent_and_fails_the_refund(db, stack, merchant, monkeypatch):
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     monkeypatch.setattr(stack.sandbox.state, "token_grant", lambda token, now: None)  # every token refused
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, external_ref="R-direct"))
@@ -228,7 +241,7 @@ async def test_bad_credentials_are_508_at_authorization(stack, merchant):
 # --- 111 with 112 / 113 inside: the request is malformed ------------------------------------------
 
 async def test_111_wrong_type(db, stack, merchant, monkeypatch):
-    await paid(db, transaction="CIP-9")
+    await stack.paid(db, transaction="CIP-9")
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, reason=["not", "text"]))
     assert (caught.value.code, caught.value.field, caught.value.http_status) == ("111", "refundReason", 400)
@@ -238,7 +251,7 @@ async def test_111_wrong_type(db, stack, merchant, monkeypatch):
 
 
 async def test_112_required(db, stack, merchant, monkeypatch):
-    await paid(db, transaction="CIP-9")
+    await stack.paid(db, transaction="CIP-9")
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, notify_url=""))
     assert (caught.value.code, caught.value.field) == ("111", "notifyUrl")
@@ -248,7 +261,7 @@ async def test_112_required(db, stack, merchant, monkeypatch):
 
 
 async def test_113_invalid_value(db, stack, merchant, monkeypatch):
-    await paid(db, transaction="CIP-9")
+    await stack.paid(db, transaction="CIP-9")
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, currency="EUR"))
     assert (caught.value.code, caught.value.field) == ("111", "currency")
@@ -260,7 +273,7 @@ async def test_113_invalid_value(db, stack, merchant, monkeypatch):
 # --- 601-607 -------------------------------------------------------------------------------------
 
 async def test_601_amount_over_refundable(db, stack, merchant):
-    refund = await accepted_refund(db, amount="25.00")
+    refund = await accepted_refund(stack, db, amount="25.00")
     await stack.chaos(sync_status_mix={"success": 1})
     creds = creds_of(merchant)
     await stack.client.request_refund(creds, order(stack, external_ref="ELSEWHERE", amount="80.00"))
@@ -272,8 +285,10 @@ async def test_601_amount_over_refundable(db, stack, merchant):
 
 
 async def test_602_refund_window_closed(db, stack, merchant):
-    refund = await accepted_refund(db)
-    await db.execute("UPDATE payments SET paid_at = now() - interval '100 days' WHERE transaction_id = 'CIP-9'")
+    """The gateway's record says paid 100 days ago; ours says today (the two parties disagree)."""
+    await record_paid(stack.http, stack.sandbox_url, merchant_id="m1", transaction_id="CIP-9", amount=Decimal("100.00"),
+                      currency="PEN", method="cash", paid_at=datetime.now(timezone.utc) - timedelta(days=100))
+    refund = await accepted_refund(stack, db)
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, external_ref="R-direct"))
     assert (caught.value.code, caught.value.field) == ("602", "originalTransactionId")
@@ -281,13 +296,9 @@ async def test_602_refund_window_closed(db, stack, merchant):
     await assert_failed_with(db, stack, refund.refund_id, "602")
 
 
-async def test_603_transaction_unknown_to_the_gateway(db, stack, merchant, monkeypatch):
-    refund = await accepted_refund(db)
-
-    async def never_seen(merchant_id, transaction_id):
-        return None
-
-    monkeypatch.setattr(stack.sandbox.directory, "payment", never_seen)
+async def test_603_transaction_unknown_to_the_gateway(db, stack, merchant):
+    """We hold a payment the gateway never recorded."""
+    refund = await accepted_refund(None, db)  # ours alone
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, external_ref="R-direct"))
     assert (caught.value.code, caught.value.field) == ("603", "originalTransactionId")
@@ -296,7 +307,7 @@ async def test_603_transaction_unknown_to_the_gateway(db, stack, merchant, monke
 
 
 async def test_604_external_ref_reused_with_other_parameters(db, stack, merchant):
-    refund = await accepted_refund(db, external_ref="R-1", amount="25.00")
+    refund = await accepted_refund(stack, db, external_ref="R-1", amount="25.00")
     await stack.chaos(sync_status_mix={"success": 1})
     creds = creds_of(merchant)
     first = await stack.client.request_refund(creds, order(stack, external_ref="R-1", amount="30.00"))
@@ -312,7 +323,7 @@ async def test_604_external_ref_reused_with_other_parameters(db, stack, merchant
 
 
 async def test_605_signature_invalid(db, stack, merchant, monkeypatch):
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     corrupt_requests(stack, monkeypatch, lambda body: body.update(refundReason="changed after signing"))
     with pytest.raises(PermanentError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, external_ref="R-direct"))
@@ -324,7 +335,7 @@ async def test_605_signature_invalid(db, stack, merchant, monkeypatch):
 async def test_606_timestamp_off_is_a_clock_skew_retried_later(db, stack, merchant, monkeypatch):
     """A 606 with the gateway's Date header showing the skew is ClockSkew (transient): the
     refund waits for the clock to be fixed instead of failing."""
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     creds = creds_of(merchant)
     await stack.client.token(creds)  # the clock was right when the token was issued
     real_now = client_module._now
@@ -353,7 +364,7 @@ async def test_606_timestamp_off_is_a_clock_skew_retried_later(db, stack, mercha
 
 
 async def test_607_source_ip_not_allowed(db, stack, merchant):
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     creds = creds_of(merchant)
     await stack.client.token(creds)
     await stack.chaos(merchant_allowed_ips={"m1": ["10.0.0.0/8"]})
@@ -372,7 +383,7 @@ async def test_607_source_ip_not_allowed(db, stack, merchant):
 # --- transient faults ------------------------------------------------------------------------------
 
 async def test_500_166_is_transient_and_the_worker_retries_later(db, stack, merchant):
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await stack.chaos(error_rate=1.0)
     with pytest.raises(TransientError) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, external_ref="R-direct"))
@@ -388,7 +399,7 @@ async def test_500_166_is_transient_and_the_worker_retries_later(db, stack, merc
 
 
 async def test_429_is_rate_limited_with_retry_after_and_the_worker_waits(db, stack, merchant):
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await stack.chaos(rate_limited_rate=1.0, retry_after_s=7)
     with pytest.raises(RateLimited) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, external_ref="R-direct"))
@@ -400,8 +411,23 @@ async def test_429_is_rate_limited_with_retry_after_and_the_worker_waits(db, sta
     assert waiting.state != "failed" and await stack.ledger() == []
 
 
+async def test_after_a_429_the_next_attempt_sends_without_asking_for_status(db, stack, merchant):
+    """A 429 means nothing was executed: the retry need not ask the gateway what became of it."""
+    refund = await accepted_refund(stack, db)
+    await stack.chaos(rate_limited_rate=1.0, retry_after_s=1)
+    await process_refund(stack.res, refund.refund_id)
+    assert stack.sent.count("POST", "/v1/refunds") == 1
+    await stack.chaos(rate_limited_rate=0.0, sync_status_mix={"success": 1})
+    await asyncio.sleep(1.1)  # the merchant's pause (Retry-After) is over
+    await process_refund(stack.res, refund.refund_id)
+    assert (await find_refund(db, refund.refund_id)).state == "succeeded"
+    assert stack.sent.count("POST", "/v1/refunds") == 2
+    assert stack.sent.count("GET", "/v1/refunds/") == 0
+    assert len(await stack.ledger()) == 1
+
+
 async def test_merchant_rate_limit_429_carries_the_wait(db, stack, merchant):
-    await paid(db, transaction="CIP-9")
+    await stack.paid(db, transaction="CIP-9")
     await stack.chaos(merchant_rate_limits={"m1": 0.5}, sync_status_mix={"success": 1})
     creds = creds_of(merchant)
     await stack.client.request_refund(creds, order(stack, external_ref="R-a", amount="1.00"))
@@ -411,7 +437,7 @@ async def test_merchant_rate_limit_429_carries_the_wait(db, stack, merchant):
 
 
 async def test_connection_refused_is_transient_and_the_worker_retries_later(db, stack, merchant):
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     dead = PagoEfectivoClient(stack.res.session, base_url=f"http://127.0.0.1:{free_port()}", env="sandbox",
                               timeout=TIMEOUT)
     with pytest.raises(TransientError) as caught:
@@ -425,7 +451,7 @@ async def test_connection_refused_is_transient_and_the_worker_retries_later(db, 
 # --- unknown outcomes --------------------------------------------------------------------------------
 
 async def test_read_timeout_after_commit_is_outcome_unknown_settled_by_status(db, stack, merchant):
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await stack.chaos(timeout_after_commit_rate=1.0, timeout_hold_s=TIMEOUT + 1, sync_status_mix={"success": 1})
     with pytest.raises(OutcomeUnknown) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack, external_ref="R-direct"))
@@ -439,7 +465,7 @@ async def test_read_timeout_after_commit_is_outcome_unknown_settled_by_status(db
 
 
 async def test_connection_dropped_after_sending_is_outcome_unknown(db, stack, merchant):
-    await paid(db, transaction="CIP-9")
+    await stack.paid(db, transaction="CIP-9")
     await stack.chaos(timeout_after_commit_rate=1.0, sync_status_mix={"pending": 1})
     with pytest.raises(OutcomeUnknown) as caught:
         await stack.client.request_refund(creds_of(merchant), order(stack))
@@ -453,7 +479,7 @@ async def test_every_first_attempt_lost_after_commit_still_executes_each_refund_
     """timeout_after_commit_rate=1 loses the answer of every new execution (replays and
     status lookups are answered): 20 refunds, each executed exactly once, all succeeded."""
     await stack.chaos(timeout_after_commit_rate=1.0, sync_status_mix={"success": 1})
-    refunds = [await accepted_refund(db, external_ref=f"R-{i:02d}", amount="5.00") for i in range(20)]
+    refunds = [await accepted_refund(stack, db, external_ref=f"R-{i:02d}", amount="5.00") for i in range(20)]
     ids = [refund.refund_id for refund in refunds]
     # every message twice at once (duplicates), then again for those the worker deferred (its
     # own rate limiter), as dramatiq would redeliver them
@@ -479,7 +505,7 @@ async def test_status_lookup_of_a_refund_the_gateway_never_saw_is_none(stack, me
 
 
 async def test_status_lookup_quotes_the_external_ref(db, stack, merchant):
-    await paid(db, transaction="CIP-9")
+    await stack.paid(db, transaction="CIP-9")
     await stack.chaos(sync_status_mix={"success": 1})
     creds = creds_of(merchant)
     sent = await stack.client.request_refund(creds, order(stack, external_ref="R/1 ñ?#"))
@@ -563,7 +589,7 @@ def test_environment_defaults_match_their_environment():
 
 async def test_environment_mismatch_sends_the_refund_to_manual_review(db, stack, make_merchant):
     await make_merchant("m1", env="production", rate_limit=Decimal(1000))
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(None, db)  # a sandbox gateway knows no production merchant
     await process_refund(stack.res, refund.refund_id)
     refund = await find_refund(db, refund.refund_id)
     assert (refund.state, refund.provider_code) == ("manual_review", "environment_mismatch")

@@ -342,3 +342,39 @@ async def test_cip_paid_has_the_documents_fields_types_and_lengths(gateway, note
         assert (body["data"]["currency"], body["data"]["amount"]) == ("PEN", Decimal("22.05"))
         numbers.add(body["operationNumber"])
     assert len(numbers) == 2
+
+
+async def test_a_marketplace_rehearses_create_pay_notify_refund(gateway, notes):
+    """The whole flow against the sandbox: the document's CIP is created, the customer pays it
+    (the sandbox's pay call), the merchant gets a signed cip.paid naming it, and it can then
+    be refunded; paying twice or an unknown CIP is refused."""
+    status, _, created = await send(gateway, "POST", "/v1/cips", live_cip_body(), headers=await cip_headers(gateway))
+    assert status == 201
+    cip = str(created["data"]["cip"])
+    refund = {"merchantId": "doc-913", "originalTransactionId": cip, "refundAmount": Decimal("0.50"),
+              "currency": created["data"]["currency"], "externalRef": "REH-1", "refundReason": "rehearsal",
+              "notifyUrl": notes.url, "timestamp": protocol.lima_timestamp(now())}
+    refund["signature"] = protocol.sign_fields(refund, protocol.load_private_key(KEY_PEM))
+    headers = {**await cip_headers(gateway), protocol.ORIGIN_HEADER: "web"}
+    status, _, unpaid = await send(gateway, "POST", "/v1/refunds", refund, headers=headers)
+    assert (status, unpaid["code"]) == (400, protocol.TRANSACTION_UNKNOWN)  # not paid yet
+
+    status, _, payment = await send(gateway, "POST", f"/sandbox/cips/{cip}/payment")
+    assert status == 200 and payment["cip"] == cip
+    for _ in range(250):
+        if notes.received:
+            break
+        await asyncio.sleep(0.02)
+    [(note_headers, raw)] = notes.received[:1]
+    assert protocol.verify_notification(raw, note_headers[protocol.SIGNATURE_HEADER], SCRIPT["secretKey"])
+    note = protocol.loads(raw)
+    assert note["eventType"] == "cip.paid"
+    assert (note["data"]["cip"], note["data"]["amount"], note["data"]["transactionCode"]) == (
+        cip, created["data"]["amount"], created["data"]["transactionCode"])
+
+    status, _, answer = await send(gateway, "POST", "/v1/refunds", refund, headers=headers)
+    assert (status, answer["code"]) == (200, protocol.OK), answer
+    status, _, again = await send(gateway, "POST", f"/sandbox/cips/{cip}/payment")
+    assert (status, again["data"][0]["field"]) == (409, "cip")
+    status, _, unknown = await send(gateway, "POST", "/sandbox/cips/99999999999999/payment")
+    assert (status, unknown["code"]) == (404, protocol.TRANSACTION_UNKNOWN)

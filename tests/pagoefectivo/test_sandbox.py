@@ -15,7 +15,6 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import aiohttp
-import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp import web
@@ -23,7 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from pagoefectivo import protocol
 from pagoefectivo.sandbox import SANDBOX, create_app
-from refunds.payments import record_payment
+from refundctl.onboarding import registration
 from refundctl.processes import free_port
 from tests.helpers import ROOT
 
@@ -72,23 +71,43 @@ async def receiver():
 
 
 @pytest_asyncio.fixture
-async def gateway(db, database_url, vault, receiver):
-    app = create_app(database_url=database_url, vault=vault, notify_base_url=receiver.url)
-    async with TestClient(TestServer(app)) as client:
+async def gateway(receiver):
+    """A sandbox gateway that knows nobody yet; merchants come through onboarding."""
+    async with TestClient(TestServer(create_app(notify_base_url=receiver.url))) as client:
         yield client
 
 
+@pytest.fixture
+def make_merchant(make_merchant, gateway, vault):
+    """A merchant in our store (for its keys) that is then onboarded with the gateway."""
+    async def make(*args, **kwargs):
+        keys = await make_merchant(*args, **kwargs)
+        response, payload = await call(gateway, "PUT", f"/sandbox/merchants/{keys.merchant.merchant_id}",
+                                       registration(keys.merchant, vault))
+        assert response.status == 201, payload
+        return keys
+    return make
+
+
 @pytest_asyncio.fixture
-async def keys(make_merchant, gateway):
-    """Merchant m1, registered after the gateway started (it must still be found)."""
+async def keys(make_merchant):
+    """Merchant m1, onboarded after the gateway started."""
     return await make_merchant("m1")
 
 
+async def record_paid(gateway, transaction: str, amount: str, *, days_ago: float = 1, merchant: str = "m1") -> None:
+    """A payment made before this run, recorded with the gateway (no cip.paid)."""
+    response, payload = await call(gateway, "POST", "/sandbox/payments", {
+        "merchantId": merchant, "transactionId": transaction, "transactionCode": f"ORDER-{transaction}",
+        "amount": amount, "currency": "PEN", "paidAt": protocol.lima_timestamp(now() - timedelta(days=days_ago)),
+        "notify": False})
+    assert response.status == 200, payload
+
+
 @pytest_asyncio.fixture
-async def paid(db, keys):
-    """A paid 100.00 PEN cash transaction CIP-1 of m1, recorded in the project's database."""
-    await record_payment(db, merchant_id="m1", transaction_id="CIP-1", amount=Decimal("100.00"), currency="PEN",
-                         method="cash", paid_at=datetime.now(timezone.utc) - timedelta(days=1))
+async def paid(gateway, keys):
+    """A paid 100.00 PEN cash transaction CIP-1 of m1, known to the gateway."""
+    await record_paid(gateway, "CIP-1", "100.00")
     return "CIP-1"
 
 
@@ -251,9 +270,8 @@ async def test_currency_mismatch_is_113_currency(gateway, keys, paid, receiver):
     assert (response.status, payload["code"], error_fields(payload)) == (400, "111", [("113", "currency")])
 
 
-async def test_refund_window_closed_is_602(gateway, db, keys, receiver):
-    await record_payment(db, merchant_id="m1", transaction_id="OLD-1", amount=Decimal("50.00"), currency="PEN",
-                         method="cash", paid_at=now() - timedelta(days=100))
+async def test_refund_window_closed_is_602(gateway, keys, receiver):
+    await record_paid(gateway, "OLD-1", "50.00", days_ago=100)
     token = await token_for(gateway, keys)
     response, payload = await refund(gateway, token, refund_body(keys, receiver, originalTransactionId="OLD-1"))
     assert (response.status, payload["code"]) == (400, "602")
@@ -472,9 +490,9 @@ async def test_chaos_duplicate_resends_the_same_notification(gateway, keys, paid
 
 # --- the process --------------------------------------------------------------------------
 
-async def test_module_serves_until_sigterm(database_url):
+async def test_module_serves_until_sigterm():
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": database_url}
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REFUNDS_MASTER_KEY")}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "pagoefectivo.sandbox", "--port", str(port), "--sync-status-mix",
         '{"success": 1, "pending": 3}', cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
@@ -756,30 +774,66 @@ def test_module_reports_a_bad_seed_in_one_line(tmp_path):
     assert run.stderr.strip().count("\n") == 0 and "merchants[0].env" in run.stderr, run.stderr
 
 
-async def test_concurrent_refunds_look_up_their_payments_together(gateway, keys, receiver, db, monkeypatch):
-    for n in range(30):
-        await record_payment(db, merchant_id="m1", transaction_id=f"CIP-{n}", amount=Decimal("20.00"), currency="PEN",
-                             method="cash", paid_at=now() - timedelta(days=1))
-    lookups: list[int] = []  # keys per payments statement (a spy: every statement still runs)
-    real_fetch = asyncpg.connection.Connection.fetch
+# --- onboarding: the gateway's own registry ----------------------------------------------------
 
-    def spy(self, query, *args, **kwargs):
-        if "FROM payments" in query:
-            lookups.append(len(args[0]))
-        return real_fetch(self, query, *args, **kwargs)
+async def test_a_merchant_unknown_to_the_gateway_cannot_authorize_until_onboarded(gateway, merchant_maker, vault):
+    """Ours alone is not enough: the gateway has its own registry, so a merchant we created
+    but never onboarded is refused, as PagoEfectivo would refuse it."""
+    keys = await merchant_maker("m1")
+    response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(keys))
+    assert (response.status, payload["code"]) == (400, "508")
+    response, payload = await call(gateway, "PUT", "/sandbox/merchants/m1", registration(keys.merchant, vault))
+    assert response.status == 201, payload
+    assert "secretKey" not in payload and payload["serviceId"] == keys.merchant.service_id
+    assert (await call(gateway, "GET", "/sandbox/merchants/m1"))[1] == payload
+    assert (await call(gateway, "POST", "/v1/authorizations", auth_body(keys)))[0].status == 201
 
-    monkeypatch.setattr(asyncpg.connection.Connection, "fetch", spy)
-    token = await token_for(gateway, keys)
-    bodies = [refund_body(keys, receiver, originalTransactionId=f"CIP-{n}", externalRef=f"R-{n}") for n in range(30)]
-    bodies.append(refund_body(keys, receiver, originalTransactionId="CIP-X", externalRef="R-X"))
-    answers = await asyncio.gather(*(refund(gateway, token, body) for body in bodies))
 
-    assert [payload["code"] for _, payload in answers[:30]] == ["100"] * 30
-    assert answers[-1][1]["code"] == protocol.TRANSACTION_UNKNOWN
-    assert sorted(e["externalRef"] for e in await ledger(gateway)) == sorted(f"R-{n}" for n in range(30))
-    assert sum(lookups) == 31 and len(lookups) < 31  # every refund looked up once, in shared statements
-    # a payment found is kept: asking again takes no statement
-    lookups.clear()
-    _, payload = await refund(gateway, token, refund_body(keys, receiver, originalTransactionId="CIP-0",
-                                                          externalRef="R-again", refundAmount=Decimal("9.50")))
-    assert payload["code"] == "100" and lookups == []
+async def test_re_registering_rotates_the_secret_and_ends_tokens_issued_under_the_old_one(gateway, keys, vault,
+                                                                                          paid, receiver):
+    old_token = await token_for(gateway, keys)
+    changed = {**registration(keys.merchant, vault), "secretKey": "rotated-secret"}
+    response, _ = await call(gateway, "PUT", "/sandbox/merchants/m1", changed)
+    assert response.status == 200
+    response, payload = await refund(gateway, old_token, refund_body(keys, receiver))
+    assert payload["code"] == "508"
+    response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(keys))
+    assert payload["code"] == "508"  # the old secret no longer authorizes
+    response, payload = await call(gateway, "POST", "/v1/authorizations", auth_body(keys, secret="rotated-secret"))
+    assert response.status == 201, payload
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"env": "production"}, "sandbox merchants only"),
+    ({"publicKeyPem": "nope"}, "merchant.publicKeyPem"),
+    ({"serviceId": 0}, "merchant.serviceId"),
+    ({"merchantId": "other"}, "merchant.merchantId"),
+    ({"notifyUrl": "ftp://x"}, "merchant.notifyUrl"),
+    ({"surprise": 1}, "unknown key"),
+])
+async def test_onboarding_refuses_a_bad_registration_naming_what_is_wrong(gateway, merchant_maker, vault, change,
+                                                                          field):
+    keys = await merchant_maker("m1")
+    response, payload = await call(gateway, "PUT", "/sandbox/merchants/m1",
+                                   {**registration(keys.merchant, vault), **change})
+    assert (response.status, payload["code"]) == (400, "111")
+    assert field in payload["data"][0]["message"]
+    assert (await call(gateway, "GET", "/sandbox/merchants/m1"))[0].status == 404  # nothing half-registered
+
+
+async def test_a_payment_recorded_with_its_id_is_told_once_and_a_different_one_is_refused(gateway, keys, receiver):
+    body = {"merchantId": "m1", "transactionId": "PAST-1", "transactionCode": "O-1", "amount": "40.00",
+            "currency": "PEN", "paidAt": protocol.lima_timestamp(now() - timedelta(days=3))}
+    first = await call(gateway, "POST", "/sandbox/payments", body)
+    again = await call(gateway, "POST", "/sandbox/payments", body)
+    assert first[1] == again[1] == {"cip": "PAST-1"}
+    [note] = await receiver.wait_for(1)  # one cip.paid, for the first
+    assert note.json["data"]["cip"] == "PAST-1"
+    await asyncio.sleep(0.1)
+    assert len(receiver.received) == 1
+    response, payload = await call(gateway, "POST", "/sandbox/payments", {**body, "amount": "41.00"})
+    assert (response.status, error_fields(payload)) == (400, [("113", "transactionId")])
+    response, payload = await call(gateway, "POST", "/sandbox/payments",
+                                   {**body, "transactionId": "FUTURE", "paidAt": protocol.lima_timestamp(
+                                       now() + timedelta(days=1))})
+    assert (response.status, error_fields(payload)) == (400, [("113", "paidAt")])

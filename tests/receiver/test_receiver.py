@@ -683,7 +683,7 @@ async def test_refundctl_lists_unknown_refund_notifications(client, db, merchant
 
     done = await asyncio.to_thread(refundctl, database_url, "notifications", "list", "--result", "unknown", "--json")
     assert done.returncode == 0, done.stderr
-    listed = json.loads(done.stdout)
+    listed = json.loads(done.stdout)["notifications"]
     assert sorted(n["operation_number"] for n in listed) == ["op-unknown", "op-unknown-2"]
     first = next(n for n in listed if n["operation_number"] == "op-unknown")
     assert first["merchant_id"] == "m1" and first["event_type"] == "refund.succeeded" and first["result"] == "unknown"
@@ -692,7 +692,7 @@ async def test_refundctl_lists_unknown_refund_notifications(client, db, merchant
 
     done = await asyncio.to_thread(refundctl, database_url, "notifications", "list", "--result", "unknown",
                                    "--merchant", "m2", "--json")
-    assert [n["operation_number"] for n in json.loads(done.stdout)] == ["op-unknown-2"]
+    assert [n["operation_number"] for n in json.loads(done.stdout)["notifications"]] == ["op-unknown-2"]
 
     done = await asyncio.to_thread(refundctl, database_url, "notifications", "list", "--result", "unknown")
     assert done.returncode == 0, done.stderr

@@ -87,10 +87,12 @@ async def test_a_paused_merchant_is_booked_after_the_pause(limiter):
     assert booking.slots_ms[1] == booking.slots_ms[0] + 105
 
 
-async def test_a_booked_slot_is_checked_against_the_window_and_never_booked_again(limiter):
+async def test_a_booked_slot_is_never_booked_again_and_its_request_is_counted_as_it_leaves(limiter):
     booking = await limiter.book("m-once", Decimal(10), 3)
     assert (await limiter.acquire("m-once", Decimal(10), slot_ms=booking.slots_ms[2])).wait_ms == 0
-    assert await limiter._client.zcard("refunds:rate:m-once:window") == 1  # the send was counted
+    assert await limiter._client.zcard("refunds:rate:m-once:window") == 0  # admitted, not yet sent
+    assert await limiter.permit("m-once", Decimal(10)) == 0
+    assert await limiter._client.zcard("refunds:rate:m-once:window") == 1  # the request was counted
     after = await limiter.book("m-once", Decimal(10), 1)
     assert after.slots_ms[0] == booking.slots_ms[2] + 105  # acquire booked nothing more
 

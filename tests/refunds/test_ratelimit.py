@@ -7,7 +7,7 @@ from decimal import Decimal
 import pytest_asyncio
 import redis.asyncio as aioredis
 
-from refunds.ratelimit import MAX_WAIT_IN_PLACE_MS, SHORT_WAIT_MS, WINDOW_MS, RateLimiter
+from refunds.ratelimit import SHORT_WAIT_MS, WINDOW_MS, RateLimiter
 
 
 @pytest_asyncio.fixture
@@ -20,7 +20,8 @@ async def limiter(redis_url):
 
 
 async def drain_backlog(limiter, merchant, rate, count):
-    """Act like workers: each refund asks, and a deferred one comes back at its booked slot."""
+    """Act like workers: each refund asks for its turn, and a deferred one comes back at its
+    booked slot; a refund whose turn came asks for room in the window as its request leaves."""
     sent = []
 
     async def one():
@@ -28,6 +29,7 @@ async def drain_backlog(limiter, merchant, rate, count):
         while True:
             decision = await limiter.acquire(merchant, Decimal(rate), slot_ms=slot)
             if decision.wait_ms == 0:
+                assert await limiter.permit(merchant, Decimal(rate)) == 0
                 sent.append(time.monotonic())
                 return
             slot = decision.slot_ms
@@ -67,20 +69,29 @@ async def test_gateway_429_pauses_the_merchant_for_every_worker(limiter):
     assert (await limiter.acquire("m-429", Decimal(100))).wait_ms == 0
 
 
-async def test_a_booked_refund_meeting_a_full_window_waits_in_place_only_when_room_comes_soon(limiter):
+async def test_a_turn_that_comes_soon_is_waited_for_in_place_and_a_later_one_is_a_slot(limiter):
+    assert (await limiter.admit("m-soon", Decimal(20))).wait_ms == 0
+    started = time.monotonic()
+    assert (await limiter.admit("m-soon", Decimal(20))).wait_ms == 0  # its turn ~52 ms later: waited here
+    assert 0.02 <= time.monotonic() - started <= 0.4
+    assert (await limiter.admit("m-later", Decimal(2))).wait_ms == 0
+    later = await limiter.admit("m-later", Decimal(2))  # ~525 ms away: re-queue to arrive at its slot
+    assert later.wait_ms > SHORT_WAIT_MS and later.slot_ms is not None
+
+
+async def test_permit_counts_each_request_and_waits_in_place_for_room_in_the_window(limiter):
     booking = await limiter.book("m-full", Decimal(10), 11)
-    for slot in booking.slots_ms[:10]:  # ten sends fill the one-second window
+    for slot in booking.slots_ms[:10]:  # ten turns taken together (bunched slots): ten requests fill the window
         assert (await limiter.acquire("m-full", Decimal(10), slot_ms=slot)).wait_ms == 0
-    filled = time.monotonic()
+        assert await limiter.permit("m-full", Decimal(10)) == 0
+    assert (await limiter.acquire("m-full", Decimal(10), slot_ms=booking.slots_ms[10])).wait_ms == 0
+    started = time.monotonic()
+    assert await limiter.permit("m-full", Decimal(10)) == 0  # the eleventh leaves when the first ages out
+    assert (WINDOW_MS - 150) / 1000 <= time.monotonic() - started <= 1.6
 
-    # room comes only when the first send ages out (~1 s): re-queue, do not hold the thread
-    decision = await limiter.admit("m-full", Decimal(10), slot_ms=booking.slots_ms[10])
-    assert decision.wait_ms > MAX_WAIT_IN_PLACE_MS and decision.slot_ms == booking.slots_ms[10]
-    assert time.monotonic() - filled < 0.3
 
-    # room comes within SHORT_WAIT_MS: wait for it here and send
-    await asyncio.sleep((WINDOW_MS - SHORT_WAIT_MS / 2) / 1000 - (time.monotonic() - filled))
-    waiting = time.monotonic()
-    decision = await limiter.admit("m-full", Decimal(10), slot_ms=booking.slots_ms[10])
-    assert decision.wait_ms == 0
-    assert 0.01 <= time.monotonic() - waiting <= 0.4
+async def test_permit_does_not_wait_out_a_pause_longer_than_a_window(limiter):
+    await limiter.pause("m-paused", 3)
+    started = time.monotonic()
+    wait = await limiter.permit("m-paused", Decimal(10))
+    assert 2000 <= wait <= 3000 and time.monotonic() - started < 0.5

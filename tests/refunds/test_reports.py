@@ -8,7 +8,8 @@ import os
 import sys
 from datetime import datetime, timedelta, timezone
 
-from tests.workers.test_worker import accepted_refund, chaos, ledger, running_stack, settle_all
+from tests.stack import start_stack
+from tests.workers.test_worker import accepted_refund, chaos, ledger, settle_all
 
 TODAY = datetime.now(timezone(timedelta(hours=-5))).date()
 PERIOD = ["--from", (TODAY - timedelta(days=1)).isoformat(), "--to", (TODAY + timedelta(days=1)).isoformat()]
@@ -25,9 +26,9 @@ async def refundctl(*args: str, **env: str) -> tuple[int, str, str]:
 async def test_export_links_refunds_to_their_payments_with_totals(db, make_merchant):
     await make_merchant("m1")
     await make_merchant("m2")
-    await accepted_refund(db, external_ref="A-1", amount="10.00", merchant="m1")
-    await accepted_refund(db, external_ref="A-2", amount="2.50", merchant="m1")
-    await accepted_refund(db, external_ref="B-1", amount="7.25", merchant="m2")
+    await accepted_refund(None, db, external_ref="A-1", amount="10.00", merchant="m1")
+    await accepted_refund(None, db, external_ref="A-2", amount="2.50", merchant="m1")
+    await accepted_refund(None, db, external_ref="B-1", amount="7.25", merchant="m2")
     code, out, err = await refundctl("report", "refunds", *PERIOD, "--format", "csv")
     assert code == 0, err
     rows = list(csv.DictReader(io.StringIO(out)))
@@ -43,15 +44,16 @@ async def test_export_links_refunds_to_their_payments_with_totals(db, make_merch
     code, out, _ = await refundctl("report", "refunds", "--from", "2020-01-01", "--to", "2020-01-31")
     assert code == 0 and list(csv.DictReader(io.StringIO(out))) == []
     code, _, err = await refundctl("report", "refunds", "--from", "yesterday", "--to", "2020-01-31")
-    assert code == 1 and "--from" in err
+    assert code == 2 and "--from" in err  # a usage error
 
 
 async def test_reconcile_names_a_tampered_refund_on_each_side(db, make_merchant, database_url, redis_url, vault,
                                                              monkeypatch, tmp_path):
     await make_merchant("m1")
-    async with running_stack(database_url, redis_url, vault, monkeypatch) as (res, sandbox_url, http):
+    async with start_stack(database_url, redis_url, vault, monkeypatch) as stack:
+        res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
         await chaos(http, sandbox_url, sync_status_mix={"success": 1})
-        ids = [(await accepted_refund(db, external_ref=f"R-{i}", amount="5.00")).refund_id for i in range(4)]
+        ids = [(await accepted_refund(stack, db, external_ref=f"R-{i}", amount="5.00")).refund_id for i in range(4)]
         await settle_all(res, db, ids)
         entries = await ledger(http, sandbox_url)
         path = tmp_path / "ledger.json"

@@ -15,6 +15,7 @@ from pagoefectivo.protocol import public_key_pem
 from refunds.merchants import add_merchant, find_merchant, rewrap_all, rotate_secret
 from refunds.vault import LocalKeyProvider, Vault, generate_master_key
 from tests.helpers import FIXTURES
+from tests.stack import start_stack
 
 SECRET = "Nfybo8h0yN7CFN1ycX+XaG99pj/y3Vt25urt1LUR"
 KEY_PEM = (FIXTURES / "merchant_test_key.pem").read_bytes()
@@ -77,10 +78,10 @@ async def test_master_key_rotation_under_load_loses_nothing(db, database_url, va
         await add_merchant(db, vault, merchant_id=f"r{index}", env="sandbox", service_id=100 + index,
                            access_key=f"AKR{index}", secret_key=f"secret-{index}", private_key_pem=KEY_PEM,
                            public_key_pem=public_key_pem(KEY_PEM), rate_limit=Decimal(1000))
-    async with test_worker.running_stack(database_url, redis_url, rotating_vault, monkeypatch) as stack:
-        res, sandbox_url, http = stack
+    async with start_stack(database_url, redis_url, rotating_vault, monkeypatch) as stack:
+        res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
         await test_worker.chaos(http, sandbox_url, sync_status_mix={"success": 1})
-        ids = [(await test_worker.accepted_refund(db, external_ref=f"K-{i}", amount="1.00", merchant=f"r{i % 4}"))
+        ids = [(await test_worker.accepted_refund(stack, db, external_ref=f"K-{i}", amount="1.00", merchant=f"r{i % 4}"))
                .refund_id for i in range(60)]
 
         async def rotate():

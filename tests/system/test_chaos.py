@@ -28,7 +28,10 @@ from pagoefectivo.protocol import dumps, notification_signature
 from producers import enqueue_refund
 from refunds import db as dbmod
 from refunds.payments import record_payment
+from refundctl.onboarding import tell_of_store
 from refundctl.processes import ServiceGroup, free_port
+from refunds.settings import get_settings
+from refunds.vault import vault_from_settings
 from refunds.states import FINAL
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
@@ -100,10 +103,13 @@ class System:
         port = self.sandbox_url.rsplit(":", 1)[1]
         sandbox = self.group.start("sandbox", "-m", "pagoefectivo.sandbox", "--port", port,
                                    "--notification-time-scale", "0.01", *sandbox_args)
+        self.group.wait_healthy(sandbox, f"{self.sandbox_url}/healthz")
+        # the gateway keeps its own records: tell it of the merchants and payments seeded in ours
+        asyncio.run(tell_of_store(self.env["DATABASE_URL"], vault_from_settings(get_settings()), self.sandbox_url,
+                                  receiver_url=self.env["REFUNDS_NOTIFY_URL"]))
         receiver = self.group.start("receiver", "-m", "receiver")
         self.start_worker()
         self.group.start("scheduler", "-m", "workers.scheduler")
-        self.group.wait_healthy(sandbox, f"{self.sandbox_url}/healthz")
         self.group.wait_healthy(receiver, f"{self.env['REFUNDS_NOTIFY_URL']}/healthz")
 
     def start_worker(self) -> None:

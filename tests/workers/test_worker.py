@@ -1,32 +1,32 @@
 """The worker's sender against a real sandbox gateway and a real receiver, over real HTTP."""
 
 import asyncio
-import contextlib
 import time
 import uuid
 from decimal import Decimal
 from datetime import datetime, timezone
 
+import pytest
 import pytest_asyncio
 
 from producers.enqueue import accept_refund
-from refunds.payments import find_payment, record_payment
+from refunds.payments import find_payment
 from refunds.records import find_refund, refund_events
+from tests.helpers import paid
 from tests.stack import chaos, process_refund, start_stack
-
-
-@contextlib.asynccontextmanager
-async def running_stack(database_url, redis_url, vault, monkeypatch):
-    """The shared stack (tests/stack.py) as the (res, sandbox_url, http) triple that this module,
-    test_reports and test_vault unpack."""
-    async with start_stack(database_url, redis_url, vault, monkeypatch) as running:
-        yield running.res, running.sandbox_url, running.http
 
 
 @pytest_asyncio.fixture
 async def stack(db, database_url, redis_url, vault, monkeypatch):
-    async with running_stack(database_url, redis_url, vault, monkeypatch) as running:
+    """The shared stack (tests/stack.py)."""
+    async with start_stack(database_url, redis_url, vault, monkeypatch) as running:
         yield running
+
+
+@pytest.fixture
+def make_merchant(make_merchant, stack):
+    """Merchants made in these tests are onboarded with the sandbox gateway too."""
+    return stack.onboarded(make_merchant)
 
 
 async def ledger(http, sandbox_url) -> list[dict]:
@@ -34,9 +34,10 @@ async def ledger(http, sandbox_url) -> list[dict]:
         return await response.json()
 
 
-async def accepted_refund(db, external_ref="R-1", amount="25.00", merchant="m1"):
-    await record_payment(db, merchant_id=merchant, transaction_id="CIP-9", amount=Decimal("100.00"), currency="PEN",
-                         method="cash", paid_at=datetime.now(timezone.utc))
+async def accepted_refund(stack, db, external_ref="R-1", amount="25.00", merchant="m1"):
+    """A refund of CIP-9 (paid 100.00), accepted; the payment is known to both parties, or to
+    ours alone when no ``stack`` runs."""
+    await (stack.paid if stack is not None else paid)(db, merchant, "CIP-9", "100.00")
     # accepted only: the tests hand it to the worker themselves (process_refund), as an unbooked message would
     result = await accept_refund(db, merchant_id=merchant, original_transaction_id="CIP-9", amount=amount,
                                  currency="PEN", external_ref=external_ref)
@@ -67,10 +68,10 @@ async def wait_state(db, refund_id, states, timeout=10.0):
 
 
 async def test_refund_is_signed_sent_and_settled_by_notification(db, make_merchant, stack):
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1")
     await chaos(http, sandbox_url, sync_status_mix={"pending": 1})
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await process_refund(res, refund.refund_id)
     assert (await find_refund(db, refund.refund_id)).state in ("pending", "succeeded")
     settled = await wait_state(db, refund.refund_id, {"succeeded"})
@@ -83,10 +84,10 @@ async def test_refund_is_signed_sent_and_settled_by_notification(db, make_mercha
 
 
 async def test_duplicate_deliveries_reach_the_gateway_once(db, make_merchant, stack):
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1")
     await chaos(http, sandbox_url, sync_status_mix={"success": 1})
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await asyncio.gather(*(process_refund(res, refund.refund_id) for _ in range(5)))
     await process_refund(res, refund.refund_id)  # a late duplicate message
     assert (await find_refund(db, refund.refund_id)).state == "succeeded"
@@ -99,10 +100,10 @@ async def test_refunds_handed_over_together_are_carried_as_one_and_each_settles_
     one failing does not stop the others; the message's retry finds the rest settled."""
     from workers.sender import process_refunds
 
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1", rate_limit=Decimal(1000))
     await chaos(http, sandbox_url, sync_status_mix={"success": 1})
-    ids = [(await accepted_refund(db, external_ref=f"P-{n}", amount="5.00")).refund_id for n in range(6)]
+    ids = [(await accepted_refund(stack, db, external_ref=f"P-{n}", amount="5.00")).refund_id for n in range(6)]
     missing = uuid.uuid4()  # no such refund: dropped with a log line, the others go on
     slot = int(time.time() * 1000)  # booked at hand-over, as the courier does for refunds due now
     await process_refunds(res, [(rid, slot) for rid in ids] + [(ids[0], slot), (missing, slot)])
@@ -114,7 +115,7 @@ async def test_refunds_handed_over_together_are_carried_as_one_and_each_settles_
     assert events == 6
 
 async def test_a_worker_process_has_at_most_worker_in_flight_gateway_requests_at_once(
-        db, make_merchant, database_url, redis_url, vault, monkeypatch):
+        db, merchant_maker, database_url, redis_url, vault, monkeypatch):
     """WORKER_IN_FLIGHT caps the refunds at the gateway together, whatever the messages carry;
     the others wait their turn and all settle."""
     import aiohttp
@@ -138,9 +139,9 @@ async def test_a_worker_process_has_at_most_worker_in_flight_gateway_requests_at
     trace.on_request_exception.append(ended)
     monkeypatch.setenv("WORKER_IN_FLIGHT", "3")
     async with start_stack(database_url, redis_url, vault, monkeypatch, trace_configs=[trace]) as running:
-        await make_merchant("m1", rate_limit=Decimal(1000))
+        await running.onboarded(merchant_maker)("m1", rate_limit=Decimal(1000))
         await chaos(running.http, running.sandbox_url, sync_status_mix={"success": 1}, latency_ms=50)
-        ids = [(await accepted_refund(db, external_ref=f"F-{n}", amount="5.00")).refund_id for n in range(12)]
+        ids = [(await accepted_refund(running, db, external_ref=f"F-{n}", amount="5.00")).refund_id for n in range(12)]
         slot = int(time.time() * 1000)
         # two messages of six, carried by two threads at once
         await asyncio.gather(process_refunds(running.res, [(rid, slot) for rid in ids[:6]]),
@@ -155,11 +156,11 @@ async def test_signature_refused_is_a_permanent_failure_that_releases_the_amount
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     other = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     await make_merchant("m1", public_key_pem=public_key_pem(other))  # gateway knows another key
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await process_refund(res, refund.refund_id)
     failed = await find_refund(db, refund.refund_id)
     assert (failed.state, failed.provider_code) == ("failed", "605")
@@ -168,10 +169,10 @@ async def test_signature_refused_is_a_permanent_failure_that_releases_the_amount
 
 
 async def test_lost_answer_is_settled_by_status_not_resent(db, make_merchant, stack):
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1")
     await chaos(http, sandbox_url, timeout_after_commit_rate=1.0, sync_status_mix={"success": 1})
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await process_refund(res, refund.refund_id)  # times out after the gateway executed it
     settled = await find_refund(db, refund.refund_id)
     assert settled.state in ("succeeded", "pending")
@@ -179,10 +180,10 @@ async def test_lost_answer_is_settled_by_status_not_resent(db, make_merchant, st
 
 
 async def test_transient_errors_leave_the_refund_for_a_later_retry(db, make_merchant, stack):
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1")
     await chaos(http, sandbox_url, error_rate=1.0)
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await process_refund(res, refund.refund_id)
     waiting = await find_refund(db, refund.refund_id)
     assert waiting.state == "submitted" and waiting.claimed_until is None
@@ -197,10 +198,10 @@ async def test_a_failed_status_lookup_releases_the_claim_for_the_delayed_retry(d
     """The retry of a refund whose earlier attempt may have landed asks for its status first; when
     that lookup fails too, the claim is released at once (else the next retry finds it held and
     the refund waits for the claim to expire)."""
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1")
     await chaos(http, sandbox_url, error_rate=1.0)
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await process_refund(res, refund.refund_id)  # attempt 1: the POST fails
     await process_refund(res, refund.refund_id)  # attempt 2: the status lookup fails
     waiting = await find_refund(db, refund.refund_id)
@@ -220,11 +221,11 @@ async def test_gateway_exchanges_are_logged_redacted_when_asked(db, make_merchan
 
     from refunds import logs
 
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1")
     await chaos(http, sandbox_url, sync_status_mix={"success": 1})
     monkeypatch.setenv("REFUNDS_LOG_BODIES", "1")
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     with caplog.at_level(logging.INFO, logger="pagoefectivo.client"):
         await process_refund(res, refund.refund_id)
     assert (await find_refund(db, refund.refund_id)).state == "succeeded"
@@ -235,12 +236,12 @@ async def test_gateway_exchanges_are_logged_redacted_when_asked(db, make_merchan
 
 
 async def test_merchant_rate_limit_defers_instead_of_sending(db, make_merchant, stack):
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1", rate_limit=Decimal("1"))
     await chaos(http, sandbox_url, sync_status_mix={"success": 1})
     ids = []
     for index in range(4):
-        ids.append((await accepted_refund(db, external_ref=f"R-{index}", amount="5.00")).refund_id)
+        ids.append((await accepted_refund(stack, db, external_ref=f"R-{index}", amount="5.00")).refund_id)
     for refund_id in ids:
         await process_refund(res, refund_id)
     states = [(await find_refund(db, rid)).state for rid in ids]
@@ -256,11 +257,11 @@ async def test_pending_refund_is_polled_then_sent_to_manual_review(db, make_merc
 
     assert next_check_delay(1) == 300 and next_check_delay(6) == 3600 and next_check_delay(len(SCHEDULE_SECONDS) + 1) is None
     assert sum(SCHEDULE_SECONDS) >= 24 * 3600  # hourly for a day after the five-minute checks
-    res, sandbox_url, http = stack
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1")
     # the gateway accepts but its notification would take far longer than this test
     await chaos(http, sandbox_url, sync_status_mix={"pending": 1}, notification_delay_ms=600_000)
-    refund = await accepted_refund(db)
+    refund = await accepted_refund(stack, db)
     await process_refund(res, refund.refund_id)
     pending = await find_refund(db, refund.refund_id)
     assert pending.state == "pending" and pending.next_check_at > datetime.now(timezone.utc)
@@ -315,3 +316,38 @@ def test_a_worker_opens_its_resources_before_any_thread_takes_a_message(monkeypa
         worker.stop()
         broker.close()
     assert seen == [True]
+
+
+async def test_a_slow_claim_between_admission_and_request_never_pushes_the_gateway_over_the_limit(
+        db, make_merchant, stack, monkeypatch):
+    """The limit is counted when the request leaves, not when the refund was admitted: refunds
+    whose claims take different times (a loaded Postgres) still reach the gateway at most
+    ``rate_limit`` in any second, so it never answers 429."""
+    import random
+
+    from refunds import metrics
+    from workers.sender import process_refunds
+
+    res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
+    await make_merchant("m1", rate_limit=Decimal(5))
+    await chaos(http, sandbox_url, sync_status_mix={"success": 1}, merchant_rate_limits={"m1": 5})
+    real_claim = res.claim
+
+    async def slow_claim(refund_id):
+        await asyncio.sleep(random.uniform(0, 0.4))
+        return await real_claim(refund_id)
+
+    monkeypatch.setattr(res, "claim", slow_claim)
+    refused = metrics.refund_gateway_requests_total.labels("rate_limited")
+    before = refused._value.get()
+    ids = [(await accepted_refund(stack, db, external_ref=f"L-{n}", amount="2.00")).refund_id for n in range(15)]
+    booking = await res.limiter.book("m1", Decimal(5), len(ids))  # as the courier books at hand-off
+
+    async def deliver(refund_id, slot_ms):  # each message arrives at its slot, as dramatiq delays it
+        await asyncio.sleep(max(0, slot_ms - booking.now_ms) / 1000)
+        await process_refunds(res, [(refund_id, slot_ms)])
+
+    await asyncio.gather(*(deliver(rid, slot) for rid, slot in zip(ids, booking.slots_ms)))
+    assert {(await find_refund(db, rid)).state for rid in ids} == {"succeeded"}
+    assert refused._value.get() - before == 0  # the gateway never saw more than 5 in a second
+    assert len(await ledger(http, sandbox_url)) == 15
