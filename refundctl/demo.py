@@ -81,7 +81,8 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
         metrics_dir.mkdir()
         logs_dir = Path(log_dir) if log_dir else work_dir
         logs_dir.mkdir(parents=True, exist_ok=True)
-        ports = {name: free_port() for name in ("sandbox", "receiver", "intake", "metrics", "scheduler_metrics")}
+        ports = {name: free_port() for name in ("sandbox", "receiver", "intake", "metrics", "scheduler_metrics",
+                                                 "intake_metrics", "receiver_metrics")}
         env = {
             **os.environ,
             "DATABASE_URL": services.database_url,
@@ -98,6 +99,8 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
             "METRICS_PORT": str(ports["metrics"]),
             "METRICS_HOST": "127.0.0.1",
             "SCHEDULER_METRICS_PORT": str(ports["scheduler_metrics"]),
+            "INTAKE_METRICS_PORT": str(ports["intake_metrics"]),
+            "RECEIVER_METRICS_PORT": str(ports["receiver_metrics"]),
             "SCHEDULER_INTERVAL": "1",
         }
         os.environ.update({k: env[k] for k in ("DATABASE_URL", "REDIS_URL", "REFUNDS_MASTER_KEY")})
@@ -130,7 +133,8 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
                                  env["REFUNDS_NOTIFY_URL"]))
             group.wait_healthy(receiver, f"{env['REFUNDS_NOTIFY_URL']}/healthz")
             group.wait_healthy(intake, f"http://127.0.0.1:{ports['intake']}/healthz")
-            scrape = {"intake": f"127.0.0.1:{ports['intake']}", "receiver": f"127.0.0.1:{ports['receiver']}",
+            scrape = {"intake": f"127.0.0.1:{ports['intake_metrics']}",
+                      "receiver": f"127.0.0.1:{ports['receiver_metrics']}",
                       "worker": f"127.0.0.1:{ports['metrics']}", "scheduler": f"127.0.0.1:{ports['scheduler_metrics']}"}
             group.wait_healthy(worker, f"http://{scrape['worker']}/metrics")
             group.wait_healthy(scheduler, f"http://{scrape['scheduler']}/metrics")
@@ -222,7 +226,7 @@ async def _drive(group, env, dsn, merchant_ids, token, total, ports, metrics_dir
             outcome = await _submit(http, intake_url, token, plan)
             finished = await _await_final(conn, group, outcome)
             ledger = loads(await (await http.get(f"{sandbox_url}/sandbox/ledger")).read())
-            receiver_metrics = await (await http.get(f"{env['REFUNDS_NOTIFY_URL']}/metrics")).text()
+            receiver_metrics = await (await http.get(f"http://127.0.0.1:{ports['receiver_metrics']}/metrics")).text()
         return await _summarise(conn, outcome, plan, ledger, receiver_metrics, metrics_dir, finished,
                                 time.monotonic() - started)
     finally:

@@ -41,14 +41,16 @@ ACTOR_TIME_LIMIT_S = int(re.search(r"time_limit=([\d_]+)", (ROOT / "workers" / "
 CONSUMER_STOP_S = 10  # after the workers: consumer threads stop and prefetched messages go back to Redis
 SERVICE_KINDS = {"intake", "receiver", "worker", "scheduler"}
 SERVED_PATHS = {  # what each service answers besides its API (producers/http.py, receiver/app.py, workers/metrics.py)
-    "intake": {"/healthz", "/readyz", "/metrics"},
-    "receiver": {"/healthz", "/readyz", "/metrics"},
+    "intake": {"/healthz", "/readyz"},  # /metrics: on METRICS_PORTS only
+    "receiver": {"/healthz", "/readyz"},
     "worker": {"/metrics"},
     "scheduler": {"/metrics"},
 }
 PORT_SETTING = {"intake": "INTAKE_PORT", "receiver": "RECEIVER_PORT", "worker": "METRICS_PORT",
                 "scheduler": "SCHEDULER_METRICS_PORT"}
 DEFAULT_PORTS = {"intake": 8080, "receiver": 8081, "worker": 9191, "scheduler": 9192}
+# where Prometheus scrapes /metrics: INTAKE_METRICS_PORT, RECEIVER_METRICS_PORT, METRICS_PORT, SCHEDULER_METRICS_PORT
+METRICS_PORTS = {"intake": 9180, "receiver": 9181, "worker": 9191, "scheduler": 9192}
 NEEDS_MASTER_KEY = {"receiver", "worker"}  # the vault: merchants' secrets and private keys
 
 
@@ -385,7 +387,7 @@ def test_compose_prometheus_uses_the_repository_rules_and_job_names():
         assert targets, job_name
         for target in targets:
             host, port = target.split(":")
-            assert job_name == f"refunds-{kinds[host]}" and int(port) == DEFAULT_PORTS[kinds[host]], target
+            assert job_name == f"refunds-{kinds[host]}" and int(port) == METRICS_PORTS[kinds[host]], target
     assert jobs["refunds-worker"].get("dns_sd_configs"), "every worker replica must be scraped, not one at random"
 
 
@@ -619,8 +621,8 @@ def test_k8s_prometheus_annotations_name_a_declared_port():
         annotations = deployment["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/scrape"] == "true"
         assert int(annotations["prometheus.io/port"]) in _container_ports(deployment).values()
-        assert int(annotations["prometheus.io/port"]) == DEFAULT_PORTS[kind]
-        assert annotations.get("prometheus.io/path", "/metrics") in SERVED_PATHS[kind]
+        assert int(annotations["prometheus.io/port"]) == METRICS_PORTS[kind]
+        assert annotations.get("prometheus.io/path", "/metrics") == "/metrics"
 
 
 def _deployment_selected(selector: dict) -> dict:
