@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from uuid import UUID
@@ -21,7 +22,7 @@ import uvloop
 from dramatiq.asyncio import get_event_loop_thread
 
 from pagoefectivo.client import Credentials, PagoEfectivoClient
-from refunds import db, logs
+from refunds import db, logs, service
 from refunds.coalesce import Coalescer
 from refunds.merchants import Merchant
 from refunds.ratelimit import RateLimiter
@@ -124,9 +125,21 @@ class WorkerResources(dramatiq.Middleware):
     made the loop, its shutdown hook before AsyncIO stops it (dramatiq runs after_* in reverse)."""
 
     def before_worker_boot(self, broker, worker):
+        """dramatiq logs and swallows a hook's exception, so a worker whose resources cannot
+        open would report ready and fail every message: it stops instead, with the one line and
+        exit status of every service (2: a setting is wrong; 3: the database or Redis is away)."""
         global _current
         threads = getattr(worker, "worker_threads", 8)
-        _current = get_event_loop_thread().run_coroutine(Resources.open(pool_size=min(max(4, threads + 2), 20)))
+        try:
+            _current = get_event_loop_thread().run_coroutine(Resources.open(pool_size=min(max(4, threads + 2), 20)))
+        except Exception as exc:
+            known = service.failure(exc)
+            if known is None:
+                raise
+            status, line = known
+            log.critical("worker resources cannot open: %s", line)
+            logging.shutdown()
+            os._exit(status)
         log.info("worker resources open")
 
     def after_worker_shutdown(self, broker, worker):
