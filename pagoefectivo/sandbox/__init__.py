@@ -1,9 +1,10 @@
 """A faithful simulated PagoEfectivo gateway (docs/PROTOCOL.md) for the demo and the tests.
 
-It speaks the wire protocol of ``pagoefectivo.protocol`` only (never the client), keeps
-its own tokens, CIPs, refunds and ledger in memory, reads merchants and payments from the
-project's database or from a seed file, sends real signed notifications (retried on a
-provider-like schedule) and injects faults on demand.
+It is a party of its own, as PagoEfectivo is: it speaks the wire protocol of
+``pagoefectivo.protocol`` only (never the client) and keeps its own registry of merchants
+(onboarded through it, or from a seed file), its own tokens, CIPs, refunds and ledger in
+memory. It sends real signed notifications (one attempt and a second one, as published)
+and injects faults on demand.
 """
 
 from .app import SANDBOX, Sandbox, create_app
