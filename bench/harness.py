@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import secrets
+import signal
 import subprocess
 import sys
 import tempfile
@@ -478,15 +479,29 @@ class System:
         self.services["receiver"] = g.start("receiver", "-m", "receiver")
         if self.with_intake:
             self.services["intake"] = g.start("intake", "-m", "producers.http")
-        self.services["worker"] = g.start(
-            "worker", *self.worker_command, "--processes", str(self.processes), "--threads", str(self.threads),
-            extra_env={"PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)})
+        self.start_worker()
         self.services["scheduler"] = g.start("scheduler", "-m", "workers.scheduler")
         g.wait_healthy(self.services["receiver"], f"{self.receiver_url}/healthz")
         if self.with_intake:
             g.wait_healthy(self.services["intake"], f"{self.intake_url}/healthz")
         g.wait_healthy(self.services["worker"], f"http://127.0.0.1:{self.ports['metrics']}/metrics", timeout=60)
         g.wait_healthy(self.services["scheduler"], f"http://127.0.0.1:{self.ports['scheduler_metrics']}/metrics")
+
+    def start_worker(self) -> None:
+        self.services["worker"] = self.group.start(
+            "worker", *self.worker_command, "--processes", str(self.processes), "--threads", str(self.threads),
+            extra_env={"PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)})
+
+    def stop_worker(self, *, kill: bool) -> None:
+        """``kill``: SIGKILL the whole process group, as a crash would (no shutdown hook runs);
+        else SIGTERM to the main process alone, as a deployment does (see ``stop``)."""
+        worker = self.services.pop("worker")
+        if kill:
+            os.killpg(worker.process.pid, signal.SIGKILL)
+        else:
+            worker.process.terminate()
+        worker.process.wait(60)
+        self.group.services.remove(worker)
 
     def stop(self) -> None:
         """SIGTERM the worker's main process alone first: dramatiq forwards it to its children and
