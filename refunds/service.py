@@ -133,9 +133,9 @@ async def _serve(name: str, app, host: str, port: int, metrics_port: int, runner
     limits = serving.Limits.from_settings(get_settings())
     async with serving.serving("public", app, host, port, limits, **runner_options), \
             contextlib.AsyncExitStack() as extras:
-        print(f"{name} listening on http://{host}:{port}", flush=True)
         if metrics_port:
             await _serve_metrics(extras, name, metrics_port, limits)
+        print(f"{name} listening on http://{host}:{port}", flush=True)  # both ports are open now
         await stop.wait()
 
 

@@ -103,7 +103,7 @@ class _Connection(asyncio.Protocol):
         self.inner = None  # aiohttp's RequestHandler; None when refused
         self.transport: asyncio.Transport | None = None
         self.busy = 0      # requests in a handler now
-        self.head = False  # a request head has begun to arrive
+        self.head = False  # a request head is owed: the connection is new, or one has begun to arrive
         self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport) -> None:
@@ -116,7 +116,8 @@ class _Connection(asyncio.Protocol):
         listener.gauge.inc()
         self.inner = listener.runner.server()
         self.inner.connection_made(transport)
-        self._deadline(listener.limits.header_timeout)  # a new connection owes a request head
+        self.head = True
+        self._deadline(listener.limits.header_timeout)
 
     def _refuse(self, transport) -> None:
         """503, then what the client sent is read and dropped for a moment before the close:
