@@ -26,6 +26,8 @@ BENCHMARKS = [  # script, a tiny size, the line its report ends with, what it ch
      "baseline at 200/s", ["ratio receiver/baseline"]),
     ("intake_bench.py", ["--refunds", "300", "--rounds", "1", "--baseline-messages", "1000"],
      "other jobs on the machine used", ["HTTP intake", "Python API"]),
+    # its own embedded servers (it restarts Postgres and empties Redis); the money checks, not the times
+    ("recovery_bench.py", ["--small"], "OBJECTIVES met", ["lost: 0", "ledger: ok"]),
 ]
 
 
