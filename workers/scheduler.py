@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import time
+from datetime import datetime
 
 import asyncpg
 
@@ -26,21 +27,30 @@ log = logging.getLogger("workers.scheduler")
 OUTBOX_GRACE_SECONDS = 30
 RETENTION_INTERVAL_SECONDS = 3600
 SWEEP_BATCH = 500
+# A key the scheduler keeps in Redis: gone, Redis lost its data (FLUSHALL, a restart without
+# it), and with it every delivery; looked for every WATCH_SECONDS, between passes too.
+REDIS_MARK = "refunds:scheduler:mark"
+WATCH_SECONDS = 1.0
 
 
-async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_SECONDS) -> int:
+async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_SECONDS,
+                     lost_before: datetime | None = None) -> int:
     """Re-deliver stranded refunds; returns how many were handed to Redis.
 
     A refund handed over after the oldest message still waiting in the ready queue may be
     waiting behind it, not lost: under a backlog, re-delivering it would only add messages
     (each costing a lookup, a rate-limit check and a failed claim). So the grace counts from
-    that oldest message's time when it is older than now.
+    that oldest message's time when it is older than now. ``lost_before``: Redis lost what
+    it held at that moment, so every refund handed over before it goes again, without grace.
     """
     try:
-        head = await asyncio.to_thread(worker_metrics.oldest_ready_message_at, producer_broker().client, QUEUE)
+        head = lost_before or await asyncio.to_thread(
+            worker_metrics.oldest_ready_message_at, producer_broker().client, QUEUE)
     except Exception as exc:  # Redis away: deliveries would fail anyway; the grace counts from now
         head = None
         log.debug("ready queue head unavailable: %s", type(exc).__name__)
+    if lost_before is not None:
+        grace_seconds = 0
     async with pool.acquire() as conn:
         rows = await conn.fetch(
             """UPDATE refunds SET delivered_at = now()
@@ -96,6 +106,36 @@ async def purge_expired(pool: asyncpg.Pool, settings) -> None:
         log.info("retention purged %d notification rows and %d audit rows", notifications, events)
 
 
+async def ask_redis(call) -> bool | None:
+    """``call(client)`` on the delivery Redis; None when Redis is away."""
+    try:
+        return await asyncio.to_thread(call, producer_broker().client)
+    except Exception as exc:
+        log.debug("Redis unavailable: %s", type(exc).__name__)
+        return None
+
+
+async def sweep_lost(pool: asyncpg.Pool) -> None:
+    """Redis lost its data: hand over again, batch after batch, every refund handed over before now."""
+    log.warning("Redis lost its data (the scheduler's mark is gone): re-delivering every waiting refund")
+    async with pool.acquire() as conn:
+        lost_before = await conn.fetchval("SELECT now()")
+    while await sweep_once(pool, lost_before=lost_before) >= SWEEP_BATCH:
+        pass
+
+
+async def pause(stop: asyncio.Event, interval: float) -> None:
+    """Until the next pass: ``interval``, or less once the mark is gone from Redis."""
+    deadline = time.monotonic() + interval
+    while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        try:
+            await asyncio.wait_for(stop.wait(), min(left, WATCH_SECONDS))
+        except asyncio.TimeoutError:
+            pass
+        if await ask_redis(lambda client: client.exists(REDIS_MARK)) == 0:
+            return
+
+
 async def run(interval: float = 5.0) -> None:
     settings = get_settings()
     pool = await db.create_pool(settings.require("database_url"), max_size=3)
@@ -105,9 +145,15 @@ async def run(interval: float = 5.0) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("scheduler running every %.1fs", interval)
     next_purge = 0.0
+    marked = False  # this scheduler's mark was in Redis at a pass
     try:
         while not stop.is_set():
             try:
+                # SET NX sets the mark only where it is absent: True then, else None
+                absent = await ask_redis(lambda client: bool(client.set(REDIS_MARK, "1", nx=True)))
+                if marked and absent:
+                    await sweep_lost(pool)
+                marked = marked or absent is not None
                 await sweep_once(pool, grace_seconds=settings.refund_outbox_grace_seconds)
                 await update_gauges(pool)
                 if time.monotonic() >= next_purge:
@@ -115,10 +161,7 @@ async def run(interval: float = 5.0) -> None:
                     next_purge = time.monotonic() + RETENTION_INTERVAL_SECONDS
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("scheduler pass failed: %s", exc)
-            try:
-                await asyncio.wait_for(stop.wait(), interval)
-            except asyncio.TimeoutError:
-                pass
+            await pause(stop, interval)
     finally:
         await pool.close()
 
