@@ -29,6 +29,7 @@ refused_total = Counter(
     "Notifications refused before they were read (reason=source: sender not in RECEIVER_ALLOWED_CIDRS)",
     ["reason"],
 )
+refused_total.labels("source")  # at 0 from the start, so the first refusal shows in increase()
 
 
 def parse_networks(text: str | None, setting: str) -> tuple[Network, ...]:

@@ -75,7 +75,7 @@ def initialise_receiver_series(event_types: Iterable[str]) -> None:
 
 
 class DatabaseGauges(Collector):
-    """refunds_in_state, refund_outbox_oldest_seconds and the queue depth, as the scheduler last read them.
+    """refunds_in_state, the oldest outbox and pending ages and the queue depth, as the scheduler last read them.
 
     A collector registered by the scheduler alone, not module-level Gauges: those would be
     exported (as zeros) by every process that imports this module, and a dashboard summing
@@ -85,6 +85,7 @@ class DatabaseGauges(Collector):
     def __init__(self) -> None:
         self.in_state: dict[str, int] = {}
         self.outbox_oldest: float | None = None
+        self.pending_oldest: float | None = None
         self.queue: dict[tuple[str, str], int] = {}
         self.last_pass: float | None = None
 
@@ -99,6 +100,12 @@ class DatabaseGauges(Collector):
                 "refund_outbox_oldest_seconds",
                 "Age of the oldest accepted refund not yet handed to the gateway (0 when none)",
                 value=self.outbox_oldest,
+            )
+        if self.pending_oldest is not None:
+            yield GaugeMetricFamily(
+                "refund_pending_oldest_seconds",
+                "Time the oldest pending refund (accepted by the gateway, not settled) has been pending (0 when none)",
+                value=self.pending_oldest,
             )
         if self.queue:
             family = GaugeMetricFamily(

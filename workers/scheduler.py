@@ -78,14 +78,18 @@ GAUGES = metrics.DatabaseGauges()
 
 
 async def update_gauges(pool: asyncpg.Pool, gauges: metrics.DatabaseGauges = GAUGES) -> None:
-    """Read refunds_in_state, refund_outbox_oldest_seconds and the queue depth for the next scrape."""
+    """Read refunds_in_state, the oldest queued and pending refunds' ages and the queue depth for the next scrape."""
     async with pool.acquire() as conn:
         counts = dict(await conn.fetch("SELECT state, count(*) FROM refunds GROUP BY state"))
-        oldest = await conn.fetchval(
-            "SELECT EXTRACT(EPOCH FROM now() - min(created_at)) FROM refunds WHERE state = 'queued'"
+        # a pending refund's updated_at is when it became pending: status checks do not touch it
+        oldest = await conn.fetchrow(
+            """SELECT EXTRACT(EPOCH FROM now() - min(created_at) FILTER (WHERE state = 'queued')) AS queued,
+                      EXTRACT(EPOCH FROM now() - min(updated_at) FILTER (WHERE state = 'pending')) AS pending
+               FROM refunds WHERE state IN ('queued', 'pending')"""
         )
     gauges.in_state = {state: counts.get(state, 0) for state in STATES}
-    gauges.outbox_oldest = float(oldest or 0)
+    gauges.outbox_oldest = float(oldest["queued"] or 0)
+    gauges.pending_oldest = float(oldest["pending"] or 0)
     try:
         gauges.queue = await asyncio.to_thread(worker_metrics.read_queue_depth, producer_broker().client, QUEUE)
     except Exception as exc:  # Redis may be away; Postgres is the truth and the sweep still runs

@@ -20,6 +20,7 @@ from tests.helpers import ROOT
 
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
 OPERATIONS = ROOT / "docs" / "OPERATIONS.md"
+RUNBOOK_PLACEHOLDER = "https://runbooks.example.com/refunds"  # replaced at deploy time (docs/OPERATIONS.md)
 _install_attempted: list[str] = []
 
 
@@ -94,14 +95,39 @@ def test_the_required_alerts_exist_with_a_runbook_section_each():
     exprs = " ".join(rule["expr"] for rule in rules.values())
     for needed in ('refunds_completed_total{status="succeeded"}', "refund_completion_seconds_bucket",
                    "refund_outbox_oldest_seconds", 'result="invalid_signature"', "refund_gateway_requests_total",
-                   "up{", 'refunds_in_state{state="manual_review"}'):
+                   "up{", 'refunds_in_state{state="manual_review"}', 'kind="dead_letter"',
+                   "refund_pending_oldest_seconds", "refund_notifications_refused_total",
+                   "refund_scheduler_last_pass_timestamp_seconds", "refund_journal_bytes"):
         assert needed in exprs, f"no alert uses {needed}"
+    absent = {rule["labels"].get("job") for rule in alert_rules() if rule["expr"].startswith("absent(")}
+    assert absent == {"refunds-intake", "refunds-receiver", "refunds-worker", "refunds-scheduler"}
     headings = {_slug(line.lstrip("#")) for line in OPERATIONS.read_text().splitlines() if line.startswith("#")}
-    for name, rule in rules.items():
+    for rule in alert_rules():
+        name = rule["alert"]
         url = rule["annotations"]["runbook_url"]
-        assert url.startswith("docs/OPERATIONS.md#"), name
+        assert url.startswith(f"{RUNBOOK_PLACEHOLDER}/OPERATIONS.md#"), f"{name}: {url} is not absolute on the base"
         assert url.split("#", 1)[1] in headings, f"{name}: no section {url} in docs/OPERATIONS.md"
         assert rule["labels"]["severity"] in ("critical", "warning"), name
+        assert rule.get("for") and rule["annotations"].get("summary"), f"{name}: no for: or no summary"
+
+
+def test_the_documented_runbook_base_substitution_makes_every_link_absolute(promtool, tmp_path):
+    """The one sed line of docs/OPERATIONS.md gives a valid rule file whose links all start with the base."""
+    line = next(ln.strip() for ln in OPERATIONS.read_text().splitlines() if ln.strip().startswith("sed ") and
+                RUNBOOK_PLACEHOLDER in ln)
+    base = "https://git.example.org/payments/refunds/-/blob/v1.2.0/docs"
+    script = line.replace("deploy/prometheus/alerts.yml", str(PROMETHEUS_DIR / "alerts.yml")).replace(
+        "/etc/prometheus/rules/refunds.yml", str(tmp_path / "refunds.yml"))
+    run = subprocess.run(["sh", "-c", script], env={**os.environ, "RUNBOOK_BASE": base},
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    rendered = tmp_path / "refunds.yml"
+    assert RUNBOOK_PLACEHOLDER not in rendered.read_text()
+    groups = yaml.safe_load(rendered.read_text())["groups"]
+    urls = [rule["annotations"]["runbook_url"] for group in groups for rule in group["rules"]]
+    assert urls and all(url.startswith(f"{base}/OPERATIONS.md#") for url in urls)
+    check = _promtool(promtool, "check", "rules", str(rendered))
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def _slug(heading: str) -> str:

@@ -166,7 +166,9 @@ def dashboard_queries() -> list[tuple[str, str, str]]:
 
 
 def alert_signal(expr: str) -> str:
-    """The measured quantity of an alert: its expression without the final comparison."""
+    """The measured quantity of an alert: its expression without the final comparison (or absent())."""
+    if absent := re.fullmatch(r"absent\((.*)\)", expr.strip(), re.S):
+        return absent[1]
     match = THRESHOLD.match(expr.strip())
     assert match, f"alert expression is not '<signal> <op> <threshold>': {expr}"
     return match["signal"]
