@@ -40,30 +40,32 @@ async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_
     A refund handed over after the oldest message still waiting in the ready queue may be
     waiting behind it, not lost: under a backlog, re-delivering it would only add messages
     (each costing a lookup, a rate-limit check and a failed claim). So the grace counts from
-    that oldest message's time when it is older than now. ``lost_before``: Redis lost what
-    it held at that moment, so every refund handed over before it goes again, without grace.
+    that oldest message's time when it is older than now. ``lost_before``: Redis lost all it
+    held at that moment, delayed messages too: every refund goes again, in one statement and
+    without grace, but those handed over since (a refund delayed since then may go twice:
+    harmless, its claim lets one message through).
     """
     try:
-        head = lost_before or await asyncio.to_thread(
+        head = None if lost_before else await asyncio.to_thread(
             worker_metrics.oldest_ready_message_at, producer_broker().client, QUEUE)
     except Exception as exc:  # Redis away: deliveries would fail anyway; the grace counts from now
         head = None
         log.debug("ready queue head unavailable: %s", type(exc).__name__)
-    if lost_before is not None:
-        grace_seconds = 0
     async with pool.acquire() as conn:
         rows = await conn.fetch(
             """UPDATE refunds SET delivered_at = now()
                WHERE refund_id IN (
                    SELECT refund_id FROM refunds
-                   WHERE COALESCE(delivered_at, created_at) < LEAST(now(), $3) - make_interval(secs => $1)
+                   WHERE CASE WHEN $4::timestamptz IS NULL
+                              THEN COALESCE(delivered_at, created_at) < LEAST(now(), $3) - make_interval(secs => $1)
+                              ELSE COALESCE(delivered_at, created_at) NOT BETWEEN $4 AND now() END
                      AND (state = 'queued'
                           OR (state = 'submitted' AND (claimed_until IS NULL OR claimed_until < now()))
                           OR (state = 'pending' AND next_check_at < now()))
                    ORDER BY created_at LIMIT $2
                    FOR UPDATE SKIP LOCKED)
                RETURNING refund_id""",
-            grace_seconds, SWEEP_BATCH, head,
+            grace_seconds, None if lost_before else SWEEP_BATCH, head, lost_before,
         )
     delivered = 0
     for row in rows:
@@ -120,12 +122,11 @@ async def ask_redis(call) -> bool | None:
 
 
 async def sweep_lost(pool: asyncpg.Pool) -> None:
-    """Redis lost its data: hand over again, batch after batch, every refund handed over before now."""
+    """Redis lost its data: hand over again every refund that was waiting in it."""
     log.warning("Redis lost its data (the scheduler's mark is gone): re-delivering every waiting refund")
     async with pool.acquire() as conn:
         lost_before = await conn.fetchval("SELECT now()")
-    while await sweep_once(pool, lost_before=lost_before) >= SWEEP_BATCH:
-        pass
+    await sweep_once(pool, lost_before=lost_before)
 
 
 async def pause(stop: asyncio.Event, interval: float) -> None:
