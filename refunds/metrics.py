@@ -1,7 +1,7 @@
 """Prometheus metrics (listed in docs/OPERATIONS.md). Names and labels are fixed: dashboards and alerts use them.
 
-Label values are bounded (no refund ids, no amounts). The ``merchant`` label can be
-turned off with REFUNDS_METRICS_MERCHANT_LABEL=0 for marketplaces with very many sellers.
+Label values are bounded (no refund ids, no amounts). The ``merchant`` label is bounded
+per process (``merchant_label``) and can be turned off with REFUNDS_METRICS_MERCHANT_LABEL=0.
 
 Who exports what: the intake (accepted, rejected) and the receiver (notifications,
 completions) on their own /metrics; the workers (gateway requests, rate-limit waits,
@@ -12,6 +12,7 @@ SCHEDULER_METRICS_PORT. Dashboards and alerts sum across them.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 
 from prometheus_client import Counter, Histogram
@@ -24,15 +25,35 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 COMPLETION_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 21600, 86400)
 
 
+# Each process names at most this many merchants in its labels; the rest are "other". It bounds
+# the series a process exports (a completion histogram is 19 series per merchant), whatever the
+# number of sellers; docs/OPERATIONS.md says what "other" means on a dashboard.
+MERCHANT_LABEL_LIMIT = 200
+OTHER_MERCHANTS = "other"
+_labelled: set[str] = set()
+_labelled_lock = threading.Lock()
+
+
 def merchant_label(merchant_id: str) -> str:
-    return merchant_id if get_settings().refunds_metrics_merchant_label else "all"
+    """The merchant's id as a label value: itself for the first MERCHANT_LABEL_LIMIT merchants this
+    process meets, "other" past them, "all" when REFUNDS_METRICS_MERCHANT_LABEL=0."""
+    if not get_settings().refunds_metrics_merchant_label:
+        return "all"
+    if merchant_id in _labelled:
+        return merchant_id
+    with _labelled_lock:
+        if len(_labelled) < MERCHANT_LABEL_LIMIT:
+            _labelled.add(merchant_id)
+            return merchant_id
+    return OTHER_MERCHANTS
 
 
 refunds_accepted_total = Counter("refunds_accepted_total", "Refund requests accepted by a producer", ["merchant"])
 refunds_rejected_total = Counter("refunds_rejected_total", "Refund requests refused at intake", ["reason"])
-refunds_completed_total = Counter("refunds_completed_total", "Refunds that reached a final state", ["status"])
+refunds_completed_total = Counter("refunds_completed_total", "Refunds that reached a final state",
+                                  ["status", "merchant"])
 refund_completion_seconds = Histogram(
-    "refund_completion_seconds", "Time from acceptance to final state", buckets=COMPLETION_BUCKETS
+    "refund_completion_seconds", "Time from acceptance to final state", ["merchant"], buckets=COMPLETION_BUCKETS
 )
 refund_gateway_requests_total = Counter(
     "refund_gateway_requests_total", "Refund requests sent to the gateway, by outcome", ["outcome"]
@@ -49,18 +70,24 @@ refund_notification_seconds = Histogram(
 refund_rate_limit_waits_total = Counter(
     "refund_rate_limit_waits_total", "Refunds deferred by the per-merchant rate limit", ["merchant"]
 )
+refund_requeues_total = Counter(
+    "refund_requeues_total",
+    "Refunds the workers re-queued with a delay, by cause: rate_limit (its slot, a pause, a 429), retry (a fault)",
+    ["cause"],
+)
+REQUEUE_CAUSES = ("rate_limit", "retry")
 
 GATEWAY_OUTCOMES = ("success", "pending", "failure", "rate_limited", "timeout", "error")
-COMPLETION_STATUSES = ("succeeded", "failed", "manual_review")
 
 
 def initialise_worker_series() -> None:
     """Create the worker's bounded label sets at 0, so a ratio such as errors / all exists
-    (as 0) before the first error, and alerts and dashboards never see "no data" in a healthy system."""
+    (as 0) before the first error, and alerts and dashboards never see "no data" in a healthy system.
+    Completions are per merchant, so their series start at a merchant's first (alerts use "or vector(0)")."""
     for outcome in GATEWAY_OUTCOMES:
         refund_gateway_requests_total.labels(outcome)
-    for status in COMPLETION_STATUSES:
-        refunds_completed_total.labels(status)
+    for cause in REQUEUE_CAUSES:
+        refund_requeues_total.labels(cause)
 
 
 def initialise_receiver_series(event_types: Iterable[str]) -> None:
@@ -70,8 +97,6 @@ def initialise_receiver_series(event_types: Iterable[str]) -> None:
     for event_type in event_types:
         for result in ("applied", "duplicate"):
             refund_notifications_total.labels(event_type, result)
-    for status in COMPLETION_STATUSES:
-        refunds_completed_total.labels(status)
 
 
 class DatabaseGauges(Collector):
@@ -132,6 +157,7 @@ def observe_completion(refund, to_state: str) -> None:
     status = {"succeeded": "succeeded", "failed": "failed", "manual_review": "manual_review"}.get(to_state)
     if status is None or refund.completed_at != refund.updated_at:
         return
-    refunds_completed_total.labels(status).inc()
+    merchant = merchant_label(refund.merchant_id)
+    refunds_completed_total.labels(status, merchant).inc()
     if refund.completed_at and refund.created_at:
-        refund_completion_seconds.observe((refund.completed_at - refund.created_at).total_seconds())
+        refund_completion_seconds.labels(merchant).observe((refund.completed_at - refund.created_at).total_seconds())

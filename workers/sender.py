@@ -248,6 +248,7 @@ async def _defer(res: Resources, refund: Refund, wait_ms: int, *, rate_limited: 
     """
     jitter = random.randint(0, max(10, wait_ms // 10)) if rate_limited and slot_ms is None else 0
     delay = wait_ms + jitter
+    metrics.refund_requeues_total.labels("rate_limit" if rate_limited else "retry").inc()
     if rate_limited:
         metrics.refund_rate_limit_waits_total.labels(metrics.merchant_label(refund.merchant_id)).inc()
     async with res.pool.acquire() as conn:

@@ -915,7 +915,10 @@ def statements(monkeypatch):
 
 
 def completed(status: str) -> float:
-    return REGISTRY.get_sample_value("refunds_completed_total", {"status": status}) or 0.0
+    """Completions of this status, summed over the merchant label."""
+    return sum(sample.value for family in REGISTRY.collect() if family.name == "refunds_completed"
+               for sample in family.samples
+               if sample.name == "refunds_completed_total" and sample.labels["status"] == status)
 
 
 class RecordingRefundBatcher(RefundOutcomeBatcher):

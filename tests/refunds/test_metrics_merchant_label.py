@@ -1,0 +1,31 @@
+"""The merchant label is bounded per process, and completions carry it (refunds.metrics)."""
+
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
+
+import pytest
+from prometheus_client import REGISTRY
+
+from refunds import metrics
+
+
+@pytest.fixture
+def fresh_labels(monkeypatch):
+    monkeypatch.setattr(metrics, "_labelled", set())
+    monkeypatch.setattr(metrics, "MERCHANT_LABEL_LIMIT", 3)
+
+
+def test_past_the_bound_merchants_are_other_and_the_first_keep_their_ids(fresh_labels):
+    assert [metrics.merchant_label(f"s-{i}") for i in range(5)] == ["s-0", "s-1", "s-2", "other", "other"]
+    assert metrics.merchant_label("s-1") == "s-1"  # a labelled merchant stays labelled
+
+
+def test_a_completion_is_counted_and_timed_under_its_merchant(fresh_labels):
+    now = datetime.now(timezone.utc)
+    refund = SimpleNamespace(merchant_id="seller-9", created_at=now - timedelta(seconds=3), completed_at=now,
+                             updated_at=now)
+    before = REGISTRY.get_sample_value("refunds_completed_total", {"status": "failed", "merchant": "seller-9"}) or 0
+    timed = REGISTRY.get_sample_value("refund_completion_seconds_count", {"merchant": "seller-9"}) or 0
+    metrics.observe_completion(refund, "failed")
+    assert REGISTRY.get_sample_value("refunds_completed_total", {"status": "failed", "merchant": "seller-9"}) == before + 1
+    assert REGISTRY.get_sample_value("refund_completion_seconds_count", {"merchant": "seller-9"}) == timed + 1
