@@ -78,16 +78,27 @@ refund_requeues_total = Counter(
 REQUEUE_CAUSES = ("rate_limit", "retry")
 
 GATEWAY_OUTCOMES = ("success", "pending", "failure", "rate_limited", "timeout", "error")
+COMPLETION_STATUSES = ("succeeded", "failed", "manual_review")
 
 
 def initialise_worker_series() -> None:
     """Create the worker's bounded label sets at 0, so a ratio such as errors / all exists
     (as 0) before the first error, and alerts and dashboards never see "no data" in a healthy system.
-    Completions are per merchant, so their series start at a merchant's first (alerts use "or vector(0)")."""
+    Completions are per merchant: ``initialise_merchant_series``."""
     for outcome in GATEWAY_OUTCOMES:
         refund_gateway_requests_total.labels(outcome)
     for cause in REQUEUE_CAUSES:
         refund_requeues_total.labels(cause)
+
+
+def initialise_merchant_series(merchant_ids: Iterable[str]) -> None:
+    """Known merchants' completion series at 0 (as many as the label bound takes), so that
+    increase() counts a merchant's first completion: a series born at 1 shows no increase."""
+    for merchant_id in merchant_ids:
+        merchant = merchant_label(merchant_id)
+        for status in COMPLETION_STATUSES:
+            refunds_completed_total.labels(status, merchant)
+        refund_completion_seconds.labels(merchant)
 
 
 def initialise_receiver_series(event_types: Iterable[str]) -> None:
@@ -154,10 +165,9 @@ def observe_completion(refund, to_state: str) -> None:
     A refund settled later out of manual review is not counted again: its completed_at
     stays at the first final state, so it differs from updated_at.
     """
-    status = {"succeeded": "succeeded", "failed": "failed", "manual_review": "manual_review"}.get(to_state)
-    if status is None or refund.completed_at != refund.updated_at:
+    if to_state not in COMPLETION_STATUSES or refund.completed_at != refund.updated_at:
         return
     merchant = merchant_label(refund.merchant_id)
-    refunds_completed_total.labels(status, merchant).inc()
+    refunds_completed_total.labels(to_state, merchant).inc()
     if refund.completed_at and refund.created_at:
         refund_completion_seconds.labels(merchant).observe((refund.completed_at - refund.created_at).total_seconds())

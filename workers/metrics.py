@@ -86,15 +86,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, mult
 from refunds import logs, metrics  # noqa: E402
 
 log = logging.getLogger(__name__)
-DURATION_BUCKETS_MS = (5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000, 30000, 60000,
-                       600000, 900000, float("inf"))
+DURATION_BUCKETS = metrics.LATENCY_BUCKETS + (60,)  # up to the actors' 60 s time limit
 
 
 class WorkerMetrics(dramatiq.Middleware):
-    """dramatiq_* metrics (the names of dramatiq's own Prometheus middleware) and the exposition fork.
+    """dramatiq_* metrics and the exposition fork, in place of ``dramatiq.middleware.prometheus``.
 
-    Ours rather than dramatiq's: that one reads its folder and port from dramatiq_prom_*
-    variables in the forked server and ignores METRICS_PORT.
+    Why not dramatiq's own middleware (2.x): it takes its folder, host and port from
+    dramatiq_prom_* variables at import and its server dies with a traceback on a taken port
+    (so no METRICS_PORT, METRICS_HOST, METRICS_PORT=0 or one-line error); its delayed-messages
+    gauge has no multiprocess mode (a series per pid, growing with restarts) and is only
+    decremented if the process that held the message also runs it, which with Redis it need
+    not; its queue label is "refunds.DQ" for delayed messages; and its duration histogram is
+    in milliseconds, a unit promtool rejects. The counter names are the same as its.
     """
 
     def __init__(self) -> None:
@@ -110,8 +114,8 @@ class WorkerMetrics(dramatiq.Middleware):
                                 registry=None, multiprocess_mode="livesum")
         self.delayed_inprogress = Gauge("dramatiq_delayed_messages_inprogress", "Delayed messages held in memory",
                                         labels, registry=None, multiprocess_mode="livesum")
-        self.duration = Histogram("dramatiq_message_duration_milliseconds", "Time spent processing a message",
-                                  labels, registry=None, buckets=DURATION_BUCKETS_MS)
+        self.duration = Histogram("dramatiq_message_duration_seconds", "Time spent processing a message",
+                                  labels, registry=None, buckets=DURATION_BUCKETS)
 
     @property
     def forks(self):
@@ -157,7 +161,7 @@ class WorkerMetrics(dramatiq.Middleware):
         labels = (message.queue_name, message.actor_name)
         started = self.started.pop(message.message_id, None)
         if started is not None:
-            self.duration.labels(*labels).observe(current_millis() - started)
+            self.duration.labels(*labels).observe((current_millis() - started) / 1000)
             self.inprogress.labels(*labels).dec()
         self.messages.labels(*labels).inc()
         if exception is not None:

@@ -22,7 +22,7 @@ import uvloop
 from dramatiq.asyncio import get_event_loop_thread
 
 from pagoefectivo.client import Credentials, PagoEfectivoClient
-from refunds import db, logs, service
+from refunds import db, logs, metrics, service
 from refunds.coalesce import Coalescer
 from refunds.merchants import Merchant
 from refunds.ratelimit import RateLimiter
@@ -141,6 +141,12 @@ class WorkerResources(dramatiq.Middleware):
             logging.shutdown()
             os._exit(status)
         log.info("worker resources open")
+        try:
+            merchant_ids = get_event_loop_thread().run_coroutine(_current.pool.fetch(
+                "SELECT merchant_id FROM merchants ORDER BY merchant_id LIMIT $1", metrics.MERCHANT_LABEL_LIMIT))
+            metrics.initialise_merchant_series(row["merchant_id"] for row in merchant_ids)
+        except (OSError, asyncpg.PostgresError) as exc:  # metrics only: the worker works without them
+            log.warning("merchant metric series not initialised: %s", exc)
 
     def after_worker_shutdown(self, broker, worker):
         global _current

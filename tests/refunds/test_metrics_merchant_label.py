@@ -29,3 +29,11 @@ def test_a_completion_is_counted_and_timed_under_its_merchant(fresh_labels):
     metrics.observe_completion(refund, "failed")
     assert REGISTRY.get_sample_value("refunds_completed_total", {"status": "failed", "merchant": "seller-9"}) == before + 1
     assert REGISTRY.get_sample_value("refund_completion_seconds_count", {"merchant": "seller-9"}) == timed + 1
+
+
+def test_known_merchants_start_at_zero_within_the_bound(fresh_labels):
+    metrics.initialise_merchant_series(["k-1", "k-2", "k-3", "k-4"])
+    for status in metrics.COMPLETION_STATUSES:
+        assert REGISTRY.get_sample_value("refunds_completed_total", {"status": status, "merchant": "k-3"}) == 0
+    assert REGISTRY.get_sample_value("refund_completion_seconds_count", {"merchant": "k-1"}) == 0
+    assert REGISTRY.get_sample_value("refunds_completed_total", {"status": "failed", "merchant": "k-4"}) is None

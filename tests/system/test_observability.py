@@ -269,6 +269,19 @@ async def test_each_process_exports_its_own_metrics(live):
     assert {m["metric"]["merchant"] for m in merchants} == {"demo-seller-1", "demo-seller-2"}
 
 
+async def test_every_scrape_passes_promtool_check_metrics(live):
+    """Metric names and units that Prometheus' own linter accepts, on each service's real scrape."""
+    prometheus, _ = live
+    promtool = prometheus_binaries()[1]
+    targets = prometheus.api("targets")["data"]["activeTargets"]
+    assert {target["labels"]["job"] for target in targets} == set(JOBS.values())
+    for target in targets:
+        with urllib.request.urlopen(target["scrapeUrl"], timeout=10) as response:
+            scrape = response.read()
+        run = subprocess.run([promtool, "check", "metrics"], input=scrape, capture_output=True, timeout=60)
+        assert run.returncode == 0, f"{target['labels']['job']}: {(run.stdout + run.stderr).decode()}"
+
+
 def test_the_merchant_label_can_be_switched_off():
     code = "from refunds import metrics; print(metrics.merchant_label('seller-1'))"
     for setting, expected in (("0", "all"), ("1", "seller-1")):
