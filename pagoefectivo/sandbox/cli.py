@@ -87,7 +87,9 @@ def chaos_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         raise  # not reached: parser.error exits
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, serve=None) -> int:
+    """Run the gateway; ``serve(app, host, port) -> exit status`` replaces aiohttp's own
+    ``run_app`` (``refundctl sandbox serve`` passes one with header deadlines and a connection cap)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     config = chaos_from_args(parser, args)
@@ -102,9 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(JsonLines())
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     app = create_app(config, seed=seed, notify_base_url=args.notify_base_url)
+    if serve is not None:
+        return serve(app, args.host, args.port)
     try:
         # access_log off: refunds are logged by the app, tokens never are
         web.run_app(app, host=args.host, port=args.port, access_log=None, loop=uvloop.new_event_loop(),
+                    keepalive_timeout=15,
                     print=lambda _: print(f"sandbox listening on http://{args.host}:{args.port}", flush=True))
     except OSError as exc:
         print(f"sandbox: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)

@@ -8,9 +8,11 @@ from .common import Unavailable, Usage, with_json
 
 
 def cmd_sandbox_serve(args, extra: list[str]) -> int:
+    """The sandbox on our guarded server (refunds.serving: header deadlines, a connection cap)."""
     from pagoefectivo.sandbox import main as sandbox_main
+    from refunds import service
 
-    return sandbox_main(extra)
+    return sandbox_main(extra, serve=lambda app, host, port: service.run("sandbox", app, host, port, access_log=None))
 
 
 def cmd_sandbox_onboard(args) -> int:

@@ -837,3 +837,15 @@ async def test_a_payment_recorded_with_its_id_is_told_once_and_a_different_one_i
                                    {**body, "transactionId": "FUTURE", "paidAt": protocol.lima_timestamp(
                                        now() + timedelta(days=1))})
     assert (response.status, error_fields(payload)) == (400, [("113", "paidAt")])
+
+
+async def test_refundctl_sandbox_serve_closes_a_half_sent_request_at_the_header_deadline():
+    """`refundctl sandbox serve` runs on the services' guarded server: a request line that never
+    ends is closed at HTTP_HEADER_TIMEOUT, and the gateway keeps answering others."""
+    from tests.served import half_sent_is_closed, once, process
+
+    port = free_port()
+    env = {**os.environ, "HTTP_HEADER_TIMEOUT": "1"}
+    async with process("refundctl", env, "sandbox", "serve", "--port", str(port)):
+        await half_sent_is_closed(port)  # fails if the server never closes it
+        assert b" 200 " in (await once(port, "/healthz")).split(b"\r\n", 1)[0]
