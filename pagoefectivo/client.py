@@ -240,12 +240,18 @@ class PagoEfectivoClient:
             private_key=creds.signing_key,
         )
 
-    async def request_refund(self, creds: Credentials, order: RefundOrder) -> RefundAnswer:
-        """Send one signed refund request. Raises a GatewayError subclass on anything but an answer."""
+    async def request_refund(self, creds: Credentials, order: RefundOrder, *,
+                             before_send: Callable[[], Awaitable[None]] | None = None) -> RefundAnswer:
+        """Send one signed refund request. Raises a GatewayError subclass on anything but an answer.
+
+        ``before_send`` is awaited once the request is ready (token, signature), just before it
+        leaves, for each request sent: the caller's rate limit counts the request there, so that
+        the time spent getting ready never bunches requests at the gateway. What it raises
+        propagates; nothing was sent."""
         return await self._authorized(
             creds, lambda token: self._call(
                 "POST", protocol.REFUNDS_PATH, json_body=lambda: self.signed_refund_body(creds, order), token=token,
-                sending=True, timed=True,
+                sending=True, timed=True, before_send=before_send,
             ),
             sending=True,
         )
@@ -282,7 +288,8 @@ class PagoEfectivoClient:
     # --- transport -----------------------------------------------------------------
 
     async def _call(self, method: str, path: str, *, json_body=None, token: str | None = None,
-                    headers: dict | None = None, sending: bool, timed: bool) -> Answer:
+                    headers: dict | None = None, sending: bool, timed: bool,
+                    before_send: Callable[[], Awaitable[None]] | None = None) -> Answer:
         """One HTTP exchange.
 
         ``sending``: a lost answer leaves the outcome unknown (the request changes something).
@@ -298,6 +305,8 @@ class PagoEfectivoClient:
         if token:
             all_headers["Authorization"] = f"Bearer {token}"
         data = protocol.dumps(json_body) if json_body is not None else None
+        if before_send is not None:
+            await before_send()
         try:
             async with self._session.request(
                 method, self._base_url + path, data=data, headers=all_headers, timeout=self._timeout

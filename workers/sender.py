@@ -156,14 +156,20 @@ async def _send(res: Resources, creds: Credentials, merchant: Merchant, refund: 
         amount=refund.amount, currency=refund.currency, external_ref=refund.external_ref,
         notify_url=notify_url, reason=refund.reason,
     )
+    started = 0.0
+
+    async def permit() -> None:
+        """Counted in the merchant's window as the request leaves (token and signature ready)."""
+        nonlocal started
+        if wait_ms := await res.limiter.permit(merchant.merchant_id, merchant.rate_limit):
+            raise _Paused(wait_ms)
+        started = time.perf_counter()
+
     async for attempt in in_attempt_retries():
         with attempt:
-            await res.client.token(creds)  # fetched (if need be) before the permit, not between it and the request
-            if wait_ms := await res.limiter.permit(merchant.merchant_id, merchant.rate_limit):
-                raise _Paused(wait_ms)
             started = time.perf_counter()
             try:
-                answer = await res.client.request_refund(creds, order)
+                answer = await res.client.request_refund(creds, order, before_send=permit)
             except GatewayError as exc:
                 metrics.refund_gateway_requests_total.labels(_outcome_of(exc)).inc()
                 raise

@@ -156,8 +156,8 @@ def change_orders(stack: Stack, monkeypatch, **changes) -> None:
     """Make the worker's client sign and send orders with ``changes`` (what the gateway will see)."""
     original = stack.client.request_refund
 
-    async def changed(creds, refund_order):
-        return await original(creds, dataclasses.replace(refund_order, **changes))
+    async def changed(creds, refund_order, **options):
+        return await original(creds, dataclasses.replace(refund_order, **changes), **options)
 
     monkeypatch.setattr(stack.client, "request_refund", changed)
 
