@@ -12,8 +12,14 @@ token itself (401) → fields (422) → merchant scope (403, nothing written) �
 client never holds one), a token seen before costs no query at all (the accepting statement
 re-checks it, see ``create_refund``), and concurrent requests share the accepting statement
 (``producers.accept_batch``). Round trips are what intake throughput is made of. Every error has the
-body ``{"error": {"code", "message", "field"?}}``. A Postgres outage answers 503, never a
+body ``{"error": {"code", "message", "field"?, "request_id"}}``. A Postgres outage answers 503, never a
 stack trace; retrying then is safe because ``external_ref`` makes the request idempotent.
+
+Conventions of payment APIs: every answer carries ``X-Request-Id`` (the caller's, when it sent
+a usable one, else a new one), and every log line of the request carries it beside the
+``refund_id``. ``Idempotency-Key`` (Stripe's header) may stand for ``external_ref``: it is the
+same key, so a request may send either or both (equal); a replayed answer (200) is marked
+``Idempotent-Replayed: true``.
 
 ``python -m producers.http`` serves it (DATABASE_URL, REDIS_URL, INTAKE_PORT, INTAKE_HOST), and its
 /metrics on INTAKE_METRICS_PORT only (merchant ids are label values: not for the public port).
@@ -25,7 +31,9 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
+import uuid
 from uuid import UUID
 
 import asyncpg
@@ -35,10 +43,14 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
-from refunds import metrics, service
+from refunds import logs, metrics, service
 from refunds.errors import IdempotencyConflict, NotFound, RefundRefused
-from refunds.records import Refund, find_by_external_ref, find_refund, refund_events
-from refunds.requests import ANSWER_MODELS, REQUEST_MODELS, Decision, RefundLookup, RefundRequest, validated
+from refunds.records import (
+    Refund, find_by_external_ref, find_refund, list_refunds, page_cursor, parse_cursor, refund_events,
+)
+from refunds.requests import (
+    ANSWER_MODELS, EXTERNAL_REF, REQUEST_MODELS, Decision, M, RefundListQuery, RefundLookup, RefundRequest, validated,
+)
 from refunds.settings import get_settings
 from refunds.tokens import MAX_TOKEN_LENGTH, ApiToken, TokenCache, TokenRevoked, authenticate, hash_token
 
@@ -77,42 +89,70 @@ HTTP_CODES = {
 }
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict | None = None) -> web.Response:
+REQUEST_ID_HEADER = "X-Request-Id"
+_USABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+REQUEST_ID = web.RequestKey("request_id", str)
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's X-Request-Id when it is usable (1-128 of letters, digits and ._:-), else a new one."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _USABLE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict | None = None,
+                   *, request_id: str | None = None) -> web.Response:
     error = {"code": code, "message": message}
     if field:
         error["field"] = field
+    if request_id:
+        error["request_id"] = request_id
     return web.json_response({"error": error}, status=status, headers=headers)
+
+
+@web.middleware
+async def request_ids(request: web.Request, handler) -> web.StreamResponse:
+    """Name the request: its log lines carry the id, and so do its answer's header and error body."""
+    request[REQUEST_ID] = request_id = request_id_of(request)
+    with logs.context(request_id=request_id):
+        response = await handler(request)
+    response.headers[REQUEST_ID_HEADER] = request_id
+    return response
 
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Turn every failure into the contract's error body; a stack trace never leaves the process."""
+    request_id = request.get(REQUEST_ID)
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
             return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers, request_id=request_id)
     except IdempotencyConflict as exc:
-        return error_response(409, exc.code, exc.message, exc.field)
+        return error_response(409, exc.code, exc.message, exc.field, request_id=request_id)
     except RefundRefused as exc:
-        return error_response(422, exc.code, exc.message, exc.field)
+        return error_response(422, exc.code, exc.message, exc.field, request_id=request_id)
     except ValidationError as exc:  # input validated without refunds.requests.validated: still the caller's fault
         log.warning("%s %s: validation outside refunds.requests.validated (%s)", request.method, request.path, exc.title)
         first = exc.errors(include_url=False)[0]
         field = str(first["loc"][0]) if first["loc"] else None
-        return error_response(422, "invalid_request", first["msg"], field)
+        return error_response(422, "invalid_request", first["msg"], field, request_id=request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = exc.reason if exc.status != 413 else f"the request body is over {MAX_BODY} bytes"
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, HTTP_CODES.get(exc.status, "error"), message, headers=allow)
+        return error_response(exc.status, HTTP_CODES.get(exc.status, "error"), message, headers=allow,
+                              request_id=request_id)
     except OUTAGE_ERRORS as exc:
         log.warning("%s %s: database unavailable (%s)", request.method, request.path, describe(exc))
-        return error_response(503, "unavailable", "the refund store is unavailable; retry later", headers={"Retry-After": "1"})
+        return error_response(503, "unavailable", "the refund store is unavailable; retry later",
+                              headers={"Retry-After": "1"}, request_id=request_id)
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(500, "internal_error", "internal error; the request may be retried")
+        return error_response(500, "internal_error", "internal error; the request may be retried",
+                              request_id=request_id)
 
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="refunds"'}
@@ -132,7 +172,7 @@ def create_app(*, database_url: str, redis_url: str | None = None) -> web.Applic
     ``redis_url`` (default: REDIS_URL) is only probed by /readyz here; refunds reach Redis
     through ``refunds.delivery``.
     """
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[errors_middleware])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[request_ids, errors_middleware])
     app[DATABASE] = Database(database_url)
     app[REDIS_URL] = redis_url or get_settings().require("redis_url")
     app[OPENAPI] = json.dumps(openapi_document(), indent=2).encode()
@@ -142,7 +182,7 @@ def create_app(*, database_url: str, redis_url: str | None = None) -> web.Applic
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     app.router.add_post("/v1/refunds", create_refund)
-    app.router.add_get("/v1/refunds", find_refund_by_external_ref)
+    app.router.add_get("/v1/refunds", list_or_find_refunds)
     app.router.add_get("/v1/refunds/{refund_id}", show_refund)
     app.router.add_post("/v1/refunds/{refund_id}/approve", approve_refund)
     app.router.add_post("/v1/refunds/{refund_id}/reject", reject_refund)
@@ -267,13 +307,11 @@ async def create_refund(request: web.Request) -> web.Response:
         tokens.put(token)
     try:
         try:
-            asked = validated(RefundRequest, body)
+            asked = validated(RefundRequest, _with_idempotency_key(request, body))
         except RefundRefused as exc:
             _refused(exc)
             raise
-        if not token.allows(asked.merchant_id):
-            raise ApiError(403, "merchant_not_allowed",
-                           f"this token may not act for merchant {asked.merchant_id!r}", "merchant_id")
+        _scoped(token, asked.merchant_id)
         result = await accept_request(pool, asked, requested_by=token.name, token_hash=token.token_hash,
                                       accept=request.app[ACCEPTS].accept)
     except TokenRevoked:
@@ -288,7 +326,30 @@ async def create_refund(request: web.Request) -> web.Response:
                 raise _unauthorized() from None
         raise
     await hand_over(result, pool)  # committed, and the connection is back in the pool
-    return web.json_response(result.to_json(), status=result.http_status)
+    refund = result.refund
+    log.info("refund %s %s", refund.refund_id, "accepted" if result.created else "replayed",
+             extra={"refund_id": str(refund.refund_id), "merchant": refund.merchant_id,
+                    "external_ref": refund.external_ref})
+    return web.json_response(result.to_json(), status=result.http_status,
+                             headers=None if result.created else {IDEMPOTENT_REPLAYED: "true"})
+
+
+IDEMPOTENCY_KEY = "Idempotency-Key"
+IDEMPOTENT_REPLAYED = "Idempotent-Replayed"
+
+
+def _with_idempotency_key(request: web.Request, body: object) -> object:
+    """The body with ``external_ref`` from the Idempotency-Key header when it has none; the two
+    are one key, so a request that sends both must send the same."""
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is None or not isinstance(body, dict):
+        return body
+    if body.get("external_ref") in (None, ""):
+        return {**body, "external_ref": key}
+    if body["external_ref"] != key:
+        raise RefundRefused("idempotency_key_mismatch", f"the {IDEMPOTENCY_KEY} header and external_ref differ:"
+                            " they are the same key; send one, or both equal", "external_ref")
+    return body
 
 
 async def show_refund(request: web.Request) -> web.Response:
@@ -302,17 +363,47 @@ async def show_refund(request: web.Request) -> web.Response:
         return web.json_response(await _with_events(conn, refund))
 
 
-async def find_refund_by_external_ref(request: web.Request) -> web.Response:
-    token = await _authenticate(request)
-    try:  # an empty parameter counts as missing
-        lookup = validated(RefundLookup, {name: value for name in RefundLookup.model_fields
-                                            if (value := request.query.get(name))})
+def _query(request: web.Request, model: type[M]) -> M:
+    """The query string as ``model`` (an empty parameter counts as missing); 400 naming the parameter."""
+    try:
+        return validated(model, {name: value for name in model.model_fields if (value := request.query.get(name))})
     except RefundRefused as exc:
         if exc.code == "missing_field":
             raise ApiError(400, "missing_parameter", f"query parameter {exc.field} is required", exc.field) from None
         raise ApiError(400, "invalid_parameter", exc.message, exc.field) from None
-    if not token.allows(lookup.merchant_id):
-        raise ApiError(403, "merchant_not_allowed", f"this token may not act for merchant {lookup.merchant_id!r}", "merchant_id")
+
+
+def _scoped(token: ApiToken, merchant_id: str) -> None:
+    if not token.allows(merchant_id):
+        raise ApiError(403, "merchant_not_allowed", f"this token may not act for merchant {merchant_id!r}",
+                       "merchant_id")
+
+
+async def list_or_find_refunds(request: web.Request) -> web.Response:
+    """GET /v1/refunds: with external_ref, that refund and its events; without, a page of the
+    merchant's refunds (``RefundList``)."""
+    if request.query.get("external_ref"):
+        return await find_refund_by_external_ref(request)
+    token = await _authenticate(request)
+    query = _query(request, RefundListQuery)
+    _scoped(token, query.merchant_id)
+    try:
+        after = parse_cursor(query.after) if query.after else None
+    except ValueError as exc:
+        raise ApiError(400, "invalid_parameter", str(exc), "after") from None
+    pool = await request.app[DATABASE].pool()
+    async with pool.acquire() as conn:
+        found = await list_refunds(conn, merchant_id=query.merchant_id, state=query.state, after=after,
+                                   limit=query.limit + 1)
+    page = found[:query.limit]
+    return web.json_response({"refunds": [refund.to_json() for refund in page],
+                              "next_cursor": page_cursor(page[-1]) if len(found) > query.limit else None})
+
+
+async def find_refund_by_external_ref(request: web.Request) -> web.Response:
+    token = await _authenticate(request)
+    lookup = _query(request, RefundLookup)
+    _scoped(token, lookup.merchant_id)
     pool = await request.app[DATABASE].pool()
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         refund = await find_by_external_ref(conn, lookup.merchant_id, lookup.external_ref)
@@ -400,15 +491,29 @@ def openapi_document() -> dict:
     _, generated = models_json_schema(
         [(model, "validation") for model in (*REQUEST_MODELS, *ANSWER_MODELS)], ref_template=SCHEMA_REF)
     lookup = RefundLookup.model_json_schema(ref_template=SCHEMA_REF)
+    listing = RefundListQuery.model_json_schema(ref_template=SCHEMA_REF)
 
     def ref(name: str) -> dict:
         return {"$ref": SCHEMA_REF.format(model=name)}
 
-    def answer(description: str, schema: str = "Error", headers: dict | None = None) -> dict:
-        response = {"description": description, "content": {"application/json": {"schema": ref(schema)}}}
-        if headers:
-            response["headers"] = headers
-        return response
+    request_id_header = {"description": "The request's id: the caller's X-Request-Id, or a new one",
+                         "schema": {"type": "string"}}
+
+    def answer(description: str, schema: str | dict = "Error", headers: dict | None = None) -> dict:
+        body = ref(schema) if isinstance(schema, str) else schema
+        return {"description": description, "content": {"application/json": {"schema": body}},
+                "headers": {REQUEST_ID_HEADER: request_id_header, **(headers or {})}}
+
+    def query(schema: dict, name: str, required: bool) -> dict:
+        prop = schema["properties"][name]
+        return {"name": name, "in": "query", "required": required, "description": prop.get("description", ""),
+                "schema": {k: v for k, v in prop.items() if k not in ("description", "title")}}
+
+    request_id_param = {"name": REQUEST_ID_HEADER, "in": "header", "required": False, "schema": {"type": "string"},
+        "description": "Your id for this request (1-128 of letters, digits and ._:-), echoed in the answer and"
+                       " logged with the refund; one is made when absent or unusable."}
+    secured = [{"bearerAuth": []}]
+    internal = answer("Internal error; the request may be retried (code internal_error)")
 
     unauthorized = answer("No token, or an unknown or revoked one", headers={
         "WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}})
@@ -420,8 +525,10 @@ def openapi_document() -> dict:
     def decision(verb: str) -> dict:
         return {
             "operationId": f"{verb}Refund",
+            "tags": ["approvals"],
             "summary": f"{verb.capitalize()} a refund waiting for approval (the approver is the token's name)",
-            "parameters": [refund_id],
+            "security": secured,
+            "parameters": [refund_id, request_id_param],
             "requestBody": {"required": False, "content": {"application/json": {"schema": ref("Decision")}}},
             "responses": {
                 "200": answer("Decided; the refund with its events", "RefundWithEvents"),
@@ -433,11 +540,13 @@ def openapi_document() -> dict:
                 "413": too_large,
                 "422": answer("Invalid body field"),
                 "503": unavailable,
+                "500": internal,
             },
         }
 
     def plain(operation_id: str, summary: str, responses: dict) -> dict:
-        return {"get": {"operationId": operation_id, "summary": summary, "security": [], "responses": responses}}
+        return {"get": {"operationId": operation_id, "tags": ["service"], "summary": summary, "security": [],
+                        "responses": responses}}
 
     # what a client can do next with the refund_id an answer carries
     follow = {
@@ -457,16 +566,28 @@ def openapi_document() -> dict:
             "description": "Refund requests for marketplace sellers paid through PagoEfectivo. Amounts are"
                            " decimal strings with at most 2 decimals, never JSON numbers.",
         },
-        "security": [{"bearerAuth": []}],
+        "servers": [{"url": "/", "description": "this intake (INTAKE_PORT)"}],
+        "security": secured,
+        "tags": [{"name": "refunds"}, {"name": "approvals"}, {"name": "service", "description": "probes, this document"}],
         "paths": {
             "/v1/refunds": {
                 "post": {
                     "operationId": "createRefund",
+                    "tags": ["refunds"],
                     "summary": "Request a refund",
+                    "security": secured,
+                    "parameters": [request_id_param, {
+                        "name": IDEMPOTENCY_KEY, "in": "header", "required": False,
+                        "schema": {"type": "string", "pattern": EXTERNAL_REF, "maxLength": 64},
+                        "description": "The same key as external_ref (Stripe's header): it stands for external_ref"
+                                       " when the body has none; both sent must be equal (else 422"
+                                       " idempotency_key_mismatch)."}],
                     "requestBody": {"required": True, "content": {"application/json": {"schema": ref("RefundRequest")}}},
                     "responses": {
                         "202": with_links(answer("Accepted: queued, or waiting for approval", "Accepted")),
-                        "200": with_links(answer("A replay of an identical earlier request", "Accepted")),
+                        "200": with_links(answer("A replay of an identical earlier request", "Accepted", headers={
+                            IDEMPOTENT_REPLAYED: {"description": "true: this answer replays the first one",
+                                                  "schema": {"type": "string", "enum": ["true"]}}})),
                         "400": answer("The body is not JSON (code malformed_json)"),
                         "401": unauthorized,
                         "403": answer("The token is not scoped to merchant_id; nothing was written"),
@@ -474,37 +595,48 @@ def openapi_document() -> dict:
                         "413": too_large,
                         "422": answer("Validation failed (including refunds_disabled); error.field names the field"),
                         "503": unavailable,
+                        "500": internal,
                     },
                 },
                 "get": {
-                    "operationId": "findRefund",
-                    "summary": "Find a refund by its external_ref",
+                    "operationId": "listRefunds",
+                    "tags": ["refunds"],
+                    "summary": "A merchant's refunds a page at a time; with external_ref, that one refund and its events",
+                    "security": secured,
                     "parameters": [
-                        {"name": name, "in": "query", "required": True, "description": schema["description"],
-                         "schema": schema}
-                        for name, schema in lookup["properties"].items()
+                        query(listing, "merchant_id", True),
+                        {**query(lookup, "external_ref", False), "description": "The external_ref the refund was"
+                         " requested with: the answer is then that refund with its events (404 if none)"},
+                        query(listing, "state", False), query(listing, "limit", False), query(listing, "after", False),
+                        request_id_param,
                     ],
                     "responses": {
-                        "200": answer("The refund with its events", "RefundWithEvents"),
+                        "200": answer("Without external_ref, a page of refunds (RefundList); with it, the refund with"
+                                      " its events (RefundWithEvents)",
+                                      {"oneOf": [ref("RefundList"), ref("RefundWithEvents")]}),
                         "400": answer("A query parameter is missing or malformed"),
                         "401": unauthorized,
                         "403": answer("The token is not scoped to merchant_id"),
-                        "404": answer("No such refund"),
+                        "404": answer("No refund with this external_ref"),
                         "503": unavailable,
+                        "500": internal,
                     },
                 },
             },
             "/v1/refunds/{refund_id}": {
                 "get": {
                     "operationId": "getRefund",
+                    "tags": ["refunds"],
                     "summary": "A refund's state and event history",
-                    "parameters": [refund_id],
+                    "security": secured,
+                    "parameters": [refund_id, request_id_param],
                     "responses": {
                         "200": answer("The refund with its events", "RefundWithEvents"),
                         "400": answer("refund_id is not a UUID"),
                         "401": unauthorized,
                         "404": answer("No such refund for this token's merchants"),
                         "503": unavailable,
+                        "500": internal,
                     },
                 },
             },

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,15 +100,39 @@ async def find_by_external_ref(conn: asyncpg.Connection, merchant_id: str, exter
 
 
 async def list_refunds(
-    conn: asyncpg.Connection, *, merchant_id: str | None = None, state: str | None = None, limit: int | None = None
+    conn: asyncpg.Connection, *, merchant_id: str | None = None, state: str | None = None,
+    after: tuple[datetime, UUID] | None = None, limit: int | None = None,
 ) -> list[Refund]:
+    """Refunds oldest first, after the (created_at, refund_id) of ``after``: keyset paging, so a
+    refund added between pages never shifts the rest."""
+    after_at, after_id = after or (None, None)
     rows = await conn.fetch(
         f"""SELECT {COLUMNS} FROM refunds
             WHERE ($1::text IS NULL OR merchant_id = $1) AND ($2::text IS NULL OR state = $2)
-            ORDER BY created_at, refund_id LIMIT $3""",
-        merchant_id, state, limit,
+              AND ($3::timestamptz IS NULL OR (created_at, refund_id) > ($3, $4::uuid))
+            ORDER BY created_at, refund_id LIMIT $5""",
+        merchant_id, state, after_at, after_id, limit,
     )
     return [from_row(row) for row in rows]
+
+
+def page_cursor(refund: Refund) -> str:
+    """An opaque cursor for the page after ``refund`` (``list_refunds(after=parse_cursor(...))``)."""
+    raw = f"{refund.created_at.isoformat()}|{refund.refund_id}".encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def parse_cursor(cursor: str) -> tuple[datetime, UUID]:
+    """The position a ``page_cursor`` names; ValueError when it is not one."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        at, _, refund_id = raw.partition("|")
+        position = datetime.fromisoformat(at), UUID(refund_id)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{cursor!r} is not a cursor of this list") from None
+    if position[0].tzinfo is None:
+        raise ValueError(f"{cursor!r} is not a cursor of this list")
+    return position
 
 
 async def refund_events(conn: asyncpg.Connection, refund_id: UUID | str) -> list[dict]:

@@ -184,8 +184,8 @@ class Event(_Answer):
     occurred_at: datetime
 
 
-class RefundWithEvents(_Answer):
-    """A refund as stored, with its whole event history."""
+class RefundView(_Answer):
+    """A refund as stored (``Refund.to_json``)."""
 
     refund_id: UUID
     merchant_id: str
@@ -203,7 +203,38 @@ class RefundWithEvents(_Answer):
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+
+
+class RefundWithEvents(RefundView):
+    """A refund as stored, with its whole event history."""
+
     events: list[Event]
+
+
+class RefundList(_Answer):
+    """A page of a merchant's refunds, oldest first; ``next_cursor`` asks for the next page (null: the last)."""
+
+    refunds: list[RefundView]
+    next_cursor: str | None
+
+
+MAX_PAGE = 100
+CURSOR = r"^[A-Za-z0-9_-]{1,200}$"
+
+
+class RefundListQuery(BaseModel):
+    """The query of GET /v1/refunds without external_ref: a merchant's refunds, a page at a time."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    merchant_id: MerchantId = Field(description="The merchant whose refunds to list; the token must be scoped to it.",
+                                    examples=["seller-1"])
+    state: Annotated[State | None, Rule("one of " + ", ".join(STATES), "invalid_state")] = Field(
+        default=None, description="Only refunds in this state.")
+    limit: Annotated[int, Field(ge=1, le=MAX_PAGE), Rule(f"a whole number from 1 to {MAX_PAGE}")] = Field(
+        default=50, description=f"At most this many refunds (1-{MAX_PAGE}, default 50).")
+    after: Annotated[str | None, StringConstraints(pattern=CURSOR), Rule("a next_cursor of an earlier page")] = Field(
+        default=None, description="The next_cursor of the previous page.")
 
 
 def _no_default(schema: dict) -> None:
@@ -216,6 +247,9 @@ class ErrorDetail(_Answer):
     code: str
     message: str
     field: Annotated[str | None, WithJsonSchema({"type": "string"})] = Field(default=None, json_schema_extra=_no_default)
+    request_id: Annotated[str | None, WithJsonSchema({"type": "string"})] = Field(
+        default=None, json_schema_extra=_no_default,
+        description="The request's X-Request-Id: quote it when asking about this answer.")
 
 
 class Error(_Answer):
@@ -289,7 +323,7 @@ def _kind(value: object) -> str:
 
 
 REQUEST_MODELS: tuple[type[BaseModel], ...] = (RefundRequest, Decision)
-ANSWER_MODELS: tuple[type[BaseModel], ...] = (Accepted, RefundWithEvents, Status, NotReady, Error)
+ANSWER_MODELS: tuple[type[BaseModel], ...] = (Accepted, RefundWithEvents, RefundList, Status, NotReady, Error)
 
 
 _FREE_TEXT = TypeAdapter(Text | None, config=ConfigDict(strict=True))

@@ -51,7 +51,8 @@ def body(**overrides) -> dict:
 async def error_of(response, status: int) -> dict:
     assert response.status == status, await response.text()
     payload = await response.json()
-    assert set(payload) == {"error"} and {"code", "message"} <= set(payload["error"])
+    assert set(payload) == {"error"} and {"code", "message", "request_id"} <= set(payload["error"])
+    assert payload["error"]["request_id"] == response.headers["X-Request-Id"]
     return payload["error"]
 
 
@@ -342,7 +343,10 @@ async def test_concurrent_mix_gets_the_answers_each_would_get_alone(db, make_mer
 
     async def post(payload: dict):
         response = await client.post("/v1/refunds", json=payload, headers=headers)
-        return response.status, await response.json()
+        answer = await response.json()
+        if "error" in answer:  # each answer names its own request
+            assert answer["error"].pop("request_id") == response.headers["X-Request-Id"]
+        return response.status, answer
 
     answers = await asyncio.gather(*(post(payload) for payload in mix))
     assert sum(statements) >= len(mix)
@@ -432,8 +436,8 @@ async def test_get_by_id_and_by_external_ref_with_events(db, make_merchant, clie
     assert (await error_of(await client.get("/v1/refunds/not-a-uuid", headers=headers), 400))["field"] == "refund_id"
     unknown_ref = await client.get("/v1/refunds", params={"merchant_id": "m1", "external_ref": "R-404"}, headers=headers)
     await error_of(unknown_ref, 404)
-    no_ref = await client.get("/v1/refunds", params={"merchant_id": "m1"}, headers=headers)
-    assert (await error_of(no_ref, 400))["field"] == "external_ref"
+    no_merchant = await client.get("/v1/refunds", params={"external_ref": "R-1"}, headers=headers)
+    assert (await error_of(no_merchant, 400))["field"] == "merchant_id"
     await error_of(await client.get(f"/v1/refunds/{refund_id}"), 401)
 
 
