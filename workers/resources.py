@@ -31,6 +31,8 @@ from refunds.settings import Settings, get_settings
 from refunds.states import Move, claim_many, transition_many
 from refunds.vault import Vault, vault_from_settings
 
+from . import heartbeat
+
 log = logging.getLogger(__name__)
 
 ACTOR = "worker"  # who the audit rows of the worker's moves name
@@ -147,9 +149,15 @@ class WorkerResources(dramatiq.Middleware):
             metrics.initialise_merchant_series(row["merchant_id"] for row in merchant_ids)
         except (OSError, asyncpg.PostgresError) as exc:  # metrics only: the worker works without them
             log.warning("merchant metric series not initialised: %s", exc)
+        # the liveness probe: beats from the event loop every refund runs on, so a blocked loop stops them
+        self.beats = asyncio.run_coroutine_threadsafe(heartbeat.beat_forever(heartbeat.folder("worker")),
+                                                      get_event_loop_thread().loop)
 
     def after_worker_shutdown(self, broker, worker):
         global _current
+        if getattr(self, "beats", None) is not None:
+            self.beats.cancel()
+            heartbeat.stop(heartbeat.folder("worker"))
         if _current is not None:
             loop_thread = get_event_loop_thread()
             if loop_thread is not None:

@@ -20,6 +20,7 @@ from refunds.delivery import QUEUE, deliver, producer_broker
 from refunds.settings import get_settings
 from refunds.states import STATES
 
+from . import heartbeat
 from . import metrics as worker_metrics
 
 log = logging.getLogger("workers.scheduler")
@@ -151,8 +152,10 @@ async def run(interval: float = 5.0) -> None:
     log.info("scheduler running every %.1fs", interval)
     next_purge = 0.0
     marked = False  # this scheduler's mark was in Redis at a pass
+    beats = heartbeat.folder("scheduler")
     try:
         while not stop.is_set():
+            heartbeat.beat(beats)  # the liveness probe: a pass that hangs stops the beats
             try:
                 # SET NX sets the mark only where it is absent: True then, else None
                 absent = await ask_redis(lambda client: bool(client.set(REDIS_MARK, "1", nx=True)))
@@ -168,6 +171,7 @@ async def run(interval: float = 5.0) -> None:
                 log.warning("scheduler pass failed: %s", exc)
             await pause(stop, interval)
     finally:
+        heartbeat.stop(beats)
         await pool.close()
 
 
