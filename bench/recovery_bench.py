@@ -1,6 +1,6 @@
 """Recovery from routine faults: how soon the backlog moves again and every refund is final.
 
-    .venv/bin/python bench/recovery_bench.py                   # a drain and 5 faults, 500 refunds each, ~3 minutes
+    .venv/bin/python bench/recovery_bench.py                   # a drain and 5 faults, 500 refunds each, ~3.5 minutes
     .venv/bin/python bench/recovery_bench.py --per-phase 1000 --json out.json
     .venv/bin/python bench/recovery_bench.py --small           # 6 x 60 refunds, short claim and sweep (test suite)
 
