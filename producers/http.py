@@ -31,9 +31,7 @@ import asyncio
 import json
 import logging
 import os
-import re
 import sys
-import uuid
 from uuid import UUID
 
 import asyncpg
@@ -43,7 +41,8 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
-from refunds import logs, metrics, service
+from refunds import metrics, service
+from refunds.http_api import REQUEST_ID_HEADER, error_response, request_ids
 from refunds.errors import IdempotencyConflict, NotFound, RefundRefused
 from refunds.records import (
     Refund, find_by_external_ref, find_refund, list_refunds, page_cursor, parse_cursor, refund_events,
@@ -89,70 +88,36 @@ HTTP_CODES = {
 }
 
 
-REQUEST_ID_HEADER = "X-Request-Id"
-_USABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-REQUEST_ID = web.RequestKey("request_id", str)
-
-
-def request_id_of(request: web.Request) -> str:
-    """The caller's X-Request-Id when it is usable (1-128 of letters, digits and ._:-), else a new one."""
-    given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _USABLE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
-
-
-def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict | None = None,
-                   *, request_id: str | None = None) -> web.Response:
-    error = {"code": code, "message": message}
-    if field:
-        error["field"] = field
-    if request_id:
-        error["request_id"] = request_id
-    return web.json_response({"error": error}, status=status, headers=headers)
-
-
-@web.middleware
-async def request_ids(request: web.Request, handler) -> web.StreamResponse:
-    """Name the request: its log lines carry the id, and so do its answer's header and error body."""
-    request[REQUEST_ID] = request_id = request_id_of(request)
-    with logs.context(request_id=request_id):
-        response = await handler(request)
-    response.headers[REQUEST_ID_HEADER] = request_id
-    return response
-
-
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Turn every failure into the contract's error body; a stack trace never leaves the process."""
-    request_id = request.get(REQUEST_ID)
     try:
         async with asyncio.timeout(REQUEST_TIMEOUT):
             return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers, request_id=request_id)
+        return error_response(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
     except IdempotencyConflict as exc:
-        return error_response(409, exc.code, exc.message, exc.field, request_id=request_id)
+        return error_response(request, 409, exc.code, exc.message, exc.field)
     except RefundRefused as exc:
-        return error_response(422, exc.code, exc.message, exc.field, request_id=request_id)
+        return error_response(request, 422, exc.code, exc.message, exc.field)
     except ValidationError as exc:  # input validated without refunds.requests.validated: still the caller's fault
         log.warning("%s %s: validation outside refunds.requests.validated (%s)", request.method, request.path, exc.title)
         first = exc.errors(include_url=False)[0]
         field = str(first["loc"][0]) if first["loc"] else None
-        return error_response(422, "invalid_request", first["msg"], field, request_id=request_id)
+        return error_response(request, 422, "invalid_request", first["msg"], field)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         message = exc.reason if exc.status != 413 else f"the request body is over {MAX_BODY} bytes"
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, HTTP_CODES.get(exc.status, "error"), message, headers=allow,
-                              request_id=request_id)
+        return error_response(request, exc.status, HTTP_CODES.get(exc.status, "error"), message, headers=allow)
     except OUTAGE_ERRORS as exc:
         log.warning("%s %s: database unavailable (%s)", request.method, request.path, describe(exc))
-        return error_response(503, "unavailable", "the refund store is unavailable; retry later",
-                              headers={"Retry-After": "1"}, request_id=request_id)
+        return error_response(request, 503, "unavailable", "the refund store is unavailable; retry later",
+                              headers={"Retry-After": "1"})
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(500, "internal_error", "internal error; the request may be retried",
-                              request_id=request_id)
+        return error_response(request, 500, "internal_error", "internal error; the request may be retried")
 
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="refunds"'}

@@ -159,7 +159,8 @@ async def test_other_paths_and_methods_are_404(client):
 async def test_unknown_merchant_is_404_revealing_nothing(client, db, merchant, merchant_id):
     response = await post(client, merchant_id, cip_paid(), merchant.secret_key)
     assert response.status == 404
-    assert await response.json() == {"error": "not found"}
+    error = (await response.json())["error"]
+    assert (error["code"], error["request_id"]) == ("not_found", response.headers["X-Request-Id"])
 
 
 async def test_body_over_64_kib_is_413(client, db, merchant):
@@ -1051,7 +1052,7 @@ async def test_a_refund_outcome_postgres_refuses_is_400_among_concurrent_ones(cl
     payloads[3]["data"]["reason"] = "nul\u0000"
     responses = await asyncio.gather(*(post(client, "m1", p, merchant.secret_key) for p in payloads))
     assert [r.status for r in responses] == [200, 200, 200, 400, 200, 200]
-    assert (await responses[3].json())["error"] == "malformed"
+    assert (await responses[3].json())["error"]["code"] == "malformed"
     assert sorted(row["operation_number"] for row in await notification_rows(db)) == [
         f"op-{i}" for i in (0, 1, 2, 4, 5)]
     assert (await find_by_external_ref(db, "m1", "R-3")).state == "submitted"
