@@ -4,6 +4,7 @@ A short `refundctl demo --keep-running` runs every service as in the Procfile; a
 Prometheus (its own config, generated with the demo's ports, and deploy/prometheus/alerts.yml)
 scrapes them every second. Then every query of every Grafana panel and the signal of every
 alert must return a series: a typo in a metric or label name fails here, not on a wall screen.
+Then every service is stopped in turn, and its target-down and absent-job alerts go pending.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -81,16 +83,22 @@ class Demo:
 
 
 class Prometheus:
-    """A throwaway Prometheus on a free port, scraping the given targets every second."""
+    """A throwaway Prometheus on a free port, scraping the given targets every second.
+
+    The targets come from files (file-based service discovery), so a test can make a job vanish
+    as Kubernetes discovery does when its pods are gone (``forget``)."""
 
     def __init__(self, binary: str, work: Path, targets: dict[str, str]):
         work.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / "deploy" / "prometheus" / "alerts.yml", work / "alerts.yml")
+        for name, address in targets.items():
+            (work / f"{name}.json").write_text(json.dumps([{"targets": [address]}]))
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
             "rule_files": ["alerts.yml"],
-            "scrape_configs": [{"job_name": JOBS[name], "static_configs": [{"targets": [address]}]}
-                               for name, address in targets.items()],
+            "scrape_configs": [{"job_name": JOBS[name],
+                                "file_sd_configs": [{"files": [str(work / f"{name}.json")], "refresh_interval": "1s"}]}
+                               for name in targets],
         }
         (work / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.url = f"http://127.0.0.1:{free_port()}"
@@ -112,6 +120,15 @@ class Prometheus:
             except OSError:
                 time.sleep(0.2)
         pytest.fail("prometheus not ready in 30s")
+
+    def forget(self, name: str) -> None:
+        """Service discovery no longer finds any target of this service."""
+        (self.work / f"{name}.json").write_text("[]")
+
+    def alert_states(self, alert: str) -> dict[str, str]:
+        """job -> state (pending, firing) of an alert's active instances."""
+        alerts = self.api("alerts")["data"]["alerts"]
+        return {a["labels"].get("job", ""): a["state"] for a in alerts if a["labels"]["alertname"] == alert}
 
     def api(self, path: str, **params) -> dict:
         url = f"{self.url}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
@@ -211,6 +228,7 @@ def live(database_url, redis_url, tmp_path_factory):
         accepted = int(demo.wait_for(r"accepted\s*│\s*(\d+)", 5)[1])
         prometheus.wait_for('sum(refunds_completed_total{status="succeeded"})', accepted, demo)
         time.sleep(3)  # a few more scrapes so that every rate() window holds the run's last samples
+        prometheus.demo, prometheus.targets = demo, targets  # for the test that stops the services
         yield prometheus, accepted
     finally:
         if prometheus is not None:
@@ -351,3 +369,55 @@ async def test_refund_show_prints_the_whole_event_history(live, database_url):
     assert len(rows) == len(stored), human.stdout
     for row, event in zip(rows, stored):
         assert event["to_state"] in row and event["actor"] in row
+
+
+SERVICE_COMMANDS = {"intake": "producers.http", "receiver": "receiver", "worker": "dramatiq",
+                    "scheduler": "workers.scheduler"}
+
+
+def _service_pid(demo: Demo, name: str) -> int:
+    """The pid of one of the demo's services (its child, leading its own process group)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[1]) == demo.process.pid and SERVICE_COMMANDS[name].encode() in argv:
+            return int(entry.name)
+    pytest.fail(f"no {name} process under the demo\n{demo.output()}")
+
+
+async def test_each_service_stopped_then_gone_raises_its_alerts(live):
+    """Last in this module: it stops the demo's services (once one has exited, the demo stops the
+    rest). Each service in turn: stopped, its target is down (RefundTargetDown pending); gone from
+    service discovery, its job is absent (RefundJobAbsent pending), which no up == 0 series tells."""
+    from workers import heartbeat
+
+    prometheus, _ = live
+    demo, targets = prometheus.demo, prometheus.targets
+    # the worker processes' event loops beat (the liveness probe's signal) while /metrics answers
+    port = targets["worker"].rsplit(":", 1)[1]
+    assert heartbeat.stale(Path(tempfile.gettempdir()) / f"refunds-heartbeat-worker-{port}", max_age=30) == []
+
+    def wait_pending(alert: str, job: str) -> None:
+        deadline = time.monotonic() + 30
+        while prometheus.alert_states(alert).get(job) != "pending":
+            if time.monotonic() > deadline:
+                pytest.fail(f"{alert} for {job}: {prometheus.alert_states(alert)}")
+            time.sleep(0.3)
+
+    pids = {name: _service_pid(demo, name) for name in SERVICE_COMMANDS}
+    for name in ("scheduler", "worker", "receiver", "intake"):
+        job = JOBS[name]
+        try:
+            os.killpg(pids[name], signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # the demo stops the others once one of its services has exited
+        wait_pending("RefundTargetDown", job)
+        assert job not in prometheus.alert_states("RefundJobAbsent")  # still discovered: only down
+        prometheus.forget(name)
+        wait_pending("RefundJobAbsent", job)
+
