@@ -453,8 +453,14 @@ KNOWN_KINDS = {
     ("v1", "ConfigMap"), ("v1", "Secret"), ("v1", "Service"), ("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"),
     ("batch/v1", "Job"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"), ("policy/v1", "PodDisruptionBudget"),
+    ("networking.k8s.io/v1", "NetworkPolicy"),
     ("kustomize.config.k8s.io/v1beta1", "Kustomization"),
+    # optional components (deploy/kubernetes/keda, deploy/kubernetes/monitoring): their CRDs' kinds
+    ("kustomize.config.k8s.io/v1alpha1", "Component"), ("keda.sh/v1alpha1", "ScaledObject"),
+    ("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
+KUSTOMIZE_KINDS = {"Kustomization", "Component"}
+CRD_KINDS = {"ScaledObject", "PodMonitor", "PrometheusRule"}  # not in the Kubernetes schemas: checked below
 
 
 @functools.cache
@@ -502,7 +508,7 @@ def test_k8s_documents_parse_with_known_kinds_and_no_namespace():
     for path, doc in docs:
         kind = (doc.get("apiVersion"), doc.get("kind"))
         assert kind in KNOWN_KINDS, f"{path}: unknown {kind}"
-        if doc["kind"] != "Kustomization":
+        if doc["kind"] not in KUSTOMIZE_KINDS:
             assert doc["metadata"]["name"], path
             assert "namespace" not in doc["metadata"], f"{path}: the manifests are namespace-agnostic"
 
@@ -511,13 +517,14 @@ def test_k8s_kustomizations_list_every_manifest():
     listed = set()
     images = []
     for path, doc in k8s_documents():
-        if doc["kind"] == "Kustomization":
+        if doc["kind"] in KUSTOMIZE_KINDS:
             assert "namespace" not in doc
             for resource in doc["resources"]:
                 assert (path.parent / resource).is_file(), f"{path}: {resource} missing"
                 listed.add((path.parent / resource).resolve())
-            images.append(doc["images"])
-    manifests = {path.resolve() for path, doc in k8s_documents() if doc["kind"] != "Kustomization"}
+            if doc["kind"] == "Kustomization":
+                images.append(doc["images"])
+    manifests = {path.resolve() for path, doc in k8s_documents() if doc["kind"] not in KUSTOMIZE_KINDS}
     assert manifests - listed == {(K8S_DIR / "secret.example.yaml").resolve()}, "only the Secret template stays out"
     assert len(images) == 2 and images[0] == images[1], "both kustomizations deploy the same image"
     containers = [c for d in k8s_workloads() + k8s_objects("Job") for c in _pod_spec(d)["containers"]]
@@ -700,10 +707,96 @@ def test_k8s_kustomize_builds():
 
 def test_k8s_manifests_match_the_kubernetes_schemas():
     command = [sys.executable, "-m", "kubernetes_validate"]  # kubernetes-validate: the test extra
-    files = [str(p) for p, doc in k8s_documents() if doc["kind"] != "Kustomization"]
+    files = [str(p) for p, doc in k8s_documents() if doc["kind"] not in KUSTOMIZE_KINDS | CRD_KINDS]
     run = subprocess.run([*command, "--strict", "--quiet", *sorted(set(files))], capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0 and "ERROR" not in run.stdout + run.stderr, run.stdout + run.stderr
+
+
+def test_k8s_prometheus_rule_is_generated_from_the_alert_rules():
+    """The Operator's PrometheusRule is deploy/prometheus/alerts.yml, as its generator prints it now."""
+    (rule,) = k8s_objects("PrometheusRule")
+    alerts = yaml.safe_load((DEPLOY / "prometheus" / "alerts.yml").read_text())["groups"]
+    assert rule["spec"]["groups"] == alerts
+    run = subprocess.run([sys.executable, str(DEPLOY / "prometheus" / "prometheusrule.py")],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == (K8S_DIR / "monitoring" / "prometheusrule.yaml").read_text(), \
+        "run: python deploy/prometheus/prometheusrule.py > deploy/kubernetes/monitoring/prometheusrule.yaml"
+
+
+def test_k8s_podmonitor_scrapes_every_service_under_its_job_name():
+    (monitor,) = k8s_objects("PodMonitor")
+    selector = monitor["spec"]["selector"]
+    (components,) = [e["values"] for e in selector["matchExpressions"] if e["key"] == "app.kubernetes.io/component"]
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (relabel,) = endpoint["relabelings"]
+    assert relabel["targetLabel"] == "job" and relabel["replacement"] == "refunds-$1"
+    for workload in k8s_workloads():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        kind = _kind_of_deployment(workload)
+        assert selector["matchLabels"].items() <= labels.items() and labels["app.kubernetes.io/component"] in components
+        assert f"refunds-{labels['app.kubernetes.io/component']}" == f"refunds-{kind}"
+        assert _container_ports(workload)[endpoint["port"]] == METRICS_PORTS[kind], kind
+
+
+def test_k8s_keda_scales_the_worker_on_its_backlog_in_place_of_the_cpu_hpa():
+    from refunds.delivery import QUEUE
+
+    (scaled,) = k8s_objects("ScaledObject")
+    (hpa,) = k8s_objects("HorizontalPodAutoscaler")
+    target = scaled["spec"]["scaleTargetRef"]
+    assert target == hpa["spec"]["scaleTargetRef"]
+    assert (scaled["spec"]["minReplicaCount"], scaled["spec"]["maxReplicaCount"]) == \
+        (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"])
+    triggers = {trigger["type"]: trigger["metadata"] for trigger in scaled["spec"]["triggers"]}
+    assert set(triggers) == {"redis", "prometheus", "cpu"}
+    (configmap,) = k8s_objects("ConfigMap")
+    redis_url = configmap["data"]["REDIS_URL"]
+    assert triggers["redis"]["listName"] == f"dramatiq:{QUEUE}"  # dramatiq's ready queue
+    assert f"//{triggers['redis']['address']}/{triggers['redis']['databaseIndex']}" in redis_url
+    assert "refund_outbox_oldest_seconds" in triggers["prometheus"]["query"]
+    (component,) = [doc for path, doc in k8s_documents() if doc["kind"] == "Component" and path.parent.name == "keda"]
+    (patch,) = [yaml.safe_load(p["patch"]) for p in component["patches"]]
+    assert patch["$patch"] == "delete" and (patch["kind"], patch["metadata"]["name"]) == \
+        ("HorizontalPodAutoscaler", hpa["metadata"]["name"]), "two autoscalers on one Deployment fight"
+
+
+def test_k8s_kustomize_builds_with_the_optional_components(tmp_path):
+    """An overlay that turns both components on: KEDA's ScaledObject replaces the CPU HPA."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not on PATH")
+    base = os.path.relpath(K8S_DIR, tmp_path)  # kustomize takes relative paths only
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": [base],
+        "components": [f"{base}/keda", f"{base}/monitoring"]}))
+    run = subprocess.run([kubectl, "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    if run.returncode != 0 and "unknown command" in run.stderr:
+        pytest.skip(f"this kubectl has no kustomize: {run.stderr.strip()[:200]}")
+    assert run.returncode == 0, run.stderr
+    kinds = [doc["kind"] for doc in yaml.safe_load_all(run.stdout) if doc]
+    assert "HorizontalPodAutoscaler" not in kinds
+    assert {"ScaledObject", "PodMonitor", "PrometheusRule", "NetworkPolicy"} <= set(kinds)
+
+
+def test_k8s_each_service_admits_only_its_own_ports():
+    policies = k8s_objects("NetworkPolicy")
+    covered = set()
+    for policy in policies:
+        workload = _deployment_selected(policy["spec"]["podSelector"]["matchLabels"])
+        kind = _kind_of_deployment(workload)
+        covered.add(kind)
+        assert policy["spec"]["policyTypes"] == ["Ingress"], kind
+        ports = [port["port"] for rule in policy["spec"]["ingress"] for port in rule["ports"]]
+        declared = _container_ports(workload)
+        assert all(port in declared for port in ports), f"{kind}: {ports}"
+        assert "metrics" in ports, kind
+        if kind in ("intake", "receiver"):
+            assert "http" in ports, kind
+        else:
+            assert ports == ["metrics"], f"{kind}: nothing but Prometheus calls it"
+    assert covered == SERVICE_KINDS and len(policies) == len(SERVICE_KINDS)
 
 
 # --- systemd ---------------------------------------------------------------------------------------
