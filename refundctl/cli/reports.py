@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import sys
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
@@ -63,35 +64,112 @@ def cmd_report_refunds(args) -> int:
 
 def cmd_reconcile(args) -> int:
     import aiohttp
+    import redis.asyncio as aioredis
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from pagoefectivo.client import PagoEfectivoClient
     from pagoefectivo.errors import GatewayError
 
-    from ..reconcile import reconcile
+    from refunds.ratelimit import RateLimiter
+
+    from ..reconcile import against_ledger, check_refunds, refunds_to_check
 
     start, stop = _bounds(args)
     config, sealer = settings(), vault()
-    found = []
+    state = _ResumeFile(args.resume, start, stop) if args.resume else None
+    found = [d for checked in (state.checked.values() if state else ()) for d in checked.found]
+    console = Console(stderr=True)
+    counts = {"total": 0, "checked": 0}
 
     async def run(conn):
         ledger = await _load_ledger(args.ledger) if args.ledger else None
-        async with aiohttp.ClientSession() as session:
-            client = PagoEfectivoClient(session, base_url=config.base_url, env=config.pagoefectivo_env)
-            async for disagreement in reconcile(conn, client, sealer, start, stop, ledger=ledger):
-                found.append(disagreement)
+        rows = await refunds_to_check(conn, start, stop)
+        todo = [r for r in rows if state is None or (r["merchant_id"], r["external_ref"]) not in state.checked]
+        counts.update(total=len(rows), checked=len(rows) - len(todo))
+        redis_client = aioredis.from_url(config.require("redis_url"))
+        with Progress(TextColumn("reconciling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      console=console, disable=args.json or not console.is_terminal) as progress:
+            task = progress.add_task("reconcile", total=len(rows), completed=counts["checked"])
+
+            def on_checked(checked) -> None:
+                found.extend(checked.found)
+                counts["checked"] += 1
+                progress.advance(task)
+                if state is not None:
+                    state.add(checked)
+
+            try:
+                async with aiohttp.ClientSession() as session:
+                    client = PagoEfectivoClient(session, base_url=config.base_url, env=config.pagoefectivo_env)
+                    await check_refunds(conn, client, sealer, RateLimiter(redis_client), todo, on_checked)
+            finally:
+                await redis_client.aclose()
+        if ledger is not None:
+            found.extend([d async for d in against_ledger(conn, ledger, start, stop)])
 
     try:
         asyncio.run(with_conn(run))
     except (aiohttp.ClientError, GatewayError) as exc:  # a dependency away (exit 3), not a finding (exit 1)
-        raise Unavailable(f"gateway unavailable: {exc or type(exc).__name__}") from None
+        where = f"; {counts['checked']} of {counts['total']} refunds checked"
+        where += f", run again with --resume {args.resume} to go on" if args.resume else ""
+        raise Unavailable(f"gateway unavailable: {exc or type(exc).__name__}{where}") from None
+    finally:
+        if state is not None:
+            state.close()
     if args.json:
         print(json.dumps([d.to_json() for d in found], indent=2))
     elif found:
         table("disagreements", ["kind", "merchant", "external ref", "ours", "gateway"],
               [[d.kind, d.merchant_id, d.external_ref, d.ours, d.theirs] for d in found])
     else:
-        print("books agree: no disagreement")
+        print(f"books agree: no disagreement ({counts['total']} refunds asked about)")
     return 1 if found else 0
+
+
+class _ResumeFile:
+    """``--resume FILE``: the refunds already checked, one JSON line each, written as they are, so
+    that a run stopped (Ctrl-C, the gateway away) goes on where it stopped. Its first line names
+    the period; a file of another period is refused rather than mixed in."""
+
+    def __init__(self, path: str, start: datetime, stop: datetime):
+        from ..reconcile import Checked, Disagreement
+
+        self.period = {"from": start.isoformat(), "to": stop.isoformat()}
+        self.checked: dict[tuple[str, str], Checked] = {}
+        try:
+            raw = Path(path).read_bytes()
+        except FileNotFoundError:
+            raw = b""
+        except OSError as exc:
+            raise Usage(f"--resume {path}: {exc.strerror}") from None
+        whole = raw[:raw.rfind(b"\n") + 1]  # without the line being written when the run stopped
+        try:
+            entries = [json.loads(line) for line in whole.decode().splitlines()]
+            if entries and entries[0] != {"period": self.period}:
+                raise Usage(f"--resume {path} is of another period ({entries[0].get('period')}); "
+                            "give another file or the same --from/--to")
+            for entry in entries[1:]:
+                key = (entry["merchant_id"], entry["external_ref"])
+                self.checked[key] = Checked(*key, tuple(Disagreement(**d) for d in entry["found"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise Usage(f"--resume {path} is not a reconcile state file: {exc}") from None
+        if len(whole) < len(raw):
+            os.truncate(path, len(whole))
+        self._file = open(path, "a", encoding="utf-8")
+        if not entries:
+            self._write({"period": self.period})
+
+    def add(self, checked) -> None:
+        self._write({"merchant_id": checked.merchant_id, "external_ref": checked.external_ref,
+                     "found": [d.to_json() for d in checked.found]})
+
+    def _write(self, entry: dict) -> None:
+        self._file.write(json.dumps(entry) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
 
 
 async def _load_ledger(source: str) -> list[dict]:
@@ -124,5 +202,7 @@ def register(sub) -> None:
     rec.add_argument("--from", dest="date_from", required=True)
     rec.add_argument("--to", dest="date_to", required=True)
     rec.add_argument("--ledger", help="the gateway's ledger: a JSON file or URL of executed refunds")
+    rec.add_argument("--resume", metavar="FILE",
+                     help="keep the refunds checked in FILE as it goes; a run stopped goes on from it")
     with_json(rec)
     rec.set_defaults(func=cmd_reconcile)

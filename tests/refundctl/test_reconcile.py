@@ -1,0 +1,127 @@
+"""refundctl reconcile against the real sandbox gateway, with its faults on: each merchant's lookups
+within its rate limit, transient errors retried, a stopped run resumed, and its exit statuses."""
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+
+import aiohttp
+import pytest_asyncio
+
+from pagoefectivo import protocol
+from refundctl.reconcile import check_refunds, refunds_to_check
+from tests.refunds.test_reports import PERIOD, refundctl
+from tests.stack import chaos, start_stack
+from tests.workers.test_worker import accepted_refund, settle_all
+
+LIMITS = {"m1": 5, "m2": 3}
+PER_MERCHANT = 12
+
+
+def recorder(seen: list) -> aiohttp.TraceConfig:
+    """Every request the gateway client sends: (monotonic time, method, path, merchant) and answers' statuses."""
+    trace = aiohttp.TraceConfig()
+
+    async def start(session, context, params):
+        seen.append((time.monotonic(), params.method, params.url.path, params.headers.get(protocol.MERCHANT_HEADER)))
+
+    async def end(session, context, params):
+        seen.append(("status", params.response.status))
+
+    trace.on_request_start.append(start)
+    trace.on_request_end.append(end)
+    return trace
+
+
+@pytest_asyncio.fixture
+async def settled(db, make_merchant, database_url, redis_url, vault, monkeypatch):
+    """Refunds of two merchants that went through the sandbox and succeeded; then the merchants'
+    rate limits lowered to LIMITS, for reconcile to keep to."""
+    seen: list = []
+    for merchant in LIMITS:
+        await make_merchant(merchant)
+    async with start_stack(database_url, redis_url, vault, monkeypatch, trace_configs=[recorder(seen)]) as stack:
+        await chaos(stack.http, stack.sandbox_url, sync_status_mix={"success": 1})
+        ids = [(await accepted_refund(stack, db, external_ref=f"{m}-{i}", amount="1.00", merchant=m)).refund_id
+               for m in LIMITS for i in range(PER_MERCHANT)]
+        await settle_all(stack.res, db, ids)
+        assert await db.fetchval("SELECT count(*) FROM refunds WHERE state = 'succeeded'") == len(ids)
+        for merchant, limit in LIMITS.items():
+            await db.execute("UPDATE merchants SET rate_limit = $2 WHERE merchant_id = $1", merchant, limit)
+        seen.clear()
+        yield stack, seen
+
+
+async def test_lookups_keep_to_each_merchants_rate_limit_and_transient_errors_are_retried(db, settled):
+    stack, seen = settled
+    await chaos(stack.http, stack.sandbox_url, error_rate=0.2)
+    checked = []
+    now = datetime.now(timezone.utc)
+    rows = await refunds_to_check(db, now - timedelta(hours=1), now + timedelta(hours=1))
+    await check_refunds(db, stack.res.client, stack.res.vault, stack.res.limiter, rows, checked.append)
+
+    assert sorted(c.external_ref for c in checked) == sorted(r["external_ref"] for r in rows)
+    assert len(rows) == len(LIMITS) * PER_MERCHANT and all(c.found == () for c in checked)
+    statuses = [s for kind, s in (e for e in seen if e[0] == "status")]
+    assert 500 in statuses and 429 not in statuses  # faults met, and retried: every refund answered
+    lookups = defaultdict(list)
+    for when, method, path, merchant in (e for e in seen if e[0] != "status"):
+        if method == "GET" and path.startswith(protocol.REFUNDS_PATH):
+            lookups[merchant].append(when)
+    for merchant, limit in LIMITS.items():
+        times = sorted(lookups[merchant])
+        assert len(times) >= PER_MERCHANT
+        busiest = max(sum(1 for t in times if first <= t < first + 1.0) for first in times)
+        assert busiest <= limit, (merchant, busiest)
+
+
+async def test_a_stopped_run_resumes_where_it_stopped_and_exit_statuses_tell_findings_from_failure(
+        db, settled, tmp_path, unused_tcp_port):
+    stack, _ = settled
+    state = tmp_path / "reconcile.state"
+    env = {"PAGOEFECTIVO_BASE_URL": stack.sandbox_url}
+    args = ["-m", "refundctl", "reconcile", *PERIOD, "--json", "--resume", str(state)]
+
+    # Ctrl-C once a few refunds are checked
+    process = await asyncio.create_subprocess_exec(sys.executable, *args, env={**os.environ, **env},
+                                                   stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    while not state.exists() or len(state.read_text().splitlines()) < 1 + 5:
+        assert process.returncode is None
+        await asyncio.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, err = await process.communicate()
+    assert process.returncode == 130, err
+    done = [json.loads(line)["external_ref"] for line in state.read_text().splitlines()[1:]]
+    assert 5 <= len(done) < len(LIMITS) * PER_MERCHANT
+
+    # our books changed for one refund already checked and one not yet: only the second is asked about
+    todo = next(f"{m}-{i}" for m in LIMITS for i in range(PER_MERCHANT) if f"{m}-{i}" not in done)
+    await db.execute("UPDATE refunds SET state = 'failed' WHERE external_ref = ANY($1::text[])", [done[0], todo])
+
+    code, out, err = await refundctl(*args[2:], PAGOEFECTIVO_BASE_URL=f"http://127.0.0.1:{unused_tcp_port}")
+    assert code == 3 and err.startswith("refundctl: gateway unavailable") and f"--resume {state}" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+    await chaos(stack.http, stack.sandbox_url, error_rate=0.2)  # retried
+    code, out, err = await refundctl(*args[2:], **env)
+    assert (code, err) == (1, "")  # a finding; no progress bar when stderr is not a terminal
+    assert [(d["kind"], d["external_ref"], d["ours"], d["theirs"]) for d in json.loads(out)] == [
+        ("state", todo, "failed", "success")]
+    lines = state.read_text().splitlines()
+    assert sorted(json.loads(line)["external_ref"] for line in lines[1:]) == sorted(
+        f"{m}-{i}" for m in LIMITS for i in range(PER_MERCHANT))
+
+    # all checked: the findings come from the file, the gateway is not asked
+    code, out, err = await refundctl(*args[2:], PAGOEFECTIVO_BASE_URL=f"http://127.0.0.1:{unused_tcp_port}")
+    assert code == 1 and [d["external_ref"] for d in json.loads(out)] == [todo], err
+    code, _, err = await refundctl("reconcile", "--from", "2020-01-01", "--to", "2020-01-02", "--resume", str(state))
+    assert code == 2 and "another period" in err
+
+    await db.execute("UPDATE refunds SET state = 'succeeded'")
+    code, out, err = await refundctl("reconcile", *PERIOD, "--resume", str(tmp_path / "fresh.state"), **env)
+    assert code == 0 and "books agree" in out, err
