@@ -56,6 +56,8 @@ from .settings import get_settings
 QUEUE = "refunds"
 SEND_REFUND = "send_refund"
 SEND_REFUNDS = "send_refunds"  # several refunds handed over together (see the courier)
+WEBHOOKS_QUEUE = "webhooks"  # its own queue: webhook deliveries never wait behind a refund backlog
+DELIVER_WEBHOOK = "deliver_webhook"
 MAX_BATCH = 256  # refunds per pipelined write
 CONNECT_TIMEOUT, SOCKET_TIMEOUT = 2, 5
 REDIS_AWAY = (redis.ConnectionError, redis.TimeoutError, OSError, TimeoutError)
@@ -96,6 +98,21 @@ def deliver(refund_id: UUID | str, *, delay_ms: int | None = None) -> bool:
     except Exception as exc:  # the outbox sweep will deliver it later
         log.warning("delivery of refund %s postponed: %s", refund_id, type(exc).__name__)
         return False
+
+
+def deliver_webhooks(deliveries: list[tuple[str, UUID]]) -> int:
+    """Enqueue one deliver_webhook message per (event_id, endpoint_id); how many went (a delivery
+    whose message is lost goes again when its lease runs out: refunds.webhooks)."""
+    sent = 0
+    for event_id, endpoint_id in deliveries:
+        try:
+            producer_broker().enqueue(Message(queue_name=WEBHOOKS_QUEUE, actor_name=DELIVER_WEBHOOK,
+                                              args=(event_id, str(endpoint_id)), kwargs={}, options={}))
+        except Exception as exc:
+            log.warning("webhook deliveries postponed: %s", type(exc).__name__)
+            break
+        sent += 1
+    return sent
 
 
 def deliver_many(refund_ids: list[UUID | str]) -> list[bool]:

@@ -150,3 +150,104 @@ DROP TRIGGER IF EXISTS refunds_freeze_terms ON refunds;
 CREATE TRIGGER refunds_freeze_terms
     BEFORE UPDATE ON refunds
     FOR EACH ROW EXECUTE FUNCTION refunds_freeze_terms();
+
+-- Webhooks to calling services (docs/WEBHOOKS.md). An endpoint receives the events of its
+-- merchants it subscribed to; its signing secret is sealed by the vault, like every secret.
+CREATE TABLE IF NOT EXISTS webhook_endpoints (
+    endpoint_id                  uuid PRIMARY KEY,
+    name                         text NOT NULL,
+    url                          text NOT NULL CHECK (url ~ '^https?://'),
+    merchants                    text[] NOT NULL CHECK (cardinality(merchants) > 0),
+    event_types                  text[] NOT NULL CHECK (cardinality(event_types) > 0),
+    secret_sealed                bytea NOT NULL,
+    previous_secret_sealed       bytea,
+    previous_secret_valid_until  timestamptz,
+    disabled_at                  timestamptz,
+    created_at                   timestamptz NOT NULL DEFAULT now()
+);
+
+-- The outbox: an event is written by the trigger below in the same transaction as the state
+-- move that causes it, so none is lost and none is invented by a move rolled back. Its data
+-- is the refund as the intake API shows it at that moment.
+CREATE TABLE IF NOT EXISTS webhook_events (
+    event_id     text PRIMARY KEY,
+    refund_id    uuid NOT NULL REFERENCES refunds (refund_id) ON DELETE CASCADE,
+    merchant_id  text NOT NULL,
+    event_type   text NOT NULL,
+    data         jsonb NOT NULL,
+    occurred_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS webhook_events_occurred_idx ON webhook_events (occurred_at);
+
+-- One row per (event, endpoint): delivered once a 2xx came back, retried until then, failed
+-- after the retry horizon. A 'sending' row's lease lets a delivery lost with a worker go again.
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    event_id         text NOT NULL REFERENCES webhook_events (event_id) ON DELETE CASCADE,
+    endpoint_id      uuid NOT NULL REFERENCES webhook_endpoints (endpoint_id) ON DELETE CASCADE,
+    state            text NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'sending', 'delivered', 'failed')),
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    lease_until      timestamptz,
+    last_status      integer,
+    last_error       text,
+    delivered_at     timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (event_id, endpoint_id)
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at)
+    WHERE state IN ('pending', 'sending');
+
+-- Every attempt, for operators: its status (or error) and how long it took.
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    event_id     text NOT NULL,
+    endpoint_id  uuid NOT NULL,
+    attempt      integer NOT NULL,
+    status       integer,
+    error        text,
+    latency_ms   integer NOT NULL,
+    attempted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (event_id, endpoint_id, attempt),
+    FOREIGN KEY (event_id, endpoint_id) REFERENCES webhook_deliveries (event_id, endpoint_id) ON DELETE CASCADE
+);
+
+-- The audit row of a move is the outbox's source: a refund accepted, or reaching pending or a
+-- final state, becomes an event for every enabled endpoint subscribed to it (none: nothing written).
+CREATE OR REPLACE FUNCTION refund_events_to_webhooks() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    kind text := CASE WHEN NEW.from_state IS NULL THEN 'refund.accepted'
+                      WHEN NEW.to_state IN ('pending', 'succeeded', 'failed', 'rejected', 'manual_review')
+                      THEN 'refund.' || NEW.to_state END;
+    refund refunds%ROWTYPE;
+    new_event_id text;
+BEGIN
+    IF kind IS NULL THEN
+        RETURN NULL;
+    END IF;
+    SELECT * INTO refund FROM refunds WHERE refund_id = NEW.refund_id;
+    IF NOT EXISTS (SELECT 1 FROM webhook_endpoints WHERE disabled_at IS NULL
+                   AND refund.merchant_id = ANY (merchants) AND kind = ANY (event_types)) THEN
+        RETURN NULL;
+    END IF;
+    new_event_id := 'evt_' || replace(gen_random_uuid()::text, '-', '');
+    INSERT INTO webhook_events (event_id, refund_id, merchant_id, event_type, data, occurred_at)
+    VALUES (new_event_id, refund.refund_id, refund.merchant_id, kind, jsonb_build_object(
+        'refund_id', refund.refund_id, 'merchant_id', refund.merchant_id, 'external_ref', refund.external_ref,
+        'original_transaction_id', refund.original_transaction_id, 'amount', refund.amount::text,
+        'currency', refund.currency, 'reason', refund.reason, 'state', NEW.to_state,
+        'requested_by', refund.requested_by, 'attempts', refund.attempts,
+        'provider_refund_id', refund.provider_refund_id, 'provider_code', refund.provider_code,
+        'provider_message', refund.provider_message,
+        'created_at', to_char(refund.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+        'updated_at', to_char(refund.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+        'completed_at', to_char(refund.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')),
+        NEW.occurred_at);
+    INSERT INTO webhook_deliveries (event_id, endpoint_id)
+    SELECT new_event_id, endpoint_id FROM webhook_endpoints
+    WHERE disabled_at IS NULL AND refund.merchant_id = ANY (merchants) AND kind = ANY (event_types);
+    RETURN NULL;
+END $$;
+DROP TRIGGER IF EXISTS refund_events_to_webhooks ON refund_events;
+CREATE TRIGGER refund_events_to_webhooks
+    AFTER INSERT ON refund_events
+    FOR EACH ROW EXECUTE FUNCTION refund_events_to_webhooks();

@@ -75,6 +75,14 @@ class Settings(BaseSettings):
     # Procfile's 8 threads x 16; to hold a rate at a known gateway latency, rate x latency
     # ÷ processes, with threads x REFUND_PACK_SIZE above it so that it stays full.
     worker_in_flight: int = Field(default=128, ge=1, le=1024)
+    # Webhooks (docs/WEBHOOKS.md): networks an endpoint may be in although not public (CIDRs,
+    # comma-separated; empty: public addresses only), seconds an endpoint has to answer, and
+    # the deliveries in flight to one endpoint at once (a slow one never holds the others).
+    webhook_allowed_networks: str = ""
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    webhook_endpoint_concurrency: int = Field(default=4, ge=1, le=100)
+    # seconds a worker has to record a delivery it was handed; then it goes again (the worker died)
+    webhook_lease_seconds: float = Field(default=60.0, ge=5, le=3600)
     # Scheduler: a refund not picked up this long after its hand-off is handed over again.
     refund_outbox_grace_seconds: float = Field(default=30, gt=0)
     # Scheduler: seconds between passes (outbox sweep, status polls, gauges); its /metrics (0: off).
@@ -101,6 +109,19 @@ class Settings(BaseSettings):
     @classmethod
     def _host(cls, value: str) -> str:
         return value.strip() or "0.0.0.0"
+
+    @field_validator("webhook_allowed_networks")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        import ipaddress
+
+        for part in value.split(","):
+            if part.strip():
+                try:
+                    ipaddress.ip_network(part.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(f"{part.strip()!r} is not a network such as 10.0.0.0/8") from None
+        return value
 
     def require(self, name: str):
         """Return a setting that this process cannot run without."""

@@ -24,7 +24,7 @@ from pagoefectivo.protocol import public_key_pem
 
 SERVICES = pytest.StashKey()
 DATABASE_URL = pytest.StashKey()
-TABLES = "notifications, refund_events, refunds, payments, api_tokens, merchants"
+TABLES = "webhook_endpoints, notifications, refund_events, refunds, payments, api_tokens, merchants"
 
 
 def _with_database(url: str, name: str) -> str:

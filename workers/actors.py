@@ -6,11 +6,13 @@ from uuid import UUID
 
 import dramatiq
 
-from refunds.delivery import QUEUE, SEND_REFUND, SEND_REFUNDS
+from refunds.delivery import DELIVER_WEBHOOK, QUEUE, SEND_REFUND, SEND_REFUNDS, WEBHOOKS_QUEUE
+from refunds.webhooks import parse_networks
 
 from . import resources
 from .retries import ACTOR_RETRIES
 from .sender import process_refund, process_refunds
+from .webhooks import deliver
 
 # dramatiq retries a message whose actor raised (Postgres or Redis unreachable); a rate-limit
 # wait or a RetryLater re-queues a new message instead (the policy: workers.retries).
@@ -25,3 +27,12 @@ async def send_refund(refund_id: str, slot_ms: int | None = None) -> None:
 async def send_refunds(items: list[list]) -> None:
     """Refunds handed over together: ``[[refund_id, slot_ms or None], ...]``."""
     await process_refunds(resources.current(), [(UUID(refund_id), slot_ms) for refund_id, slot_ms in items])
+
+
+@dramatiq.actor(actor_name=DELIVER_WEBHOOK, queue_name=WEBHOOKS_QUEUE, time_limit=60_000, max_retries=3)
+async def deliver_webhook(event_id: str, endpoint_id: str) -> None:
+    """One webhook delivery the scheduler leased (refunds.webhooks); its retries are its own
+    schedule, not dramatiq's: a message that raises goes again when its lease runs out."""
+    res = resources.current()
+    await deliver(res.pool, res.webhook_session, res.vault, event_id, UUID(endpoint_id),
+                  allowed_networks=parse_networks(res.settings.webhook_allowed_networks))

@@ -30,6 +30,9 @@ from refunds.records import Refund, find_with_merchants
 from refunds.settings import Settings, get_settings
 from refunds.states import Move, claim_many, transition_many
 from refunds.vault import Vault, vault_from_settings
+from refunds.webhooks import parse_networks
+
+from .webhooks import webhook_session
 
 from . import heartbeat
 
@@ -54,6 +57,8 @@ class Resources:
     vault: Vault
     redis: aioredis.Redis
     limiter: RateLimiter
+    # webhooks: a guarded resolver, their own timeout (workers.webhooks); None where none are sent
+    webhook_session: aiohttp.ClientSession | None = None
     # merchant row -> its opened credentials (vault opened, RSA key parsed once). Keyed by the
     # whole row, sealed secrets included, so a rotation or any other change is a new entry.
     credentials: Callable[[Merchant], Credentials] = field(init=False)
@@ -95,9 +100,12 @@ class Resources:
                                                                       limit_per_host=settings.worker_in_flight))
         client = gateway_client(session, settings)
         redis_client = aioredis.from_url(settings.require("redis_url"))
-        return cls(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client))
+        hooks = webhook_session(parse_networks(settings.webhook_allowed_networks), settings.webhook_timeout_seconds)
+        return cls(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client), hooks)
 
     async def close(self) -> None:
+        if self.webhook_session is not None:
+            await self.webhook_session.close()
         await self.session.close()
         await self.redis.aclose()
         await self.pool.close()

@@ -15,8 +15,8 @@ from datetime import datetime
 
 import asyncpg
 
-from refunds import db, metrics, retention, service
-from refunds.delivery import QUEUE, deliver, producer_broker
+from refunds import db, metrics, retention, service, webhooks
+from refunds.delivery import QUEUE, deliver, deliver_webhooks, producer_broker
 from refunds.settings import get_settings
 from refunds.states import STATES
 
@@ -28,6 +28,7 @@ log = logging.getLogger("workers.scheduler")
 OUTBOX_GRACE_SECONDS = 30
 RETENTION_INTERVAL_SECONDS = 3600
 SWEEP_BATCH = 500
+WEBHOOK_BATCH = 500
 # A key the scheduler keeps in Redis: gone, Redis lost its data (FLUSHALL, a restart without
 # it), and with it every delivery; looked for every WATCH_SECONDS, between passes too.
 REDIS_MARK = "refunds:scheduler:mark"
@@ -75,6 +76,15 @@ async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_
     if rows:
         log.info("outbox sweep re-delivered %d of %d refunds", delivered, len(rows))
     return delivered
+
+
+async def dispatch_webhooks(pool: asyncpg.Pool, settings) -> int:
+    """Hand the webhook deliveries due now to the workers (refunds.webhooks leases them);
+    returns how many were handed over."""
+    async with pool.acquire() as conn:
+        due = await webhooks.due_deliveries(conn, per_endpoint=settings.webhook_endpoint_concurrency,
+                                            limit=WEBHOOK_BATCH, lease_seconds=settings.webhook_lease_seconds)
+    return await asyncio.to_thread(deliver_webhooks, due) if due else 0
 
 
 GAUGES = metrics.DatabaseGauges()
@@ -163,6 +173,7 @@ async def run(interval: float = 5.0) -> None:
                     await sweep_lost(pool)
                 marked = marked or absent is not None
                 await sweep_once(pool, grace_seconds=settings.refund_outbox_grace_seconds)
+                await dispatch_webhooks(pool, settings)
                 await update_gauges(pool)
                 if time.monotonic() >= next_purge:
                     await purge_expired(pool, settings)

@@ -13,9 +13,9 @@ import sys
 
 from refunds import service
 
-from . import admin, merchants, notifications, payments, refunds, reports, services, tokens
+from . import admin, merchants, notifications, payments, refunds, reports, services, tokens, webhooks
 
-GROUPS = (services, admin, merchants, tokens, payments, refunds, notifications, reports)
+GROUPS = (services, admin, merchants, tokens, payments, refunds, notifications, reports, webhooks)
 CLOSED_PIPE = 128 + 13  # killed by SIGPIPE, as the shell reports it for cat or grep
 
 

@@ -1,0 +1,102 @@
+"""Sending webhooks: one delivery per message, signed, with an SSRF guard and no redirects.
+
+The scheduler leases due deliveries (``refunds.webhooks.due_deliveries``) and hands each to
+this actor; a worker that dies mid-delivery leaves the lease to run out, and the delivery
+goes again (at least once: receivers deduplicate on ``webhook-id``). Only a 2xx counts as
+delivered; a redirect is an answer like any other non-2xx (never followed). A host is
+resolved here and its addresses checked against the guard, so that a name pointing at a
+loopback, link-local or private address (DNS rebinding too) is refused unless
+WEBHOOK_ALLOWED_NETWORKS allows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver
+from aiohttp.resolver import DefaultResolver
+
+from refunds import webhooks
+
+log = logging.getLogger(__name__)
+
+
+class DestinationRefused(OSError):
+    """The endpoint's address is one the SSRF guard refuses."""
+
+
+class GuardedResolver(AbstractResolver):
+    """The default resolver, keeping only the addresses the guard allows."""
+
+    def __init__(self, allowed_networks: tuple) -> None:
+        self._inner = DefaultResolver()
+        self._allowed = allowed_networks
+
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET):
+        found = await self._inner.resolve(host, port, family)
+        kept = [entry for entry in found if webhooks.destination_allowed(entry["host"], self._allowed)]
+        if not kept:
+            raise DestinationRefused(f"{host} resolves only to addresses webhooks may not reach")
+        return kept
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def webhook_session(allowed_networks: tuple, timeout: float) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(resolver=GuardedResolver(allowed_networks), limit=64, limit_per_host=16),
+        timeout=aiohttp.ClientTimeout(total=timeout), headers={"User-Agent": "pagoefectivo-refunds-webhooks"})
+
+
+async def deliver(pool, session: aiohttp.ClientSession, vault, event_id: str, endpoint_id, *,
+                  allowed_networks: tuple) -> str | None:
+    """Send one leased delivery and record the attempt; its new state, or None if it was not ours."""
+    async with pool.acquire() as conn:
+        delivery = await webhooks.outgoing(conn, event_id, endpoint_id)
+    if delivery is None:
+        return None
+    timestamp = int(time.time())
+    headers = {"Content-Type": "application/json", "webhook-id": event_id, "webhook-timestamp": str(timestamp),
+               "webhook-signature": webhooks.signature_header(delivery.endpoint.secrets(vault), event_id, timestamp,
+                                                              delivery.body)}
+    status, error = None, None
+    started = time.perf_counter()
+    try:
+        _refuse_literal_address(delivery.endpoint.url, allowed_networks)
+        async with session.post(delivery.endpoint.url, data=delivery.body, headers=headers,
+                                allow_redirects=False) as response:
+            status = response.status
+            await response.read()
+    except DestinationRefused as exc:
+        error = f"destination not allowed: {exc}"
+    except asyncio.TimeoutError:
+        error = "timed out"
+    except aiohttp.ClientError as exc:
+        refused = getattr(exc, "os_error", None) or exc.__cause__  # aiohttp wraps what the resolver raised
+        error = (f"destination not allowed: {refused}" if isinstance(refused, DestinationRefused)
+                 else f"{type(exc).__name__}: {exc}"[:500])
+    latency_ms = int((time.perf_counter() - started) * 1000)
+    async with pool.acquire() as conn:
+        state = await webhooks.record_attempt(conn, delivery, status=status, error=error, latency_ms=latency_ms)
+    if state != "delivered":
+        log.info("webhook %s to %s: %s (%s)", event_id, delivery.endpoint.name, state, error or f"HTTP {status}",
+                 extra={"endpoint_id": str(endpoint_id)})
+    return state
+
+
+def _refuse_literal_address(url: str, allowed_networks: tuple) -> None:
+    """A URL naming an address is not resolved, so it is checked here."""
+    host = urlsplit(url).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not webhooks.destination_allowed(address, allowed_networks):
+        raise DestinationRefused(f"{host} is an address webhooks may not reach")
