@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .common import dsn, emit, vault, with_conn, with_json
+from .common import Usage, dsn, emit, vault, with_conn, with_json
 
 
 def cmd_db_migrate(args) -> int:
@@ -12,6 +12,36 @@ def cmd_db_migrate(args) -> int:
 
     asyncio.run(db.migrate(dsn()))
     emit(args, {"schema": "applied"}, lambda: print("schema applied"))
+    return 0
+
+
+def cmd_db_create(args) -> int:
+    """Create the database DATABASE_URL names, on its server (through the server's ``postgres``
+    database), unless it exists: the first step on a fresh Postgres, without its client tools."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    import asyncpg
+
+    from refunds import db
+
+    parts = urlsplit(dsn())
+    name = unquote(parts.path.lstrip("/"))
+    if not name:
+        raise Usage("DATABASE_URL names no database (postgresql://user@host:5432/NAME)")
+
+    async def create() -> bool:
+        conn = await db.connect(urlunsplit(parts._replace(path="/postgres")))
+        try:
+            await conn.execute('CREATE DATABASE "%s"' % name.replace('"', '""'))
+        except asyncpg.DuplicateDatabaseError:
+            return False
+        finally:
+            await conn.close()
+        return True
+
+    created = asyncio.run(create())
+    emit(args, {"database": name, "created": created},
+         lambda: print(f"database {name} {'created' if created else 'exists already'}"))
     return 0
 
 
@@ -41,6 +71,8 @@ def cmd_keys_rotate_master(args) -> int:
 
 def register(sub) -> None:
     dbp = sub.add_parser("db").add_subparsers(dest="db_command", required=True)
+    with_json(dbp.add_parser("create", help="create the database DATABASE_URL names, unless it exists")).set_defaults(
+        func=cmd_db_create)
     with_json(dbp.add_parser("migrate", help="apply schema.sql (safe to run again)")).set_defaults(func=cmd_db_migrate)
 
     keys = sub.add_parser("keys").add_subparsers(dest="keys_command", required=True)

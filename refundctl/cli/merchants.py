@@ -53,6 +53,31 @@ def cmd_merchant_list(args) -> int:
 
 
 
+def cmd_merchant_keygen(args) -> int:
+    """A merchant's RSA key pair: the private key (signs its refund requests) stays in FILE, readable
+    by its owner alone, for ``merchant add --private-key-file``; the public key is printed, for
+    PagoEfectivo (or ``sandbox onboard``) to verify the signatures with."""
+    import os
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from pagoefectivo.protocol import public_key_pem
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=args.bits)
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never over an existing key
+    except FileExistsError:
+        raise Usage(f"{args.file} exists: a key is never overwritten; give another file") from None
+    with os.fdopen(fd, "wb") as out:
+        out.write(private_pem)
+    public_pem = public_key_pem(private_pem)
+    emit(args, {"private_key_file": args.file, "public_key_pem": public_pem}, lambda: print(public_pem, end=""))
+    return 0
+
+
 def cmd_merchant_rotate_secret(args) -> int:
     from datetime import timedelta
 
@@ -98,6 +123,11 @@ def register(sub) -> None:
     add.add_argument("--notify-url", default=None)
     add.set_defaults(func=cmd_merchant_add)
     with_page(merchant.add_parser("list", help="by merchant id")).set_defaults(func=cmd_merchant_list)
+    keygen = with_json(merchant.add_parser(
+        "keygen", help="make a merchant's RSA key pair: the private key into FILE (0600), the public key printed"))
+    keygen.add_argument("file", help="where the private key goes (PEM); it must not exist yet")
+    keygen.add_argument("--bits", type=int, choices=[2048, 3072, 4096], default=2048)
+    keygen.set_defaults(func=cmd_merchant_keygen)
     rotate = with_json(merchant.add_parser("rotate-secret", help="replace a merchant's secretKey, with an overlap"))
     rotate.add_argument("--id", required=True)
     rotate.add_argument("--secret-key-file", required=True)
