@@ -112,6 +112,7 @@ async def _status(client: PagoEfectivoClient, limiter: RateLimiter, merchant: Me
                   external_ref: str) -> RefundAnswer | None:
     async for attempt in lookup_retries():
         with attempt:
+            await client.token(creds)  # ready before the turn (cached 2 h): the turn counts the lookup alone
             await _turn(limiter, merchant)
             try:
                 return await client.refund_status(creds, external_ref)

@@ -125,3 +125,22 @@ async def test_a_stopped_run_resumes_where_it_stopped_and_exit_statuses_tell_fin
     await db.execute("UPDATE refunds SET state = 'succeeded'")
     code, out, err = await refundctl("reconcile", *PERIOD, "--resume", str(tmp_path / "fresh.state"), **env)
     assert code == 0 and "books agree" in out, err
+
+
+def test_a_line_half_written_when_a_run_stopped_is_dropped_and_the_rest_kept(tmp_path):
+    from refundctl.cli.reports import _ResumeFile
+
+    start, stop = datetime(2026, 11, 1, tzinfo=timezone.utc), datetime(2026, 12, 1, tzinfo=timezone.utc)
+    path = tmp_path / "nov.state"
+    state = _ResumeFile(str(path), start, stop)
+    state.close()
+    finding = {"kind": "state", "merchant_id": "m1", "external_ref": "R-2", "ours": "failed", "theirs": "success"}
+    last = json.dumps({"merchant_id": "m1", "external_ref": "R-2", "found": [finding]})
+    with path.open("a") as out:
+        out.write(json.dumps({"merchant_id": "m1", "external_ref": "R-1", "found": []}) + "\n" + last + "\n")
+        out.write('{"merchant_id": "m1", "externa')  # the run stopped here
+    state = _ResumeFile(str(path), start, stop)
+    state.close()
+    assert sorted(state.checked) == [("m1", "R-1"), ("m1", "R-2")]
+    assert [d.to_json() for d in state.checked[("m1", "R-2")].found] == [finding]
+    assert path.read_text().endswith("\n" + last + "\n")  # the half line gone, for the lines to come
