@@ -1,12 +1,17 @@
-"""A Python client generated from the served OpenAPI document (openapi-python-client) works against
-a live intake: create, replay, conflict, read, list and an error, every answer parsed into its
-model, unexpected statuses raised, and each model written out again equal to the body."""
+"""Clients generated from the served OpenAPI document work against a live intake: create, replay,
+conflict, read, list and errors. Python (openapi-python-client): every answer parsed into its model,
+unexpected statuses raised, each model written out again equal to the body. TypeScript under node
+(openapi-typescript types, openapi-fetch calls): tsc --strict checks every use against the
+document, and each answer has only the fields the document declares."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import importlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -34,12 +39,17 @@ async def intake(db, database_url, module_redis_url):
         await runner.cleanup()
 
 
+async def served_document(url: str, folder: Path) -> None:
+    async with aiohttp.ClientSession() as http, http.get(f"{url}/openapi.json") as response:
+        assert response.status == 200
+        (folder / "openapi.json").write_text(json.dumps(await response.json()))
+
+
 async def generated(url: str, folder: Path):
     """The client package generated from the document ``url`` serves, imported."""
     if not (BIN / "openapi-python-client").exists():
         pytest.fail("openapi-python-client is not installed: pip install -e '.[test]'", pytrace=False)
-    async with aiohttp.ClientSession() as http, http.get(f"{url}/openapi.json") as response:
-        (folder / "openapi.json").write_text(json.dumps(await response.json()))
+    await served_document(url, folder)
     done = subprocess.run(
         [str(BIN / "openapi-python-client"), "generate", "--path", "openapi.json", "--meta", "none",
          "--output-path", PACKAGE], cwd=folder, capture_output=True, text=True, timeout=120,
@@ -111,3 +121,122 @@ async def test_a_generated_python_client_reads_every_answer(db, make_merchant, i
     async with anonymous:
         denied = await api.get_refund.asyncio_detailed(refund_id, client=anonymous)
     assert denied.status_code == 401 and isinstance(denied.parsed, models.Error)
+
+
+# --- TypeScript under node ------------------------------------------------------------------------
+
+NODE_PACKAGES = {"openapi-typescript": "7.13.0", "openapi-fetch": "0.17.0", "typescript": "5.9.3",
+                 "@types/node": "20.19.25"}
+TSCONFIG = {"compilerOptions": {"target": "es2022", "module": "nodenext", "moduleResolution": "nodenext",
+                                "strict": True, "noUncheckedIndexedAccess": True, "skipLibCheck": True,
+                                "outDir": "out"}, "files": ["client.ts"]}
+TS_CLIENT = """\
+// Create, replay, conflict, read, list and errors through a client typed by the generated schema.d.ts.
+// tsc --strict checks each use against the document; at run time each answer's fields are exactly those
+// the document declares (the Record<keyof T, true> lists below fail to compile if they miss one).
+import assert from "node:assert/strict";
+import createClient from "openapi-fetch";
+import type { components, paths } from "./schema.js";
+
+type S = components["schemas"];
+const declared = {
+  Accepted: { refund_id: true, external_ref: true, state: true } satisfies Record<keyof S["Accepted"], true>,
+  Error: { error: true } satisfies Record<keyof S["Error"], true>,
+  ErrorDetail: { code: true, message: true, field: true, request_id: true } satisfies Record<keyof S["ErrorDetail"], true>,
+  RefundList: { refunds: true, next_cursor: true } satisfies Record<keyof S["RefundList"], true>,
+};
+function exactly(kind: keyof typeof declared, value: object): void {
+  for (const key of Object.keys(value)) assert.ok(key in declared[kind], `${kind}: ${key} is not in the document`);
+}
+
+const [baseUrl, token] = process.argv.slice(2);
+const client = createClient<paths>({ baseUrl, headers: { Authorization: `Bearer ${token}` } });
+const request = (changes: Partial<S["RefundRequest"]> = {}): S["RefundRequest"] => ({
+  merchant_id: "m1", original_transaction_id: "CIP-1", amount: "10.00", currency: "PEN", external_ref: "T-1",
+  reason: "damaged", ...changes,
+});
+
+const created = await client.POST("/v1/refunds", { body: request() });
+assert.equal(created.response.status, 202);
+const accepted: S["Accepted"] = created.data!;
+exactly("Accepted", accepted);
+
+const replay = await client.POST("/v1/refunds", { body: request() });
+assert.equal(replay.response.status, 200);
+assert.equal(replay.response.headers.get("Idempotent-Replayed"), "true");
+assert.deepEqual(replay.data, accepted);
+
+const conflict = await client.POST("/v1/refunds", { body: request({ amount: "20.00" }) });
+assert.equal(conflict.response.status, 409);
+exactly("Error", conflict.error!);
+exactly("ErrorDetail", conflict.error!.error);
+assert.equal(conflict.error!.error.request_id, conflict.response.headers.get("X-Request-Id"));
+
+const read = await client.GET("/v1/refunds/{refund_id}", { params: { path: { refund_id: accepted.refund_id } } });
+assert.equal(read.response.status, 200);
+const refund: S["RefundWithEvents"] = read.data!;
+const first: S["Event"] = refund.events[0]!;
+assert.equal(refund.refund_id, accepted.refund_id);
+assert.equal(first.from_state, null);
+
+await client.POST("/v1/refunds", { body: request({ external_ref: "T-2", amount: "1.00" }) });
+const page = await client.GET("/v1/refunds", { params: { query: { merchant_id: "m1", limit: 1 } } });
+assert.ok(page.data && "refunds" in page.data);
+const list: S["RefundList"] = page.data;
+exactly("RefundList", list);
+assert.deepEqual(list.refunds.map((r: S["RefundView"]) => r.external_ref), ["T-1"]);
+const rest = await client.GET("/v1/refunds", {
+  params: { query: { merchant_id: "m1", after: list.next_cursor ?? undefined } },
+});
+assert.ok(rest.data && "refunds" in rest.data);
+assert.deepEqual(rest.data.refunds.map((r) => r.external_ref), ["T-2"]);
+assert.equal(rest.data.next_cursor, null);
+
+const refused = await client.POST("/v1/refunds", { body: request({ external_ref: "T-3", amount: "10.001" }) });
+assert.equal(refused.response.status, 422);
+assert.equal(refused.error!.error.field, "amount");
+
+const anonymous = createClient<paths>({ baseUrl });
+const denied = await anonymous.GET("/v1/refunds/{refund_id}", { params: { path: { refund_id: accepted.refund_id } } });
+assert.equal(denied.response.status, 401);
+exactly("ErrorDetail", denied.error!.error);
+console.log("ok");
+"""
+
+
+def node_modules() -> Path:
+    """The pinned node packages, installed once per version set in the user's cache (npm registry)."""
+    pins = json.dumps(NODE_PACKAGES, sort_keys=True)
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "refunds-tests"
+    folder = home / f"ts-client-{hashlib.sha256(pins.encode()).hexdigest()[:12]}"
+    if not (folder / "node_modules" / ".bin" / "tsc").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "package.json").write_text(json.dumps({"private": True, "devDependencies": NODE_PACKAGES}))
+        done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", "--loglevel=error"], cwd=folder,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    return folder / "node_modules"
+
+
+async def test_a_generated_typescript_client_under_node_reads_every_answer(db, make_merchant, intake, tmp_path):
+    if not (shutil.which("node") and shutil.which("npm")):
+        pytest.skip("node and npm are not installed")
+    modules = await asyncio.to_thread(node_modules)
+    (tmp_path / "node_modules").symlink_to(modules)
+    (tmp_path / "package.json").write_text(json.dumps({"private": True, "type": "module"}))
+    (tmp_path / "tsconfig.json").write_text(json.dumps(TSCONFIG))
+    (tmp_path / "client.ts").write_text(TS_CLIENT)
+    await served_document(intake, tmp_path)
+    await make_merchant("m1")
+    await paid(db)
+    token = (await bearer(db))["Authorization"].removeprefix("Bearer ")
+
+    def run(*argv: str) -> str:
+        done = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    bin_ = modules / ".bin"
+    await asyncio.to_thread(run, str(bin_ / "openapi-typescript"), "openapi.json", "-o", "schema.d.ts")
+    await asyncio.to_thread(run, str(bin_ / "tsc"), "-p", ".")
+    assert (await asyncio.to_thread(run, "node", "out/client.js", intake, token)).strip() == "ok"
