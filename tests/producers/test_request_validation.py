@@ -112,7 +112,7 @@ async def stored(db) -> tuple | None:
 
 async def forget_refunds(db) -> None:
     """No refund yet, so that the next door's request is judged afresh (not as a replay)."""
-    await db.execute("TRUNCATE refund_events, refunds")
+    await db.execute("TRUNCATE refund_events, refunds CASCADE")  # and the webhook events of those refunds
     await db.execute("UPDATE payments SET refunded_amount = 0")
 
 
