@@ -70,6 +70,12 @@ refund_notification_seconds = Histogram(
 refund_rate_limit_waits_total = Counter(
     "refund_rate_limit_waits_total", "Refunds deferred by the per-merchant rate limit", ["merchant"]
 )
+refund_webhook_attempts_total = Counter(
+    "refund_webhook_attempts_total", "Webhook delivery attempts, by what followed: delivered, retry (later) or failed"
+    " (the retry horizon passed)", ["result"])
+refund_webhook_attempt_seconds = Histogram(
+    "refund_webhook_attempt_seconds", "Time a webhook endpoint took to answer (or to time out)",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 refund_requeues_total = Counter(
     "refund_requeues_total",
     "Refunds the workers re-queued with a delay, by cause: rate_limit (its slot, a pause, a 429), retry (a fault)",
@@ -124,6 +130,8 @@ class DatabaseGauges(Collector):
         self.pending_oldest: float | None = None
         self.queue: dict[tuple[str, str], int] = {}
         self.last_pass: float | None = None
+        self.webhooks: dict[str, int] = {}  # webhook deliveries not yet made, per state
+        self.webhook_undelivered_oldest: float | None = None
 
     def collect(self):
         if self.in_state:
@@ -151,6 +159,18 @@ class DatabaseGauges(Collector):
             for (queue, kind), count in sorted(self.queue.items()):
                 family.add_metric([queue, kind], count)
             yield family
+        if self.webhooks:
+            family = GaugeMetricFamily("refund_webhook_deliveries", "Webhook deliveries not yet made: pending, sending (from Postgres)",
+                                       labels=["state"])
+            for state, count in sorted(self.webhooks.items()):
+                family.add_metric([state], count)
+            yield family
+        if self.webhook_undelivered_oldest is not None:
+            yield GaugeMetricFamily(
+                "refund_webhook_undelivered_oldest_seconds",
+                "Age of the oldest webhook event some endpoint has not received yet (0 when none)",
+                value=self.webhook_undelivered_oldest,
+            )
         if self.last_pass is not None:
             yield GaugeMetricFamily(
                 "refund_scheduler_last_pass_timestamp_seconds",

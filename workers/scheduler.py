@@ -100,6 +100,14 @@ async def update_gauges(pool: asyncpg.Pool, gauges: metrics.DatabaseGauges = GAU
                       EXTRACT(EPOCH FROM now() - min(updated_at) FILTER (WHERE state = 'pending')) AS pending
                FROM refunds WHERE state IN ('queued', 'pending')"""
         )
+        # the deliveries not yet made (the due index's rows): delivered and failed ones only grow
+        hooks = dict(await conn.fetch(
+            "SELECT state, count(*) FROM webhook_deliveries WHERE state IN ('pending', 'sending') GROUP BY state"))
+        undelivered = await conn.fetchval(
+            """SELECT EXTRACT(EPOCH FROM now() - min(e.occurred_at)) FROM webhook_deliveries d
+               JOIN webhook_events e USING (event_id) WHERE d.state IN ('pending', 'sending')""")
+    gauges.webhooks = {state: hooks.get(state, 0) for state in ("pending", "sending")}
+    gauges.webhook_undelivered_oldest = float(undelivered or 0)
     gauges.in_state = {state: counts.get(state, 0) for state in STATES}
     gauges.outbox_oldest = float(oldest["queued"] or 0)
     gauges.pending_oldest = float(oldest["pending"] or 0)

@@ -22,9 +22,13 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
-from refunds import webhooks
+from refunds import metrics, webhooks
 
 log = logging.getLogger(__name__)
+
+ATTEMPT_RESULTS = ("delivered", "retry", "failed")
+for _result in ATTEMPT_RESULTS:  # each series exists from the start (at 0): a first failure is an increase
+    metrics.refund_webhook_attempts_total.labels(_result)
 
 
 class DestinationRefused(OSError):
@@ -85,6 +89,8 @@ async def deliver(pool, session: aiohttp.ClientSession, vault, event_id: str, en
     latency_ms = int((time.perf_counter() - started) * 1000)
     async with pool.acquire() as conn:
         state = await webhooks.record_attempt(conn, delivery, status=status, error=error, latency_ms=latency_ms)
+    metrics.refund_webhook_attempts_total.labels("retry" if state == "pending" else state).inc()
+    metrics.refund_webhook_attempt_seconds.observe(latency_ms / 1000)
     if state != "delivered":
         log.info("webhook %s to %s: %s (%s)", event_id, delivery.endpoint.name, state, error or f"HTTP {status}",
                  extra={"endpoint_id": str(endpoint_id)})

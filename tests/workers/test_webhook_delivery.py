@@ -10,7 +10,7 @@ import standardwebhooks
 from aiohttp import web
 
 from producers.enqueue import accept_refund
-from refunds import webhooks
+from refunds import db as dbmod, metrics, webhooks
 from refunds.states import transition
 from tests.helpers import paid
 from tests.stack import serve
@@ -101,11 +101,15 @@ async def test_retried_through_errors_timeouts_and_redirects_until_a_2xx_with_on
     endpoint, secret = await subscribed(db, vault, hook.url)
     await accepted(db)
     hook.plan = [500, "hang", 302, 204]
+    counted = {result: metrics.refund_webhook_attempts_total.labels(result)._value.get()
+               for result in ("retry", "delivered")}
     states = []
     for _ in range(4):
         states += await send_due(db, session, vault)
         await make_due(db)
     assert states == ["pending", "pending", "pending", "delivered"]
+    assert metrics.refund_webhook_attempts_total.labels("retry")._value.get() - counted["retry"] == 3
+    assert metrics.refund_webhook_attempts_total.labels("delivered")._value.get() - counted["delivered"] == 1
     attempts = await db.fetch("SELECT attempt, status, error FROM webhook_attempts ORDER BY attempt")
     assert [(a["attempt"], a["status"]) for a in attempts] == [(1, 500), (2, None), (3, 302), (4, 204)]
     assert attempts[1]["error"] == "timed out"
@@ -172,3 +176,24 @@ async def test_disabling_an_endpoint_fails_what_it_had_not_received_and_replay_s
     other, _ = await subscribed(db, vault, hook.url, name="new")
     assert await webhooks.replay(db, endpoint_id=other.endpoint_id) == 0  # it subscribed after those events
     assert await webhooks.replay(db, endpoint_id=endpoint.endpoint_id) == 0  # disabled: nothing replays
+
+
+async def test_the_scheduler_exports_what_waits_and_for_how_long(db, vault, make_merchant, hook, database_url):
+    from workers.scheduler import update_gauges
+
+    await make_merchant("m1")
+    await paid(db)
+    await subscribed(db, vault, hook.url)
+    await accepted(db)
+    await db.execute("UPDATE webhook_events SET occurred_at = now() - interval '2 hours'")
+    gauges = metrics.DatabaseGauges()
+    pool = await dbmod.create_pool(database_url, max_size=2)
+    try:
+        await update_gauges(pool, gauges)
+    finally:
+        await pool.close()
+    assert gauges.webhooks == {"pending": 1, "sending": 0}
+    assert 7100 < gauges.webhook_undelivered_oldest < 7300  # the alert's threshold is an hour
+    exported = {sample.name: sample.value for family in gauges.collect() for sample in family.samples
+                if sample.name.startswith("refund_webhook")}
+    assert exported["refund_webhook_undelivered_oldest_seconds"] == gauges.webhook_undelivered_oldest
