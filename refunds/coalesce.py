@@ -62,17 +62,23 @@ class Coalescer(Generic[Item, Result]):
         return await asyncio.shield(future)
 
     async def _drain(self) -> None:
-        while self._queue:
-            batch = self._take()
-            if not batch:
-                continue
-            try:
-                await self._settle(batch)
-            except BaseException:  # cancelled: the callers still waiting learn it
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(asyncio.CancelledError())
-                raise
+        try:
+            while self._queue:
+                batch = self._take()
+                if not batch:
+                    continue
+                try:
+                    await self._settle(batch)
+                except BaseException:  # cancelled: the callers still waiting learn it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(asyncio.CancelledError())
+                    raise
+        finally:
+            # Leave the set at once, with no await since the empty queue was seen: its done
+            # callback runs a turn later, and a call in that turn would find the set full and
+            # its item would wait for a drain that never comes.
+            self._runs.discard(asyncio.current_task())
 
     async def _settle(self, batch: list[tuple[Item, asyncio.Future]], *, alone: bool = False) -> None:
         """Run the batch and give each caller its result, or the batch's error; after an error of

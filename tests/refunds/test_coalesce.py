@@ -2,6 +2,7 @@
 against real Postgres."""
 
 import asyncio
+import random
 import uuid
 
 import pytest
@@ -206,3 +207,26 @@ async def test_a_refund_asked_for_twice_is_claimed_once(db, make_merchant, datab
         await pool.close()
     assert sorted(claim is None for claim in claims) == [False, True]
     assert await db.fetchval("SELECT attempts FROM refunds WHERE refund_id = $1", second.refund_id) == 1
+
+
+async def test_a_call_arriving_as_a_drain_ends_is_never_left_waiting():
+    """A drain that saw the queue empty used to stay in the running set until its done callback,
+    a turn later: a call in that turn found the set full, queued its item and waited for a drain
+    that never came (a producer hung mid-import). Seed 2 of this interleaving hung every time."""
+    for seed in range(5):
+        rng = random.Random(seed)
+
+        async def run(items):
+            if rng.random() < 0.5:
+                await asyncio.sleep(0)
+            return items
+
+        coalescer = Coalescer(run, max_inflight=1)
+
+        async def caller(n):
+            for i in range(200):
+                assert await coalescer((n, i)) == (n, i)
+                for _ in range(rng.randint(0, 2)):
+                    await asyncio.sleep(0)
+
+        await asyncio.wait_for(asyncio.gather(*(caller(n) for n in range(30))), 20)
