@@ -9,6 +9,10 @@ moving, so they have their own purge with a floor of 180 days, and it removes on
 history of refunds that are settled (succeeded, failed, rejected) and have not changed
 since the cutoff: never part of a history, never a refund still open or in manual review.
 
+Webhook events (with their deliveries and attempts) follow the audit rows: kept as long,
+removed once every delivery of the event is over (delivered or failed) and the event is
+older than the cutoff; an event still being delivered is never removed.
+
 Each batch is its own short transaction (a ``DELETE`` of at most ``batch`` rows found by
 ``ctid``), so a purge never holds locks for long nor builds one huge transaction; run it
 from the scheduler, on a connection outside any transaction.
@@ -37,6 +41,17 @@ DELETE FROM refund_events
 """
 
 
+_WEBHOOK_EVENTS = """
+DELETE FROM webhook_events
+ WHERE ctid = ANY (ARRAY(
+       SELECT e.ctid FROM webhook_events e
+        WHERE e.occurred_at < $1
+          AND NOT EXISTS (SELECT 1 FROM webhook_deliveries d
+                          WHERE d.event_id = e.event_id AND d.state IN ('pending', 'sending'))
+        LIMIT $2))
+"""
+
+
 async def purge_notifications(conn: asyncpg.Connection, *, older_than_days: int = MIN_NOTIFICATION_DAYS,
                               batch: int = 1000) -> int:
     """Delete notification rows received more than ``older_than_days`` ago; the number deleted."""
@@ -48,6 +63,13 @@ async def purge_audit_events(conn: asyncpg.Connection, older_than_days: int, *, 
     """Delete the audit history of refunds settled and untouched for ``older_than_days``."""
     _check(older_than_days, MIN_AUDIT_DAYS, "audit rows (refund_events)")
     return await _purge(conn, _AUDIT, older_than_days, batch, list(SETTLED))
+
+
+async def purge_webhook_events(conn: asyncpg.Connection, older_than_days: int, *, batch: int = 1000) -> int:
+    """Delete webhook events older than ``older_than_days`` whose deliveries are all over (and,
+    with them, their deliveries and attempts); kept as long as the audit rows at least."""
+    _check(older_than_days, MIN_AUDIT_DAYS, "webhook events")
+    return await _purge(conn, _WEBHOOK_EVENTS, older_than_days, batch)
 
 
 def _check(days: int, minimum: int, what: str) -> None:

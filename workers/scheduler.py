@@ -127,8 +127,10 @@ async def purge_expired(pool: asyncpg.Pool, settings) -> None:
     async with pool.acquire() as conn:
         notifications = await retention.purge_notifications(conn, older_than_days=settings.notification_retention_days)
         events = await retention.purge_audit_events(conn, settings.audit_retention_days)
-    if notifications or events:
-        log.info("retention purged %d notification rows and %d audit rows", notifications, events)
+        hooks = await retention.purge_webhook_events(conn, settings.audit_retention_days)
+    if notifications or events or hooks:
+        log.info("retention purged %d notification rows, %d audit rows and %d webhook events", notifications, events,
+                 hooks)
 
 
 async def ask_redis(call) -> bool | None:

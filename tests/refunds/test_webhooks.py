@@ -121,3 +121,23 @@ def test_retries_back_off_exponentially_with_jitter_up_to_six_hours():
     assert 40 <= webhooks.retry_delay(5) <= 80
     assert 3 * 3600 <= webhooks.retry_delay(40) <= 6 * 3600
     assert len({webhooks.retry_delay(3) for _ in range(20)}) > 1
+
+
+async def test_old_events_go_once_every_delivery_is_over_and_never_before_180_days(db, vault, make_merchant):
+    from refunds.retention import MIN_AUDIT_DAYS, purge_webhook_events
+
+    await make_merchant("m1")
+    await paid(db)
+    await endpoint(db, vault)
+    done, busy, recent = (await accepted(db, "R-1")), (await accepted(db, "R-2")), (await accepted(db, "R-3"))
+    await db.execute("UPDATE webhook_events SET occurred_at = now() - interval '200 days'"
+                     " WHERE refund_id = ANY($1::uuid[])", [done.refund_id, busy.refund_id])
+    await db.execute("UPDATE webhook_deliveries SET state = 'delivered' WHERE event_id IN"
+                     " (SELECT event_id FROM webhook_events WHERE refund_id = ANY($1::uuid[]))",
+                     [done.refund_id, recent.refund_id])
+    assert await purge_webhook_events(db, MIN_AUDIT_DAYS) == 1  # old and delivered
+    left = {row["refund_id"] for row in await db.fetch("SELECT refund_id FROM webhook_events")}
+    assert left == {busy.refund_id, recent.refund_id}  # still being delivered; too recent
+    assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 2  # its delivery went with it
+    with pytest.raises(ValueError, match="at least 180 days"):
+        await purge_webhook_events(db, 30)
