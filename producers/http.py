@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import sys
+from datetime import timedelta
 from uuid import UUID
 
 import asyncpg
@@ -47,9 +48,12 @@ from refunds.errors import IdempotencyConflict, NotFound, RefundRefused
 from refunds.records import (
     Refund, find_by_external_ref, find_refund, list_refunds, page_cursor, parse_cursor, refund_events,
 )
+from refunds import webhooks
 from refunds.requests import (
-    ANSWER_MODELS, EXTERNAL_REF, REQUEST_MODELS, Decision, M, RefundListQuery, RefundLookup, RefundRequest, validated,
+    ANSWER_MODELS, EXTERNAL_REF, REQUEST_MODELS, Decision, M, RefundListQuery, RefundLookup, RefundRequest,
+    WebhookRequest, WebhookRotation, validated,
 )
+from refunds.vault import vault_from_settings
 from refunds.settings import get_settings
 from refunds.tokens import MAX_TOKEN_LENGTH, ApiToken, TokenCache, TokenRevoked, authenticate, hash_token
 
@@ -151,6 +155,10 @@ def create_app(*, database_url: str, redis_url: str | None = None) -> web.Applic
     app.router.add_get("/v1/refunds/{refund_id}", show_refund)
     app.router.add_post("/v1/refunds/{refund_id}/approve", approve_refund)
     app.router.add_post("/v1/refunds/{refund_id}/reject", reject_refund)
+    app.router.add_post("/v1/webhooks", create_webhook)
+    app.router.add_get("/v1/webhooks", list_webhooks)
+    app.router.add_post("/v1/webhooks/{endpoint_id}/disable", disable_webhook)
+    app.router.add_post("/v1/webhooks/{endpoint_id}/rotate-secret", rotate_webhook_secret)
     app.router.add_get("/openapi.json", openapi_view)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)  # /metrics: on INTAKE_METRICS_PORT only (refunds.serving)
@@ -405,6 +413,74 @@ async def _decide(request: web.Request, decision: str) -> web.Response:
         return web.json_response(await _with_events(conn, moved))
 
 
+# --- webhook subscriptions (docs/WEBHOOKS.md) ---------------------------------------------------
+
+def _webhook_view(endpoint: webhooks.Endpoint, secret: str | None = None) -> dict:
+    return {**endpoint.to_json(), **({"secret": secret} if secret else {})}
+
+
+async def _scoped_endpoint(request: web.Request, token: ApiToken, conn) -> webhooks.Endpoint:
+    """The path's endpoint, when every merchant of it is the token's (else 404: others' stay unknown)."""
+    try:
+        endpoint_id = UUID(request.match_info["endpoint_id"])
+    except ValueError:
+        raise ApiError(400, "invalid_endpoint_id", "endpoint_id must be a UUID", "endpoint_id") from None
+    try:
+        endpoint = await webhooks.get_endpoint(conn, endpoint_id)
+    except NotFound:
+        endpoint = None
+    if endpoint is None or not all(token.allows(m) for m in endpoint.merchants):
+        raise ApiError(404, "not_found", f"no webhook endpoint {endpoint_id}")
+    return endpoint
+
+
+async def create_webhook(request: web.Request) -> web.Response:
+    """POST /v1/webhooks: an endpoint for the token's service; its secret is in this answer only."""
+    token = await _authenticate(request)
+    asked = validated(WebhookRequest, await _read_json(request))
+    for merchant_id in asked.merchants:
+        _scoped(token, merchant_id)
+    settings = get_settings()
+    pool = await request.app[DATABASE].pool()
+    async with pool.acquire() as conn:
+        try:
+            endpoint, secret = await webhooks.add_endpoint(
+                conn, vault_from_settings(settings), name=token.name, url=asked.url, merchants=asked.merchants,
+                event_types=list(asked.event_types or webhooks.EVENT_TYPES),
+                allowed_networks=webhooks.parse_networks(settings.webhook_allowed_networks))
+        except NotFound as exc:
+            raise ApiError(422, "unknown_merchant", str(exc), "merchants") from None
+    return web.json_response(_webhook_view(endpoint, secret), status=201)
+
+
+async def list_webhooks(request: web.Request) -> web.Response:
+    token = await _authenticate(request)
+    pool = await request.app[DATABASE].pool()
+    async with pool.acquire() as conn:
+        endpoints = await webhooks.list_endpoints(conn)
+    return web.json_response({"webhooks": [_webhook_view(e) for e in endpoints
+                                           if all(token.allows(m) for m in e.merchants)]})
+
+
+async def disable_webhook(request: web.Request) -> web.Response:
+    token = await _authenticate(request)
+    pool = await request.app[DATABASE].pool()
+    async with pool.acquire() as conn:
+        endpoint = await _scoped_endpoint(request, token, conn)
+        return web.json_response(_webhook_view(await webhooks.disable_endpoint(conn, endpoint.endpoint_id)))
+
+
+async def rotate_webhook_secret(request: web.Request) -> web.Response:
+    token = await _authenticate(request)
+    overlap = validated(WebhookRotation, await _read_json(request, optional=True)).overlap_hours
+    pool = await request.app[DATABASE].pool()
+    async with pool.acquire() as conn:
+        endpoint = await _scoped_endpoint(request, token, conn)
+        rotated, secret = await webhooks.rotate_secret(conn, vault_from_settings(get_settings()),
+                                                       endpoint.endpoint_id, overlap=timedelta(hours=overlap))
+    return web.json_response(_webhook_view(rotated, secret))
+
+
 # --- probes, the document ---------------------------------------------------------------------
 
 async def healthz(request: web.Request) -> web.Response:
@@ -509,6 +585,26 @@ def openapi_document() -> dict:
             },
         }
 
+    endpoint_id = {"name": "endpoint_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+
+    def webhook_action(operation_id: str, summary: str, schema: str, body: str | None = None) -> dict:
+        operation = {
+            "operationId": operation_id, "tags": ["webhooks"], "summary": summary, "security": secured,
+            "parameters": [endpoint_id, request_id_param],
+            "responses": {
+                "200": answer("Done; the endpoint", schema),
+                "400": answer("endpoint_id is not a UUID, or the body is not JSON"),
+                "401": unauthorized,
+                "404": answer("No such endpoint among the token's merchants"),
+                "503": unavailable,
+                "500": internal,
+            },
+        }
+        if body:
+            operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": ref(body)}}}
+            operation["responses"].update({"413": too_large, "422": answer("Invalid body field")})
+        return operation
+
     def plain(operation_id: str, summary: str, responses: dict) -> dict:
         return {"get": {"operationId": operation_id, "tags": ["service"], "summary": summary, "security": [],
                         "responses": responses}}
@@ -533,7 +629,8 @@ def openapi_document() -> dict:
         },
         "servers": [{"url": "/", "description": "this intake (INTAKE_PORT)"}],
         "security": secured,
-        "tags": [{"name": "refunds"}, {"name": "approvals"}, {"name": "service", "description": "probes, this document"}],
+        "tags": [{"name": "refunds"}, {"name": "approvals"}, {"name": "webhooks"},
+                 {"name": "service", "description": "probes, this document"}],
         "paths": {
             "/v1/refunds": {
                 "post": {
@@ -605,6 +702,39 @@ def openapi_document() -> dict:
                     },
                 },
             },
+            "/v1/webhooks": {
+                "post": {
+                    "operationId": "createWebhook", "tags": ["webhooks"], "security": secured,
+                    "summary": "Register an endpoint of the token's service for the events of its merchants"
+                               " (docs/WEBHOOKS.md); the signing secret is in this answer only",
+                    "parameters": [request_id_param],
+                    "requestBody": {"required": True,
+                                    "content": {"application/json": {"schema": ref("WebhookRequest")}}},
+                    "responses": {
+                        "201": answer("Registered; keep the secret: it is not shown again", "WebhookWithSecret"),
+                        "400": answer("The body is not JSON"),
+                        "401": unauthorized,
+                        "403": answer("The token is not scoped to one of the merchants; nothing was written"),
+                        "413": too_large,
+                        "422": answer("Invalid field: a URL that is not http(s) or not allowed (a private address),"
+                                      " an unknown event type or merchant"),
+                        "503": unavailable,
+                        "500": internal,
+                    },
+                },
+                "get": {
+                    "operationId": "listWebhooks", "tags": ["webhooks"], "security": secured,
+                    "summary": "The endpoints all of whose merchants the token may act for (never a secret)",
+                    "parameters": [request_id_param],
+                    "responses": {"200": answer("The endpoints", "WebhookList"), "401": unauthorized,
+                                  "503": unavailable, "500": internal},
+                },
+            },
+            "/v1/webhooks/{endpoint_id}/disable": {"post": webhook_action(
+                "disableWebhook", "Stop an endpoint's events; its undelivered ones fail", "WebhookEndpoint")},
+            "/v1/webhooks/{endpoint_id}/rotate-secret": {"post": webhook_action(
+                "rotateWebhookSecret", "A new signing secret, in this answer only; the old one keeps signing"
+                " beside it for overlap_hours", "WebhookWithSecret", body="WebhookRotation")},
             "/v1/refunds/{refund_id}/approve": {"post": decision("approve")},
             "/v1/refunds/{refund_id}/reject": {"post": decision("reject")},
             "/openapi.json": plain("openapi", "This document", {"200": {

@@ -270,6 +270,59 @@ class NotReady(_Answer):
     error: ErrorDetail
 
 
+# --- webhook subscriptions (docs/WEBHOOKS.md) ------------------------------------------------------
+
+EventType = Literal["refund.accepted", "refund.pending", "refund.succeeded", "refund.failed", "refund.rejected",
+                    "refund.manual_review"]
+WEBHOOK_URL = r"^https?://[^\s]{1,2040}$"
+
+
+class WebhookRequest(_Request):
+    """The body of POST /v1/webhooks: an endpoint of the calling service (the token's name)."""
+
+    url: Annotated[str, StringConstraints(max_length=2048, pattern=WEBHOOK_URL), Rule("an http(s) URL", "invalid_url")] = (
+        Field(description="Where events are POSTed; a public address (private ones only if the deployment allows).",
+              examples=["https://checkout.example.com/hooks"]))
+    merchants: Annotated[list[MerchantId], Field(min_length=1, max_length=100),
+                         Rule("a list of 1-100 merchant ids the token may act for")] = Field(
+        description="The merchants whose refunds' events it receives; the token must be scoped to each.",
+        examples=[["seller-1"]])
+    event_types: Annotated[list[EventType] | None, Field(min_length=1), Rule("a list of event types")] = Field(
+        default=None, description="The events it wants (default: all).")
+
+
+class WebhookRotation(_Request):
+    """The body of POST /v1/webhooks/{endpoint_id}/rotate-secret (it may be left out)."""
+
+    overlap_hours: Annotated[float, Field(ge=0, le=168), Rule("hours from 0 to 168")] = Field(
+        default=24.0, description="How long the old secret keeps signing beside the new one.")
+
+
+class WebhookEndpoint(_Answer):
+    """A webhook endpoint, never with its secret."""
+
+    endpoint_id: UUID
+    name: str
+    url: str
+    merchants: list[str]
+    event_types: list[EventType]
+    created_at: datetime
+    disabled_at: datetime | None
+    previous_secret_valid_until: datetime | None
+
+
+class WebhookWithSecret(WebhookEndpoint):
+    """A new endpoint, or a rotated secret: the signing secret is shown this once."""
+
+    secret: str
+
+
+class WebhookList(_Answer):
+    """The endpoints every merchant of which the token may act for."""
+
+    webhooks: list[WebhookEndpoint]
+
+
 # --- ValidationError -> RefundRefused ------------------------------------------------------------
 
 M = TypeVar("M", bound=BaseModel)
@@ -322,8 +375,9 @@ def _kind(value: object) -> str:
     return {list: "an array", dict: "an object", type(None): "null"}.get(type(value), f"a {type(value).__name__}")
 
 
-REQUEST_MODELS: tuple[type[BaseModel], ...] = (RefundRequest, Decision)
-ANSWER_MODELS: tuple[type[BaseModel], ...] = (Accepted, RefundWithEvents, RefundList, Status, NotReady, Error)
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (RefundRequest, Decision, WebhookRequest, WebhookRotation)
+ANSWER_MODELS: tuple[type[BaseModel], ...] = (Accepted, RefundWithEvents, RefundList, Status, NotReady, Error,
+                                               WebhookEndpoint, WebhookWithSecret, WebhookList)
 
 
 _FREE_TEXT = TypeAdapter(Text | None, config=ConfigDict(strict=True))
