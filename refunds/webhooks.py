@@ -232,6 +232,19 @@ async def due_deliveries(conn: asyncpg.Connection, *, per_endpoint: int, limit: 
     return [(row["event_id"], row["endpoint_id"]) for row in rows]
 
 
+async def next_due(conn: asyncpg.Connection, endpoint_id: uuid.UUID, *,
+                   lease_seconds: float = LEASE_SECONDS) -> str | None:
+    """Lease the endpoint's next due delivery for the worker that just delivered one to it (its
+    slot of the endpoint's cap passes on): the event id, or None when none is due."""
+    return await conn.fetchval(
+        """UPDATE webhook_deliveries d SET state = 'sending', lease_until = now() + make_interval(secs => $2)
+           WHERE (d.event_id, d.endpoint_id) = (
+               SELECT event_id, endpoint_id FROM webhook_deliveries
+               WHERE endpoint_id = $1 AND state = 'pending' AND next_attempt_at <= now()
+               ORDER BY next_attempt_at, event_id LIMIT 1 FOR UPDATE SKIP LOCKED)
+           RETURNING d.event_id""", endpoint_id, lease_seconds)
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """What a worker needs to send one delivery."""

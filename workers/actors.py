@@ -12,7 +12,7 @@ from refunds.webhooks import parse_networks
 from . import resources
 from .retries import ACTOR_RETRIES
 from .sender import process_refund, process_refunds
-from .webhooks import deliver
+from .webhooks import deliver_in_turn
 
 # dramatiq retries a message whose actor raised (Postgres or Redis unreachable); a rate-limit
 # wait or a RetryLater re-queues a new message instead (the policy: workers.retries).
@@ -34,5 +34,6 @@ async def deliver_webhook(event_id: str, endpoint_id: str) -> None:
     """One webhook delivery the scheduler leased (refunds.webhooks); its retries are its own
     schedule, not dramatiq's: a message that raises goes again when its lease runs out."""
     res = resources.current()
-    await deliver(res.pool, res.webhook_session, res.vault, event_id, UUID(endpoint_id),
-                  allowed_networks=parse_networks(res.settings.webhook_allowed_networks))
+    await deliver_in_turn(res.pool, res.webhook_session, res.vault, event_id, UUID(endpoint_id),
+                          allowed_networks=parse_networks(res.settings.webhook_allowed_networks),
+                          lease_seconds=res.settings.webhook_lease_seconds)

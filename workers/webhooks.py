@@ -97,6 +97,25 @@ async def deliver(pool, session: aiohttp.ClientSession, vault, event_id: str, en
     return state
 
 
+async def deliver_in_turn(pool, session: aiohttp.ClientSession, vault, event_id: str, endpoint_id, *,
+                          allowed_networks: tuple, lease_seconds: float, budget_seconds: float = 20.0) -> int:
+    """Send the leased delivery, then, while the endpoint answers 2xx, its next due ones in
+    turn (the lease passes on: at most the endpoint's cap in flight, none waiting for the
+    scheduler's next pass); stops at the first failure (the backoff takes over) or when
+    ``budget_seconds`` are spent. Returns how many were delivered."""
+    delivered = 0
+    deadline = time.monotonic() + budget_seconds
+    while event_id is not None:
+        if await deliver(pool, session, vault, event_id, endpoint_id, allowed_networks=allowed_networks) != "delivered":
+            break
+        delivered += 1
+        if time.monotonic() >= deadline:
+            break
+        async with pool.acquire() as conn:
+            event_id = await webhooks.next_due(conn, endpoint_id, lease_seconds=lease_seconds)
+    return delivered
+
+
 def _refuse_literal_address(url: str, allowed_networks: tuple) -> None:
     """A URL naming an address is not resolved, so it is checked here."""
     host = urlsplit(url).hostname or ""

@@ -25,9 +25,19 @@ class Endpoint:
     def __init__(self) -> None:
         self.plan: list = []  # an HTTP status, or "hang" (never answers in time)
         self.received: list[tuple[dict, bytes]] = []
+        self.in_flight = self.most_in_flight = 0
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
         self.received.append((dict(request.headers), await request.read()))
+        await asyncio.sleep(0.01)
         answer = self.plan.pop(0) if self.plan else 200
         if answer == "hang":
             await asyncio.sleep(5)
@@ -197,3 +207,36 @@ async def test_the_scheduler_exports_what_waits_and_for_how_long(db, vault, make
     exported = {sample.name: sample.value for family in gauges.collect() for sample in family.samples
                 if sample.name.startswith("refund_webhook")}
     assert exported["refund_webhook_undelivered_oldest_seconds"] == gauges.webhook_undelivered_oldest
+
+
+async def test_an_endpoint_that_answers_gets_its_backlog_in_turn_within_its_cap(db, vault, make_merchant, hook,
+                                                                               session, database_url):
+    """A worker that delivered passes its slot on to the endpoint's next due delivery, so a
+    backlog drains without waiting for the scheduler's next pass, never more than the cap at once;
+    a failure ends the turn (the backoff takes over)."""
+    from workers.webhooks import deliver_in_turn
+
+    await make_merchant("m1")
+    await paid(db, amount="100.00")
+    await subscribed(db, vault, hook.url)
+    for n in range(12):
+        await accepted(db, f"R-{n}")
+    leased = await webhooks.due_deliveries(db, per_endpoint=2, limit=100)  # one scheduler pass
+    assert len(leased) == 2
+    pool = await dbmod.create_pool(database_url, max_size=4)
+    try:
+        delivered = await asyncio.gather(*(deliver_in_turn(pool, session, vault, event_id, endpoint_id,
+                                                           allowed_networks=LOCAL, lease_seconds=60)
+                                           for event_id, endpoint_id in leased))
+    finally:
+        await pool.close()
+    assert sum(delivered) == 12 and len(hook.received) == 12
+    assert hook.most_in_flight == 2  # two turns at once, the cap, and never more
+    assert await db.fetchval("SELECT count(*) FROM webhook_deliveries WHERE state = 'delivered'") == 12
+
+    await accepted(db, "R-fail")
+    hook.plan = [500]
+    [(event_id, endpoint_id)] = await webhooks.due_deliveries(db, per_endpoint=2, limit=100)
+    assert await deliver_in_turn(_One(db), session, vault, event_id, endpoint_id, allowed_networks=LOCAL,
+                                 lease_seconds=60) == 0
+
