@@ -12,17 +12,16 @@ WEBHOOK_ALLOWED_NETWORKS allows it.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import time
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
 from refunds import metrics, webhooks
+from refunds.errors import RefundRefused
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +72,10 @@ async def deliver(pool, session: aiohttp.ClientSession, vault, event_id: str, en
     status, error = None, None
     started = time.perf_counter()
     try:
-        _refuse_literal_address(delivery.endpoint.url, allowed_networks)
+        try:  # a URL naming an address is not resolved: its address is checked here, as at registration
+            webhooks.check_url(delivery.endpoint.url, allowed_networks=allowed_networks)
+        except RefundRefused as exc:
+            raise DestinationRefused(exc.message) from None
         async with session.post(delivery.endpoint.url, data=delivery.body, headers=headers,
                                 allow_redirects=False) as response:
             status = response.status
@@ -114,14 +116,3 @@ async def deliver_in_turn(pool, session: aiohttp.ClientSession, vault, event_id:
         async with pool.acquire() as conn:
             event_id = await webhooks.next_due(conn, endpoint_id, lease_seconds=lease_seconds)
     return delivered
-
-
-def _refuse_literal_address(url: str, allowed_networks: tuple) -> None:
-    """A URL naming an address is not resolved, so it is checked here."""
-    host = urlsplit(url).hostname or ""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return
-    if not webhooks.destination_allowed(address, allowed_networks):
-        raise DestinationRefused(f"{host} is an address webhooks may not reach")

@@ -83,13 +83,11 @@ class Registry:
         for merchant in merchants:
             self.register(merchant)
 
-    def register(self, merchant: Registration) -> bool:
-        """Keep ``merchant``; True when it is new. Production merchants are refused."""
+    def register(self, merchant: Registration) -> None:
+        """Keep ``merchant``, replacing its earlier registration. Production merchants are refused."""
         if merchant.env != ENVIRONMENT:
             raise ValueError("the sandbox registers sandbox merchants only")
-        new = merchant.merchant_id not in self._merchants
         self._merchants[merchant.merchant_id] = merchant
-        return new
 
     def merchant(self, merchant_id: str) -> Registration | None:
         return self._merchants.get(merchant_id)
