@@ -391,9 +391,11 @@ async def enqueue_direct(requests: list[dict], concurrency: int = 32, pool_size:
     """Accept refunds with ``producers.enqueue_refund`` (same validation and hand-off as the intake)."""
     from producers import enqueue_refund
     from refunds import db as dbmod
+    from refunds.delivery import Courier
     from refunds.settings import get_settings
 
     pool = await dbmod.create_pool(get_settings().require("database_url"), min_size=pool_size, max_size=pool_size)
+    courier = Courier()
     ids: list[str] = [""] * len(requests)
     next_index = 0
     try:
@@ -402,11 +404,12 @@ async def enqueue_direct(requests: list[dict], concurrency: int = 32, pool_size:
             while next_index < len(requests):
                 index = next_index
                 next_index += 1
-                result = await enqueue_refund(pool, **requests[index], requested_by="bench")
+                result = await enqueue_refund(pool, **requests[index], requested_by="bench", courier=courier)
                 ids[index] = str(result.refund.refund_id)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
+        await courier.close()
         await pool.close()
     return ids
 

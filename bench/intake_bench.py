@@ -278,8 +278,10 @@ async def bench_python(database_url: str, merchant: str, prefix: str, start: int
     """enqueue_refund from concurrent tasks on one pool in this process; ``count`` includes ``warmup``."""
     from producers import enqueue_refund
     from refunds import db as dbmod
+    from refunds.delivery import Courier
 
     pool = await dbmod.create_pool(database_url, min_size=POOL_SIZE, max_size=POOL_SIZE)
+    courier = Courier()
     created = 0
     next_index = start
 
@@ -290,7 +292,7 @@ async def bench_python(database_url: str, merchant: str, prefix: str, start: int
             next_index += 1
             result = await enqueue_refund(
                 pool, merchant_id=merchant, original_transaction_id=f"CIP-{i // REFUNDS_PER_PAYMENT}", amount="10.00",
-                currency="PEN", external_ref=f"{prefix}-{i}", reason="bench", requested_by="bench",
+                currency="PEN", external_ref=f"{prefix}-{i}", reason="bench", requested_by="bench", courier=courier,
             )
             created += result.created
 
@@ -304,6 +306,7 @@ async def bench_python(database_url: str, merchant: str, prefix: str, start: int
         elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
         after = {name: _cpu_seconds(pids) for name, pids in watched.items()}
     finally:
+        await courier.close()
         await pool.close()
     cpu_s = {"producer": cpu, **{name: after[name] - before[name] for name in watched}}
     return {"requests": count - warmup, "accepted": created, "elapsed": elapsed, "accepted_per_s": created / elapsed,

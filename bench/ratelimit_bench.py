@@ -137,15 +137,18 @@ async def _trickle(requests: list[dict], per_second: float) -> list[str]:
     """Accept the small merchant's refunds one by one at a steady pace."""
     from producers import enqueue_refund
     from refunds import db as dbmod
+    from refunds.delivery import Courier
     from refunds.settings import get_settings
 
     pool = await dbmod.create_pool(get_settings().require("database_url"), min_size=1, max_size=2)
     ids = []
     try:
-        start = time.monotonic()
-        for index, request in enumerate(requests):
-            await asyncio.sleep(max(0.0, start + index / per_second - time.monotonic()))
-            ids.append(str((await enqueue_refund(pool, **request, requested_by="bench")).refund.refund_id))
+        async with Courier() as courier:
+            start = time.monotonic()
+            for index, request in enumerate(requests):
+                await asyncio.sleep(max(0.0, start + index / per_second - time.monotonic()))
+                result = await enqueue_refund(pool, **request, requested_by="bench", courier=courier)
+                ids.append(str(result.refund.refund_id))
     finally:
         await pool.close()
     return ids

@@ -18,7 +18,7 @@ from uuid import UUID
 
 import asyncpg
 
-from refunds.delivery import deliver_async
+from refunds.delivery import Courier, deliver_async
 from refunds.errors import NotFound, RefundsError
 from refunds.records import Refund, find_refund
 from refunds.requests import free_text
@@ -56,6 +56,7 @@ async def decide(
     approver: str,
     note: str | None = None,
     merchants: frozenset[str] | None = None,
+    courier: Courier | None = None,
 ) -> Refund:
     """Approve (-> queued, then delivered) or reject (-> rejected, amount released) a waiting refund.
 
@@ -86,5 +87,5 @@ async def decide(
             await conn.execute("UPDATE refunds SET delivered_at = now() WHERE refund_id = $1", moved.refund_id)
     log.info("refund %s %s by %s", moved.refund_id, verb, approver)
     if to_state == "queued":
-        await deliver_async(moved.refund_id)  # after COMMIT: a worker must find it queued
+        await deliver_async(moved.refund_id, courier=courier)  # after COMMIT: a worker must find it queued
     return moved

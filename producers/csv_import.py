@@ -28,6 +28,7 @@ from typing import BinaryIO
 
 import asyncpg
 
+from refunds.delivery import Courier
 from refunds.errors import RefundRefused, RefundsError
 
 from .enqueue import enqueue_refund
@@ -155,7 +156,8 @@ def _waves(batch: list[_Row], columns: dict[str, int]) -> list[list[_Row]]:
     return waves
 
 
-async def _accept(pool: asyncpg.Pool, row: _Row, columns: dict[str, int], requested_by: str | None) -> RowResult:
+async def _accept(pool: asyncpg.Pool, row: _Row, columns: dict[str, int], requested_by: str | None,
+                  courier: Courier) -> RowResult:
     if row.cells is None:
         return RowResult(row.line, "refused", row.position, code="malformed_csv", message=row.error)
     if len(row.cells) != len(columns):
@@ -169,7 +171,7 @@ async def _accept(pool: asyncpg.Pool, row: _Row, columns: dict[str, int], reques
         result = await enqueue_refund(
             pool, merchant_id=values["merchant_id"], original_transaction_id=values["original_transaction_id"],
             amount=values["amount"], currency=values["currency"], external_ref=values["external_ref"],
-            reason=values.get("reason") or None, requested_by=requested_by,
+            reason=values.get("reason") or None, requested_by=requested_by, courier=courier,
         )
     except RefundRefused as refused:  # IdempotencyConflict included
         return RowResult(row.line, "refused", row.position, external_ref, code=refused.code,
@@ -200,21 +202,22 @@ async def import_refunds(
         return
     columns, rows = _rows(_Source(source))
     gate = asyncio.Semaphore(concurrency)
+    async with Courier() as courier:  # the file's refunds are handed over in shared writes
 
-    async def accept(row: _Row) -> RowResult:
-        async with gate:
-            return await _accept(pool, row, columns, requested_by)
+        async def accept(row: _Row) -> RowResult:
+            async with gate:
+                return await _accept(pool, row, columns, requested_by, courier)
 
-    batch: list[_Row] = []
-    for row in rows:
-        batch.append(row)
-        if len(batch) >= batch_size:
+        batch: list[_Row] = []
+        for row in rows:
+            batch.append(row)
+            if len(batch) >= batch_size:
+                for result in await _run(batch, columns, accept):
+                    yield result
+                batch = []
+        if batch:
             for result in await _run(batch, columns, accept):
                 yield result
-            batch = []
-    if batch:
-        for result in await _run(batch, columns, accept):
-            yield result
 
 
 async def _run(batch: list[_Row], columns: dict[str, int], accept) -> list[RowResult]:

@@ -30,7 +30,7 @@ from decimal import Decimal
 import asyncpg
 
 from refunds import metrics
-from refunds.delivery import deliver_async
+from refunds.delivery import Courier, deliver_async
 from refunds.errors import IdempotencyConflict, RefundRefused
 from refunds.money import format_amount
 from refunds.records import COLUMNS, Refund, find_by_external_ref
@@ -138,8 +138,10 @@ async def enqueue_refund(
     reason: str | None = None,
     requested_by: str | None = None,
     now: datetime | None = None,
+    courier: Courier | None = None,
 ) -> EnqueueResult:
-    """Validate and accept one refund; deliver it to the workers after COMMIT.
+    """Validate and accept one refund; deliver it to the workers after COMMIT (through ``courier``,
+    which a caller accepting many refunds keeps: ``refunds.delivery.Courier``).
 
     Raises RefundRefused (422-like: nothing written) or IdempotencyConflict (409-like).
     A replay (same merchant, external_ref and terms) returns the first refund with
@@ -149,7 +151,7 @@ async def enqueue_refund(
         pool, merchant_id=merchant_id, original_transaction_id=original_transaction_id, amount=amount,
         currency=currency, external_ref=external_ref, reason=reason, requested_by=requested_by, now=now,
     )
-    await hand_over(result, pool)
+    await hand_over(result, pool, courier)
     return result
 
 
@@ -196,7 +198,8 @@ async def accept_request(
     return result
 
 
-async def hand_over(result: EnqueueResult, pool: asyncpg.Pool | asyncpg.Connection | None = None) -> bool:
+async def hand_over(result: EnqueueResult, pool: asyncpg.Pool | asyncpg.Connection | None = None,
+                    courier: Courier | None = None) -> bool:
     """Deliver a newly accepted, queued refund to the workers (it is committed already).
 
     With ``pool`` (or a connection the caller is not using meanwhile) the refund's slot is
@@ -210,6 +213,7 @@ async def hand_over(result: EnqueueResult, pool: asyncpg.Pool | asyncpg.Connecti
     if result.created and result.refund.state == "queued":
         return await deliver_async(
             result.refund.refund_id, merchant_id=result.refund.merchant_id, rate_limit=result.rate_limit, pool=pool,
+            courier=courier,
         )
     return False
 

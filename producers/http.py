@@ -42,6 +42,7 @@ from pydantic import ValidationError
 from pydantic.json_schema import models_json_schema
 
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
+from refunds.delivery import Courier
 from refunds import metrics, service
 from refunds.http_api import REQUEST_ID_HEADER, error_response, request_ids
 from refunds.errors import IdempotencyConflict, NotFound, RefundRefused
@@ -131,6 +132,7 @@ REDIS = web.AppKey("redis", aioredis.Redis)
 OPENAPI = web.AppKey("openapi", bytes)
 TOKENS = web.AppKey("tokens", TokenCache)
 ACCEPTS = web.AppKey("accepts", AcceptBatcher)
+COURIER = web.AppKey("courier", Courier)
 
 
 # --- the application --------------------------------------------------------------------------
@@ -148,6 +150,7 @@ def create_app(*, database_url: str, redis_url: str | None = None) -> web.Applic
     app[TOKENS] = TokenCache()
     # 4 flushes of up to 64 refunds: the pool's 10 connections leave room for token lookups and reads
     app[ACCEPTS] = AcceptBatcher(app[DATABASE].connection, max_batch=64, max_inflight=4)
+    app[COURIER] = Courier()  # hands accepted refunds to the workers; closed with the app
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     app.router.add_post("/v1/refunds", create_refund)
@@ -174,6 +177,7 @@ async def _start(app: web.Application) -> None:
 
 async def _stop(app: web.Application) -> None:
     await app[DATABASE].close()
+    await app[COURIER].close()
     if REDIS in app:
         await app[REDIS].aclose()
 
@@ -298,7 +302,7 @@ async def create_refund(request: web.Request) -> web.Response:
                 tokens.forget(token.token_hash)
                 raise _unauthorized() from None
         raise
-    await hand_over(result, pool)  # committed, and the connection is back in the pool
+    await hand_over(result, pool, request.app[COURIER])  # committed, and the connection is back in the pool
     refund = result.refund
     log.info("refund %s %s", refund.refund_id, "accepted" if result.created else "replayed",
              extra={"refund_id": str(refund.refund_id), "merchant": refund.merchant_id,
@@ -405,7 +409,7 @@ async def _decide(request: web.Request, decision: str) -> web.Response:
     async with pool.acquire() as conn:
         try:
             moved = await decide(conn, refund_id, decision=decision, approver=token.name, note=note,
-                                 merchants=token.merchants)
+                                 merchants=token.merchants, courier=request.app[COURIER])
         except NotFound as exc:
             raise ApiError(404, "not_found", str(exc)) from None
         except ApprovalError as exc:

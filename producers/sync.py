@@ -22,6 +22,7 @@ from decimal import Decimal
 import asyncpg
 
 from refunds import db as dbmod
+from refunds.delivery import Courier
 from refunds.settings import get_settings
 
 from .enqueue import EnqueueResult, enqueue_refund
@@ -41,6 +42,7 @@ class RefundProducer:
         self._thread: threading.Thread | None = None
         self._pool: asyncio.Future[asyncpg.Pool] | None = None  # on the producer's loop
         self._pid: int | None = None
+        self._courier = Courier()  # hands the refunds over, on the producer's loop
 
     def enqueue(
         self, *, merchant_id: str, original_transaction_id: str, amount: Decimal | str, currency: str,
@@ -92,11 +94,11 @@ class RefundProducer:
                 loop = asyncio.new_event_loop()
                 thread = threading.Thread(target=loop.run_forever, name="refund-producer", daemon=True)
                 thread.start()
-                self._loop, self._thread, self._pid = loop, thread, os.getpid()
+                self._loop, self._thread, self._pid, self._courier = loop, thread, os.getpid(), Courier()
             return self._loop
 
     async def _enqueue(self, kwargs: dict) -> EnqueueResult:
-        return await enqueue_refund(await self._get_pool(), **kwargs)
+        return await enqueue_refund(await self._get_pool(), courier=self._courier, **kwargs)
 
     async def _get_pool(self) -> asyncpg.Pool:
         if self._pool is None:  # set without an await in between: concurrent first calls share one pool
@@ -109,11 +111,12 @@ class RefundProducer:
             raise
 
     async def _close_pool(self) -> None:
-        """Close the pool, then end the loop's other tasks (the Redis courier closes its client)."""
+        """End the loop's other tasks, then close the courier's Redis client and the pool."""
         others = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
         for task in others:
             task.cancel()
         await asyncio.gather(*others, return_exceptions=True)
+        await self._courier.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:

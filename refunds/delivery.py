@@ -5,10 +5,10 @@ and the scheduler's outbox sweep re-delivers any refund whose message was lost. 
 message sent twice is harmless: the worker's claim on the refund decides.
 
 ``deliver`` is the blocking form (workers, scheduler, scripts): dramatiq's own
-``RedisBroker.enqueue``. ``deliver_async`` is for producers on an event loop, where a
+``RedisBroker.enqueue``. A ``Courier`` is for producers on an event loop, where a
 worker-thread hop per refund cost more CPU than the rest of the intake's work: it
 gathers the refunds handed over at the same moment and sends them in one pipelined
-write on an asyncio Redis client, running dramatiq's own ``dispatch`` Lua script with
+write on its asyncio Redis client, running dramatiq's own ``dispatch`` Lua script with
 the arguments ``RedisBroker.enqueue`` gives it (tests/producers/test_producers.py checks that a
 dramatiq consumer reads these messages exactly as its own). If that ever fails for
 another reason than Redis being away, it falls back to ``deliver``.
@@ -35,7 +35,6 @@ import asyncio
 import logging
 import time
 import uuid
-import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
@@ -152,9 +151,14 @@ class _Slot:
         return self.slot_ms - self.booked_at_ms
 
 
-class _Courier:
-    """One per event loop: its Redis client, and the refunds handed over at the same moment,
-    written together (``refunds.coalesce.Coalescer``, one write at a time)."""
+class Courier:
+    """Hands refunds over from an event loop: its Redis client, and the refunds handed over at the
+    same moment, written together (``refunds.coalesce.Coalescer``, one write at a time).
+
+    Its owner closes it (``close()``, or ``async with Courier() as courier``) on the loop that used
+    it: the intake with its application, a CSV import when the file is done, a ``RefundProducer``
+    with its loop. The client is made on the first hand-over, on the loop that makes it.
+    """
 
     def __init__(self) -> None:
         self._writes: Coalescer[_Handover, bool] = Coalescer(
@@ -163,10 +167,38 @@ class _Courier:
         self._client: aioredis.Redis | None = None
         self._enqueue_script = None  # dramatiq's own Lua script, registered on this client
         self._limiter: RateLimiter | None = None  # on the same client
-        self._closer: asyncio.Task | None = None
 
-    async def deliver(self, handover: _Handover) -> bool:
-        return await self._writes(handover)
+    async def __aenter__(self) -> "Courier":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def deliver(
+        self, refund_id: UUID | str, *, merchant_id: str | None = None, rate_limit: Decimal | None = None,
+        pool: asyncpg.Pool | asyncpg.Connection | None = None,
+    ) -> bool:
+        """Hand one refund over, batched with the other hand-overs of the moment.
+
+        With the refund's merchant, its rate limit (per second) and a pool (or connection) to
+        record a far slot as ``delivered_at``, the refund is booked into the merchant's rate-limit
+        schedule and arrives at its slot; without any of them it goes to the ready queue unbooked
+        and a worker books its slot. False (and a log line) if Redis is unreachable.
+        """
+        try:
+            return await self._writes(_Handover(str(refund_id), merchant_id, rate_limit, pool))
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # this caller itself is cancelled
+            return False  # its write was: the outbox sweep delivers it
+
+    async def close(self) -> None:
+        client, self._client, self._broker, self._limiter = self._client, None, None, None
+        if client is not None:
+            try:
+                await client.aclose()
+            except Exception:  # closing a client whose server is gone
+                pass
 
     async def _write(self, batch: list[_Handover]) -> list[bool]:
         try:
@@ -202,15 +234,13 @@ class _Courier:
         """The client (and scripts) for the current producer broker; made anew when it changes."""
         broker = producer_broker()
         if self._broker is not broker:  # first use, or REDIS_URL changed (tests do)
-            await self._close()
+            await self.close()
             self._client = aioredis.Redis.from_url(
                 get_settings().require("redis_url"), socket_connect_timeout=CONNECT_TIMEOUT,
                 socket_timeout=SOCKET_TIMEOUT,
             )
             self._enqueue_script = self._client.register_script(broker.scripts["dispatch"].script)
             self._broker = broker
-            if self._closer is None:
-                self._closer = asyncio.get_running_loop().create_task(self._close_with_loop())
         return broker
 
     async def _book(self, batch: list[_Handover]) -> list[_Slot | None]:
@@ -230,22 +260,6 @@ class _Courier:
                 for index, slot_ms in zip(indexes, booking.slots_ms):
                     slots[index] = _Slot(slot_ms, booking.now_ms)
         return slots
-
-    async def _close_with_loop(self) -> None:
-        """Wait for the loop's end (its tasks are cancelled then) and close the client on it."""
-        try:
-            await asyncio.Event().wait()
-        finally:
-            self._closer = None  # nothing here refers to the loop any more
-            await self._close()
-
-    async def _close(self) -> None:
-        client, self._client, self._broker, self._limiter = self._client, None, None, None
-        if client is not None:
-            try:
-                await client.aclose()
-            except Exception:  # closing a client whose server is gone
-                pass
 
 
 def enqueue_script_call(broker: RedisBroker, message: Message, timestamp_ms: int) -> tuple[list[str], list]:
@@ -318,27 +332,13 @@ async def _record_slots(booked: list[tuple[_Handover, _Slot]]) -> None:
                         " deliver them early, harmlessly", len(ids), type(exc).__name__)
 
 
-_couriers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Courier]" = weakref.WeakKeyDictionary()
-
-
 async def deliver_async(
     refund_id: UUID | str, *, merchant_id: str | None = None, rate_limit: Decimal | None = None,
-    pool: asyncpg.Pool | asyncpg.Connection | None = None,
+    pool: asyncpg.Pool | asyncpg.Connection | None = None, courier: Courier | None = None,
 ) -> bool:
-    """``deliver`` from an event loop, batched with the other deliveries of the moment.
-
-    With the refund's merchant, its rate limit (per second) and a pool (or connection) to
-    record a far slot as ``delivered_at``, the refund is booked into the merchant's rate-limit
-    schedule and arrives at its slot; without any of them it goes to the ready queue unbooked
-    and a worker books its slot. False (and a log line) if Redis is unreachable.
-    """
-    loop = asyncio.get_running_loop()
-    courier = _couriers.get(loop)
-    if courier is None:
-        courier = _couriers[loop] = _Courier()
-    try:
-        return await courier.deliver(_Handover(str(refund_id), merchant_id, rate_limit, pool))
-    except asyncio.CancelledError:
-        if asyncio.current_task().cancelling():
-            raise  # this caller itself is cancelled
-        return False  # its write was, with the loop: the outbox sweep delivers it
+    """``deliver`` from an event loop: through ``courier`` (``Courier.deliver``), or, for a caller
+    handing over one refund now and then, a courier of its own for this refund."""
+    if courier is not None:
+        return await courier.deliver(refund_id, merchant_id=merchant_id, rate_limit=rate_limit, pool=pool)
+    async with Courier() as own:
+        return await own.deliver(refund_id, merchant_id=merchant_id, rate_limit=rate_limit, pool=pool)

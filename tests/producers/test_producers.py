@@ -298,15 +298,16 @@ async def test_python_api_from_another_program(db, database_url, redis_url, make
 
 
 async def test_async_delivery_writes_exactly_what_dramatiq_enqueue_writes(queue):
-    """deliver_async runs dramatiq's dispatch script itself (batched); a dramatiq consumer must not
+    """A courier runs dramatiq's dispatch script itself (batched); a dramatiq consumer must not
     see any difference from RedisBroker.enqueue (deliver). Guards against a dramatiq upgrade."""
-    from refunds.delivery import QUEUE, SEND_REFUND, SEND_REFUNDS, deliver, deliver_async, producer_broker
+    from refunds.delivery import QUEUE, SEND_REFUND, SEND_REFUNDS, Courier, deliver, producer_broker
 
     by_dramatiq = str(uuid.uuid4())
     batched = [str(uuid.uuid4()) for _ in range(3)]
     assert deliver(by_dramatiq)
-    assert await deliver_async(batched[0])  # alone in its write: a send_refund message
-    assert await asyncio.gather(*(deliver_async(refund_id) for refund_id in batched[1:])) == [True] * 2
+    async with Courier() as courier:
+        assert await courier.deliver(batched[0])  # alone in its write: a send_refund message
+        assert await asyncio.gather(*(courier.deliver(refund_id) for refund_id in batched[1:])) == [True] * 2
     assert queue.llen("dramatiq:refunds") == 3  # the two handed over together share one message
     consumer = producer_broker().consume(QUEUE, prefetch=10, timeout=500)
     try:
@@ -332,7 +333,7 @@ async def test_async_delivery_reports_redis_away_without_raising(monkeypatch, re
     """Redis unreachable: False for each refund of the batch (the outbox sweep delivers them later)."""
     import socket
 
-    from refunds.delivery import deliver_async, producer_broker
+    from refunds.delivery import Courier, producer_broker
     from refunds.settings import get_settings
 
     with socket.socket() as sock:
@@ -342,12 +343,30 @@ async def test_async_delivery_reports_redis_away_without_raising(monkeypatch, re
     get_settings.cache_clear()
     producer_broker.cache_clear()
     try:
-        results = await asyncio.gather(*(deliver_async(str(uuid.uuid4())) for _ in range(5)))
+        async with Courier() as courier:
+            results = await asyncio.gather(*(courier.deliver(str(uuid.uuid4())) for _ in range(5)))
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
         producer_broker.cache_clear()
     assert results == [False] * 5
+
+
+async def test_a_courier_leaves_nothing_behind_when_its_owner_closes_it(queue):
+    """The courier is its owner's: closed, it keeps no Redis connection and no task on the loop
+    (no per-loop registry, no task waiting for the loop's end)."""
+    from refunds.delivery import Courier
+
+    def connections() -> int:
+        return sum(1 for client in queue.client_list() if client["name"] == "" and client["cmd"] != "client|list")
+
+    before, tasks_before = connections(), len(asyncio.all_tasks())
+    async with Courier() as courier:
+        assert await asyncio.gather(*(courier.deliver(str(uuid.uuid4())) for _ in range(3))) == [True] * 3
+        assert connections() == before + 1  # one client, shared by the batch
+    assert connections() == before
+    assert len(asyncio.all_tasks()) == tasks_before
+    assert queue.llen("dramatiq:refunds") == 1  # the three went together, in one send_refunds message
 
 
 # --- requests accepted together (producers.accept_batch) ------------------------------------------

@@ -18,7 +18,7 @@ import pytest_asyncio
 import redis
 import redis.asyncio as aioredis
 
-from refunds.delivery import QUEUE, RECORD_SLOT_AHEAD_MS, SEND_REFUND, deliver_async
+from refunds.delivery import QUEUE, RECORD_SLOT_AHEAD_MS, SEND_REFUND, Courier, deliver_async
 from producers.enqueue import accept_refund, enqueue_refund, hand_over
 from refunds import db as dbmod
 from refunds.ratelimit import WINDOW_MS, RateLimiter
@@ -166,8 +166,10 @@ async def test_redis_away_while_booking_postpones_the_batch(monkeypatch, pool, q
         raise redis.ConnectionError("Connection refused")
 
     monkeypatch.setattr(RateLimiter, "book_many", away)
-    results = await asyncio.gather(*(
-        deliver_async(str(uuid.uuid4()), merchant_id="m-away", rate_limit=Decimal(10), pool=pool) for _ in range(3)))
+    async with Courier() as courier:
+        results = await asyncio.gather(*(
+            courier.deliver(str(uuid.uuid4()), merchant_id="m-away", rate_limit=Decimal(10), pool=pool)
+            for _ in range(3)))
     assert results == [False] * 3  # the outbox sweep delivers them later
     assert messages(queue, QUEUE) == [] and messages(queue, DELAY_QUEUE) == []
 
