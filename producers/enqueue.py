@@ -45,9 +45,9 @@ DEFAULT_WINDOW_DAYS = 90
 _REFUND_FIELDS = tuple(name.strip() for name in COLUMNS.split(","))
 ACCEPTED_STATES = ("queued", "awaiting_approval")
 # One row per request: its refund_id, merchant_id, external_ref, original_transaction_id, amount,
-# currency, reason, requested_by, audit actor, now, and the hash of the API token that asks (NULL
-# for other doors), re-checked here: see refunds.tokens. Not per request: the refund window's days
-# per payment method. Requests come as arrays of equal length (``_ACCEPT_MANY``) or, for a request
+# currency, reason, requested_by, audit actor, now, the hash of the API token that asks (NULL
+# for other doors), re-checked here: see refunds.tokens, and the intake call's request id. Not
+# per request: the refund window's days per payment method. Requests come as arrays of equal length (``_ACCEPT_MANY``) or, for a request
 # alone, as plain values (``_ACCEPT_ONE``: the same statement, whose plan Postgres keeps, where an
 # array of unknown length makes it plan again at every call). The refund's first audit row is the
 # state machine's (``first_events``), written in the same statement. Refunds are inserted in
@@ -55,7 +55,7 @@ ACCEPTED_STATES = ("queued", "awaiting_approval")
 _ASKED = (("q_refund_id", "uuid"), ("q_merchant_id", "text"), ("q_external_ref", "text"),
           ("q_transaction_id", "text"), ("q_amount", "numeric"), ("q_currency", "text"),
           ("q_reason", "text"), ("q_requested_by", "text"), ("q_actor", "text"),
-          ("q_now", "timestamptz"), ("q_token_hash", "text"))
+          ("q_now", "timestamptz"), ("q_token_hash", "text"), ("q_request_id", "text"))
 _ACCEPT = f"""
     WITH asked AS (
         {{asked}}
@@ -92,9 +92,9 @@ _ACCEPT = f"""
         FROM found
     ), inserted AS (
         INSERT INTO refunds (refund_id, merchant_id, external_ref, original_transaction_id, amount,
-                             currency, reason, state, requested_by)
+                             currency, reason, state, requested_by, request_id)
         SELECT q_refund_id, q_merchant_id, q_external_ref, q_transaction_id, q_amount, q_currency, q_reason,
-               verdict, q_requested_by
+               verdict, q_requested_by, q_request_id
         FROM judged WHERE verdict IN {ACCEPTED_STATES}
         ORDER BY q_merchant_id, q_transaction_id
         ON CONFLICT ON CONSTRAINT refunds_external_ref_unique DO NOTHING
@@ -184,10 +184,11 @@ async def accept_refund(
 async def accept_request(
     pool: asyncpg.Pool | asyncpg.Connection, request: RefundRequest, *, requested_by: str | None = None,
     now: datetime | None = None, token_hash: str | None = None,
-    accept: "Callable[[Ask], Awaitable[EnqueueResult]] | None" = None,
+    accept: "Callable[[Ask], Awaitable[EnqueueResult]] | None" = None, request_id: str | None = None,
 ) -> EnqueueResult:
-    """``accept_refund`` for a request validated already (the intake validates its body first)."""
-    ask = Ask(request, requested_by, now or datetime.now(timezone.utc), token_hash)
+    """``accept_refund`` for a request validated already (the intake validates its body first);
+    ``request_id``: the intake call's, kept on the refund for the workers' log lines."""
+    ask = Ask(request, requested_by, now or datetime.now(timezone.utc), token_hash, request_id)
     try:
         result = await (accept(ask) if accept is not None else _accept(pool, ask))
     except RefundRefused as refused:
@@ -226,6 +227,7 @@ class Ask:
     requested_by: str | None
     now: datetime
     token_hash: str | None = None
+    request_id: str | None = None
 
 
 async def _accept(pool, ask: Ask) -> EnqueueResult:
@@ -247,7 +249,7 @@ async def run_accept(conn: asyncpg.Connection, asks: list[Ask]) -> list[asyncpg.
         for column, value in zip(columns.values(), (
             uuid.uuid4(), request.merchant_id, request.external_ref, request.original_transaction_id,
             request.amount, request.currency, request.reason, ask.requested_by, ask.requested_by or "producer",
-            ask.now, ask.token_hash,
+            ask.now, ask.token_hash, ask.request_id,
         ), strict=True):
             column.append(value)
     if len(asks) == 1:

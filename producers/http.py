@@ -44,7 +44,7 @@ from pydantic.json_schema import models_json_schema
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
 from refunds.delivery import Courier
 from refunds import metrics, service
-from refunds.http_api import REQUEST_ID_HEADER, error_response, request_ids
+from refunds.http_api import REQUEST_ID, REQUEST_ID_HEADER, error_response, request_ids
 from refunds.errors import IdempotencyConflict, NotFound, RefundRefused
 from refunds.records import (
     Refund, find_by_external_ref, find_refund, list_refunds, page_cursor, parse_cursor, refund_events,
@@ -290,7 +290,7 @@ async def create_refund(request: web.Request) -> web.Response:
             raise
         _scoped(token, asked.merchant_id)
         result = await accept_request(pool, asked, requested_by=token.name, token_hash=token.token_hash,
-                                      accept=request.app[ACCEPTS].accept)
+                                      accept=request.app[ACCEPTS].accept, request_id=request[REQUEST_ID])
     except TokenRevoked:
         tokens.forget(token.token_hash)
         raise _unauthorized() from None

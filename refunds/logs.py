@@ -32,7 +32,7 @@ SENSITIVE_FIELDS = frozenset({
     "secret", "secretkey", "privatekey", "privatekeypem", "password", "masterkey", "refundsmasterkey",
     "signature", "pesignature", "hashstring", "accesskey", "token", "accesstoken", "authorization",
 })
-CONTEXT_FIELDS = ("refund_id", "merchant", "external_ref", "cause")
+CONTEXT_FIELDS = ("refund_id", "merchant", "external_ref", "request_id", "cause")
 _TEXT_PATTERNS = (
     (re.compile(r"-----BEGIN[A-Z ]*PRIVATE KEY-----.*?(-----END[A-Z ]*PRIVATE KEY-----|$)", re.S), REDACTED),
     (re.compile(r"(?i)\b(bearer)\s+(?!\[REDACTED\])[A-Za-z0-9._~+/=-]+"), r"\1 " + REDACTED),

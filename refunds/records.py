@@ -17,7 +17,7 @@ from .money import format_amount
 COLUMNS = (
     "refund_id, merchant_id, external_ref, original_transaction_id, amount, currency, reason, state,"
     " requested_by, attempts, claimed_until, delivered_at, status_checks, next_check_at, provider_refund_id, provider_code, provider_message,"
-    " created_at, updated_at, completed_at"
+    " created_at, updated_at, completed_at, request_id"
 )
 
 
@@ -43,6 +43,7 @@ class Refund:
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+    request_id: str | None = None  # the intake call that created it (refunds.http_api), for the logs
 
     def same_terms(self, *, original_transaction_id: str, amount: Decimal, currency: str, reason: str | None) -> bool:
         """Whether a repeated request asks for exactly this refund (idempotent replay)."""

@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS refunds (
     CONSTRAINT refunds_external_ref_unique UNIQUE (merchant_id, external_ref),
     FOREIGN KEY (merchant_id, original_transaction_id) REFERENCES payments (merchant_id, transaction_id)
 );
+-- The X-Request-Id of the intake call that created the refund (NULL from other doors): the
+-- workers tag their log lines for the refund with it, so an API call joins the lines it caused.
+ALTER TABLE refunds ADD COLUMN IF NOT EXISTS request_id text CHECK (length(request_id) <= 128);
 CREATE INDEX IF NOT EXISTS refunds_open_idx ON refunds (state, updated_at)
     WHERE state IN ('queued', 'submitted', 'pending');
 CREATE INDEX IF NOT EXISTS refunds_payment_idx ON refunds (merchant_id, original_transaction_id);

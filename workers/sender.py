@@ -57,7 +57,8 @@ async def process_refund(res: Resources, refund_id: UUID, slot_ms: int | None = 
         log.warning("refund %s: no such refund, message dropped", refund_id)
         return
     refund, merchant = found
-    with logs.context(refund_id=str(refund.refund_id), merchant=refund.merchant_id, external_ref=refund.external_ref):
+    with logs.context(refund_id=str(refund.refund_id), merchant=refund.merchant_id, external_ref=refund.external_ref,
+                      request_id=refund.request_id):
         try:
             if refund.state == "pending":
                 if refund.next_check_at is None or refund.next_check_at <= datetime.now(timezone.utc):

@@ -39,6 +39,8 @@ async def test_every_answer_names_its_request_and_the_log_joins_it_to_the_refund
     refund_id = (await given.json())["refund_id"]
     [line] = [line for line in map(json.loads, stream.getvalue().splitlines()) if line["msg"].startswith("refund ")]
     assert (line["request_id"], line["refund_id"], line["merchant"]) == ("checkout-42", refund_id, "m1")
+    # kept on the refund: the workers tag their lines for it with the same id (tests/workers/test_worker.py)
+    assert await db.fetchval("SELECT request_id FROM refunds WHERE refund_id = $1::uuid", refund_id) == "checkout-42"
 
     made = await client.get(f"/v1/refunds/{refund_id}", headers={**headers, "X-Request-Id": "bad id with spaces"})
     assert made.status == 200 and len(made.headers["X-Request-Id"]) == 32  # unusable: a new one is made

@@ -214,6 +214,42 @@ async def test_a_failed_status_lookup_releases_the_claim_for_the_delayed_retry(d
     assert len(await ledger(http, sandbox_url)) == 1
 
 
+async def test_the_workers_lines_for_a_refund_carry_the_request_id_of_the_call_that_made_it(db, make_merchant, stack):
+    """The intake's X-Request-Id is kept on the refund; whichever worker takes it (after any
+    re-queue, a Redis loss or the outbox sweep) tags its lines with it."""
+    import io
+    import json
+    import logging
+
+    from producers.enqueue import accept_request
+    from refunds import logs
+    from refunds.requests import RefundRequest
+
+    await make_merchant("m1")
+    await chaos(stack.http, stack.sandbox_url, sync_status_mix={"success": 1})
+    await stack.paid(db, "m1", "CIP-9", "100.00")
+    request = RefundRequest.parse(merchant_id="m1", original_transaction_id="CIP-9", amount="25.00",
+                                  currency="PEN", external_ref="R-1")
+    refund = (await accept_request(db, request, request_id="checkout-77")).refund
+    assert refund.request_id == "checkout-77"
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logs.JsonFormatter())
+    worker_log = logging.getLogger("workers")
+    worker_log.addHandler(handler)
+    level = worker_log.level
+    worker_log.setLevel(logging.INFO)
+    try:
+        await process_refund(stack.res, refund.refund_id)
+    finally:
+        worker_log.removeHandler(handler)
+        worker_log.setLevel(level)
+    assert (await find_refund(db, refund.refund_id)).state == "succeeded"
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert lines  # at least its move to succeeded
+    assert {(line["refund_id"], line["request_id"]) for line in lines} == {(str(refund.refund_id), "checkout-77")}
+
+
 async def test_gateway_exchanges_are_logged_redacted_when_asked(db, make_merchant, stack, monkeypatch, caplog):
     """REFUNDS_LOG_BODIES=1: the worker's client logs each exchange through the core's redacting logger."""
     import json
