@@ -215,6 +215,9 @@ CREATE TABLE IF NOT EXISTS webhook_attempts (
 
 -- The audit row of a move is the outbox's source: a refund accepted, or reaching pending or a
 -- final state, becomes an event for every enabled endpoint subscribed to it (none: nothing written).
+-- Deliveries written, it notifies the channel webhook_deliveries: the scheduler LISTENs on it and
+-- hands them to the workers at once instead of at its next pass. Postgres sends the notification
+-- at commit (none for a move rolled back) and folds a transaction's identical ones into one.
 CREATE OR REPLACE FUNCTION refund_events_to_webhooks() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -248,6 +251,9 @@ BEGIN
     INSERT INTO webhook_deliveries (event_id, endpoint_id)
     SELECT new_event_id, endpoint_id FROM webhook_endpoints
     WHERE disabled_at IS NULL AND refund.merchant_id = ANY (merchants) AND kind = ANY (event_types);
+    IF FOUND THEN
+        PERFORM pg_notify('webhook_deliveries', '');
+    END IF;
     RETURN NULL;
 END $$;
 DROP TRIGGER IF EXISTS refund_events_to_webhooks ON refund_events;

@@ -1,7 +1,8 @@
 """Periodic duties (`python -m workers.scheduler`): the outbox sweep, status polling, gauges.
 
 Postgres is the truth and Redis may lose everything; this loop hands again to Redis
-every refund that should be moving but is not.
+every refund that should be moving but is not. Webhook deliveries are handed over on each
+pass too, and between passes as soon as Postgres says some were written (``listen``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import asyncpg
@@ -33,6 +35,17 @@ WEBHOOK_BATCH = 500
 # it), and with it every delivery; looked for every WATCH_SECONDS, between passes too.
 REDIS_MARK = "refunds:scheduler:mark"
 WATCH_SECONDS = 1.0
+# The channel the webhook outbox trigger notifies (refunds/schema.sql) once it wrote deliveries.
+# A notification is handed over this long after it came, with the rest of its burst, in one
+# ``dispatch_webhooks``. The listening connection is checked every LISTEN_CHECK_SECONDS (a
+# connection lost without a word, as a network partition leaves it) and opened again after a
+# loss within LISTEN_RETRY_SECONDS, doubling up to LISTEN_RETRY_MAX_SECONDS.
+WEBHOOK_CHANNEL = "webhook_deliveries"
+WEBHOOK_COALESCE_SECONDS = 0.05
+LISTEN_APPLICATION = "workers.scheduler:listen"  # its application_name in pg_stat_activity
+LISTEN_CHECK_SECONDS = 30.0
+LISTEN_RETRY_SECONDS = 1.0
+LISTEN_RETRY_MAX_SECONDS = 10.0
 
 
 async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_SECONDS,
@@ -150,16 +163,82 @@ async def sweep_lost(pool: asyncpg.Pool) -> None:
     await sweep_once(pool, lost_before=lost_before)
 
 
-async def pause(stop: asyncio.Event, interval: float) -> None:
-    """Until the next pass: ``interval``, or less once the mark is gone from Redis."""
+async def first_set(events: list[asyncio.Event], timeout: float) -> None:
+    """Until one of ``events`` is set, or ``timeout`` seconds."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
+async def pause(stop: asyncio.Event, interval: float, wake: asyncio.Event | None = None,
+                on_wake: Callable[[], Awaitable[object]] | None = None) -> None:
+    """Until the next pass: ``interval``, or less once the mark is gone from Redis. Each time
+    ``wake`` is set meanwhile (webhook deliveries written), ``on_wake()`` runs once the burst is in."""
     deadline = time.monotonic() + interval
+    watch_at = time.monotonic() + WATCH_SECONDS
+    events = [stop] if wake is None else [stop, wake]
     while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+        await first_set(events, min(left, max(0.0, watch_at - time.monotonic())))
+        if wake is not None and wake.is_set() and not stop.is_set():
+            await asyncio.sleep(WEBHOOK_COALESCE_SECONDS)  # the rest of the burst
+            wake.clear()
+            if on_wake is not None:
+                await on_wake()
+        if time.monotonic() >= watch_at:
+            watch_at = time.monotonic() + WATCH_SECONDS
+            if await ask_redis(lambda client: client.exists(REDIS_MARK)) == 0:
+                return
+
+
+def listen_url(settings) -> str | None:
+    """Where to LISTEN for written webhook deliveries: DATABASE_URL when it reaches Postgres
+    directly; None behind a pooler (DATABASE_POOLER=transaction or prepared), where a session's
+    LISTEN would hold a server connection the pooler hands to others, and notifications go astray."""
+    return settings.database_url if settings.database_pooler == "none" else None
+
+
+async def listen(url: str, wake: asyncio.Event, stop: asyncio.Event) -> None:
+    """Hold a connection of its own LISTENing on WEBHOOK_CHANNEL and set ``wake`` at each
+    notification, until ``stop``. A lost connection (Postgres restarted, the backend
+    terminated) is opened again, and ``wake`` set on each opening: deliveries written while
+    none listened go then. Never raises: the interval's passes hand deliveries over meanwhile."""
+    retry = LISTEN_RETRY_SECONDS
+    while not stop.is_set():
+        conn = None
         try:
-            await asyncio.wait_for(stop.wait(), min(left, WATCH_SECONDS))
-        except asyncio.TimeoutError:
-            pass
-        if await ask_redis(lambda client: client.exists(REDIS_MARK)) == 0:
-            return
+            conn = await db.connect(url)
+            lost = asyncio.Event()
+            conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
+            await conn.execute(f"SET application_name = '{LISTEN_APPLICATION}'")
+            await conn.add_listener(WEBHOOK_CHANNEL, lambda *_notification: wake.set())
+            log.info("listening for webhook deliveries on channel %s", WEBHOOK_CHANNEL)
+            wake.set()
+            retry = LISTEN_RETRY_SECONDS
+            while not stop.is_set() and not lost.is_set():
+                await first_set([stop, lost], LISTEN_CHECK_SECONDS)
+                if not stop.is_set() and not lost.is_set():
+                    await conn.fetchval("SELECT 1", timeout=10)
+            if lost.is_set():
+                raise ConnectionError("the listening connection was closed")
+        except Exception as exc:  # whatever it was, the scheduler runs on and tries again
+            log.warning("webhook listener: %s; listening again in %.0fs (deliveries wait for a pass meanwhile)",
+                        str(exc) or type(exc).__name__, retry)
+            await first_set([stop], retry)
+            retry = min(retry * 2, LISTEN_RETRY_MAX_SECONDS)
+        finally:
+            if conn is not None and not conn.is_closed():
+                conn.terminate()
+
+
+async def hand_over_webhooks(pool: asyncpg.Pool, settings) -> None:
+    """``dispatch_webhooks`` between passes: a failure is logged, the next notification or pass retries."""
+    try:
+        await dispatch_webhooks(pool, settings)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        log.warning("webhook hand-over failed: %s", exc)
 
 
 async def run(interval: float = 5.0) -> None:
@@ -170,6 +249,12 @@ async def run(interval: float = 5.0) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     log.info("scheduler running every %.1fs", interval)
+    url = listen_url(settings)
+    wake = asyncio.Event() if url else None
+    if url is None:
+        log.info("webhook deliveries are handed over at each pass only (every %.1fs): DATABASE_POOLER=%s, and "
+                 "LISTEN needs a direct connection to Postgres", interval, settings.database_pooler)
+    listener = asyncio.create_task(listen(url, wake, stop)) if url else None
     next_purge = 0.0
     marked = False  # this scheduler's mark was in Redis at a pass
     beats = heartbeat.folder("scheduler")
@@ -190,8 +275,11 @@ async def run(interval: float = 5.0) -> None:
                     next_purge = time.monotonic() + RETENTION_INTERVAL_SECONDS
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("scheduler pass failed: %s", exc)
-            await pause(stop, interval)
+            await pause(stop, interval, wake, lambda: hand_over_webhooks(pool, settings))
     finally:
+        if listener is not None:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
         heartbeat.stop(beats)
         await pool.close()
 
