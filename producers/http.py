@@ -52,7 +52,7 @@ from refunds.records import (
 from refunds import webhooks
 from refunds.requests import (
     ANSWER_MODELS, EXTERNAL_REF, REQUEST_MODELS, Decision, M, RefundListQuery, RefundLookup, RefundRequest,
-    WebhookRequest, WebhookRotation, validated,
+    WebhookRequest, WebhookRotation, refund_view, validated,
 )
 from refunds.vault import vault_from_settings
 from refunds.settings import get_settings
@@ -256,7 +256,7 @@ def _refused(exc: RefundRefused) -> None:
 
 
 async def _with_events(conn: asyncpg.Connection, refund: Refund) -> dict:
-    return {**refund.to_json(), "events": await refund_events(conn, refund.refund_id)}
+    return {**refund_view(refund), "events": await refund_events(conn, refund.refund_id)}
 
 
 # --- refunds ----------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ async def list_or_find_refunds(request: web.Request) -> web.Response:
         found = await list_refunds(conn, merchant_id=query.merchant_id, state=query.state, after=after,
                                    limit=query.limit + 1)
     page = found[:query.limit]
-    return web.json_response({"refunds": [refund.to_json() for refund in page],
+    return web.json_response({"refunds": [refund_view(refund) for refund in page],
                               "next_cursor": page_cursor(page[-1]) if len(found) > query.limit else None})
 
 

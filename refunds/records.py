@@ -12,7 +12,6 @@ from uuid import UUID
 import asyncpg
 
 from .merchants import Merchant
-from .money import format_amount
 
 COLUMNS = (
     "refund_id, merchant_id, external_ref, original_transaction_id, amount, currency, reason, state,"
@@ -53,26 +52,6 @@ class Refund:
             and self.currency == currency
             and (self.reason or None) == (reason or None)
         )
-
-    def to_json(self) -> dict:
-        return {
-            "refund_id": str(self.refund_id),
-            "merchant_id": self.merchant_id,
-            "external_ref": self.external_ref,
-            "original_transaction_id": self.original_transaction_id,
-            "amount": format_amount(self.amount),
-            "currency": self.currency,
-            "reason": self.reason,
-            "state": self.state,
-            "requested_by": self.requested_by,
-            "attempts": self.attempts,
-            "provider_refund_id": self.provider_refund_id,
-            "provider_code": self.provider_code,
-            "provider_message": self.provider_message,
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
-            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
-        }
 
 
 def from_row(row: asyncpg.Record) -> Refund:

@@ -185,7 +185,7 @@ class Event(_Answer):
 
 
 class RefundView(_Answer):
-    """A refund as stored (``Refund.to_json``)."""
+    """A refund as stored (``refund_view``)."""
 
     refund_id: UUID
     merchant_id: str
@@ -203,6 +203,20 @@ class RefundView(_Answer):
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+
+
+def refund_view(refund) -> dict:
+    """A ``refunds.records.Refund`` as the intake API and refundctl show it: ``RefundView``'s fields,
+    JSON-ready (amounts as strings, times in ISO 8601), read from the record without validating it."""
+    return {name: _json_ready(getattr(refund, name)) for name in RefundView.model_fields}
+
+
+def _json_ready(value):
+    if isinstance(value, Decimal):
+        return format_amount(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value) if isinstance(value, UUID) else value
 
 
 class RefundWithEvents(RefundView):

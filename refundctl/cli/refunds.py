@@ -37,7 +37,9 @@ def cmd_refund_create(args) -> int:
             print(json.dumps({"error": error}, indent=2))
         print(f"refused: {refused.message}", file=sys.stderr)
         return 1
-    document = {**result.refund.to_json(), "replay": not result.created}
+    from refunds.requests import refund_view
+
+    document = {**refund_view(result.refund), "replay": not result.created}
     emit(args, document, lambda: print(
         f"refund {result.refund.refund_id} {'accepted' if result.created else 'already accepted'}: {result.refund.state}"
     ))
@@ -46,10 +48,11 @@ def cmd_refund_create(args) -> int:
 
 def cmd_refund_list(args) -> int:
     from refunds.records import list_refunds
+    from refunds.requests import refund_view
 
     refunds = asyncio.run(with_conn(lambda conn: list_refunds(conn, merchant_id=args.merchant, state=args.state)))
     shown, cursor = page(args, refunds, lambda r: (stamp(r.created_at), str(r.refund_id)), parts=2)
-    views = [r.to_json() for r in shown]
+    views = [refund_view(r) for r in shown]
     emit_page(args, "refunds", views, cursor, lambda: table(
         "refunds", ["refund", "merchant", "external ref", "transaction", "amount", "state", "updated"],
         [[v["refund_id"], v["merchant_id"], v["external_ref"], v["original_transaction_id"],
@@ -81,10 +84,12 @@ async def resolve(conn, ref: str):
 
 
 def _show(args, refund, events) -> None:
-    document = {**refund.to_json(), "events": events}
+    from refunds.requests import refund_view
+
+    document = {**refund_view(refund), "events": events}
 
     def human():
-        for key, value in refund.to_json().items():
+        for key, value in refund_view(refund).items():
             print(f"{key:>24}: {terminal_safe(value)}")
         table("history", ["at", "from", "to", "by", "code", "message"],
               [[e["occurred_at"], e["from_state"], e["to_state"], e["actor"], e["code"], e["message"]] for e in events])

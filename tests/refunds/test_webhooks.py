@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 import standardwebhooks
@@ -13,6 +13,8 @@ import standardwebhooks
 from producers.enqueue import accept_refund
 from refunds import webhooks
 from refunds.errors import RefundRefused
+from refunds.records import find_refund
+from refunds.requests import refund_view
 from refunds.states import Move, transition, transition_many
 from tests.helpers import paid
 
@@ -51,6 +53,11 @@ async def test_each_move_writes_its_event_for_each_subscribed_endpoint_in_its_tr
     data = json.loads(await db.fetchval("SELECT data::text FROM webhook_events WHERE event_type = 'refund.succeeded'"))
     assert (data["refund_id"], data["amount"], data["external_ref"], data["provider_refund_id"]) == (
         str(refund.refund_id), "10.00", "R-1", "PE-1")
+    # the refund as the intake API shows it (the trigger builds it in SQL: the two must not drift)
+    api = refund_view(await find_refund(db, refund.refund_id))
+    times = ("created_at", "updated_at", "completed_at")
+    assert {k: v for k, v in data.items() if k not in times} == {k: v for k, v in api.items() if k not in times}
+    assert [datetime.fromisoformat(data[k]) for k in times] == [datetime.fromisoformat(api[k]) for k in times]
     deliveries = await db.fetch("SELECT endpoint_id, count(*) FROM webhook_deliveries GROUP BY endpoint_id")
     assert {row["endpoint_id"]: row["count"] for row in deliveries} == {everything.endpoint_id: 3,
                                                                         finals.endpoint_id: 1}
