@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(default=1024, ge=1)
     # Refund window per payment method, in days (cash: 90 by PagoEfectivo practice).
     refund_window_days: dict[str, int] = {"cash": 90, "bank_transfer": 90}
+    # Workers: a process silent on Redis this long (a live one polls ten times a second) is
+    # presumed dead, and the messages it had fetched go back to their queue for the others.
+    worker_dead_after_seconds: float = Field(default=10, ge=2, le=600)
     # Worker: how long one claim on a refund lasts before another delivery may take it over.
     refund_claim_seconds: int = Field(default=60, ge=5)
     # Producers: refunds handed over together travel in one message, up to this many; a worker

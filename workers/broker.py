@@ -11,6 +11,7 @@ from dramatiq.brokers.redis import RedisBroker  # noqa: E402
 from dramatiq.middleware import AsyncIO  # noqa: E402
 
 from refunds import logs  # noqa: E402
+from refunds.delivery import broker_options  # noqa: E402
 from refunds.settings import get_settings  # noqa: E402
 
 from .resources import UvloopPolicy, WorkerResources  # noqa: E402
@@ -40,7 +41,7 @@ class PromptRedisBroker(RedisBroker):
 
 
 def setup_broker() -> RedisBroker:
-    broker = PromptRedisBroker(url=get_settings().require("redis_url"))
+    broker = PromptRedisBroker(**broker_options())
     broker.add_middleware(JsonLogs())
     broker.add_middleware(WorkerMetrics())
     broker.add_middleware(UvloopPolicy())
