@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import aiohttp
+import asyncpg
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
@@ -102,9 +103,22 @@ async def expect_continue(request: web.Request) -> None:
 
 
 async def _start(app: web.Application) -> None:
+    metrics.initialise_receiver_series(events.KNOWN_EVENTS)
     await app[DATABASE].start()
+    await _initialise_merchant_series(app[DATABASE])
     if REPLAYER in app:
         app[REPLAYER].start()
+
+
+async def _initialise_merchant_series(database: Database) -> None:
+    """Known merchants' completion series at 0, as the workers start theirs, so that increase()
+    counts a merchant's first completion settled by a notification. Metrics only: a receiver whose
+    Postgres is away at start serves without them (a merchant's series then starts at its first completion)."""
+    try:
+        async with database.connection() as conn:
+            await metrics.initialise_known_merchants(conn)
+    except (Unavailable, asyncpg.PostgresError) as exc:
+        log.warning("merchant metric series not initialised: %s", exc)
 
 
 async def _stop(app: web.Application) -> None:

@@ -107,6 +107,16 @@ def initialise_merchant_series(merchant_ids: Iterable[str]) -> None:
         refund_completion_seconds.labels(merchant)
 
 
+async def initialise_known_merchants(conn) -> int:
+    """``initialise_merchant_series`` for the merchants of the store, the first MERCHANT_LABEL_LIMIT
+    by id (the label bound takes no more); ``conn`` is an asyncpg connection or pool. Returns how
+    many. Workers and the receiver call it at start; a merchant added later starts at its first
+    completion in each process."""
+    rows = await conn.fetch("SELECT merchant_id FROM merchants ORDER BY merchant_id LIMIT $1", MERCHANT_LABEL_LIMIT)
+    initialise_merchant_series(row["merchant_id"] for row in rows)
+    return len(rows)
+
+
 def initialise_receiver_series(event_types: Iterable[str]) -> None:
     """The receiver's label sets at 0. A series born at 1 shows no increase() in Prometheus, so
     without this the first invalid signature after a start would not fire the alert."""

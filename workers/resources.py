@@ -152,9 +152,7 @@ class WorkerResources(dramatiq.Middleware):
             os._exit(status)
         log.info("worker resources open")
         try:
-            merchant_ids = get_event_loop_thread().run_coroutine(_current.pool.fetch(
-                "SELECT merchant_id FROM merchants ORDER BY merchant_id LIMIT $1", metrics.MERCHANT_LABEL_LIMIT))
-            metrics.initialise_merchant_series(row["merchant_id"] for row in merchant_ids)
+            get_event_loop_thread().run_coroutine(metrics.initialise_known_merchants(_current.pool))
         except (OSError, asyncpg.PostgresError) as exc:  # metrics only: the worker works without them
             log.warning("merchant metric series not initialised: %s", exc)
         # the liveness probe: beats from the event loop every refund runs on, so a blocked loop stops them

@@ -1,5 +1,6 @@
 """The merchant label is bounded per process, and completions carry it (refunds.metrics)."""
 
+import uuid
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
@@ -7,6 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from refunds import metrics
+from refunds.db import create_pool
 
 
 @pytest.fixture
@@ -37,3 +39,19 @@ def test_known_merchants_start_at_zero_within_the_bound(fresh_labels):
         assert REGISTRY.get_sample_value("refunds_completed_total", {"status": status, "merchant": "k-3"}) == 0
     assert REGISTRY.get_sample_value("refund_completion_seconds_count", {"merchant": "k-1"}) == 0
     assert REGISTRY.get_sample_value("refunds_completed_total", {"status": "failed", "merchant": "k-4"}) is None
+
+
+async def test_the_store_s_first_merchants_by_id_start_at_zero_from_a_pool(database_url, make_merchant, fresh_labels):
+    """What a worker process does at boot with its pool (the receiver: tests/receiver/test_receiver_metrics.py)."""
+    prefix = f"kp{uuid.uuid4().hex[:8]}"
+    for suffix in ("d", "b", "a", "c"):
+        await make_merchant(f"{prefix}-{suffix}")
+    pool = await create_pool(database_url, min_size=1, max_size=1)
+    try:
+        assert await metrics.initialise_known_merchants(pool) == 3  # the bound (3 here) by id
+    finally:
+        await pool.close()
+    for suffix in ("a", "b", "c"):
+        assert REGISTRY.get_sample_value("refunds_completed_total",
+                                         {"status": "succeeded", "merchant": f"{prefix}-{suffix}"}) == 0
+    assert REGISTRY.get_sample_value("refund_completion_seconds_count", {"merchant": f"{prefix}-d"}) is None
