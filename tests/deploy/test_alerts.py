@@ -133,3 +133,80 @@ def test_the_documented_runbook_base_substitution_makes_every_link_absolute(prom
 def _slug(heading: str) -> str:
     """GitHub's anchor for a Markdown heading."""
     return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+# --- several deployments in one Prometheus: no aggregation merges them ----------------------------
+
+DEPLOYMENT_LABELS = {"cluster", "namespace"}
+AGGREGATIONS = ("sum", "min", "max", "avg", "group", "count", "count_values", "stddev", "stdvar", "topk", "bottomk",
+                "quantile", "limitk", "limit_ratio")
+
+
+def _closing(text: str, opening: int) -> int:
+    """The index of the parenthesis closing the one at ``opening``."""
+    depth = 0
+    for index in range(opening, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[index], 0)
+        if depth == 0:
+            return index
+    raise ValueError(f"unbalanced parentheses in {text!r}")
+
+
+def merged_deployments(expr: str) -> list[str]:
+    """Where ``expr`` merges the series of several deployments: an aggregation whose by (...)
+    lacks cluster or namespace (or whose without (...) names them, or that has neither), a
+    vector matching on (...) that lacks them or ignoring (...) that names them, vector() (a
+    value of no deployment). absent(), which keeps no label, is the one exception: the whole
+    expression only (docs/OPERATIONS.md "Alert rules")."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # label values cannot look like operators
+    if re.fullmatch(r"\s*absent\([^()]*\)\s*", text):
+        return []
+    found = []
+    for match in re.finditer(rf"\b({'|'.join(AGGREGATIONS)})\s*(?:(by|without)\s*\(([^)]*)\)\s*)?\(", text):
+        name, modifier, labels = match.groups()
+        if modifier is None:  # the grouping may follow the arguments: sum(x) by (namespace)
+            after = re.match(r"\s*(by|without)\s*\(([^)]*)\)", text[_closing(text, match.end() - 1) + 1:])
+            modifier, labels = after.groups() if after else (None, "")
+        grouped = {label.strip() for label in (labels or "").split(",") if label.strip()}
+        if modifier == "without" and grouped & DEPLOYMENT_LABELS or \
+                modifier != "without" and not DEPLOYMENT_LABELS <= grouped:
+            found.append(f"{name} {modifier} ({labels})" if modifier else name)
+    for match in re.finditer(r"\b(on|ignoring)\s*\(([^)]*)\)", text):
+        keyword, labels = match.groups()
+        matched = {label.strip() for label in labels.split(",") if label.strip()}
+        if keyword == "on" and not DEPLOYMENT_LABELS <= matched or keyword == "ignoring" and matched & DEPLOYMENT_LABELS:
+            found.append(f"{keyword} ({labels})")
+    found += [f"{call}(...)" for call in re.findall(r"\b(vector|absent|absent_over_time|scalar)\s*\(", text)]
+    return found
+
+
+def test_no_alert_merges_the_deployments_of_one_prometheus():
+    """Every aggregation keeps cluster and namespace, so two deployments are alerted on their own
+    numbers (alerts.test.yml: "several deployments in one Prometheus")."""
+    aggregations = 0
+    for rule in alert_rules():
+        assert merged_deployments(rule["expr"]) == [], f"{rule['alert']}: {rule['expr']}"
+        aggregations += len(re.findall(rf"\b({'|'.join(AGGREGATIONS)})\s*(?:by|without|\()",
+                                       re.sub(r'"[^"]*"', '""', rule["expr"])))
+    assert aggregations >= 20  # the check above did look at them
+
+
+@pytest.mark.parametrize("expr, merged", [
+    ("sum(rate(x[5m])) > 1", ["sum"]),
+    ("sum by (le) (rate(x[5m]))", ["sum by (le)"]),
+    ("sum by (namespace) (x) > 1", ["sum by (namespace)"]),  # two clusters' "refunds" namespaces merged
+    ("sum(x) by (instance) / sum(y) by (cluster, namespace)", ["sum by (instance)"]),
+    ("max without (namespace, instance) (x) > 1", ["max without (namespace, instance)"]),
+    ('(sum by (cluster, namespace) (x{s="max"}) or on() vector(0)) > 0', ["on ()", "vector(...)"]),
+    ("a / ignoring (namespace) b", ["ignoring (namespace)"]),
+    ('time() - max(x or y{job="z"}) > 120', ["max"]),
+    ("absent(up{job=\"x\"}) or absent(up{job=\"y\"})", ["absent(...)", "absent(...)"]),
+    # kept: grouped by both, or without others; absent() alone; a plain selector
+    ("histogram_quantile(0.95, sum by (cluster, namespace, le) (rate(x_bucket[10m]))) > 300", []),
+    ("sum(x) by (namespace, cluster) > 1", []),
+    ("max without (instance, pod) (x) > 1", []),
+    ('absent(up{job="refunds-intake"})', []),
+    ('up{job=~"refunds-.*"} == 0', []),
+])
+def test_the_deployment_check_tells_a_merging_aggregation(expr, merged):
+    assert merged_deployments(expr) == merged
