@@ -15,12 +15,14 @@ from __future__ import annotations
 import configparser
 import fnmatch
 import functools
+import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -320,16 +322,70 @@ def test_compose_healthchecks_and_ports():
         deps = service["depends_on"]
         assert deps["migrate"]["condition"] == "service_completed_successfully", name
         assert deps["redis"]["condition"] == deps["postgres"]["condition"] == "service_healthy", name
-        test = " ".join(service["healthcheck"]["test"])
         port = int(service["environment"].get(PORT_SETTING[kind], DEFAULT_PORTS[kind]))
-        urls = re.findall(r"http://(?:127\.0\.0\.1|localhost):(\d+)(/\w*)", test)
-        assert urls, f"{name}: healthcheck does not call an HTTP endpoint: {test}"
-        for url_port, path in urls:
-            assert int(url_port) == port and path in SERVED_PATHS[kind], f"{name}: {test}"
-        if "/healthz" in SERVED_PATHS[kind]:
+        if kind in HEARTBEAT_KINDS:  # checked below: test_compose_worker_and_scheduler_health_is_their_heartbeat
+            assert service["healthcheck"]["test"][:5] == ["CMD", "python", "-m", "workers.heartbeat", kind], name
+        else:
+            test = " ".join(service["healthcheck"]["test"])
+            urls = re.findall(r"http://(?:127\.0\.0\.1|localhost):(\d+)(/\w*)", test)
+            assert urls, f"{name}: healthcheck does not call an HTTP endpoint: {test}"
+            for url_port, path in urls:
+                assert int(url_port) == port and path in SERVED_PATHS[kind], f"{name}: {test}"
             assert "/healthz" in test, f"{name}: the healthcheck should use /healthz"
         published = [str(p) for p in service.get("ports", [])] + [str(p) for p in service.get("expose", [])]
         assert any(p.endswith(str(port)) for p in published), f"{name}: port {port} neither published nor exposed"
+
+
+HEARTBEAT_KINDS = ("worker", "scheduler")  # /metrics outlives a hung loop: their health is the loop's heartbeat
+
+
+def _liveness_args(kind: str) -> list[str]:
+    """The Kubernetes liveness command of ``kind``'s Deployment."""
+    (deployment,) = [d for d in k8s_workloads() if _kind_of_deployment(d) == kind]
+    (container,) = _pod_spec(deployment)["containers"]
+    return container["livenessProbe"]["exec"]["command"]
+
+
+def test_compose_worker_and_scheduler_health_is_their_heartbeat(tmp_path):
+    """The healthcheck command as Docker runs it in the container (the environment Compose gives
+    it, a TMPDIR of its own): healthy while the process beats, unhealthy when its beat is stale or
+    there is none; and it leaves no metrics file where the workers' /metrics would sum it."""
+    from workers import heartbeat
+
+    resolved = _compose_config()["services"]
+    for name, (kind, _, service) in compose_refund_services().items():
+        if kind not in HEARTBEAT_KINDS:
+            continue
+        check = resolved[name]["healthcheck"]
+        command = check["test"][1:]
+        assert check["test"][0] == "CMD" and command == _liveness_args(kind), f"{name}: as Kubernetes' liveness"
+        max_age = float(command[command.index("--max-age") + 1])
+        assert parse_duration(check["timeout"]) >= 10, f"{name}: the probe starts Python"
+        assert parse_duration(check["start_period"]) >= 30, f"{name}: no beat before the process is up"
+        tmp = tmp_path / kind
+        tmp.mkdir()
+        env = {**os.environ, **resolved[name]["environment"], "TMPDIR": str(tmp)}
+        env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        if "PROMETHEUS_MULTIPROC_DIR" in resolved[name]["environment"]:  # the folder the workers made, here
+            env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp / "worker-metrics")
+            (tmp / "worker-metrics").mkdir()
+
+        def probe() -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable if command[0] == "python" else command[0], *command[1:]],
+                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+        run = probe()
+        assert run.returncode == 1 and "no process beats" in run.stderr, f"{name}: {run.stderr}"
+        port = env["METRICS_PORT"] if kind == "worker" else env.get("SCHEDULER_METRICS_PORT", "9192")
+        beats = tmp / f"refunds-heartbeat-{kind}-{port}"
+        heartbeat.beat(beats)  # this test's process stands for a live worker or scheduler
+        run = probe()
+        assert run.returncode == 0, f"{name}: {run.stderr}"
+        stale = time.time() - max_age - 5
+        os.utime(beats / str(os.getpid()), (stale, stale))
+        run = probe()
+        assert run.returncode == 1 and "loop stuck" in run.stderr, f"{name}: {run.stderr}"
+        assert not list(tmp.rglob("*.db")), f"{name}: the healthcheck wrote metrics files {list(tmp.rglob('*.db'))}"
 
 
 def test_compose_worker_replicas_and_grace_period():
@@ -365,11 +421,35 @@ def _inline_config(name: str) -> dict:
     return yaml.safe_load(compose()["configs"][name]["content"])
 
 
+def _rules_volume() -> tuple[str, str, str]:
+    """(named volume, the rendered file's path in prometheus-rules, its path in prometheus)."""
+    services = compose()["services"]
+    rendered = re.search(r"> (/\S+)\.new;", _render_command())[1]
+
+    def mounts(name: str) -> dict[str, str]:
+        return {str(v).split(":")[0]: str(v).split(":")[1] for v in services[name]["volumes"]}
+
+    writer, reader = mounts("prometheus-rules"), mounts("prometheus")
+    (volume,) = [source for source, target in writer.items() if rendered.startswith(target + "/")]
+    assert volume in compose()["volumes"]
+    return volume, rendered, reader[volume] + rendered.removeprefix(writer[volume])
+
+
+def _render_command() -> str:
+    entrypoint, command = compose()["services"]["prometheus-rules"]["entrypoint"], \
+        compose()["services"]["prometheus-rules"]["command"]
+    assert entrypoint == ["sh", "-c"] and len(command) == 1
+    return command[0]
+
+
 def test_compose_prometheus_uses_the_repository_rules_and_job_names():
     services = compose()["services"]
     prometheus = services["prometheus"]
-    mounts = dict(_bind_mounts(prometheus))
-    alerts_target = mounts[DEPLOY / "prometheus" / "alerts.yml"]
+    # the rules: alerts.yml as prometheus-rules renders it into a volume that Prometheus mounts
+    assert dict(_bind_mounts(services["prometheus-rules"]))[DEPLOY / "prometheus" / "alerts.yml"] == "/rules/alerts.yml"
+    assert not _bind_mounts(prometheus), "Prometheus reads the rendered rules, not the repository's file"
+    _, _, alerts_target = _rules_volume()
+    assert prometheus["depends_on"]["prometheus-rules"]["condition"] == "service_completed_successfully"
     (config,) = prometheus["configs"]
     assert config["target"] == "/etc/prometheus/prometheus.yml"
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
@@ -389,6 +469,52 @@ def test_compose_prometheus_uses_the_repository_rules_and_job_names():
             host, port = target.split(":")
             assert job_name == f"refunds-{kinds[host]}" and int(port) == METRICS_PORTS[kinds[host]], target
     assert jobs["refunds-worker"].get("dns_sd_configs"), "every worker replica must be scraped, not one at random"
+
+
+def _compose_config(**env: str) -> dict:
+    """The compose model as Compose resolves it (interpolated with ``env``, no .env file)."""
+    cli = compose_cli()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "DOCKER_")) and k not in env}
+    run = subprocess.run([*cli, "-f", str(COMPOSE_FILE), "--project-directory", str(COMPOSE_DIR), "config",
+                          "--format", "json"], capture_output=True, text=True, timeout=120, env={**clean, **env})
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout)
+
+
+@pytest.mark.parametrize("base", [None, "https://git.example.org/payments/refunds/-/blob/v1.2.0/docs"])
+def test_compose_renders_the_rules_with_the_runbook_base(tmp_path, base):
+    """prometheus-rules' own command, run by a shell as the container runs it (its mounts mapped
+    to folders here): every runbook link of the rules Prometheus reads starts with
+    RUNBOOK_BASE_URL, or with the default when it is not set; none keeps the placeholder."""
+    from tests.deploy.test_alerts import RUNBOOK_PLACEHOLDER
+
+    service = _compose_config(**({"RUNBOOK_BASE_URL": base} if base else {}))["services"]["prometheus-rules"]
+    expected = base or re.search(r"\$\{RUNBOOK_BASE_URL:-([^}]+)\}", COMPOSE_FILE.read_text())[1]
+    assert RUNBOOK_PLACEHOLDER not in expected and expected.startswith("https://")
+    (script,) = service["command"]
+    script = script.replace("$$", "$")  # Compose's escape for a literal $, undone in the container
+    for mount in sorted(service["volumes"], key=lambda m: -len(m["target"])):
+        here = Path(mount["source"]) if mount["type"] == "bind" else tmp_path / mount["source"]
+        here.mkdir(exist_ok=True) if mount["type"] == "volume" else None
+        script = script.replace(mount["target"], str(here))
+    shell = [*service["entrypoint"], script]
+    run = subprocess.run(shell, env={"PATH": os.environ["PATH"], **service["environment"]}, capture_output=True,
+                         text=True, timeout=30)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"alert rules: runbook links on {expected}"
+    volume, rendered, _ = _rules_volume()
+    text = (tmp_path / volume / Path(rendered).name).read_text()
+    assert RUNBOOK_PLACEHOLDER not in text and not list((tmp_path / volume).glob("*.new"))
+    rules = [rule for group in yaml.safe_load(text)["groups"] for rule in group["rules"]]
+    assert rules and all(rule["annotations"]["runbook_url"].startswith(f"{expected}/OPERATIONS.md#")
+                         for rule in rules)
+    # the rest of the rules is the repository's, untouched
+    assert text.replace(expected, RUNBOOK_PLACEHOLDER) == (DEPLOY / "prometheus" / "alerts.yml").read_text()
+    promtool = shutil.which("promtool")
+    if promtool:
+        check = subprocess.run([promtool, "check", "rules", str(tmp_path / volume / Path(rendered).name)],
+                               capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_compose_grafana_provisions_the_repository_dashboards():
