@@ -67,8 +67,10 @@ class Settings(BaseSettings):
     # Workers: a process silent on Redis this long (a live one polls ten times a second) is
     # presumed dead, and the messages it had fetched go back to their queue for the others.
     worker_dead_after_seconds: float = Field(default=10, ge=2, le=600)
-    # Worker: how long one claim on a refund lasts before another delivery may take it over.
-    refund_claim_seconds: int = Field(default=60, ge=5)
+    # Worker: how long one claim on a refund lasts before another delivery may take it over; its
+    # holder renews it every quarter of that while it works (workers.claims), and sends only
+    # while half of it is left: at least twice the gateway client's timeout (10 s).
+    refund_claim_seconds: int = Field(default=20, ge=5)
     # Producers: refunds handed over together travel in one message, up to this many; a worker
     # thread carries a message's refunds at once, so in flight per worker process is at most
     # threads x this. 1: one message per refund.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from uuid import UUID
 
 import asyncpg
@@ -238,6 +239,24 @@ async def claim_many(conn: asyncpg.Connection, refund_ids: Sequence[UUID], *, ac
     claimed = {row["refund_id"]: (from_row(row), row["from_state"]) for row in rows}
     # a refund asked for twice is claimed once: only its first asker may talk to the gateway
     return [claimed.pop(refund_id, None) for refund_id in refund_ids]
+
+
+_RENEW_CLAIMS = Statement(
+    """UPDATE refunds r SET claimed_until = now() + make_interval(secs => $claim_seconds)
+       FROM unnest($refund_ids::uuid[], $held_until::timestamptz[]) AS h (refund_id, claimed_until)
+       WHERE r.refund_id = h.refund_id AND r.state = 'submitted' AND r.claimed_until = h.claimed_until
+       RETURNING r.refund_id, r.claimed_until""")
+
+
+async def renew_claims(conn: asyncpg.Connection, held: Sequence[tuple[UUID, datetime]], *,
+                       claim_seconds: float) -> dict[UUID, datetime]:
+    """Extend claims still held: each is matched by the ``claimed_until`` its holder last set, so a
+    claim that expired and was taken by another worker is never extended by the one that lost it.
+    The new ``claimed_until`` of each claim extended; one statement."""
+    rows = await conn.fetch(_RENEW_CLAIMS.text, *_RENEW_CLAIMS.args(
+        claim_seconds=claim_seconds, refund_ids=[refund_id for refund_id, _ in held],
+        held_until=[until for _, until in held]))
+    return {row["refund_id"]: row["claimed_until"] for row in rows}
 
 
 async def release_claim(conn: asyncpg.Connection, refund_id: UUID, *, code: str | None, message: str | None) -> None:

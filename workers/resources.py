@@ -32,9 +32,9 @@ from refunds.states import Move, claim_many, transition_many
 from refunds.vault import Vault, vault_from_settings
 from refunds.webhooks import parse_networks
 
-from .webhooks import webhook_session
-
 from . import heartbeat
+from .claims import Claims
+from .webhooks import webhook_session
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class Resources:
     move: Coalescer[Move, Refund | None] = field(init=False)
     # the refunds this process works on at once (WORKER_IN_FLIGHT), whichever messages carry them
     in_flight: asyncio.Semaphore = field(init=False)
+    # the claims it holds, renewed while it works on them (workers.claims)
+    claims: Claims = field(init=False)
 
     def __post_init__(self) -> None:
         self.credentials = functools.lru_cache(maxsize=1024)(
@@ -84,6 +86,7 @@ class Resources:
                               keys=lambda move: (move.refund_id,), alone_on=(asyncpg.DeadlockDetectedError,),
                               name="refund moves")
         self.in_flight = asyncio.Semaphore(self.settings.worker_in_flight)
+        self.claims = Claims(self.pool, self.settings.refund_claim_seconds)
 
     def _on_connection(self, statement):
         async def run(items):
@@ -104,6 +107,7 @@ class Resources:
         return cls(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client), hooks)
 
     async def close(self) -> None:
+        await self.claims.close()
         if self.webhook_session is not None:
             await self.webhook_session.close()
         await self.session.close()

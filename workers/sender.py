@@ -40,6 +40,9 @@ ANSWER_STATES = {"success": "succeeded", "failure": "failed", "pending": "pendin
 # The codes an attempt releases its claim with when it sent nothing the gateway executed.
 PAUSED = "rate_limit_paused"  # the merchant's requests were paused (a 429 elsewhere) as this one was to leave
 NOTHING_SENT = frozenset({RATE_LIMITED, PAUSED})
+# An attempt stopped because its claim could not be renewed (workers.claims); an earlier try of
+# the same attempt may have reached the gateway, so the next one asks for status first.
+CLAIM_RUNNING_OUT = "claim_running_out"
 
 
 class _Paused(Exception):
@@ -99,16 +102,20 @@ async def _ask_gateway(res: Resources, refund: Refund, merchant: Merchant, creds
     if decision.wait_ms:
         await _defer(res, refund, decision.wait_ms, rate_limited=True, slot_ms=decision.slot_ms)
         return None
+    asked_at = time.monotonic()
     claimed = await res.claim(refund.refund_id)
     if claimed is None:
         return None  # another worker holds the claim, or the refund moved on
     refund, claimed_from = claimed
+    res.claims.hold(refund.refund_id, refund.claimed_until, asked_at)
     try:
         return await _attempt(res, refund, claimed_from, merchant, creds)
     except RetryLater as exc:  # the claim is released first, so that the delayed retry can take it
         async with res.pool.acquire() as conn:
             await release_claim(conn, refund.refund_id, code=exc.code, message=str(exc))
         raise
+    finally:
+        res.claims.drop(refund.refund_id)
 
 
 async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: Merchant,
@@ -160,8 +167,11 @@ async def _send(res: Resources, creds: Credentials, merchant: Merchant, refund: 
     started = 0.0
 
     async def permit() -> None:
-        """Counted in the merchant's window as the request leaves (token and signature ready)."""
+        """Counted in the merchant's window as the request leaves (token and signature ready),
+        if the claim still holds for the whole request (workers.claims)."""
         nonlocal started
+        if not res.claims.may_send(refund.refund_id):
+            raise RetryLater("the claim on the refund could not be renewed", code=CLAIM_RUNNING_OUT)
         if wait_ms := await res.limiter.permit(merchant.merchant_id, merchant.rate_limit):
             raise _Paused(wait_ms)
         started = time.perf_counter()

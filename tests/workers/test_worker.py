@@ -250,6 +250,19 @@ async def test_the_workers_lines_for_a_refund_carry_the_request_id_of_the_call_t
     assert {(line["refund_id"], line["request_id"]) for line in lines} == {(str(refund.refund_id), "checkout-77")}
 
 
+async def test_no_refund_is_sent_on_a_claim_that_could_not_be_renewed(db, make_merchant, stack, monkeypatch):
+    """workers.claims: a claim whose renewals failed holds no request; it is released, and the
+    next attempt asks for status first."""
+    await make_merchant("m1")
+    await chaos(stack.http, stack.sandbox_url, sync_status_mix={"success": 1})
+    refund = await accepted_refund(stack, db)
+    monkeypatch.setattr(stack.res.claims, "may_send", lambda refund_id: False)
+    await process_refund(stack.res, refund.refund_id)
+    kept = await find_refund(db, refund.refund_id)
+    assert (kept.state, kept.claimed_until, kept.provider_code) == ("submitted", None, "claim_running_out")
+    assert await ledger(stack.http, stack.sandbox_url) == []  # nothing reached the gateway
+
+
 async def test_gateway_exchanges_are_logged_redacted_when_asked(db, make_merchant, stack, monkeypatch, caplog):
     """REFUNDS_LOG_BODIES=1: the worker's client logs each exchange through the core's redacting logger."""
     import json
