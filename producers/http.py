@@ -44,22 +44,22 @@ from pydantic.json_schema import models_json_schema
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
 from refunds.delivery import Courier
 from refunds import metrics, service
-from refunds.http_api import REQUEST_ID, REQUEST_ID_HEADER, error_response, request_ids
-from refunds.errors import IdempotencyConflict, NotFound, RefundRefused
+from refunds.http_api import ERRORS, REQUEST_ID, REQUEST_ID_HEADER, error_body, error_response, request_ids
+from refunds.errors import NotFound, RefundRefused
 from refunds.records import (
     Refund, find_by_external_ref, find_refund, list_refunds, page_cursor, parse_cursor, refund_events,
 )
 from refunds import webhooks
 from refunds.requests import (
     ANSWER_MODELS, EXTERNAL_REF, REQUEST_MODELS, Decision, M, RefundListQuery, RefundLookup, RefundRequest,
-    WebhookRequest, WebhookRotation, refund_view, validated,
+    WebhookRequest, WebhookRotation, refund_view, refusal_codes, validated,
 )
 from refunds.vault import vault_from_settings
 from refunds.settings import get_settings
 from refunds.tokens import MAX_TOKEN_LENGTH, ApiToken, TokenCache, TokenRevoked, authenticate, hash_token
 
 from .accept_batch import AcceptBatcher
-from .approvals import ApprovalError, NotAwaitingApproval, SamePerson, decide
+from .approvals import ApprovalError, decide
 from .enqueue import accept_request, hand_over
 
 log = logging.getLogger("intake")
@@ -76,21 +76,46 @@ API_VERSION = "1.0.0"
 # --- errors ---------------------------------------------------------------------------------
 
 class ApiError(Exception):
-    """An answer other than success, with the contract's error body."""
+    """An answer other than success, with the contract's error body; its status is the code's
+    (``refunds.http_api.ERRORS``)."""
 
-    def __init__(self, status: int, code: str, message: str, field: str | None = None, headers: dict | None = None):
+    def __init__(self, code: str, message: str, field: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+        self.code, self.message, self.field, self.headers = code, message, field, headers
 
 
 # Errors that mean "try again later", not "this request is wrong".
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (Unavailable, *DB_OUTAGE_ERRORS)
 
-HTTP_CODES = {
-    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
-    408: "request_timeout", 409: "conflict", 413: "body_too_large", 415: "unsupported_media_type",
-    422: "invalid_request", 503: "unavailable",
+# The error codes each operation answers (docs/API.md has their meanings): the document
+# enumerates them per operation and status, and a test holds every code raised here, in
+# ``producers.enqueue``, ``producers.approvals`` and ``refunds.webhooks`` to these lists.
+WITH_TOKEN = ("unauthorized", "unavailable", "internal_error")
+WITH_BODY = ("malformed_json", "request_timeout", "body_too_large")
+ACCEPT_REFUSALS = ("unknown_merchant", "refunds_disabled", "unknown_transaction", "currency_mismatch",
+                   "refund_window_closed", "amount_over_refundable", "external_ref_conflict")  # producers.enqueue
+DECISION_ERRORS = (*WITH_TOKEN, *WITH_BODY, *refusal_codes(Decision), "invalid_refund_id", "not_found",
+                   "same_person", "not_awaiting_approval", "approval_refused")  # producers.approvals
+OPERATION_ERRORS: dict[str, tuple[str, ...]] = {
+    "createRefund": (*WITH_TOKEN, *WITH_BODY, *refusal_codes(RefundRequest), "idempotency_key_mismatch",
+                     "merchant_not_allowed", *ACCEPT_REFUSALS),
+    "listRefunds": (*WITH_TOKEN, "missing_parameter", "invalid_parameter", "merchant_not_allowed", "not_found"),
+    "getRefund": (*WITH_TOKEN, "invalid_refund_id", "not_found"),
+    "approveRefund": DECISION_ERRORS,
+    "rejectRefund": DECISION_ERRORS,
+    "createWebhook": (*WITH_TOKEN, *WITH_BODY, *refusal_codes(WebhookRequest), "merchant_not_allowed",
+                      "unknown_merchant", "url_not_allowed", "invalid_event_types"),
+    "listWebhooks": WITH_TOKEN,
+    "disableWebhook": (*WITH_TOKEN, "invalid_endpoint_id", "not_found"),
+    "rotateWebhookSecret": (*WITH_TOKEN, *WITH_BODY, *refusal_codes(WebhookRotation), "invalid_endpoint_id",
+                            "not_found"),
 }
+# what aiohttp itself raises: a path with no route, a method its route does not take, a body over client_max_size
+AIOHTTP_ERRORS = {ERRORS[code].status: code for code in ("not_found", "method_not_allowed", "body_too_large")}
+# every code the intake answers: its operations', aiohttp's, and a validation outside
+# refunds.requests.validated (a bug, logged) answered invalid_request
+INTAKE_ERRORS = tuple(dict.fromkeys(
+    [code for codes in OPERATION_ERRORS.values() for code in codes] + [*AIOHTTP_ERRORS.values(), "invalid_request"]))
 
 
 @web.middleware
@@ -100,29 +125,29 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         async with asyncio.timeout(REQUEST_TIMEOUT):
             return await handler(request)
     except ApiError as exc:
-        return error_response(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
-    except IdempotencyConflict as exc:
-        return error_response(request, 409, exc.code, exc.message, exc.field)
-    except RefundRefused as exc:
-        return error_response(request, 422, exc.code, exc.message, exc.field)
+        return error_response(request, exc.code, exc.message, exc.field, exc.headers)
+    except RefundRefused as exc:  # 422, or 409 for an IdempotencyConflict: the code's status
+        return error_response(request, exc.code, exc.message, exc.field)
     except ValidationError as exc:  # input validated without refunds.requests.validated: still the caller's fault
         log.warning("%s %s: validation outside refunds.requests.validated (%s)", request.method, request.path, exc.title)
         first = exc.errors(include_url=False)[0]
         field = str(first["loc"][0]) if first["loc"] else None
-        return error_response(request, 422, "invalid_request", first["msg"], field)
+        return error_response(request, "invalid_request", first["msg"], field)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        message = exc.reason if exc.status != 413 else f"the request body is over {MAX_BODY} bytes"
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(request, exc.status, HTTP_CODES.get(exc.status, "error"), message, headers=allow)
+        if (code := AIOHTTP_ERRORS.get(exc.status)) is not None:
+            message = exc.reason if exc.status != 413 else f"the request body is over {MAX_BODY} bytes"
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return error_response(request, code, message, headers=allow)
+        log.error("%s %s: aiohttp answered %s, which has no error code here", request.method, request.path, exc.status)
     except OUTAGE_ERRORS as exc:
         log.warning("%s %s: database unavailable (%s)", request.method, request.path, describe(exc))
-        return error_response(request, 503, "unavailable", "the refund store is unavailable; retry later",
+        return error_response(request, "unavailable", "the refund store is unavailable; retry later",
                               headers={"Retry-After": "1"})
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
-        return error_response(request, 500, "internal_error", "internal error; the request may be retried")
+    return error_response(request, "internal_error", "internal error; the request may be retried")
 
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="refunds"'}
@@ -188,12 +213,12 @@ def _bearer(request: web.Request) -> str:
     """The token of the Authorization header (401 without one); not yet checked."""
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "unauthorized", "an Authorization: Bearer <token> header is required", headers=CHALLENGE)
+        raise ApiError("unauthorized", "an Authorization: Bearer <token> header is required", headers=CHALLENGE)
     return token.strip()
 
 
 def _unauthorized() -> ApiError:
-    return ApiError(401, "unauthorized", "the token is unknown or revoked", headers=CHALLENGE)
+    return ApiError("unauthorized", "the token is unknown or revoked", headers=CHALLENGE)
 
 
 async def _authenticate(request: web.Request) -> ApiToken:
@@ -209,7 +234,7 @@ async def _authenticate(request: web.Request) -> ApiToken:
 
 def _check_declared_size(request: web.Request) -> None:
     if request.content_length is not None and request.content_length > MAX_BODY:
-        raise ApiError(413, "body_too_large", f"the request body is over {MAX_BODY} bytes")
+        raise ApiError("body_too_large", f"the request body is over {MAX_BODY} bytes")
 
 
 async def _read_json(request: web.Request, *, optional: bool = False) -> object:
@@ -222,15 +247,15 @@ async def _read_json(request: web.Request, *, optional: bool = False) -> object:
     except TimeoutError:
         log.warning("%s %s: the request body did not arrive within %.0f s (from %s)", request.method, request.path,
                     BODY_TIMEOUT, request.remote)
-        raise ApiError(408, "request_timeout", f"the request body did not arrive within {BODY_TIMEOUT:.0f} s") from None
+        raise ApiError("request_timeout", f"the request body did not arrive within {BODY_TIMEOUT:.0f} s") from None
     if optional and not raw.strip():
         return {}
     try:
         return json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except UnicodeDecodeError:
-        raise ApiError(400, "malformed_json", "the request body is not UTF-8") from None
+        raise ApiError("malformed_json", "the request body is not UTF-8") from None
     except (ValueError, RecursionError) as exc:
-        raise ApiError(400, "malformed_json", f"the request body is not valid JSON: {exc}") from None
+        raise ApiError("malformed_json", f"the request body is not valid JSON: {exc}") from None
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -247,7 +272,7 @@ def _refund_id(request: web.Request) -> UUID:
     try:
         return UUID(request.match_info["refund_id"])
     except ValueError:
-        raise ApiError(400, "invalid_refund_id", "refund_id must be a UUID", "refund_id") from None
+        raise ApiError("invalid_refund_id", "refund_id must be a UUID", "refund_id") from None
 
 
 def _refused(exc: RefundRefused) -> None:
@@ -336,7 +361,7 @@ async def show_refund(request: web.Request) -> web.Response:
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         refund = await find_refund(conn, refund_id)
         if refund is None or not token.allows(refund.merchant_id):  # do not tell others it exists
-            raise ApiError(404, "not_found", f"no refund {refund_id}")
+            raise ApiError("not_found", f"no refund {refund_id}")
         return web.json_response(await _with_events(conn, refund))
 
 
@@ -346,13 +371,13 @@ def _query(request: web.Request, model: type[M]) -> M:
         return validated(model, {name: value for name in model.model_fields if (value := request.query.get(name))})
     except RefundRefused as exc:
         if exc.code == "missing_field":
-            raise ApiError(400, "missing_parameter", f"query parameter {exc.field} is required", exc.field) from None
-        raise ApiError(400, "invalid_parameter", exc.message, exc.field) from None
+            raise ApiError("missing_parameter", f"query parameter {exc.field} is required", exc.field) from None
+        raise ApiError("invalid_parameter", exc.message, exc.field) from None
 
 
 def _scoped(token: ApiToken, merchant_id: str) -> None:
     if not token.allows(merchant_id):
-        raise ApiError(403, "merchant_not_allowed", f"this token may not act for merchant {merchant_id!r}",
+        raise ApiError("merchant_not_allowed", f"this token may not act for merchant {merchant_id!r}",
                        "merchant_id")
 
 
@@ -367,7 +392,7 @@ async def list_or_find_refunds(request: web.Request) -> web.Response:
     try:
         after = parse_cursor(query.after) if query.after else None
     except ValueError as exc:
-        raise ApiError(400, "invalid_parameter", str(exc), "after") from None
+        raise ApiError("invalid_parameter", str(exc), "after") from None
     pool = await request.app[DATABASE].pool()
     async with pool.acquire() as conn:
         found = await list_refunds(conn, merchant_id=query.merchant_id, state=query.state, after=after,
@@ -385,7 +410,7 @@ async def find_refund_by_external_ref(request: web.Request) -> web.Response:
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         refund = await find_by_external_ref(conn, lookup.merchant_id, lookup.external_ref)
         if refund is None:
-            raise ApiError(404, "not_found", f"no refund with external_ref {lookup.external_ref!r} for this merchant")
+            raise ApiError("not_found", f"no refund with external_ref {lookup.external_ref!r} for this merchant")
         return web.json_response(await _with_events(conn, refund))
 
 
@@ -395,9 +420,6 @@ async def approve_refund(request: web.Request) -> web.Response:
 
 async def reject_refund(request: web.Request) -> web.Response:
     return await _decide(request, "reject")
-
-
-DECISION_STATUS = {SamePerson: 403, NotAwaitingApproval: 409}
 
 
 async def _decide(request: web.Request, decision: str) -> web.Response:
@@ -411,9 +433,9 @@ async def _decide(request: web.Request, decision: str) -> web.Response:
             moved = await decide(conn, refund_id, decision=decision, approver=token.name, note=note,
                                  merchants=token.merchants, courier=request.app[COURIER])
         except NotFound as exc:
-            raise ApiError(404, "not_found", str(exc)) from None
+            raise ApiError("not_found", str(exc)) from None
         except ApprovalError as exc:
-            raise ApiError(DECISION_STATUS.get(type(exc), 409), exc.code, str(exc)) from None
+            raise ApiError(exc.code, str(exc)) from None
         return web.json_response(await _with_events(conn, moved))
 
 
@@ -428,13 +450,13 @@ async def _scoped_endpoint(request: web.Request, token: ApiToken, conn) -> webho
     try:
         endpoint_id = UUID(request.match_info["endpoint_id"])
     except ValueError:
-        raise ApiError(400, "invalid_endpoint_id", "endpoint_id must be a UUID", "endpoint_id") from None
+        raise ApiError("invalid_endpoint_id", "endpoint_id must be a UUID", "endpoint_id") from None
     try:
         endpoint = await webhooks.get_endpoint(conn, endpoint_id)
     except NotFound:
         endpoint = None
     if endpoint is None or not all(token.allows(m) for m in endpoint.merchants):
-        raise ApiError(404, "not_found", f"no webhook endpoint {endpoint_id}")
+        raise ApiError("not_found", f"no webhook endpoint {endpoint_id}")
     return endpoint
 
 
@@ -453,7 +475,7 @@ async def create_webhook(request: web.Request) -> web.Response:
                 event_types=list(asked.event_types or webhooks.EVENT_TYPES),
                 allowed_networks=webhooks.parse_networks(settings.webhook_allowed_networks))
         except NotFound as exc:
-            raise ApiError(422, "unknown_merchant", str(exc), "merchants") from None
+            raise ApiError("unknown_merchant", str(exc), "merchants") from None
     return web.json_response(_webhook_view(endpoint, secret), status=201)
 
 
@@ -513,7 +535,8 @@ async def readyz(request: web.Request) -> web.Response:
             down.append(name)
     if down:
         return web.json_response(
-            {"status": "unavailable", "down": down, "error": {"code": "unavailable", "message": f"{' and '.join(down)} unreachable"}},
+            {"status": "unavailable", "down": down,
+             **error_body("unavailable", f"{' and '.join(down)} unreachable", request_id=request.get(REQUEST_ID))},
             status=503,
         )
     return web.json_response({"status": "ok"})
@@ -531,10 +554,18 @@ def openapi_document() -> dict:
     validates with (``refunds.requests``), the paths around them are written here.
 
     Every status a handler can answer is listed with its body schema, so a client generated
-    from it (and the schemathesis run in the tests) sees no undocumented answer.
+    from it (and the schemathesis run in the tests) sees no undocumented answer. ``error.code``
+    is an enum (``ErrorCode``: every code the intake answers), and each operation's error answers
+    narrow it to the codes of ``OPERATION_ERRORS`` with that status, each described: generated
+    clients type the code, strict validators refuse a code the operation does not answer.
     """
     _, generated = models_json_schema(
         [(model, "validation") for model in (*REQUEST_MODELS, *ANSWER_MODELS)], ref_template=SCHEMA_REF)
+    schemas = generated["$defs"]
+    schemas["ErrorCode"] = {"type": "string", "enum": list(INTAKE_ERRORS), "title": "ErrorCode",
+                            "description": "Every code this API answers with (docs/API.md); each operation lists"
+                                           " those it answers, per status"}
+    schemas["ErrorDetail"]["properties"]["code"] = {"$ref": SCHEMA_REF.format(model="ErrorCode")}
     lookup = RefundLookup.model_json_schema(ref_template=SCHEMA_REF)
     listing = RefundListQuery.model_json_schema(ref_template=SCHEMA_REF)
 
@@ -558,13 +589,24 @@ def openapi_document() -> dict:
         "description": "Your id for this request (1-128 of letters, digits and ._:-), echoed in the answer and"
                        " logged with the refund; one is made when absent or unusable."}
     secured = [{"bearerAuth": []}]
-    internal = answer("Internal error; the request may be retried (code internal_error)")
+    status_headers = {
+        401: {"WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}},
+        503: {"Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}},
+    }
 
-    unauthorized = answer("No token, or an unknown or revoked one", headers={
-        "WWW-Authenticate": {"description": "Bearer challenge", "schema": {"type": "string"}}})
-    unavailable = answer("The refund store is unavailable; retry (every request here is idempotent)", headers={
-        "Retry-After": {"description": "seconds to wait", "schema": {"type": "string"}}})
-    too_large = answer(f"The body is over {MAX_BODY} bytes")
+    def failures(operation_id: str) -> dict:
+        """The operation's error answers: one per status, its codes listed and enumerated (an Error
+        whose error.code is narrowed beside the $ref, which JSON Schema 2020-12 applies together)."""
+        by_status: dict[int, list] = {}
+        for code in dict.fromkeys(OPERATION_ERRORS[operation_id]):
+            by_status.setdefault(ERRORS[code].status, []).append(ERRORS[code])
+        return {
+            str(status): answer("\n".join(f"- `{e.code}`: {e.meaning}" for e in errors), {
+                **ref("Error"), "properties": {"error": {"properties": {"code": {"enum": [e.code for e in errors]}}}},
+            }, headers=status_headers.get(status))
+            for status, errors in sorted(by_status.items())
+        }
+
     refund_id = {"name": "refund_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
 
     def decision(verb: str) -> dict:
@@ -577,15 +619,7 @@ def openapi_document() -> dict:
             "requestBody": {"required": False, "content": {"application/json": {"schema": ref("Decision")}}},
             "responses": {
                 "200": answer("Decided; the refund with its events", "RefundWithEvents"),
-                "400": answer("Malformed refund_id, or the body is not JSON"),
-                "401": unauthorized,
-                "403": answer("The token's name is the refund's requester (code same_person)"),
-                "404": answer("No such refund for this token's merchants"),
-                "409": answer("The refund is not awaiting approval (code not_awaiting_approval)"),
-                "413": too_large,
-                "422": answer("Invalid body field"),
-                "503": unavailable,
-                "500": internal,
+                **failures(f"{verb}Refund"),
             },
         }
 
@@ -595,18 +629,10 @@ def openapi_document() -> dict:
         operation = {
             "operationId": operation_id, "tags": ["webhooks"], "summary": summary, "security": secured,
             "parameters": [endpoint_id, request_id_param],
-            "responses": {
-                "200": answer("Done; the endpoint", schema),
-                "400": answer("endpoint_id is not a UUID, or the body is not JSON"),
-                "401": unauthorized,
-                "404": answer("No such endpoint among the token's merchants"),
-                "503": unavailable,
-                "500": internal,
-            },
+            "responses": {"200": answer("Done; the endpoint", schema), **failures(operation_id)},
         }
         if body:
             operation["requestBody"] = {"required": False, "content": {"application/json": {"schema": ref(body)}}}
-            operation["responses"].update({"413": too_large, "422": answer("Invalid body field")})
         return operation
 
     def plain(operation_id: str, summary: str, responses: dict) -> dict:
@@ -654,14 +680,7 @@ def openapi_document() -> dict:
                         "200": with_links(answer("A replay of an identical earlier request", "Accepted", headers={
                             IDEMPOTENT_REPLAYED: {"description": "true: this answer replays the first one",
                                                   "schema": {"type": "string", "enum": ["true"]}}})),
-                        "400": answer("The body is not JSON (code malformed_json)"),
-                        "401": unauthorized,
-                        "403": answer("The token is not scoped to merchant_id; nothing was written"),
-                        "409": answer("external_ref was already used with other parameters"),
-                        "413": too_large,
-                        "422": answer("Validation failed (including refunds_disabled); error.field names the field"),
-                        "503": unavailable,
-                        "500": internal,
+                        **failures("createRefund"),
                     },
                 },
                 "get": {
@@ -680,12 +699,7 @@ def openapi_document() -> dict:
                         "200": answer("Without external_ref, a page of refunds (RefundList); with it, the refund with"
                                       " its events (RefundWithEvents)",
                                       {"oneOf": [ref("RefundList"), ref("RefundWithEvents")]}),
-                        "400": answer("A query parameter is missing or malformed"),
-                        "401": unauthorized,
-                        "403": answer("The token is not scoped to merchant_id"),
-                        "404": answer("No refund with this external_ref"),
-                        "503": unavailable,
-                        "500": internal,
+                        **failures("listRefunds"),
                     },
                 },
             },
@@ -698,11 +712,7 @@ def openapi_document() -> dict:
                     "parameters": [refund_id, request_id_param],
                     "responses": {
                         "200": answer("The refund with its events", "RefundWithEvents"),
-                        "400": answer("refund_id is not a UUID"),
-                        "401": unauthorized,
-                        "404": answer("No such refund for this token's merchants"),
-                        "503": unavailable,
-                        "500": internal,
+                        **failures("getRefund"),
                     },
                 },
             },
@@ -716,22 +726,14 @@ def openapi_document() -> dict:
                                     "content": {"application/json": {"schema": ref("WebhookRequest")}}},
                     "responses": {
                         "201": answer("Registered; keep the secret: it is not shown again", "WebhookWithSecret"),
-                        "400": answer("The body is not JSON"),
-                        "401": unauthorized,
-                        "403": answer("The token is not scoped to one of the merchants; nothing was written"),
-                        "413": too_large,
-                        "422": answer("Invalid field: a URL that is not http(s) or not allowed (a private address),"
-                                      " an unknown event type or merchant"),
-                        "503": unavailable,
-                        "500": internal,
+                        **failures("createWebhook"),
                     },
                 },
                 "get": {
                     "operationId": "listWebhooks", "tags": ["webhooks"], "security": secured,
                     "summary": "The endpoints all of whose merchants the token may act for (never a secret)",
                     "parameters": [request_id_param],
-                    "responses": {"200": answer("The endpoints", "WebhookList"), "401": unauthorized,
-                                  "503": unavailable, "500": internal},
+                    "responses": {"200": answer("The endpoints", "WebhookList"), **failures("listWebhooks")},
                 },
             },
             "/v1/webhooks/{endpoint_id}/disable": {"post": webhook_action(
@@ -751,7 +753,7 @@ def openapi_document() -> dict:
         },
         "components": {
             "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer", "description": "refundctl token create"}},
-            "schemas": generated["$defs"],
+            "schemas": schemas,
         },
     }
 

@@ -28,7 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from pagoefectivo.protocol import SIGNATURE_HEADER
 from refunds import metrics
 from refunds.errors import VaultError
-from refunds.http_api import REQUEST_ID, error_body, error_response, request_ids
+from refunds.http_api import REQUEST_ID, error_answer, error_response, request_ids
 from refunds.merchants import NOTIFY_PATH
 from refunds.vault import Vault
 
@@ -84,7 +84,7 @@ def create_app(*, database_url: str, vault: Vault, key_ttl: float = 60.0, source
 
 
 async def not_found(request: web.Request) -> web.Response:
-    return error_response(request, 404, "not_found", "no such path")
+    return error_response(request, "not_found", "no such path")
 
 
 async def expect_continue(request: web.Request) -> None:
@@ -152,10 +152,10 @@ class Delivery:
             self.detail = detail
         return web.json_response(body, status=status)
 
-    def refuse(self, status: int, code: str, message: str, *, result: str | None = None,
-               detail: str | None = None) -> web.Response:
-        """An error answer in the body every service of ours uses (``refunds.http_api``)."""
-        return self.reply(status, error_body(code, message, request_id=self.request_id), result=result, detail=detail)
+    def refuse(self, code: str, message: str, *, result: str | None = None, detail: str | None = None) -> web.Response:
+        """An error answer in the body every service of ours uses, with its code's status (``refunds.http_api``)."""
+        status, body = error_answer(code, message, request_id=self.request_id)
+        return self.reply(status, body, result=result, detail=detail)
 
 
 async def notification(request: web.Request) -> web.StreamResponse:
@@ -178,12 +178,12 @@ async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
         d.source = str(address) if address is not None else "unknown"
         if not sources.allows(address):
             refused_total.labels("source").inc()
-            response = d.refuse(403, "forbidden", "this source may not send notifications", detail="source not allowed")
+            response = d.refuse("forbidden", "this source may not send notifications", detail="source not allowed")
             response.force_close()  # the body is not read
             return response
     merchant_id = request.match_info["merchant_id"]
     if not MERCHANT_ID.fullmatch(merchant_id):
-        return d.refuse(404, "not_found", "no such merchant", result="unknown", detail="no such merchant")
+        return d.refuse("not_found", "no such merchant", result="unknown", detail="no such merchant")
     if request.content_length is not None and request.content_length > MAX_BODY:
         return _too_large(d)
 
@@ -191,20 +191,20 @@ async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
     try:
         keys = await keys_cache.get(merchant_id)
     except Unavailable as exc:
-        return d.refuse(503, "unavailable", "the notification store is unavailable; retry later", detail=str(exc))
+        return d.refuse("unavailable", "the notification store is unavailable; retry later", detail=str(exc))
     except VaultError:
         log.error("merchant %s: its secret does not open with this master key", merchant_id)
-        return d.refuse(503, "unavailable", "the notification store is unavailable; retry later", detail="merchant secret does not open")
+        return d.refuse("unavailable", "the notification store is unavailable; retry later", detail="merchant secret does not open")
     if keys is None:
-        return d.refuse(404, "not_found", "no such merchant", result="unknown", detail="no such merchant")
+        return d.refuse("not_found", "no such merchant", result="unknown", detail="no such merchant")
 
     try:
         async with asyncio.timeout(BODY_TIMEOUT):
             body = await _read_limited(request, MAX_BODY)
     except TimeoutError:
-        return d.refuse(408, "request_timeout", "the body did not arrive in time", result="malformed", detail="body too slow")
+        return d.refuse("request_timeout", "the body did not arrive in time", result="malformed", detail="body too slow")
     except (OSError, aiohttp.ClientPayloadError, HttpProcessingError):
-        return d.refuse(400, "malformed", "the body was not received", result="malformed", detail="body not received")
+        return d.refuse("malformed", "the body was not received", result="malformed", detail="body not received")
     if body is None:
         return _too_large(d)
 
@@ -214,12 +214,12 @@ async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
         try:
             fresh = await keys_cache.reload_if_stale(merchant_id)
         except Unavailable as exc:  # cannot tell a rotated secret from a forgery now: the sender retries
-            return d.refuse(503, "unavailable", "the notification store is unavailable; retry later", detail=f"secret not reloaded: {exc}")
+            return d.refuse("unavailable", "the notification store is unavailable; retry later", detail=f"secret not reloaded: {exc}")
         except VaultError:
             fresh = None
         if fresh is None or not fresh.verifies(body, signature):
             detail = "no signature" if not signature else "signature does not match"
-            return d.refuse(401, "invalid_signature", "PE-Signature does not verify", result="invalid_signature", detail=detail)
+            return d.refuse("invalid_signature", "PE-Signature does not verify", result="invalid_signature", detail=detail)
 
     try:
         note = events.parse(body)
@@ -239,9 +239,9 @@ async def _receive(request: web.Request, d: Delivery) -> web.StreamResponse:
         return await _apply(request.app, d, merchant_id, note)
     except Unavailable as exc:
         if journal is None:
-            return d.refuse(503, "unavailable", "the notification store is unavailable; retry later", detail=str(exc))
+            return d.refuse("unavailable", "the notification store is unavailable; retry later", detail=str(exc))
         response = await _journal(journal, d, merchant_id, body, request, str(exc))
-        return response or d.refuse(503, "unavailable", "the notification store is unavailable; retry later", detail=f"{exc}; {d.detail}")
+        return response or d.refuse("unavailable", "the notification store is unavailable; retry later", detail=f"{exc}; {d.detail}")
 
 
 async def _journal(journal: Journal, d: Delivery, merchant_id: str, body: bytes, request: web.Request,
@@ -320,7 +320,7 @@ async def replay(app: web.Application, entry: Entry) -> int:
 
 
 def _too_large(d: Delivery) -> web.Response:
-    response = d.refuse(413, "body_too_large", f"the body is over {MAX_BODY} bytes", result="malformed", detail=f"over {MAX_BODY} bytes")
+    response = d.refuse("body_too_large", f"the body is over {MAX_BODY} bytes", result="malformed", detail=f"over {MAX_BODY} bytes")
     response.force_close()  # do not keep a connection whose request body we did not read
     return response
 
@@ -329,7 +329,7 @@ def _malformed(d: Delivery, exc: events.Malformed) -> web.Response:
     if exc.event_type is not None:
         d.event_type = events.event_label(exc.event_type)
         d.raw_event_type = exc.event_type
-    return d.refuse(400, "malformed", str(exc), result="malformed", detail=str(exc))
+    return d.refuse("malformed", str(exc), result="malformed", detail=str(exc))
 
 
 def _log(d: Delivery, elapsed: float) -> None:

@@ -369,6 +369,16 @@ def refusal(model: type[BaseModel], exc: ValidationError) -> RefundRefused:
     return RefundRefused(rule.code, f"{name} must be {rule.rule}" + ("" if isinstance(value, str) else f", not {_kind(value)}"), name)
 
 
+def refusal_codes(model: type[BaseModel]) -> tuple[str, ...]:
+    """Every code ``validated(model, ...)`` can refuse with (``refusal``): the body's shape, then each field's rule."""
+    shape = ["invalid_body"]
+    if model.model_config.get("extra") == "forbid":
+        shape.append("unknown_field")
+    if any(field.is_required() for field in model.model_fields.values()):
+        shape.append("missing_field")
+    return tuple(dict.fromkeys([*shape, *(rule.code for rule in rules(model).values())]))
+
+
 @functools.cache
 def rules(model: type[BaseModel]) -> dict[str, Rule]:
     """Each field's Rule, from its type's annotations (also inside ``X | None``)."""

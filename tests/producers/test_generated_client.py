@@ -96,6 +96,7 @@ async def test_a_generated_python_client_reads_every_answer(db, make_merchant, i
         conflict = await api.create_refund.asyncio_detailed(client=client, body=request(amount="20.00"))
         assert conflict.status_code == 409 and isinstance(conflict.parsed, models.Error)
         assert conflict.parsed.error.request_id == conflict.headers["X-Request-Id"]
+        assert conflict.parsed.error.code is models.ErrorCode.EXTERNAL_REF_CONFLICT  # an enum, not a string
 
         read = await api.get_refund.asyncio_detailed(refund_id, client=client)
         assert read.status_code == 200 and isinstance(read.parsed, models.RefundWithEvents)
@@ -113,6 +114,7 @@ async def test_a_generated_python_client_reads_every_answer(db, make_merchant, i
         refused = await api.create_refund.asyncio_detailed(client=client, body=request(external_ref="R-3",
                                                                                        amount="10.001"))
         assert refused.status_code == 422 and refused.parsed.error.field == "amount"
+        assert refused.parsed.error.code is models.ErrorCode.INVALID_AMOUNT
 
         for answer in (created, replay, conflict, read, first, rest, one, refused):
             assert read_back(answer) == json.loads(answer.content)
@@ -121,6 +123,8 @@ async def test_a_generated_python_client_reads_every_answer(db, make_merchant, i
     async with anonymous:
         denied = await api.get_refund.asyncio_detailed(refund_id, client=anonymous)
     assert denied.status_code == 401 and isinstance(denied.parsed, models.Error)
+    with pytest.raises(ValueError):  # a code the document does not enumerate is not read
+        models.Error.from_dict({"error": {"code": "no_such_code", "message": "?"}})
 
 
 # --- TypeScript under node ------------------------------------------------------------------------
@@ -195,6 +199,11 @@ assert.equal(rest.data.next_cursor, null);
 const refused = await client.POST("/v1/refunds", { body: request({ external_ref: "T-3", amount: "10.001" }) });
 assert.equal(refused.response.status, 422);
 assert.equal(refused.error!.error.field, "amount");
+const code: S["ErrorCode"] = refused.error!.error.code;  // a union of the enumerated codes
+assert.equal(code, "invalid_amount");
+// @ts-expect-error: a code the document does not enumerate does not compile
+const unknown: S["ErrorCode"] = "no_such_code";
+assert.ok(unknown);
 
 const anonymous = createClient<paths>({ baseUrl });
 const denied = await anonymous.GET("/v1/refunds/{refund_id}", { params: { path: { refund_id: accepted.refund_id } } });

@@ -67,12 +67,12 @@ async def test_the_served_document_is_valid_and_lists_every_answer(live_intake):
         document = json.loads(await response.text())
     validate(document)
     post = document["paths"]["/v1/refunds"]["post"]["responses"]
-    assert set(post) == {"200", "202", "400", "401", "403", "409", "413", "422", "503", "500"}
+    assert set(post) == {"200", "202", "400", "401", "403", "408", "409", "413", "422", "503", "500"}
     assert {"200", "400", "401", "404", "503"} <= set(document["paths"]["/v1/refunds/{refund_id}"]["get"]["responses"])
     assert {"200", "400", "401", "403", "404", "503"} <= set(document["paths"]["/v1/refunds"]["get"]["responses"])
     for decision in ("approve", "reject"):
         responses = document["paths"][f"/v1/refunds/{{refund_id}}/{decision}"]["post"]["responses"]
-        assert set(responses) == {"200", "400", "401", "403", "404", "409", "413", "422", "503", "500"}
+        assert set(responses) == {"200", "400", "401", "403", "404", "408", "409", "413", "422", "503", "500"}
     for operation in [op for path in document["paths"].values() for op in path.values()]:
         for status, response in operation["responses"].items():
             if status >= "400" and "content" in response:
