@@ -22,7 +22,7 @@ import uvloop
 from dramatiq.asyncio import get_event_loop_thread
 
 from pagoefectivo.client import Credentials, PagoEfectivoClient
-from refunds import db, logs, metrics, service
+from refunds import db, heartbeat, logs, metrics, service
 from refunds.coalesce import Coalescer
 from refunds.merchants import Merchant
 from refunds.ratelimit import RateLimiter
@@ -32,7 +32,6 @@ from refunds.states import Move, claim_many, transition_many
 from refunds.vault import Vault, vault_from_settings
 from refunds.webhooks import parse_networks
 
-from . import heartbeat
 from .claims import Claims
 from .webhooks import webhook_session
 

@@ -17,12 +17,11 @@ from datetime import datetime
 
 import asyncpg
 
-from refunds import db, metrics, retention, service, webhooks
+from refunds import db, heartbeat, metrics, retention, service, webhooks
 from refunds.delivery import QUEUE, deliver, deliver_webhooks, producer_broker
 from refunds.settings import get_settings
 from refunds.states import STATES
 
-from . import heartbeat
 from . import metrics as worker_metrics
 
 log = logging.getLogger("workers.scheduler")

@@ -324,7 +324,7 @@ def test_compose_healthchecks_and_ports():
         assert deps["redis"]["condition"] == deps["postgres"]["condition"] == "service_healthy", name
         port = int(service["environment"].get(PORT_SETTING[kind], DEFAULT_PORTS[kind]))
         if kind in HEARTBEAT_KINDS:  # checked below: test_compose_worker_and_scheduler_health_is_their_heartbeat
-            assert service["healthcheck"]["test"][:5] == ["CMD", "python", "-m", "workers.heartbeat", kind], name
+            assert service["healthcheck"]["test"][:5] == ["CMD", "python", "-m", "refunds.heartbeat", kind], name
         else:
             test = " ".join(service["healthcheck"]["test"])
             urls = re.findall(r"http://(?:127\.0\.0\.1|localhost):(\d+)(/\w*)", test)
@@ -350,7 +350,7 @@ def test_compose_worker_and_scheduler_health_is_their_heartbeat(tmp_path):
     """The healthcheck command as Docker runs it in the container (the environment Compose gives
     it, a TMPDIR of its own): healthy while the process beats, unhealthy when its beat is stale or
     there is none; and it leaves no metrics file where the workers' /metrics would sum it."""
-    from workers import heartbeat
+    from refunds import heartbeat
 
     resolved = _compose_config()["services"]
     for name, (kind, _, service) in compose_refund_services().items():
@@ -700,7 +700,7 @@ def test_k8s_probes_point_at_declared_ports_and_served_paths():
         for probe_name, probe in probes.items():
             if "exec" in probe:  # the heartbeat of a loop that /metrics outlives, or Postgres and Redis answering
                 command = probe["exec"]["command"]
-                assert command[:4] == ["python", "-m", "workers.heartbeat", kind], f"{kind} {probe_name}: {command}"
+                assert command[:4] == ["python", "-m", "refunds.heartbeat", kind], f"{kind} {probe_name}: {command}"
                 assert probe["timeoutSeconds"] >= 10, f"{kind} {probe_name}: python needs time to start"
                 continue
             handler = probe.get("httpGet") or probe.get("tcpSocket")
@@ -716,7 +716,7 @@ def test_k8s_probes_point_at_declared_ports_and_served_paths():
             assert any((p.get("httpGet") or p.get("tcpSocket") or {}).get("port") in (9191, "metrics")
                        for p in probes.values())
         if kind in ("worker", "scheduler"):  # /metrics outlives a hung loop: liveness is the heartbeat
-            assert probes["livenessProbe"]["exec"]["command"][:4] == ["python", "-m", "workers.heartbeat", kind]
+            assert probes["livenessProbe"]["exec"]["command"][:4] == ["python", "-m", "refunds.heartbeat", kind]
             assert "--ready" in probes["readinessProbe"]["exec"]["command"]
         # the port the process listens on is the one declared
         assert DEFAULT_PORTS[kind] in ports.values(), kind

@@ -394,7 +394,7 @@ async def test_each_service_stopped_then_gone_raises_its_alerts(live):
     """Last in this module: it stops the demo's services (once one has exited, the demo stops the
     rest). Each service in turn: stopped, its target is down (RefundTargetDown pending); gone from
     service discovery, its job is absent (RefundJobAbsent pending), which no up == 0 series tells."""
-    from workers import heartbeat
+    from refunds import heartbeat
 
     prometheus, _ = live
     demo, targets = prometheus.demo, prometheus.targets

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.helpers import ROOT
-from workers import heartbeat
+from refunds import heartbeat
 
 
 @pytest.fixture
@@ -89,7 +89,7 @@ def test_the_probe_command(tmp_path, database_url, redis_url):
            "SCHEDULER_METRICS_PORT": "9999"}
 
     def probe(*args, **extra):
-        return subprocess.run([sys.executable, "-m", "workers.heartbeat", *args], cwd=ROOT,
+        return subprocess.run([sys.executable, "-m", "refunds.heartbeat", *args], cwd=ROOT,
                               env={**env, **extra}, capture_output=True, text=True, timeout=60)
 
     run = probe("scheduler")
@@ -104,3 +104,17 @@ def test_the_probe_command(tmp_path, database_url, redis_url):
     assert probe("worker", "--ready").returncode == 0
     run = probe("worker", "--ready", REDIS_URL="redis://127.0.0.1:1/0")
     assert run.returncode == 3 and "not ready" in run.stderr
+
+
+def test_the_probe_leaves_nothing_in_the_workers_metrics_folder(tmp_path, database_url, redis_url):
+    """Kubernetes runs the probes beside a worker whose PROMETHEUS_MULTIPROC_DIR its /metrics sums:
+    the probe must not load the worker (its broker, actors and metrics), or every run leaves
+    files there for every later scrape to read."""
+    metrics = tmp_path / "worker-metrics"
+    metrics.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp_path), "DATABASE_URL": database_url, "REDIS_URL": redis_url,
+           "PROMETHEUS_MULTIPROC_DIR": str(metrics)}
+    for args in (["worker"], ["worker", "--ready"]):
+        subprocess.run([sys.executable, "-m", "refunds.heartbeat", *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert list(metrics.iterdir()) == []

@@ -2,7 +2,7 @@
 
 Their /metrics is served by another thread or process, which keeps answering when the loop
 that does the work hangs; so each loop touches a file of its own on every turn, and the
-liveness probe (``python -m workers.heartbeat worker|scheduler``) fails when one is stale.
+liveness probe (``python -m refunds.heartbeat worker|scheduler``) fails when one is stale.
 ``--ready`` checks instead that Postgres and Redis answer (the readiness probe).
 
 A file is named by its process's pid and holds that process's start time, so a file left by
@@ -96,7 +96,7 @@ async def _reachable() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m workers.heartbeat", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m refunds.heartbeat", description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=("worker", "scheduler"))
     parser.add_argument("--max-age", type=float, default=MAX_AGE_SECONDS, help="seconds a beat stays fresh")
     parser.add_argument("--ready", action="store_true", help="check that Postgres and Redis answer instead")
