@@ -10,14 +10,23 @@ within its rate limit. The limit is the workers' own ``RateLimiter`` in Redis (`
 then ``permit``), not a pacing of our own: the gateway counts a merchant's calls whoever
 makes them, and the workers may be sending that merchant's refunds meanwhile; sharing
 the window keeps both together under the limit (reconcile takes turns with them).
+
+The period is streamed, never held: its refunds are read in keyset pages
+(``refunds.records.refunds_in_period``), each merchant's handed to that merchant's lookups,
+and the next page is read once the refunds waiting are down to half a page, as many as fill it
+again. At most ``page_size`` refunds wait at once, and at most ``max_in_flight`` are being
+asked about. A merchant slower than the rest holds the reading back only once its own refunds
+fill the waiting room. Pages are short queries, not a cursor held open: a run takes hours at
+the merchants' rate limits, and no transaction (or snapshot) stays open that long.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
@@ -29,6 +38,8 @@ from pagoefectivo.errors import RateLimited, TransientError
 
 from refunds.merchants import Merchant, find_merchant
 from refunds.ratelimit import RateLimiter
+from refunds.records import Refund, count_in_period, refunds_in_period
+from refunds.states import STATES
 from refunds.vault import Vault
 
 NEVER_SENT = ("queued", "awaiting_approval", "rejected")
@@ -40,6 +51,8 @@ EXPECTED = {  # gateway status -> our states that agree with it
 # Lookups of one merchant in flight at once, at most: its rate limit paces them anyway; this
 # only bounds the connections a fast merchant takes.
 MAX_IN_FLIGHT_PER_MERCHANT = 8
+MAX_IN_FLIGHT = 64  # lookups in flight at once, all merchants together
+PAGE_SIZE = 500  # refunds read at once, and waiting at most
 
 
 @dataclass(frozen=True)
@@ -70,42 +83,108 @@ def lookup_retries() -> AsyncRetrying:
                          wait=wait_exponential_jitter(multiplier=0.1, max=2), reraise=True)
 
 
-async def refunds_to_check(conn: asyncpg.Connection, date_from: datetime, date_to: datetime) -> list[asyncpg.Record]:
-    """The refunds of the period that may have reached the gateway, oldest first."""
-    return await conn.fetch(
-        """SELECT merchant_id, external_ref, state FROM refunds
-           WHERE created_at >= $1 AND created_at < $2 AND NOT state = ANY($3::text[])
-           ORDER BY created_at, refund_id""", date_from, date_to, list(NEVER_SENT))
+async def count_to_check(conn: asyncpg.Connection, date_from: datetime, date_to: datetime) -> int:
+    """How many refunds of the period may have reached the gateway (``check_period`` asks about them)."""
+    return await count_in_period(conn, date_from, date_to, not_states=NEVER_SENT)
 
 
-async def check_refunds(conn: asyncpg.Connection, client: PagoEfectivoClient, vault: Vault, limiter: RateLimiter,
-                        rows: Iterable[asyncpg.Record], on_checked: Callable[[Checked], None]) -> None:
-    """Ask the gateway about each refund of ``rows``, concurrently within each merchant's rate limit;
-    ``on_checked`` is called as each answer is compared. A gateway fault that outlives the retries
-    propagates (the refunds checked so far have been passed to ``on_checked``)."""
-    by_merchant: dict[str, list] = {}
-    for row in rows:
-        by_merchant.setdefault(row["merchant_id"], []).append(row)
-    tasks = []
-    for merchant_id, mine in by_merchant.items():
-        merchant = await find_merchant(conn, merchant_id)
-        creds = Credentials(**merchant.gateway_credentials(vault))
-        queue = iter(mine)  # shared by the merchant's lookups: each takes the next refund
-        lanes = max(1, min(MAX_IN_FLIGHT_PER_MERCHANT, math.ceil(merchant.rate_limit), len(mine)))
-        tasks += [asyncio.create_task(_lane(client, limiter, merchant, creds, queue, on_checked)) for _ in range(lanes)]
+async def _pages(conn: asyncpg.Connection, date_from: datetime, date_to: datetime, not_states: Collection[str],
+                 room: Callable[[], Awaitable[int]]) -> AsyncIterator[list[Refund]]:
+    """The period's refunds, oldest first, a keyset page at a time, each as large as ``room()``
+    says when its turn comes."""
+    after = None
+    while True:
+        limit = await room()
+        page = await refunds_in_period(conn, date_from, date_to, not_states=list(not_states), after=after, limit=limit)
+        if page:
+            yield page
+        if len(page) < limit:
+            return
+        after = (page[-1].created_at, page[-1].refund_id)
+
+
+async def check_period(conn: asyncpg.Connection, client: PagoEfectivoClient, vault: Vault, limiter: RateLimiter,
+                       date_from: datetime, date_to: datetime, on_checked: Callable[[Checked], None], *,
+                       already: Collection[tuple[str, str]] = frozenset(), on_skipped: Callable[[], None] = lambda: None,
+                       page_size: int = PAGE_SIZE, max_in_flight: int = MAX_IN_FLIGHT) -> None:
+    """Ask the gateway about each refund of [date_from, date_to) that may have reached it,
+    concurrently within each merchant's rate limit, reading the period a page at a time;
+    ``on_checked`` is called as each answer is compared, ``on_skipped`` for each refund passed
+    over because its (merchant_id, external_ref) is in ``already`` (a resumed run). A gateway
+    fault that outlives the retries propagates (the refunds checked so far have been passed to
+    ``on_checked``)."""
+    run = _Run(conn, client, vault, limiter, on_checked, max_in_flight, low=page_size // 2)
+
+    async def room() -> int:
+        await run.room()
+        return page_size - run.waiting
+
     try:
-        await asyncio.gather(*tasks)
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        async with asyncio.TaskGroup() as lookups:
+            async for page in _pages(conn, date_from, date_to, NEVER_SENT, room):
+                for refund in page:
+                    if (refund.merchant_id, refund.external_ref) in already:
+                        on_skipped()
+                    else:
+                        await run.queue(refund, lookups)
+    except BaseExceptionGroup as group:  # the first failure, as a single lookup raises it
+        raise group.exceptions[0] from None
 
 
-async def _lane(client, limiter: RateLimiter, merchant: Merchant, creds: Credentials, queue, on_checked) -> None:
-    for row in queue:
-        answer = await _status(client, limiter, merchant, creds, row["external_ref"])
-        found = _compare(row, answer)
-        on_checked(Checked(row["merchant_id"], row["external_ref"], () if found is None else (found,)))
+@dataclass
+class _Merchant:
+    """One merchant's refunds waiting to be asked about, and its lookups running (at most ``width``)."""
+    merchant: Merchant
+    creds: Credentials
+    width: int
+    waiting: deque[Refund] = field(default_factory=deque)
+    running: int = 0
+
+
+class _Run:
+    def __init__(self, conn, client, vault, limiter, on_checked, max_in_flight: int, *, low: int):
+        self.conn, self.client, self.vault, self.limiter, self.on_checked = conn, client, vault, limiter, on_checked
+        self.merchants: dict[str, _Merchant] = {}
+        self.slots = asyncio.Semaphore(max_in_flight)
+        self.waiting = 0  # refunds read and not yet taken up by a lookup
+        self.low = low
+        self.drained = asyncio.Event()
+
+    async def room(self) -> None:
+        """Until the refunds waiting are down to ``low`` (half a page): the next page is read then."""
+        while self.waiting > self.low:
+            self.drained.clear()
+            await self.drained.wait()
+
+    async def queue(self, refund: Refund, lookups: asyncio.TaskGroup) -> None:
+        mine = self.merchants.get(refund.merchant_id)
+        if mine is None:
+            merchant = await find_merchant(self.conn, refund.merchant_id)
+            mine = self.merchants[refund.merchant_id] = _Merchant(
+                merchant, Credentials(**merchant.gateway_credentials(self.vault)),
+                width=max(1, min(MAX_IN_FLIGHT_PER_MERCHANT, math.ceil(merchant.rate_limit))))
+        mine.waiting.append(refund)
+        self.waiting += 1
+        if mine.running < mine.width:
+            mine.running += 1
+            lookups.create_task(self._lane(mine))
+
+    async def _lane(self, mine: _Merchant) -> None:
+        """Ask about the merchant's waiting refunds one after another, while there are any."""
+        try:
+            while mine.waiting:
+                async with self.slots:
+                    if not mine.waiting:  # taken by another of its lanes meanwhile
+                        break
+                    refund = mine.waiting.popleft()
+                    self.waiting -= 1
+                    if self.waiting <= self.low:
+                        self.drained.set()
+                    answer = await _status(self.client, self.limiter, mine.merchant, mine.creds, refund.external_ref)
+                found = _compare(refund, answer)
+                self.on_checked(Checked(refund.merchant_id, refund.external_ref, () if found is None else (found,)))
+        finally:
+            mine.running -= 1
 
 
 async def _status(client: PagoEfectivoClient, limiter: RateLimiter, merchant: Merchant, creds: Credentials,
@@ -132,8 +211,8 @@ async def _turn(limiter: RateLimiter, merchant: Merchant) -> None:
         await asyncio.sleep(wait / 1000)
 
 
-def _compare(row, answer: RefundAnswer | None) -> Disagreement | None:
-    merchant_id, external_ref, state = row["merchant_id"], row["external_ref"], row["state"]
+def _compare(refund: Refund, answer: RefundAnswer | None) -> Disagreement | None:
+    merchant_id, external_ref, state = refund.merchant_id, refund.external_ref, refund.state
     if answer is None:
         if state in ("succeeded", "pending"):
             return Disagreement("missing_at_gateway", merchant_id, external_ref, state, "unknown")
@@ -143,28 +222,35 @@ def _compare(row, answer: RefundAnswer | None) -> Disagreement | None:
     return None
 
 
-async def against_ledger(conn, ledger: list[dict], date_from: datetime, date_to: datetime
-                         ) -> AsyncIterator[Disagreement]:
-    ours = {
-        (r["merchant_id"], r["external_ref"]): r
-        for r in await conn.fetch(
-            """SELECT merchant_id, external_ref, amount, state FROM refunds
-               WHERE created_at >= $1 AND created_at < $2""", date_from, date_to)
-    }
+async def against_ledger(conn: asyncpg.Connection, ledger: list[dict], date_from: datetime, date_to: datetime, *,
+                         page_size: int = PAGE_SIZE) -> AsyncIterator[Disagreement]:
+    """The gateway's ledger against our books: an amount that differs, a refund it executed that
+    we have no record of, one we hold succeeded that it did not execute. Our side is read a page
+    at a time: the ledger's refunds by their keys, then the period's succeeded ones in keyset pages."""
     seen = set()
-    for entry in ledger:
-        key = (entry["merchantId"], entry["externalRef"])
-        seen.add(key)
-        theirs = Decimal(str(entry["refundAmount"]))
-        row = ours.get(key)
-        if row is None:
-            known = await conn.fetchval(
-                "SELECT 1 FROM refunds WHERE merchant_id = $1 AND external_ref = $2", *key)
-            if not known:
-                yield Disagreement("missing_in_database", key[0], key[1], "none", f"executed {theirs}")
-            continue
-        if row["amount"] != theirs:
-            yield Disagreement("amount", key[0], key[1], str(row["amount"]), str(theirs))
-    for key, row in ours.items():
-        if row["state"] == "succeeded" and key not in seen:
-            yield Disagreement("missing_at_gateway", key[0], key[1], "succeeded", "not in ledger")
+    for start in range(0, len(ledger), page_size):
+        entries = ledger[start:start + page_size]
+        keys = [(entry["merchantId"], entry["externalRef"]) for entry in entries]
+        ours = {(row["merchant_id"], row["external_ref"]): row for row in await conn.fetch(
+            """SELECT r.merchant_id, r.external_ref, r.amount, r.created_at
+               FROM refunds r JOIN unnest($1::text[], $2::text[]) AS k (merchant_id, external_ref)
+                 ON r.merchant_id = k.merchant_id AND r.external_ref = k.external_ref""",
+            [key[0] for key in keys], [key[1] for key in keys])}
+        for entry, key in zip(entries, keys):
+            seen.add(key)
+            theirs = Decimal(str(entry["refundAmount"]))
+            row = ours.get(key)
+            if row is None:
+                yield Disagreement("missing_in_database", *key, "none", f"executed {theirs}")
+            elif date_from <= row["created_at"] < date_to and row["amount"] != theirs:
+                yield Disagreement("amount", *key, str(row["amount"]), str(theirs))
+
+    async def whole_page() -> int:
+        return page_size
+
+    not_succeeded = [state for state in STATES if state != "succeeded"]
+    async for page in _pages(conn, date_from, date_to, not_succeeded, whole_page):
+        for refund in page:
+            if (refund.merchant_id, refund.external_ref) not in seen:
+                yield Disagreement("missing_at_gateway", refund.merchant_id, refund.external_ref, "succeeded",
+                                   "not in ledger")

@@ -126,3 +126,30 @@ async def refund_events(conn: asyncpg.Connection, refund_id: UUID | str) -> list
 
 def _uuid(value: UUID | str) -> UUID:
     return value if isinstance(value, UUID) else UUID(str(value))
+
+
+async def refunds_in_period(
+    conn: asyncpg.Connection, date_from: datetime, date_to: datetime, *, not_states: Sequence[str] = (),
+    after: tuple[datetime, UUID] | None = None, limit: int,
+) -> list[Refund]:
+    """A page of the refunds created in [date_from, date_to) whose state is not one of ``not_states``,
+    oldest first, after the (created_at, refund_id) of ``after``: keyset paging through a period, a
+    short query a page, so that no transaction stays open between pages (nor a named statement
+    behind a transaction pooler) however long the pages take to work through."""
+    after_at, after_id = after or (None, None)
+    rows = await conn.fetch(
+        f"""SELECT {COLUMNS} FROM refunds
+            WHERE created_at >= $1 AND created_at < $2 AND NOT state = ANY($3::text[])
+              AND ($4::timestamptz IS NULL OR (created_at, refund_id) > ($4, $5::uuid))
+            ORDER BY created_at, refund_id LIMIT $6""",
+        date_from, date_to, list(not_states), after_at, after_id, limit,
+    )
+    return [from_row(row) for row in rows]
+
+
+async def count_in_period(conn: asyncpg.Connection, date_from: datetime, date_to: datetime, *,
+                          not_states: Sequence[str] = ()) -> int:
+    """How many refunds ``refunds_in_period`` pages through."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM refunds WHERE created_at >= $1 AND created_at < $2 AND NOT state = ANY($3::text[])",
+        date_from, date_to, list(not_states))

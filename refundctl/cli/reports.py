@@ -73,7 +73,7 @@ def cmd_reconcile(args) -> int:
 
     from refunds.ratelimit import RateLimiter
 
-    from ..reconcile import against_ledger, check_refunds, refunds_to_check
+    from ..reconcile import against_ledger, check_period, count_to_check
 
     start, stop = _bounds(args)
     config, sealer = settings(), vault()
@@ -84,25 +84,27 @@ def cmd_reconcile(args) -> int:
 
     async def run(conn):
         ledger = await _load_ledger(args.ledger) if args.ledger else None
-        rows = await refunds_to_check(conn, start, stop)
-        todo = [r for r in rows if state is None or (r["merchant_id"], r["external_ref"]) not in state.checked]
-        counts.update(total=len(rows), checked=len(rows) - len(todo))
+        counts["total"] = await count_to_check(conn, start, stop)
         redis_client = aioredis.from_url(config.require("redis_url"))
         with Progress(TextColumn("reconciling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console, disable=args.json or not console.is_terminal) as progress:
-            task = progress.add_task("reconcile", total=len(rows), completed=counts["checked"])
+            task = progress.add_task("reconcile", total=counts["total"])
+
+            def advance() -> None:  # a refund checked now, or by the run --resume goes on from
+                counts["checked"] += 1
+                progress.advance(task)
 
             def on_checked(checked) -> None:
                 found.extend(checked.found)
-                counts["checked"] += 1
-                progress.advance(task)
+                advance()
                 if state is not None:
                     state.add(checked)
 
             try:
                 async with aiohttp.ClientSession() as session:
                     client = PagoEfectivoClient(session, base_url=config.base_url, env=config.pagoefectivo_env)
-                    await check_refunds(conn, client, sealer, RateLimiter(redis_client), todo, on_checked)
+                    await check_period(conn, client, sealer, RateLimiter(redis_client), start, stop, on_checked,
+                                       already=state.checked if state is not None else frozenset(), on_skipped=advance)
             finally:
                 await redis_client.aclose()
         if ledger is not None:

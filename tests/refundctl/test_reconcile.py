@@ -1,5 +1,7 @@
 """refundctl reconcile against the real sandbox gateway, with its faults on: each merchant's lookups
-within its rate limit, transient errors retried, a stopped run resumed, and its exit statuses."""
+within its rate limit, transient errors retried, a period larger than a page streamed with every
+refund checked once, the ledger checked a page at a time, a stopped run resumed, and its exit
+statuses."""
 
 import asyncio
 import json
@@ -13,25 +15,27 @@ from datetime import datetime, timedelta, timezone
 import aiohttp
 import pytest_asyncio
 
+import refundctl.reconcile as reconcile
 from pagoefectivo import protocol
-from refundctl.reconcile import check_refunds, refunds_to_check
+from refundctl.reconcile import against_ledger, check_period, count_to_check
 from tests.refunds.test_reports import PERIOD, refundctl
 from tests.stack import chaos, start_stack
-from tests.workers.test_worker import accepted_refund, settle_all
+from tests.workers.test_worker import accepted_refund, ledger, settle_all
 
 LIMITS = {"m1": 5, "m2": 3}
 PER_MERCHANT = 12
 
 
 def recorder(seen: list) -> aiohttp.TraceConfig:
-    """Every request the gateway client sends: (monotonic time, method, path, merchant) and answers' statuses."""
+    """Every request the gateway client sends: (monotonic time, method, path, merchant), and each answer:
+    ("status", status, method, path)."""
     trace = aiohttp.TraceConfig()
 
     async def start(session, context, params):
         seen.append((time.monotonic(), params.method, params.url.path, params.headers.get(protocol.MERCHANT_HEADER)))
 
     async def end(session, context, params):
-        seen.append(("status", params.response.status))
+        seen.append(("status", params.response.status, params.method, params.url.path))
 
     trace.on_request_start.append(start)
     trace.on_request_end.append(end)
@@ -57,27 +61,96 @@ async def settled(db, make_merchant, database_url, redis_url, vault, monkeypatch
         yield stack, seen
 
 
+def hour_around_now() -> tuple[datetime, datetime]:
+    now = datetime.now(timezone.utc)
+    return now - timedelta(hours=1), now + timedelta(hours=1)
+
+
+def statuses(seen: list) -> list[int]:
+    """The statuses of the answers to status lookups."""
+    return [status for _, status, method, path in (e for e in seen if e[0] == "status")
+            if method == "GET" and path.startswith(protocol.REFUNDS_PATH)]
+
+
+def lookups(seen: list) -> list[tuple[float, str, str]]:
+    """The status lookups sent: (when, merchant, external_ref)."""
+    return [(when, merchant, path.removeprefix(protocol.REFUNDS_PATH).strip("/"))
+            for when, method, path, merchant in (e for e in seen if e[0] != "status")
+            if method == "GET" and path.startswith(protocol.REFUNDS_PATH)]
+
+
 async def test_lookups_keep_to_each_merchants_rate_limit_and_transient_errors_are_retried(db, settled):
     stack, seen = settled
     await chaos(stack.http, stack.sandbox_url, error_rate=0.2)
     checked = []
-    now = datetime.now(timezone.utc)
-    rows = await refunds_to_check(db, now - timedelta(hours=1), now + timedelta(hours=1))
-    await check_refunds(db, stack.res.client, stack.res.vault, stack.res.limiter, rows, checked.append)
+    await check_period(db, stack.res.client, stack.res.vault, stack.res.limiter, *hour_around_now(), checked.append)
 
-    assert sorted(c.external_ref for c in checked) == sorted(r["external_ref"] for r in rows)
-    assert len(rows) == len(LIMITS) * PER_MERCHANT and all(c.found == () for c in checked)
-    statuses = [s for kind, s in (e for e in seen if e[0] == "status")]
-    assert 500 in statuses and 429 not in statuses  # faults met, and retried: every refund answered
-    lookups = defaultdict(list)
-    for when, method, path, merchant in (e for e in seen if e[0] != "status"):
-        if method == "GET" and path.startswith(protocol.REFUNDS_PATH):
-            lookups[merchant].append(when)
+    assert sorted(c.external_ref for c in checked) == sorted(f"{m}-{i}" for m in LIMITS for i in range(PER_MERCHANT))
+    assert all(c.found == () for c in checked)
+    assert 500 in statuses(seen) and 429 not in statuses(seen)  # faults met, and retried: every refund answered
+    by_merchant = defaultdict(list)
+    for when, merchant, _ in lookups(seen):
+        by_merchant[merchant].append(when)
     for merchant, limit in LIMITS.items():
-        times = sorted(lookups[merchant])
+        times = sorted(by_merchant[merchant])
         assert len(times) >= PER_MERCHANT
         busiest = max(sum(1 for t in times if first <= t < first + 1.0) for first in times)
         assert busiest <= limit, (merchant, busiest)
+
+
+async def test_a_period_larger_than_a_page_is_streamed_each_refund_checked_once_with_bounded_memory(
+        db, settled, monkeypatch):
+    stack, seen = settled
+    page_size, in_flight = 5, 3
+    held = {"read": 0, "checked": 0, "most": 0, "pages": 0}
+    read_page = reconcile.refunds_in_period
+
+    async def counted(*args, **kwargs):  # every read of the period, and how many refunds are held after it
+        page = await read_page(*args, **kwargs)
+        assert kwargs["limit"] <= page_size
+        held["read"] += len(page)
+        held["pages"] += 1
+        held["most"] = max(held["most"], held["read"] - held["checked"])
+        return page
+
+    def on_checked(checked) -> None:
+        held["checked"] += 1
+        found.append(checked)
+
+    found = []
+    monkeypatch.setattr(reconcile, "refunds_in_period", counted)
+    await db.execute("UPDATE refunds SET state = 'failed' WHERE external_ref = 'm2-7'")
+    period = hour_around_now()
+    await check_period(db, stack.res.client, stack.res.vault, stack.res.limiter, *period, on_checked,
+                       page_size=page_size, max_in_flight=in_flight)
+
+    everyone = sorted(f"{m}-{i}" for m in LIMITS for i in range(PER_MERCHANT))
+    assert await count_to_check(db, *period) == len(everyone)
+    assert sorted(c.external_ref for c in found) == everyone  # each refund checked, once
+    assert sorted(ref for _, _, ref in lookups(seen)) == everyone  # and asked about once
+    assert [(d.kind, d.external_ref, d.ours, d.theirs) for c in found for d in c.found] == [
+        ("state", "m2-7", "failed", "success")]
+    assert held["pages"] >= len(everyone) // page_size  # streamed: never more than a page read at once
+    assert held["most"] <= page_size + in_flight, held  # refunds waiting, plus those being asked about
+
+
+async def test_the_ledger_is_checked_a_page_at_a_time_on_both_sides(db, settled):
+    stack, _ = settled
+    entries = await ledger(stack.http, stack.sandbox_url)
+    assert len(entries) == len(LIMITS) * PER_MERCHANT
+    entries = [e for e in entries if e["externalRef"] != "m1-4"]  # executed by us, not by the gateway
+    next(e for e in entries if e["externalRef"] == "m2-9")["refundAmount"] = "7.00"
+    entries.append({**entries[0], "externalRef": "never-ours", "refundAmount": "3.00"})
+    older = datetime.now(timezone.utc) - timedelta(days=40)  # ours, of another period: not a disagreement
+    await db.execute("UPDATE refunds SET created_at = $1 WHERE external_ref = 'm2-0'", older)
+    next(e for e in entries if e["externalRef"] == "m2-0")["refundAmount"] = "9.00"
+
+    found = [d async for d in against_ledger(db, entries, *hour_around_now(), page_size=4)]
+    assert sorted((d.kind, d.external_ref, d.ours, d.theirs) for d in found) == [
+        ("amount", "m2-9", "1.00", "7.00"),
+        ("missing_at_gateway", "m1-4", "succeeded", "not in ledger"),
+        ("missing_in_database", "never-ours", "none", "executed 3.00"),
+    ]
 
 
 async def test_a_stopped_run_resumes_where_it_stopped_and_exit_statuses_tell_findings_from_failure(
