@@ -12,7 +12,6 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 
 import asyncpg
@@ -35,12 +34,14 @@ WEBHOOK_BATCH = 500
 REDIS_MARK = "refunds:scheduler:mark"
 WATCH_SECONDS = 1.0
 # The channel the webhook outbox trigger notifies (refunds/schema.sql) once it wrote deliveries.
-# A notification is handed over this long after it came, with the rest of its burst, in one
-# ``dispatch_webhooks``. The listening connection is checked every LISTEN_CHECK_SECONDS (a
+# A notification is handed over WEBHOOK_COALESCE_SECONDS after it came, with the rest of its
+# burst, in one ``dispatch_webhooks``; up to WEBHOOK_BUSY_SECONDS while the endpoints are busy
+# (see ``Handover``). The listening connection is checked every LISTEN_CHECK_SECONDS (a
 # connection lost without a word, as a network partition leaves it) and opened again after a
 # loss within LISTEN_RETRY_SECONDS, doubling up to LISTEN_RETRY_MAX_SECONDS.
 WEBHOOK_CHANNEL = "webhook_deliveries"
 WEBHOOK_COALESCE_SECONDS = 0.05
+WEBHOOK_BUSY_SECONDS = 1.0
 LISTEN_APPLICATION = "workers.scheduler:listen"  # its application_name in pg_stat_activity
 LISTEN_CHECK_SECONDS = 30.0
 LISTEN_RETRY_SECONDS = 1.0
@@ -172,24 +173,48 @@ async def first_set(events: list[asyncio.Event], timeout: float) -> None:
             waiter.cancel()
 
 
-async def pause(stop: asyncio.Event, interval: float, wake: asyncio.Event | None = None,
-                on_wake: Callable[[], Awaitable[object]] | None = None) -> None:
-    """Until the next pass: ``interval``, or less once the mark is gone from Redis. Each time
-    ``wake`` is set meanwhile (webhook deliveries written), ``on_wake()`` runs once the burst is in."""
+async def pause(stop: asyncio.Event, interval: float, handover: Handover | None = None) -> None:
+    """Until the next pass: ``interval``, or less once the mark is gone from Redis; meanwhile a
+    ``handover`` each time the outbox trigger notifies (its ``wake``)."""
     deadline = time.monotonic() + interval
     watch_at = time.monotonic() + WATCH_SECONDS
-    events = [stop] if wake is None else [stop, wake]
+    events = [stop] if handover is None else [stop, handover.wake]
     while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
         await first_set(events, min(left, max(0.0, watch_at - time.monotonic())))
-        if wake is not None and wake.is_set() and not stop.is_set():
-            await asyncio.sleep(WEBHOOK_COALESCE_SECONDS)  # the rest of the burst
-            wake.clear()
-            if on_wake is not None:
-                await on_wake()
+        if handover is not None and handover.wake.is_set() and not stop.is_set():
+            await handover(stop)
         if time.monotonic() >= watch_at:
             watch_at = time.monotonic() + WATCH_SECONDS
             if await ask_redis(lambda client: client.exists(REDIS_MARK)) == 0:
                 return
+
+
+class Handover:
+    """Webhook deliveries handed over between passes, as the outbox trigger notifies (``wake``).
+
+    A hand-over waits ``delay`` first, for the rest of the burst: WEBHOOK_COALESCE_SECONDS while
+    hand-overs find deliveries to hand over. One that finds none (every endpoint with deliveries
+    due is at its cap, its workers taking the next ones in turn; or the burst was handed over
+    already) doubles the wait, up to WEBHOOK_BUSY_SECONDS, and one that finds some halves it:
+    ``due_deliveries`` reads every due row, so under a backlog it runs about once a second
+    instead of twenty times."""
+
+    def __init__(self, pool: asyncpg.Pool, settings) -> None:
+        self.pool, self.settings = pool, settings
+        self.wake = asyncio.Event()
+        self.delay = WEBHOOK_COALESCE_SECONDS
+
+    async def __call__(self, stop: asyncio.Event) -> int:
+        await first_set([stop], self.delay)
+        self.wake.clear()
+        try:
+            handed = await dispatch_webhooks(self.pool, self.settings)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("webhook hand-over failed: %s", exc)
+            handed = 0
+        self.delay = (max(WEBHOOK_COALESCE_SECONDS, self.delay / 2) if handed
+                      else min(WEBHOOK_BUSY_SECONDS, self.delay * 2))
+        return handed
 
 
 def listen_url(settings) -> str | None:
@@ -232,14 +257,6 @@ async def listen(url: str, wake: asyncio.Event, stop: asyncio.Event) -> None:
                 conn.terminate()
 
 
-async def hand_over_webhooks(pool: asyncpg.Pool, settings) -> None:
-    """``dispatch_webhooks`` between passes: a failure is logged, the next notification or pass retries."""
-    try:
-        await dispatch_webhooks(pool, settings)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        log.warning("webhook hand-over failed: %s", exc)
-
-
 async def run(interval: float = 5.0) -> None:
     settings = get_settings()
     pool = await db.create_pool(settings.require("database_url"), max_size=3)
@@ -249,11 +266,11 @@ async def run(interval: float = 5.0) -> None:
         loop.add_signal_handler(sig, stop.set)
     log.info("scheduler running every %.1fs", interval)
     url = listen_url(settings)
-    wake = asyncio.Event() if url else None
+    handover = Handover(pool, settings) if url else None
     if url is None:
         log.info("webhook deliveries are handed over at each pass only (every %.1fs): DATABASE_POOLER=%s, and "
                  "LISTEN needs a direct connection to Postgres", interval, settings.database_pooler)
-    listener = asyncio.create_task(listen(url, wake, stop)) if url else None
+    listener = asyncio.create_task(listen(url, handover.wake, stop)) if handover else None
     next_purge = 0.0
     marked = False  # this scheduler's mark was in Redis at a pass
     beats = heartbeat.folder("scheduler")
@@ -274,7 +291,7 @@ async def run(interval: float = 5.0) -> None:
                     next_purge = time.monotonic() + RETENTION_INTERVAL_SECONDS
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 log.warning("scheduler pass failed: %s", exc)
-            await pause(stop, interval, wake, lambda: hand_over_webhooks(pool, settings))
+            await pause(stop, interval, handover)
     finally:
         if listener is not None:
             listener.cancel()

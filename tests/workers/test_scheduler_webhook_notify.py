@@ -126,3 +126,33 @@ async def test_behind_a_transaction_pooler_deliveries_wait_for_the_pass_and_one_
         """SELECT d.state FROM webhook_deliveries d JOIN webhook_events e USING (event_id)
            WHERE e.refund_id = $1""", refund.refund_id) == "sending"
     assert await listener_pids(db) == []
+
+
+async def test_hand_overs_that_find_nothing_space_out_and_one_that_hands_over_speeds_up_again(
+        db, database_url, vault, make_merchant, queue):
+    """Under a backlog whose endpoints are at their cap, hand-overs find nothing: each such one
+    doubles the wait before the next (due_deliveries reads every due row), up to a second."""
+    from refunds import db as dbmod
+    from refunds.settings import Settings
+    from workers.scheduler import WEBHOOK_BUSY_SECONDS, WEBHOOK_COALESCE_SECONDS, Handover
+
+    await make_merchant("m1")
+    await paid(db)
+    await subscribed(db, vault)
+    pool = await dbmod.create_pool(database_url, max_size=1)
+    try:
+        handover = Handover(pool, Settings())
+        stop = asyncio.Event()
+        delays = []
+        for _ in range(6):
+            assert await handover(stop) == 0
+            delays.append(handover.delay)
+        assert delays == [min(WEBHOOK_BUSY_SECONDS, WEBHOOK_COALESCE_SECONDS * 2 ** n) for n in range(1, 7)]
+        assert delays[-1] == WEBHOOK_BUSY_SECONDS
+        await enqueue_refund(db, **request(external_ref="DUE"))
+        handover.wake.set()
+        assert await handover(stop) == 1
+        assert handover.delay == WEBHOOK_BUSY_SECONDS / 2 and not handover.wake.is_set()
+        assert queue.hlen(WEBHOOK_MESSAGES) == 1
+    finally:
+        await pool.close()
