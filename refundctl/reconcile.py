@@ -31,7 +31,7 @@ from datetime import datetime
 from decimal import Decimal
 
 import asyncpg
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
 
 from pagoefectivo.client import Credentials, PagoEfectivoClient, RefundAnswer
 from pagoefectivo.errors import RateLimited, TransientError
@@ -53,6 +53,8 @@ EXPECTED = {  # gateway status -> our states that agree with it
 MAX_IN_FLIGHT_PER_MERCHANT = 8
 MAX_IN_FLIGHT = 64  # lookups in flight at once, all merchants together
 PAGE_SIZE = 500  # refunds read at once, and waiting at most
+FAULT_TRIES = 6  # tries of a lookup that meets transient faults (5xx, code 166, no connection)
+MAX_RATE_LIMITED = 60  # 429s one lookup waits out before the run stops
 
 
 @dataclass(frozen=True)
@@ -75,12 +77,28 @@ class Checked:
     found: tuple[Disagreement, ...]
 
 
+_FAULT_WAIT = wait_exponential_jitter(multiplier=0.1, max=2)
+
+
 def lookup_retries() -> AsyncRetrying:
     """The workers' in-attempt policy (workers.retries), longer: reconcile has no delayed retry to
-    fall back on, so a fault outliving these ends the run (exit 3, resumable). A 429 is retried too,
-    after the merchant's pause. Not imported from workers: that package sets up the dramatiq broker."""
-    return AsyncRetrying(retry=retry_if_exception_type(TransientError), stop=stop_after_attempt(6),
-                         wait=wait_exponential_jitter(multiplier=0.1, max=2), reraise=True)
+    fall back on, so a fault outliving FAULT_TRIES tries ends the run (exit 3, resumable). A 429 is
+    a wait, not a fault, as for the workers: the merchant is paused for its Retry-After and the
+    lookup goes again without using a try, up to MAX_RATE_LIMITED times. Not imported from
+    workers: that package sets up the dramatiq broker."""
+    met = {"faults": 0, "rate_limited": 0}
+
+    def limited(state: RetryCallState) -> bool:
+        return isinstance(state.outcome.exception(), RateLimited)
+
+    def stop(state: RetryCallState) -> bool:
+        met["rate_limited" if limited(state) else "faults"] += 1
+        return met["faults"] >= FAULT_TRIES or met["rate_limited"] >= MAX_RATE_LIMITED
+
+    def wait(state: RetryCallState) -> float:
+        return 0.0 if limited(state) else _FAULT_WAIT(state)  # a 429's wait is the merchant's pause
+
+    return AsyncRetrying(retry=retry_if_exception_type(TransientError), stop=stop, wait=wait, reraise=True)
 
 
 async def count_to_check(conn: asyncpg.Connection, date_from: datetime, date_to: datetime) -> int:

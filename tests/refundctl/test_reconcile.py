@@ -1,15 +1,16 @@
 """refundctl reconcile against the real sandbox gateway, with its faults on: each merchant's lookups
-within its rate limit, transient errors retried, a period larger than a page streamed with every
-refund checked once, the ledger checked a page at a time, a stopped run resumed, and its exit
-statuses."""
+within its rate limit, transient errors and random 429s retried, a period larger than a page
+streamed with every refund checked once, a stopped run resumed, its exit statuses, and its
+progress bar on a real terminal."""
 
 import asyncio
 import json
 import os
 import signal
 import sys
+import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
@@ -134,6 +135,25 @@ async def test_a_period_larger_than_a_page_is_streamed_each_refund_checked_once_
     assert held["most"] <= page_size + in_flight, held  # refunds waiting, plus those being asked about
 
 
+async def test_random_429s_are_waited_out_and_the_findings_are_right(db, settled):
+    stack, seen = settled
+    await db.execute("UPDATE refunds SET state = 'pending' WHERE external_ref = 'm1-3'")
+    await chaos(stack.http, stack.sandbox_url, rate_limited_rate=0.3, retry_after_s=1)
+    found = []
+    await check_period(db, stack.res.client, stack.res.vault, stack.res.limiter, *hour_around_now(),
+                       found.append, page_size=10)
+
+    everyone = sorted(f"{m}-{i}" for m in LIMITS for i in range(PER_MERCHANT))
+    assert sorted(c.external_ref for c in found) == everyone
+    assert [(d.kind, d.external_ref, d.ours, d.theirs) for c in found for d in c.found] == [
+        ("state", "m1-3", "pending", "success")]
+    answered = Counter(statuses(seen))
+    asked = Counter(ref for _, _, ref in lookups(seen))
+    assert answered[429] >= 1 and answered[200] == len(everyone), answered  # 429s met, every refund answered
+    assert sum(asked.values()) == len(everyone) + answered[429]  # each 429 retried, nothing asked twice else
+    assert set(asked) == set(everyone)
+
+
 async def test_the_ledger_is_checked_a_page_at_a_time_on_both_sides(db, settled):
     stack, _ = settled
     entries = await ledger(stack.http, stack.sandbox_url)
@@ -151,6 +171,64 @@ async def test_the_ledger_is_checked_a_page_at_a_time_on_both_sides(db, settled)
         ("missing_at_gateway", "m1-4", "succeeded", "not in ledger"),
         ("missing_in_database", "never-ours", "none", "executed 3.00"),
     ]
+
+
+def drain(fd: int, into: bytearray) -> threading.Thread:
+    """Read a pseudo-terminal's master side into ``into`` until its other side is closed."""
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: every holder of the terminal's side closed it
+                return
+            if not chunk:
+                return
+            into.extend(chunk)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+async def on_a_terminal(*args: str, **env: str) -> tuple[int, str, str]:
+    """The real ``refundctl`` with stderr on a pseudo-terminal (as an operator's shell gives it) and
+    stdout on a pipe (as a script reads it): exit status, stdout, and what the terminal showed."""
+    import pty
+
+    master, terminal = pty.openpty()
+    shown = bytearray()
+    try:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "refundctl", *args, stdout=asyncio.subprocess.PIPE, stderr=terminal,
+            env={**os.environ, "TERM": "xterm-256color", "COLUMNS": "100", **env})
+    finally:
+        os.close(terminal)  # the child holds it now: its exit closes the last one
+    reader = drain(master, shown)
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), 60)
+        await asyncio.to_thread(reader.join, 10)
+    finally:
+        os.close(master)
+    return process.returncode, out.decode(), shown.decode(errors="replace")
+
+
+async def test_the_progress_bar_is_drawn_on_a_terminal_and_stdout_stays_clean(db, settled):
+    stack, _ = settled
+    env = {"PAGOEFECTIVO_BASE_URL": stack.sandbox_url}
+    total = len(LIMITS) * PER_MERCHANT
+
+    code, out, shown = await on_a_terminal("reconcile", *PERIOD, **env)
+    assert code == 0, shown
+    assert out == f"books agree: no disagreement ({total} refunds asked about)\n"  # no bar, no escape code
+    assert "reconciling" in shown and f"{total}/{total}" in shown and "━" in shown, shown
+    assert "\x1b[" in shown  # drawn in place, as a terminal is
+    assert "Traceback" not in shown
+
+    await db.execute("UPDATE refunds SET state = 'failed' WHERE external_ref = 'm1-0'")
+    code, out, shown = await on_a_terminal("reconcile", *PERIOD, "--json", **env)
+    assert code == 1, shown
+    assert [(d["kind"], d["external_ref"]) for d in json.loads(out)] == [("state", "m1-0")]  # the whole of stdout
+    assert "reconciling" not in shown and shown.strip() == ""  # with --json: no bar (docs/OPERATIONS.md)
 
 
 async def test_a_stopped_run_resumes_where_it_stopped_and_exit_statuses_tell_findings_from_failure(
