@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import date, timedelta
 from importlib.metadata import version
@@ -80,10 +81,22 @@ def test_the_scheduler_runs_on_while_redis_is_down_and_stops_cleanly(closed_port
            "SCHEDULER_METRICS_PORT": "0"}
     scheduler = subprocess.Popen([sys.executable, "-m", "workers.scheduler"], env=env, cwd=ROOT,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(3)
+    seen = []
+    watchdog = threading.Timer(60, scheduler.kill)  # a scheduler that never says it: the read ends
+    watchdog.start()
+    try:
+        for line in scheduler.stderr:  # its passes go on without Redis (however slowly it started)
+            seen.append(line)
+            if "queue depth unavailable" in line:
+                break
+    finally:
+        watchdog.cancel()
+    assert scheduler.poll() is None, "".join(seen)
+    time.sleep(1)  # a few more passes
     assert scheduler.poll() is None
     scheduler.send_signal(signal.SIGTERM)
     out, err = scheduler.communicate(timeout=30)
+    err = "".join(seen) + err
     assert scheduler.returncode == 0 and "Traceback" not in err, err
     assert "queue depth unavailable" in err
 
