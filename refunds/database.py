@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Errors that mean "try again later", not "this request is wrong".
 OUTAGE_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,                       # class 08: connection failures
+    asyncpg.PostgresConnectionError,                       # class 08: connection failures (db.ConnectionBroken)
     asyncpg.exceptions.OperatorInterventionError,          # 57: admin/crash shutdown, cannot connect now
     asyncpg.exceptions.InsufficientResourcesError,         # 53: too many connections, disk full
     asyncpg.exceptions.TransactionRollbackError,           # 40: serialization failure, deadlock
@@ -85,7 +85,7 @@ class Database:
         pool = await self._ensure_pool()
         try:
             async with asyncio.timeout(self._work_timeout):
-                async with pool.acquire(timeout=self._acquire_timeout) as conn:
+                async with dbmod.acquire(pool, timeout=self._acquire_timeout) as conn:
                     yield conn
         except OUTAGE_ERRORS as exc:
             raise Unavailable(describe(exc)) from exc

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
 
@@ -92,6 +94,37 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10, pooler
     return await asyncpg.create_pool(
         dsn, min_size=min_size, max_size=max_size, init=functools.partial(_init_connection, pooler=pooler),
         reset=_keep_session, server_settings={"application_name": application_name()}, **_statement_options(pooler))
+
+
+class ConnectionBroken(asyncpg.ConnectionDoesNotExistError):
+    """The session of a pooled connection had ended before a statement was sent on it (``acquire``).
+    Class 08, like asyncpg's own errors for a lost connection: every outage handler knows it."""
+
+
+@contextlib.asynccontextmanager
+async def acquire(pool: asyncpg.Pool, *, timeout: float | None = None) -> AsyncIterator[asyncpg.Connection]:
+    """``pool.acquire()``, where a statement refused because the session had already ended
+    raises ConnectionBroken instead of asyncpg's InternalClientError.
+
+    Postgres ends an idle session (a restart's fast shutdown, pg_terminate_backend) with a FATAL
+    message and then closes the socket. asyncpg reads the FATAL on a connection that expects
+    nothing and puts its protocol in an error state, but ``is_closed()``, which the pool checks
+    before handing a connection out, turns true only once the loop has delivered the close
+    (uvloop: a turn after it read both; a close in a later read: later still). Meanwhile
+    ``pool.acquire()`` hands the connection out, and the first statement fails before anything
+    is sent: InternalClientError "cannot switch to state 12; another operation (2) is in
+    progress" (MagicStack/asyncpg#1069). asyncpg then aborts the connection, so it is never
+    handed out again; but InternalClientError is not an outage error (it is also what a bug,
+    such as a missing codec, raises, on a connection left open), so the services would answer
+    500 with a traceback. A connection asyncpg has closed tells the two apart. The statement
+    that raised it was not sent (statements before it in the block were)."""
+    async with pool.acquire(timeout=timeout) as conn:
+        try:
+            yield conn
+        except asyncpg.InternalClientError as exc:
+            if not conn.is_closed():
+                raise
+            raise ConnectionBroken(f"the connection's session had ended before the statement was sent ({exc})") from exc
 
 
 async def migrate(dsn: str, *, pooler: str | None = None) -> None:

@@ -88,8 +88,13 @@ class Resources:
         self.claims = Claims(self.pool, self.settings.refund_claim_seconds)
 
     def _on_connection(self, statement):
+        """``statement(conn, items)`` on a pooled connection. A batch refused on a connection whose
+        session had ended raises ConnectionBroken, an outage error (refunds.db.acquire), and is not
+        run again here: at a Postgres shutdown the other connections' sessions are ending too, and
+        the batch sent on one of them could commit unbeknown to its callers. The messages' retries
+        run it later."""
         async def run(items):
-            async with self.pool.acquire() as conn:
+            async with db.acquire(self.pool) as conn:
                 return await statement(conn, items)
         return run
 
