@@ -128,31 +128,42 @@ async def test_behind_a_transaction_pooler_deliveries_wait_for_the_pass_and_one_
     assert await listener_pids(db) == []
 
 
-async def test_hand_overs_that_find_nothing_space_out_and_one_that_hands_over_speeds_up_again(
+async def test_hand_overs_space_out_as_leasing_slows_under_a_backlog_and_not_for_an_idle_endpoint(
         db, database_url, vault, make_merchant, queue):
-    """Under a backlog whose endpoints are at their cap, hand-overs find nothing: each such one
-    doubles the wait before the next (due_deliveries reads every due row), up to a second."""
+    """due_deliveries reads every due row: with a backlog (20,000 deliveries, their endpoint at
+    its cap) a hand-over waits WEBHOOK_LEASE_SHARE times what its lease took; with none, the
+    shortest wait."""
     from refunds import db as dbmod
     from refunds.settings import Settings
-    from workers.scheduler import WEBHOOK_BUSY_SECONDS, WEBHOOK_COALESCE_SECONDS, Handover
+    from workers.scheduler import WEBHOOK_BUSY_SECONDS, WEBHOOK_COALESCE_SECONDS, WEBHOOK_LEASE_SHARE, Handover
 
     await make_merchant("m1")
     await paid(db)
     await subscribed(db, vault)
     pool = await dbmod.create_pool(database_url, max_size=1)
     try:
-        handover = Handover(pool, Settings())
-        stop = asyncio.Event()
-        delays = []
-        for _ in range(6):
-            assert await handover(stop) == 0
-            delays.append(handover.delay)
-        assert delays == [min(WEBHOOK_BUSY_SECONDS, WEBHOOK_COALESCE_SECONDS * 2 ** n) for n in range(1, 7)]
-        assert delays[-1] == WEBHOOK_BUSY_SECONDS
-        await enqueue_refund(db, **request(external_ref="DUE"))
+        handover, stop = Handover(pool, Settings()), asyncio.Event()
+        refund = (await enqueue_refund(db, **request(external_ref="IDLE"))).refund
         handover.wake.set()
-        assert await handover(stop) == 1
-        assert handover.delay == WEBHOOK_BUSY_SECONDS / 2 and not handover.wake.is_set()
+        assert await handover(stop) == 1  # the idle endpoint's event
+        assert not handover.wake.is_set() and queue.hlen(WEBHOOK_MESSAGES) == 1
+        assert handover.delay == max(WEBHOOK_COALESCE_SECONDS, WEBHOOK_LEASE_SHARE * handover.took)
+
+        busy = await db.fetchval("SELECT endpoint_id FROM webhook_endpoints")
+        await db.execute(
+            """INSERT INTO webhook_events (event_id, refund_id, merchant_id, event_type, data, occurred_at)
+               SELECT 'evt_backlog_' || n, $1, 'm1', 'refund.accepted', '{}'::jsonb,
+                      now() - make_interval(secs => n / 1000.0) FROM generate_series(1, 20000) n""",
+            refund.refund_id)
+        await db.execute("""INSERT INTO webhook_deliveries (event_id, endpoint_id, next_attempt_at)
+                            SELECT event_id, $1, occurred_at FROM webhook_events WHERE event_id LIKE 'evt_backlog_%'""",
+                         busy)
+        await db.execute("""UPDATE webhook_deliveries SET state = 'sending', lease_until = now() + interval '1 hour'
+                            WHERE event_id IN ('evt_backlog_1', 'evt_backlog_2', 'evt_backlog_3')""")
+        await db.execute("ANALYZE webhook_deliveries")
+        assert await handover(stop) == 0  # its endpoint at its cap (4: the idle one's and three more)
+        assert handover.delay == min(WEBHOOK_BUSY_SECONDS, WEBHOOK_LEASE_SHARE * handover.took)
+        assert handover.delay > WEBHOOK_COALESCE_SECONDS, handover.took  # 20,000 rows read: not a few ms
         assert queue.hlen(WEBHOOK_MESSAGES) == 1
     finally:
         await pool.close()
