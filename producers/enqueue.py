@@ -29,7 +29,7 @@ from decimal import Decimal
 
 import asyncpg
 
-from refunds import metrics
+from refunds import db, metrics
 from refunds.delivery import Courier, deliver_async
 from refunds.errors import IdempotencyConflict, RefundRefused
 from refunds.money import format_amount
@@ -233,7 +233,7 @@ class Ask:
 async def _accept(pool, ask: Ask) -> EnqueueResult:
     if isinstance(pool, asyncpg.Connection):
         return await accept_alone(pool, ask)
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         return await accept_alone(conn, ask)
 
 

@@ -43,7 +43,7 @@ from pydantic.json_schema import models_json_schema
 
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
 from refunds.delivery import Courier
-from refunds import metrics, service
+from refunds import db, metrics, service
 from refunds.http_api import ERRORS, REQUEST_ID, REQUEST_ID_HEADER, error_body, error_response, request_ids
 from refunds.errors import NotFound, RefundRefused
 from refunds.records import (
@@ -225,7 +225,7 @@ async def _authenticate(request: web.Request) -> ApiToken:
     """The request's active token, looked up in the database (401 otherwise)."""
     secret = _bearer(request)
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         found = await authenticate(conn, secret)
     if found is None:
         raise _unauthorized()
@@ -302,7 +302,7 @@ async def create_refund(request: web.Request) -> web.Response:
     token = tokens.get(hash_token(secret)) if len(secret) <= MAX_TOKEN_LENGTH else None
     confirmed = token is None
     if token is None:
-        async with pool.acquire() as conn:
+        async with db.acquire(pool) as conn:
             token = await authenticate(conn, secret)
         if token is None:
             raise _unauthorized()
@@ -321,7 +321,7 @@ async def create_refund(request: web.Request) -> web.Response:
         raise _unauthorized() from None
     except (RefundRefused, ApiError):
         if not confirmed:
-            async with pool.acquire() as conn:
+            async with db.acquire(pool) as conn:
                 active = await authenticate(conn, secret)
             if active is None:
                 tokens.forget(token.token_hash)
@@ -358,7 +358,7 @@ async def show_refund(request: web.Request) -> web.Response:
     token = await _authenticate(request)
     refund_id = _refund_id(request)
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+    async with db.acquire(pool) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         refund = await find_refund(conn, refund_id)
         if refund is None or not token.allows(refund.merchant_id):  # do not tell others it exists
             raise ApiError("not_found", f"no refund {refund_id}")
@@ -394,7 +394,7 @@ async def list_or_find_refunds(request: web.Request) -> web.Response:
     except ValueError as exc:
         raise ApiError("invalid_parameter", str(exc), "after") from None
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         found = await list_refunds(conn, merchant_id=query.merchant_id, state=query.state, after=after,
                                    limit=query.limit + 1)
     page = found[:query.limit]
@@ -407,7 +407,7 @@ async def find_refund_by_external_ref(request: web.Request) -> web.Response:
     lookup = _query(request, RefundLookup)
     _scoped(token, lookup.merchant_id)
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+    async with db.acquire(pool) as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         refund = await find_by_external_ref(conn, lookup.merchant_id, lookup.external_ref)
         if refund is None:
             raise ApiError("not_found", f"no refund with external_ref {lookup.external_ref!r} for this merchant")
@@ -428,7 +428,7 @@ async def _decide(request: web.Request, decision: str) -> web.Response:
     refund_id = _refund_id(request)
     note = validated(Decision, await _read_json(request, optional=True)).message
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         try:
             moved = await decide(conn, refund_id, decision=decision, approver=token.name, note=note,
                                  merchants=token.merchants, courier=request.app[COURIER])
@@ -468,7 +468,7 @@ async def create_webhook(request: web.Request) -> web.Response:
         _scoped(token, merchant_id)
     settings = get_settings()
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         try:
             endpoint, secret = await webhooks.add_endpoint(
                 conn, vault_from_settings(settings), name=token.name, url=asked.url, merchants=asked.merchants,
@@ -482,7 +482,7 @@ async def create_webhook(request: web.Request) -> web.Response:
 async def list_webhooks(request: web.Request) -> web.Response:
     token = await _authenticate(request)
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         endpoints = await webhooks.list_endpoints(conn)
     return web.json_response({"webhooks": [_webhook_view(e) for e in endpoints
                                            if all(token.allows(m) for m in e.merchants)]})
@@ -491,7 +491,7 @@ async def list_webhooks(request: web.Request) -> web.Response:
 async def disable_webhook(request: web.Request) -> web.Response:
     token = await _authenticate(request)
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         endpoint = await _scoped_endpoint(request, token, conn)
         return web.json_response(_webhook_view(await webhooks.disable_endpoint(conn, endpoint.endpoint_id)))
 
@@ -500,7 +500,7 @@ async def rotate_webhook_secret(request: web.Request) -> web.Response:
     token = await _authenticate(request)
     overlap = validated(WebhookRotation, await _read_json(request, optional=True)).overlap_hours
     pool = await request.app[DATABASE].pool()
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         endpoint = await _scoped_endpoint(request, token, conn)
         rotated, secret = await webhooks.rotate_secret(conn, vault_from_settings(get_settings()),
                                                        endpoint.endpoint_id, overlap=timedelta(hours=overlap))

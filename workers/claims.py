@@ -23,6 +23,7 @@ from uuid import UUID
 
 import asyncpg
 
+from refunds import db
 from refunds.states import renew_claims
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Claims:
             return
         held = list(self._held.items())
         asked_at = time.monotonic()
-        async with self._pool.acquire() as conn:
+        async with db.acquire(self._pool) as conn:
             renewed = await renew_claims(conn, [(refund_id, until) for refund_id, (until, _) in held],
                                          claim_seconds=self.claim_seconds)
         for refund_id, (until, _) in held:
@@ -77,6 +78,6 @@ class Claims:
             await asyncio.sleep(self.claim_seconds / 4)
             try:
                 await self.renew()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                # the claims run down; requests stop leaving before they could expire
+            except Exception as exc:  # whatever it was, the loop goes on: it alone keeps the claims
+                # the claims run down meanwhile; requests stop leaving before they could expire
                 log.warning("claims of %d refunds not renewed: %s", len(self._held), type(exc).__name__)

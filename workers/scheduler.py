@@ -68,7 +68,7 @@ async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_
     except Exception as exc:  # Redis away: deliveries would fail anyway; the grace counts from now
         head = None
         log.debug("ready queue head unavailable: %s", type(exc).__name__)
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         rows = await conn.fetch(
             """UPDATE refunds SET delivered_at = now()
                WHERE refund_id IN (
@@ -95,7 +95,7 @@ async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_
 
 async def lease_webhooks(pool: asyncpg.Pool, settings) -> list[tuple[str, UUID]]:
     """Lease the webhook deliveries due now (refunds.webhooks.due_deliveries)."""
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         return await webhooks.due_deliveries(conn, per_endpoint=settings.webhook_endpoint_concurrency,
                                              limit=WEBHOOK_BATCH, lease_seconds=settings.webhook_lease_seconds)
 
@@ -111,7 +111,7 @@ GAUGES = metrics.DatabaseGauges()
 
 async def update_gauges(pool: asyncpg.Pool, gauges: metrics.DatabaseGauges = GAUGES) -> None:
     """Read refunds_in_state, the oldest queued and pending refunds' ages and the queue depth for the next scrape."""
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         counts = dict(await conn.fetch("SELECT state, count(*) FROM refunds GROUP BY state"))
         # a pending refund's updated_at is when it became pending: status checks do not touch it
         oldest = await conn.fetchrow(
@@ -143,7 +143,7 @@ async def purge_expired(pool: asyncpg.Pool, settings) -> None:
 
     Small batches, each its own short transaction, so traffic never waits on a long lock.
     """
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         notifications = await retention.purge_notifications(conn, older_than_days=settings.notification_retention_days)
         events = await retention.purge_audit_events(conn, settings.audit_retention_days)
         hooks = await retention.purge_webhook_events(conn, settings.audit_retention_days)
@@ -164,7 +164,7 @@ async def ask_redis(call) -> bool | None:
 async def sweep_lost(pool: asyncpg.Pool) -> None:
     """Redis lost its data: hand over again every refund that was waiting in it."""
     log.warning("Redis lost its data (the scheduler's mark is gone): re-delivering every waiting refund")
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         lost_before = await conn.fetchval("SELECT now()")
     await sweep_once(pool, lost_before=lost_before)
 

@@ -24,7 +24,7 @@ import dramatiq
 from pagoefectivo.client import Credentials, RefundAnswer, RefundOrder
 from pagoefectivo.protocol import RATE_LIMITED
 from pagoefectivo.errors import EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError
-from refunds import logs, metrics
+from refunds import db, logs, metrics
 from refunds.delivery import send_refund_message
 from refunds.merchants import Merchant
 from refunds.records import Refund, find_refund
@@ -111,7 +111,7 @@ async def _ask_gateway(res: Resources, refund: Refund, merchant: Merchant, creds
     try:
         return await _attempt(res, refund, claimed_from, merchant, creds)
     except RetryLater as exc:  # the claim is released first, so that the delayed retry can take it
-        async with res.pool.acquire() as conn:
+        async with db.acquire(res.pool) as conn:
             await release_claim(conn, refund.refund_id, code=exc.code, message=str(exc))
         raise
     finally:
@@ -150,7 +150,7 @@ async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: 
 
 async def _wait_unsent(res: Resources, refund: Refund, wait_ms: int, *, code: str, message: str | None) -> None:
     """Nothing was executed: release the claim with a code that says so, and come back later."""
-    async with res.pool.acquire() as conn:
+    async with db.acquire(res.pool) as conn:
         await release_claim(conn, refund.refund_id, code=code, message=message)
     await _defer(res, refund, wait_ms, rate_limited=True)
 
@@ -217,7 +217,7 @@ async def check_status(res: Resources, refund: Refund, creds: Credentials) -> No
         await record_answer(res, refund, answer)
         return
     delay = next_check_delay(refund.status_checks + 1)
-    async with res.pool.acquire() as conn:
+    async with db.acquire(res.pool) as conn:
         if delay is None:
             await _settle(res, refund, "manual_review", code="unsettled",
                           message=f"no final outcome after {refund.status_checks + 1} status checks")
@@ -244,7 +244,7 @@ async def _retry_later(res: Resources, refund: Refund, reason: str) -> None:
     The refund keeps exactly one live message (a new delayed one), so the outbox sweep and
     retries never multiply messages. Past the retry horizon it goes to manual review.
     """
-    async with res.pool.acquire() as conn:
+    async with db.acquire(res.pool) as conn:
         current = await find_refund(conn, refund.refund_id)
     if current is None or current.state not in ("queued", "submitted", "pending"):
         return
@@ -268,7 +268,7 @@ async def _defer(res: Resources, refund: Refund, wait_ms: int, *, rate_limited: 
     metrics.refund_requeues_total.labels("rate_limit" if rate_limited else "retry").inc()
     if rate_limited:
         metrics.refund_rate_limit_waits_total.labels(metrics.merchant_label(refund.merchant_id)).inc()
-    async with res.pool.acquire() as conn:
+    async with db.acquire(res.pool) as conn:
         await conn.execute(
             "UPDATE refunds SET delivered_at = now() + make_interval(secs => $2) WHERE refund_id = $1",
             refund.refund_id, delay / 1000,

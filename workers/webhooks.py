@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver
 from aiohttp.resolver import DefaultResolver
 
-from refunds import metrics, webhooks
+from refunds import db, metrics, webhooks
 from refunds.errors import RefundRefused
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ def webhook_session(allowed_networks: tuple, timeout: float) -> aiohttp.ClientSe
 async def deliver(pool, session: aiohttp.ClientSession, vault, event_id: str, endpoint_id, *,
                   allowed_networks: tuple) -> str | None:
     """Send one leased delivery and record the attempt; its new state, or None if it was not ours."""
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         delivery = await webhooks.outgoing(conn, event_id, endpoint_id)
     if delivery is None:
         return None
@@ -89,7 +89,7 @@ async def deliver(pool, session: aiohttp.ClientSession, vault, event_id: str, en
         error = (f"destination not allowed: {refused}" if isinstance(refused, DestinationRefused)
                  else f"{type(exc).__name__}: {exc}"[:500])
     latency_ms = int((time.perf_counter() - started) * 1000)
-    async with pool.acquire() as conn:
+    async with db.acquire(pool) as conn:
         state = await webhooks.record_attempt(conn, delivery, status=status, error=error, latency_ms=latency_ms)
     metrics.refund_webhook_attempts_total.labels("retry" if state == "pending" else state).inc()
     metrics.refund_webhook_attempt_seconds.observe(latency_ms / 1000)
@@ -113,6 +113,6 @@ async def deliver_in_turn(pool, session: aiohttp.ClientSession, vault, event_id:
         delivered += 1
         if time.monotonic() >= deadline:
             break
-        async with pool.acquire() as conn:
+        async with db.acquire(pool) as conn:
             event_id = await webhooks.next_due(conn, endpoint_id, lease_seconds=lease_seconds)
     return delivered

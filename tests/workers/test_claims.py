@@ -84,3 +84,30 @@ async def test_no_request_leaves_on_a_claim_whose_renewals_fail(db, database_url
         assert await claim_left(db, refund.refund_id) > 0
     finally:
         await claims.close()
+
+
+async def test_renewals_go_on_after_any_failure(db, pool, make_merchant, monkeypatch):
+    """The renewal loop alone keeps a process's claims: an error it did not foresee (here asyncpg's
+    InternalClientError) costs one renewal, never the rest."""
+    import asyncpg
+
+    from workers import claims as claims_module
+
+    real, failures = claims_module.renew_claims, []
+
+    async def failing_once(*args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise asyncpg.InternalClientError("cannot switch to state 12")
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(claims_module, "renew_claims", failing_once)
+    refund, asked_at = await claimed(db, make_merchant)
+    claims = Claims(pool, CLAIM_SECONDS)
+    claims.hold(refund.refund_id, refund.claimed_until, asked_at)
+    try:
+        await asyncio.sleep(CLAIM_SECONDS * 1.5)
+        assert failures and claims.may_send(refund.refund_id)
+        assert await claim_left(db, refund.refund_id) > CLAIM_SECONDS / 2
+    finally:
+        await claims.close()

@@ -88,7 +88,7 @@ class _One:
     def __init__(self, conn) -> None:
         self.conn = conn
 
-    def acquire(self):
+    def acquire(self, timeout=None):
         conn = self.conn
 
         class _Held:
