@@ -36,14 +36,14 @@ REDIS_MARK = "refunds:scheduler:mark"
 WATCH_SECONDS = 1.0
 # The channel the webhook outbox trigger notifies (refunds/schema.sql) once it wrote deliveries.
 # A notification is handed over WEBHOOK_COALESCE_SECONDS after it came, with the rest of its
-# burst, in one ``dispatch_webhooks``; later (up to WEBHOOK_BUSY_SECONDS) when leasing is slow
-# (see ``Handover``). The listening connection is checked every LISTEN_CHECK_SECONDS (a
+# burst, in one ``dispatch_webhooks``; hand-overs are spaced up to WEBHOOK_BUSY_SECONDS apart
+# when leasing is slow (see ``Handover``). The listening connection is checked every LISTEN_CHECK_SECONDS (a
 # connection lost without a word, as a network partition leaves it) and opened again after a
 # loss within LISTEN_RETRY_SECONDS, doubling up to LISTEN_RETRY_MAX_SECONDS.
 WEBHOOK_CHANNEL = "webhook_deliveries"
 WEBHOOK_COALESCE_SECONDS = 0.05
 WEBHOOK_BUSY_SECONDS = 1.0
-WEBHOOK_LEASE_SHARE = 20  # a hand-over waits at least this many times its last lease took
+WEBHOOK_LEASE_SHARE = 20  # hand-overs are spaced at least this many times what the last lease took
 LISTEN_APPLICATION = "workers.scheduler:listen"  # its application_name in pg_stat_activity
 LISTEN_CHECK_SECONDS = 30.0
 LISTEN_RETRY_SECONDS = 1.0
@@ -198,32 +198,36 @@ async def pause(stop: asyncio.Event, interval: float, handover: Handover | None 
 class Handover:
     """Webhook deliveries handed over between passes, as the outbox trigger notifies (``wake``).
 
-    A hand-over first waits ``delay``, for the rest of the burst: WEBHOOK_COALESCE_SECONDS, or
-    WEBHOOK_LEASE_SHARE times what the last one's lease took when that is longer, up to
-    WEBHOOK_BUSY_SECONDS. ``due_deliveries`` reads every due row (14 ms with 5,000 pending, 40 ms
-    with 20,000): under a backlog, hand-overs space out so that leasing takes about a twentieth
-    of the time at most, while an idle endpoint's event still goes within WEBHOOK_COALESCE_SECONDS."""
+    A hand-over first waits WEBHOOK_COALESCE_SECONDS, for the rest of the burst, and at least
+    until ``spacing`` has passed since the last one: WEBHOOK_LEASE_SHARE times what that one's
+    lease took, up to WEBHOOK_BUSY_SECONDS. ``due_deliveries`` reads every due row (14 ms with
+    5,000 pending, 40 ms with 20,000): under a backlog, hand-overs space out so that leasing
+    takes about a twentieth of the time at most, while an idle endpoint's event (leasing is
+    quick then, or was long ago) goes within WEBHOOK_COALESCE_SECONDS."""
 
     def __init__(self, pool: asyncpg.Pool, settings) -> None:
         self.pool, self.settings = pool, settings
         self.wake = asyncio.Event()
-        self.delay = WEBHOOK_COALESCE_SECONDS
-        self.took = 0.0  # seconds the last lease took
+        self.took = self.spacing = 0.0  # seconds the last lease took; the least time to the next
+        self.last = time.monotonic()  # when the last lease ended
+
+    def wait_seconds(self) -> float:
+        return max(WEBHOOK_COALESCE_SECONDS, self.last + self.spacing - time.monotonic())
 
     async def __call__(self, stop: asyncio.Event) -> int:
-        await first_set([stop], self.delay)
+        await first_set([stop], self.wait_seconds())
         self.wake.clear()
         started = time.monotonic()
         handed = 0
         try:
             due = await lease_webhooks(self.pool, self.settings)
-            self.took = time.monotonic() - started
+            self.took, self.last = time.monotonic() - started, time.monotonic()
             if due:
                 handed = await asyncio.to_thread(deliver_webhooks, due)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            self.took = time.monotonic() - started
+            self.took, self.last = time.monotonic() - started, time.monotonic()
             log.warning("webhook hand-over failed: %s", exc)
-        self.delay = min(WEBHOOK_BUSY_SECONDS, max(WEBHOOK_COALESCE_SECONDS, WEBHOOK_LEASE_SHARE * self.took))
+        self.spacing = min(WEBHOOK_BUSY_SECONDS, WEBHOOK_LEASE_SHARE * self.took)
         return handed
 
 

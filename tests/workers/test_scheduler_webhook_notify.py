@@ -131,11 +131,16 @@ async def test_behind_a_transaction_pooler_deliveries_wait_for_the_pass_and_one_
 async def test_hand_overs_space_out_as_leasing_slows_under_a_backlog_and_not_for_an_idle_endpoint(
         db, database_url, vault, make_merchant, queue):
     """due_deliveries reads every due row: with a backlog (20,000 deliveries, their endpoint at
-    its cap) a hand-over waits WEBHOOK_LEASE_SHARE times what its lease took; with none, the
-    shortest wait."""
+    its cap) the next hand-over waits WEBHOOK_LEASE_SHARE times what the lease took; with none,
+    or once that time has passed, the shortest wait."""
     from refunds import db as dbmod
     from refunds.settings import Settings
-    from workers.scheduler import WEBHOOK_BUSY_SECONDS, WEBHOOK_COALESCE_SECONDS, WEBHOOK_LEASE_SHARE, Handover
+    from workers.scheduler import (
+        WEBHOOK_BUSY_SECONDS,
+        WEBHOOK_COALESCE_SECONDS,
+        WEBHOOK_LEASE_SHARE,
+        Handover,
+    )
 
     await make_merchant("m1")
     await paid(db)
@@ -147,7 +152,7 @@ async def test_hand_overs_space_out_as_leasing_slows_under_a_backlog_and_not_for
         handover.wake.set()
         assert await handover(stop) == 1  # the idle endpoint's event
         assert not handover.wake.is_set() and queue.hlen(WEBHOOK_MESSAGES) == 1
-        assert handover.delay == max(WEBHOOK_COALESCE_SECONDS, WEBHOOK_LEASE_SHARE * handover.took)
+        assert handover.spacing == min(WEBHOOK_BUSY_SECONDS, WEBHOOK_LEASE_SHARE * handover.took)
 
         busy = await db.fetchval("SELECT endpoint_id FROM webhook_endpoints")
         await db.execute(
@@ -162,8 +167,10 @@ async def test_hand_overs_space_out_as_leasing_slows_under_a_backlog_and_not_for
                             WHERE event_id IN ('evt_backlog_1', 'evt_backlog_2', 'evt_backlog_3')""")
         await db.execute("ANALYZE webhook_deliveries")
         assert await handover(stop) == 0  # its endpoint at its cap (4: the idle one's and three more)
-        assert handover.delay == min(WEBHOOK_BUSY_SECONDS, WEBHOOK_LEASE_SHARE * handover.took)
-        assert handover.delay > WEBHOOK_COALESCE_SECONDS, handover.took  # 20,000 rows read: not a few ms
+        assert handover.spacing == min(WEBHOOK_BUSY_SECONDS, WEBHOOK_LEASE_SHARE * handover.took)
+        assert handover.wait_seconds() > WEBHOOK_COALESCE_SECONDS, handover.took  # 20,000 rows read: not a few ms
         assert queue.hlen(WEBHOOK_MESSAGES) == 1
+        await asyncio.sleep(handover.spacing)  # the backlog's last hand-over was a while ago
+        assert handover.wait_seconds() == WEBHOOK_COALESCE_SECONDS
     finally:
         await pool.close()
