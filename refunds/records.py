@@ -136,13 +136,15 @@ async def refunds_in_period(
     oldest first, after the (created_at, refund_id) of ``after``: keyset paging through a period, a
     short query a page, so that no transaction stays open between pages (nor a named statement
     behind a transaction pooler) however long the pages take to work through."""
-    after_at, after_id = after or (None, None)
+    # one row comparison, the index's range (refunds_created_idx) from the first page to the last;
+    # the first page starts before every refund of date_from (no refund_id is the nil UUID)
+    after_at, after_id = after or (date_from, UUID(int=0))
     rows = await conn.fetch(
         f"""SELECT {COLUMNS} FROM refunds
-            WHERE created_at >= $1 AND created_at < $2 AND NOT state = ANY($3::text[])
-              AND ($4::timestamptz IS NULL OR (created_at, refund_id) > ($4, $5::uuid))
+            WHERE (created_at, refund_id) > ($1, $2::uuid) AND created_at >= $3 AND created_at < $4
+              AND NOT state = ANY($5::text[])
             ORDER BY created_at, refund_id LIMIT $6""",
-        date_from, date_to, list(not_states), after_at, after_id, limit,
+        after_at, after_id, date_from, date_to, list(not_states), limit,
     )
     return [from_row(row) for row in rows]
 
