@@ -93,10 +93,11 @@ async def sweep_once(pool: asyncpg.Pool, *, grace_seconds: float = OUTBOX_GRACE_
     return delivered
 
 
-async def lease_webhooks(pool: asyncpg.Pool, settings) -> list[tuple[str, UUID]]:
-    """Lease the webhook deliveries due now (refunds.webhooks.due_deliveries)."""
+async def lease_webhooks(pool: asyncpg.Pool, settings, *, per_endpoint: int | None = None) -> list[tuple[str, UUID]]:
+    """Lease the webhook deliveries due now (refunds.webhooks.due_deliveries), up to
+    ``per_endpoint`` in flight to an endpoint (default: WEBHOOK_ENDPOINT_CONCURRENCY)."""
     async with db.acquire(pool) as conn:
-        return await webhooks.due_deliveries(conn, per_endpoint=settings.webhook_endpoint_concurrency,
+        return await webhooks.due_deliveries(conn, per_endpoint=per_endpoint or settings.webhook_endpoint_concurrency,
                                              limit=WEBHOOK_BATCH, lease_seconds=settings.webhook_lease_seconds)
 
 
@@ -198,6 +199,11 @@ async def pause(stop: asyncio.Event, interval: float, handover: Handover | None 
 class Handover:
     """Webhook deliveries handed over between passes, as the outbox trigger notifies (``wake``).
 
+    It starts one delivery for each endpoint with none in flight: that delivery's worker takes
+    the endpoint's next ones in turn (``workers.webhooks.deliver_in_turn``) and the passes fill
+    the endpoint's cap. Leasing up to the cap here too would start more turns than the cap
+    whenever it ran while a turn was between two deliveries (no longer counted in flight).
+
     A hand-over first waits WEBHOOK_COALESCE_SECONDS, for the rest of the burst, and at least
     until ``spacing`` has passed since the last one: WEBHOOK_LEASE_SHARE times what that one's
     lease took, up to WEBHOOK_BUSY_SECONDS. ``due_deliveries`` reads every due row (14 ms with
@@ -220,7 +226,7 @@ class Handover:
         started = time.monotonic()
         handed = 0
         try:
-            due = await lease_webhooks(self.pool, self.settings)
+            due = await lease_webhooks(self.pool, self.settings, per_endpoint=1)
             self.took, self.last = time.monotonic() - started, time.monotonic()
             if due:
                 handed = await asyncio.to_thread(deliver_webhooks, due)

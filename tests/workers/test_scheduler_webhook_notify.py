@@ -86,6 +86,9 @@ async def handed_over(db, queue, service, external_ref: str) -> float:
         await asyncio.sleep(0.02)
     elapsed = time.monotonic() - started
     assert await db.fetchval("SELECT state FROM webhook_deliveries WHERE event_id = $1", event_id) == "sending"
+    # as its worker would (none runs here): delivered, so the endpoint is idle again
+    await db.execute("UPDATE webhook_deliveries SET state = 'delivered', lease_until = NULL, delivered_at = now()"
+                     " WHERE event_id = $1", event_id)
     return elapsed
 
 
@@ -128,11 +131,13 @@ async def test_behind_a_transaction_pooler_deliveries_wait_for_the_pass_and_one_
     assert await listener_pids(db) == []
 
 
-async def test_hand_overs_space_out_as_leasing_slows_under_a_backlog_and_not_for_an_idle_endpoint(
+async def test_a_notified_hand_over_starts_one_delivery_per_idle_endpoint_and_spaces_out_under_a_backlog(
         db, database_url, vault, make_merchant, queue):
-    """due_deliveries reads every due row: with a backlog (20,000 deliveries, their endpoint at
-    its cap) the next hand-over waits WEBHOOK_LEASE_SHARE times what the lease took; with none,
-    or once that time has passed, the shortest wait."""
+    """A notified hand-over starts one delivery for an endpoint with none in flight (its worker
+    takes the next ones in turn; the passes fill the endpoint's cap), so it never adds to a busy
+    endpoint's deliveries in flight. due_deliveries reads every due row: with a backlog (20,000
+    deliveries) the next hand-over waits WEBHOOK_LEASE_SHARE times what the lease took; with
+    none, or once that time has passed, the shortest wait."""
     from refunds import db as dbmod
     from refunds.settings import Settings
     from workers.scheduler import (
@@ -140,6 +145,7 @@ async def test_hand_overs_space_out_as_leasing_slows_under_a_backlog_and_not_for
         WEBHOOK_COALESCE_SECONDS,
         WEBHOOK_LEASE_SHARE,
         Handover,
+        dispatch_webhooks,
     )
 
     await make_merchant("m1")
@@ -148,28 +154,30 @@ async def test_hand_overs_space_out_as_leasing_slows_under_a_backlog_and_not_for
     pool = await dbmod.create_pool(database_url, max_size=1)
     try:
         handover, stop = Handover(pool, Settings()), asyncio.Event()
-        refund = (await enqueue_refund(db, **request(external_ref="IDLE"))).refund
+        refunds = [(await enqueue_refund(db, **request(external_ref=f"IDLE-{n}"))).refund for n in range(3)]
         handover.wake.set()
-        assert await handover(stop) == 1  # the idle endpoint's event
+        assert await handover(stop) == 1  # three events due for the idle endpoint: one starts
         assert not handover.wake.is_set() and queue.hlen(WEBHOOK_MESSAGES) == 1
         assert handover.spacing == min(WEBHOOK_BUSY_SECONDS, WEBHOOK_LEASE_SHARE * handover.took)
+        handover.wake.set()
+        assert await handover(stop) == 0  # one in flight: not idle
+        assert await dispatch_webhooks(pool, Settings()) == 2  # a pass fills the cap (4)
+        assert queue.hlen(WEBHOOK_MESSAGES) == 3
 
         busy = await db.fetchval("SELECT endpoint_id FROM webhook_endpoints")
         await db.execute(
             """INSERT INTO webhook_events (event_id, refund_id, merchant_id, event_type, data, occurred_at)
                SELECT 'evt_backlog_' || n, $1, 'm1', 'refund.accepted', '{}'::jsonb,
                       now() - make_interval(secs => n / 1000.0) FROM generate_series(1, 20000) n""",
-            refund.refund_id)
+            refunds[0].refund_id)
         await db.execute("""INSERT INTO webhook_deliveries (event_id, endpoint_id, next_attempt_at)
                             SELECT event_id, $1, occurred_at FROM webhook_events WHERE event_id LIKE 'evt_backlog_%'""",
                          busy)
-        await db.execute("""UPDATE webhook_deliveries SET state = 'sending', lease_until = now() + interval '1 hour'
-                            WHERE event_id IN ('evt_backlog_1', 'evt_backlog_2', 'evt_backlog_3')""")
         await db.execute("ANALYZE webhook_deliveries")
-        assert await handover(stop) == 0  # its endpoint at its cap (4: the idle one's and three more)
+        assert await handover(stop) == 0  # its endpoint busy
         assert handover.spacing == min(WEBHOOK_BUSY_SECONDS, WEBHOOK_LEASE_SHARE * handover.took)
         assert handover.wait_seconds() > WEBHOOK_COALESCE_SECONDS, handover.took  # 20,000 rows read: not a few ms
-        assert queue.hlen(WEBHOOK_MESSAGES) == 1
+        assert queue.hlen(WEBHOOK_MESSAGES) == 3
         await asyncio.sleep(handover.spacing)  # the backlog's last hand-over was a while ago
         assert handover.wait_seconds() == WEBHOOK_COALESCE_SECONDS
     finally:
