@@ -28,6 +28,8 @@ BENCHMARKS = [  # script, a tiny size, the line its report ends with, what it ch
      "other jobs on the machine used", ["HTTP intake", "Python API"]),
     # its own embedded servers (it restarts Postgres and empties Redis); the money checks, not the times
     ("recovery_bench.py", ["--small"], "OBJECTIVES met", ["lost: 0", "ledger: ok"]),
+    # every refund final, every event of the rounds with webhooks on delivered and received
+    ("webhooks_bench.py", ["--small"], "RESULT webhooks on / off", ["delivered: all", "ledger: ok"]),
 ]
 
 
