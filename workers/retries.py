@@ -3,7 +3,7 @@
 | layer | applies to | how | budget |
 |---|---|---|---|
 | in an attempt (``in_attempt_retries``, tenacity) | a transient gateway fault (5xx, connection refused, a timeout before anything was sent), not a 429 | the same call again at once, with exponential jitter | 4 tries, 5 s |
-| delayed (``RetryLater`` → ``retry_delay_ms``) | a transient fault that outlived the attempt's retries, or an outcome still unknown after asking the gateway | the refund's message re-queued with a delay; its claim released first | five within 4 s of each other, then 2 s doubling to 1 h, jittered, for ``RETRY_HORIZON_SECONDS``; then manual review |
+| delayed (``RetryLater`` → ``retry_delay_ms``) | a transient fault that outlived the attempt's retries, or an outcome still unknown after asking the gateway | the refund's message re-queued with a delay; its claim released first | five 1-2 s apart, then 2 s doubling to 1 h, jittered, for ``RETRY_HORIZON_SECONDS``; then manual review |
 | rate limit (``refunds.ratelimit``) | not yet the refund's turn in the merchant's schedule, the merchant's window full as the request is to leave, or the gateway said 429 | re-queued to arrive at its slot; a full window is waited out in place; a 429 pauses the merchant for Retry-After, for every worker, and the next attempt sends without asking for status (nothing was executed); never counts as a retry | none: it is a wait, not a failure |
 | status checks (``workers.status_schedule``) | a refund the gateway accepted (pending) that no notification settled | its status asked after 60 s, then every 5 min five times, then hourly | a day; then manual review |
 | message (dramatiq ``Retries``, ``ACTOR_RETRIES``) | anything else the actor raises: Postgres or Redis unreachable, a bug | dramatiq re-delivers the message with its backoff | 60 times, 1 s to 1 h |
@@ -24,7 +24,7 @@ from pagoefectivo.errors import RateLimited, TransientError
 # delayed retries continue at least this long before a refund is sent to manual review
 RETRY_HORIZON_SECONDS = 26 * 3600
 MAX_BACKOFF_SECONDS = 3600
-FAST_RETRIES, FAST_RETRY_SECONDS = 5, 4  # the first delayed retries: 1-2 s, then 2-4 s (about 15 s in all)
+FAST_RETRIES, FAST_RETRY_SECONDS = 5, 2  # the first delayed retries: 1-2 s apart (about 8 s in all)
 # dramatiq's own retries of a message whose actor raised (see the table above)
 ACTOR_RETRIES = {"max_retries": 60, "min_backoff": 1_000, "max_backoff": 3_600_000}
 

@@ -43,6 +43,7 @@ NOTHING_SENT = frozenset({RATE_LIMITED, PAUSED})
 # An attempt stopped because its claim could not be renewed (workers.claims); an earlier try of
 # the same attempt may have reached the gateway, so the next one asks for status first.
 CLAIM_RUNNING_OUT = "claim_running_out"
+TAKEOVER_MARGIN_MS = 500  # after another worker's claim ends, before asking for the refund again
 
 
 class _Paused(Exception):
@@ -104,8 +105,9 @@ async def _ask_gateway(res: Resources, refund: Refund, merchant: Merchant, creds
         return None
     asked_at = time.monotonic()
     claimed = await res.claim(refund.refund_id)
-    if claimed is None:
-        return None  # another worker holds the claim, or the refund moved on
+    if claimed is None:  # another worker holds the claim, or the refund moved on
+        await _after_the_holder(refund)
+        return None
     refund, claimed_from = claimed
     res.claims.hold(refund.refund_id, refund.claimed_until, asked_at)
     try:
@@ -146,6 +148,18 @@ async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: 
     except GatewayError as exc:
         raise RetryLater(exc.message, code=exc.code) from None
     return None
+
+
+async def _after_the_holder(refund: Refund) -> None:
+    """A refund another worker held as it was read comes back as its claim ends: that worker may
+    have died with it (its messages come back within WORKER_DEAD_AFTER_SECONDS, before its claims
+    end), and the outbox sweep would only find it a grace period later. A holder still at work
+    renews its claim and the message waits again; one done with it has moved the refund on."""
+    if refund.state != "submitted" or refund.claimed_until is None:
+        return  # claimed just now by a live worker: nothing to wait for
+    left_ms = (refund.claimed_until - datetime.now(timezone.utc)).total_seconds() * 1000
+    if left_ms > 0:
+        await asyncio.to_thread(requeue, refund.refund_id, delay_ms=int(left_ms) + TAKEOVER_MARGIN_MS, slot_ms=None)
 
 
 async def _wait_unsent(res: Resources, refund: Refund, wait_ms: int, *, code: str, message: str | None) -> None:

@@ -95,6 +95,29 @@ async def test_duplicate_deliveries_reach_the_gateway_once(db, make_merchant, st
 
 
 
+async def test_a_refund_another_worker_holds_comes_back_as_its_claim_ends(db, make_merchant, stack, monkeypatch):
+    """A worker that died with a claim: a message for its refund waits for the claim's end and
+    then settles it (asking for status first), instead of waiting for the outbox sweep's grace."""
+    from refunds.states import claim_many
+    from workers import sender
+
+    await make_merchant("m1")
+    await chaos(stack.http, stack.sandbox_url, sync_status_mix={"success": 1})
+    refund = await accepted_refund(stack, db)
+    [(held, _)] = await claim_many(db, [refund.refund_id], actor="worker-that-died", claim_seconds=5)
+    requeued = []
+    monkeypatch.setattr(sender, "requeue", lambda refund_id, **how: requeued.append((refund_id, how)) or True)
+    await process_refund(stack.res, refund.refund_id)
+    [(refund_id, how)] = requeued
+    wait_s = how["delay_ms"] / 1000
+    left_s = (held.claimed_until - datetime.now(timezone.utc)).total_seconds()
+    assert refund_id == refund.refund_id and left_s < wait_s <= left_s + 1 and how["slot_ms"] is None
+    await asyncio.sleep(wait_s)  # the re-queued message arrives
+    await process_refund(stack.res, refund.refund_id)
+    assert (await find_refund(db, refund.refund_id)).state == "succeeded"
+    assert len(await ledger(stack.http, stack.sandbox_url)) == 1
+
+
 async def test_refunds_handed_over_together_are_carried_as_one_and_each_settles_once(db, make_merchant, stack):
     """A send_refunds message: its refunds run together (a duplicate among them included) and
     one failing does not stop the others; the message's retry finds the rest settled."""
