@@ -61,10 +61,19 @@ def webhook_session(allowed_networks: tuple, timeout: float) -> aiohttp.ClientSe
 async def deliver(pool, session: aiohttp.ClientSession, vault, event_id: str, endpoint_id, *,
                   allowed_networks: tuple) -> str | None:
     """Send one leased delivery and record the attempt; its new state, or None if it was not ours."""
+    state, _ = await _deliver(pool, session, vault, event_id, endpoint_id, allowed_networks=allowed_networks)
+    return state
+
+
+async def _deliver(pool, session: aiohttp.ClientSession, vault, event_id: str, endpoint_id, *,
+                   allowed_networks: tuple, pass_on_seconds: float | None = None) -> tuple[str | None, str | None]:
+    """``deliver``; with ``pass_on_seconds``, a delivery that succeeded passes its slot of the
+    endpoint's cap on to the endpoint's next due one in the same transaction (leased for that
+    long): the state, and that next event id or None."""
     async with db.acquire(pool) as conn:
         delivery = await webhooks.outgoing(conn, event_id, endpoint_id)
     if delivery is None:
-        return None
+        return None, None
     timestamp = int(time.time())
     headers = {"Content-Type": "application/json", "webhook-id": event_id, "webhook-timestamp": str(timestamp),
                "webhook-signature": webhooks.signature_header(delivery.endpoint.secrets(vault), event_id, timestamp,
@@ -89,14 +98,18 @@ async def deliver(pool, session: aiohttp.ClientSession, vault, event_id: str, en
         error = (f"destination not allowed: {refused}" if isinstance(refused, DestinationRefused)
                  else f"{type(exc).__name__}: {exc}"[:500])
     latency_ms = int((time.perf_counter() - started) * 1000)
-    async with db.acquire(pool) as conn:
+    async with db.acquire(pool) as conn, conn.transaction():
+        # one transaction: the scheduler never sees the slot free between the two (it would lease
+        # a delivery beside the one passed on, over the cap)
         state = await webhooks.record_attempt(conn, delivery, status=status, error=error, latency_ms=latency_ms)
+        following = (await webhooks.next_due(conn, delivery.endpoint.endpoint_id, lease_seconds=pass_on_seconds)
+                     if state == "delivered" and pass_on_seconds is not None else None)
     metrics.refund_webhook_attempts_total.labels("retry" if state == "pending" else state).inc()
     metrics.refund_webhook_attempt_seconds.observe(latency_ms / 1000)
     if state != "delivered":
         log.info("webhook %s to %s: %s (%s)", event_id, delivery.endpoint.name, state, error or f"HTTP {status}",
                  extra={"endpoint_id": str(endpoint_id)})
-    return state
+    return state, following
 
 
 async def deliver_in_turn(pool, session: aiohttp.ClientSession, vault, event_id: str, endpoint_id, *,
@@ -108,11 +121,11 @@ async def deliver_in_turn(pool, session: aiohttp.ClientSession, vault, event_id:
     delivered = 0
     deadline = time.monotonic() + budget_seconds
     while event_id is not None:
-        if await deliver(pool, session, vault, event_id, endpoint_id, allowed_networks=allowed_networks) != "delivered":
+        passing_on = time.monotonic() < deadline
+        state, following = await _deliver(pool, session, vault, event_id, endpoint_id, allowed_networks=allowed_networks,
+                                           pass_on_seconds=lease_seconds if passing_on else None)
+        if state != "delivered":
             break
         delivered += 1
-        if time.monotonic() >= deadline:
-            break
-        async with db.acquire(pool) as conn:
-            event_id = await webhooks.next_due(conn, endpoint_id, lease_seconds=lease_seconds)
+        event_id = following
     return delivered

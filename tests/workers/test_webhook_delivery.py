@@ -240,3 +240,32 @@ async def test_an_endpoint_that_answers_gets_its_backlog_in_turn_within_its_cap(
     assert await deliver_in_turn(_One(db), session, vault, event_id, endpoint_id, allowed_networks=LOCAL,
                                  lease_seconds=60) == 0
 
+
+
+async def test_a_slot_passed_on_is_never_seen_free_by_the_scheduler(db, vault, make_merchant, hook, session,
+                                                                  database_url, monkeypatch):
+    """Recording a delivery and leasing the endpoint's next one are one transaction: a scheduler
+    pass between the two would find the slot free and lease another, over the cap."""
+    from workers.webhooks import deliver_in_turn
+
+    await make_merchant("m1")
+    await paid(db, amount="100.00")
+    await subscribed(db, vault, hook.url)
+    for n in range(3):
+        await accepted(db, f"R-{n}")
+    [(event_id, endpoint_id)] = await webhooks.due_deliveries(db, per_endpoint=1, limit=100)
+    real_next_due, leased_between = webhooks.next_due, []
+
+    async def scheduler_pass_first(conn, endpoint, **kwargs):
+        leased_between.extend(await webhooks.due_deliveries(db, per_endpoint=1, limit=100))  # its own connection
+        return await real_next_due(conn, endpoint, **kwargs)
+
+    monkeypatch.setattr(webhooks, "next_due", scheduler_pass_first)
+    pool = await dbmod.create_pool(database_url, max_size=2)
+    try:
+        assert await deliver_in_turn(pool, session, vault, event_id, endpoint_id, allowed_networks=LOCAL,
+                                     lease_seconds=60) == 3
+    finally:
+        await pool.close()
+    assert leased_between == []
+    assert hook.most_in_flight == 1 and len(hook.received) == 3
