@@ -202,6 +202,10 @@ CREATE TABLE IF NOT EXISTS webhook_deliveries (
 );
 CREATE INDEX IF NOT EXISTS webhook_deliveries_due_idx ON webhook_deliveries (next_attempt_at)
     WHERE state IN ('pending', 'sending');
+-- An endpoint's next due delivery, in order (a worker passing its slot on: refunds.webhooks.next_due),
+-- read from the index instead of sorting the endpoint's pending ones (a replay makes thousands due at once).
+CREATE INDEX IF NOT EXISTS webhook_deliveries_next_idx ON webhook_deliveries (endpoint_id, next_attempt_at, event_id)
+    WHERE state = 'pending';
 
 -- Every attempt, for operators: its status (or error) and how long it took.
 CREATE TABLE IF NOT EXISTS webhook_attempts (

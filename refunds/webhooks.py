@@ -204,6 +204,11 @@ async def rotate_secret(conn: asyncpg.Connection, vault: Vault, endpoint_id: uui
 
 # --- deliveries ----------------------------------------------------------------------------------
 
+# Deliveries made due are announced here (the outbox trigger in schema.sql, a replay): the
+# scheduler LISTENs and hands them to the workers at once instead of at its next pass.
+NOTIFY_CHANNEL = "webhook_deliveries"
+
+
 async def due_deliveries(conn: asyncpg.Connection, *, per_endpoint: int, limit: int,
                          lease_seconds: float = LEASE_SECONDS) -> list[tuple[str, uuid.UUID]]:
     """Lease the deliveries due now, at most ``per_endpoint`` in flight for one endpoint: the
@@ -310,6 +315,8 @@ async def replay(conn: asyncpg.Connection, *, event_id: str | None = None, since
              AND ($4::uuid IS NULL OR d.endpoint_id = $4)
              AND d.state <> 'sending'
            RETURNING d.event_id""", event_id, since, until, endpoint_id)
+    if rows:
+        await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
     return len(rows)
 
 

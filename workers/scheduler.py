@@ -40,7 +40,7 @@ WATCH_SECONDS = 1.0
 # when leasing is slow (see ``Handover``). The listening connection is checked every LISTEN_CHECK_SECONDS (a
 # connection lost without a word, as a network partition leaves it) and opened again after a
 # loss within LISTEN_RETRY_SECONDS, doubling up to LISTEN_RETRY_MAX_SECONDS.
-WEBHOOK_CHANNEL = "webhook_deliveries"
+WEBHOOK_CHANNEL = webhooks.NOTIFY_CHANNEL
 WEBHOOK_COALESCE_SECONDS = 0.05
 WEBHOOK_BUSY_SECONDS = 1.0
 WEBHOOK_LEASE_SHARE = 20  # hand-overs are spaced at least this many times what the last lease took

@@ -148,3 +148,26 @@ async def test_old_events_go_once_every_delivery_is_over_and_never_before_180_da
     assert await db.fetchval("SELECT count(*) FROM webhook_deliveries") == 2  # its delivery went with it
     with pytest.raises(ValueError, match="at least 180 days"):
         await purge_webhook_events(db, 30)
+
+
+async def test_a_replay_is_announced_to_the_scheduler(db, vault, make_merchant, database_url):
+    """Replayed deliveries are due at once: the replay notifies the channel the scheduler LISTENs
+    on, as the outbox trigger does, instead of leaving them to its next pass."""
+    import asyncio
+
+    from refunds import db as dbmod
+
+    await make_merchant("m1")
+    await paid(db)
+    await endpoint(db, vault)
+    await accepted(db)
+    await db.execute("UPDATE webhook_deliveries SET state = 'delivered', delivered_at = now()")
+    listener = await dbmod.connect(database_url)
+    heard = asyncio.Event()
+    try:
+        await listener.add_listener(webhooks.NOTIFY_CHANNEL, lambda *_: heard.set())
+        event_id = await db.fetchval("SELECT event_id FROM webhook_events")
+        assert await webhooks.replay(db, event_id=event_id) == 1
+        await asyncio.wait_for(heard.wait(), 5)
+    finally:
+        await listener.close()
