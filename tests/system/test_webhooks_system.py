@@ -25,10 +25,12 @@ pytestmark = pytest.mark.chaos
 
 
 class Endpoint:
-    """Fails the first seconds (500s and answers too slow), then answers 200; keeps what it got."""
+    """Fails its first seconds from the first request (500s and answers too slow, however long the
+    services took to start), then answers 204; keeps what it got."""
 
     def __init__(self, failing_for: float) -> None:
-        self.until = time.monotonic() + failing_for
+        self.failing_for = failing_for
+        self.until: float | None = None
         self.received: dict[str, list[bytes]] = defaultdict(list)  # webhook-id -> bodies
         self.headers: dict[str, dict] = {}
 
@@ -36,6 +38,8 @@ class Endpoint:
         body = await request.read()
         self.received[request.headers["webhook-id"]].append(body)
         self.headers[request.headers["webhook-id"]] = dict(request.headers)
+        if self.until is None:
+            self.until = time.monotonic() + self.failing_for
         if time.monotonic() < self.until:
             if random.random() < 0.3:
                 await asyncio.sleep(15)  # over WEBHOOK_TIMEOUT_SECONDS: a timeout
