@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest $(ARGS)
 
-# Everything but the chaos runs, the benchmarks and the slow end-to-end runs: under two minutes.
+# Everything but the chaos runs, the benchmarks and the tests marked slow: about a minute.
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not chaos and not bench and not slow" $(ARGS)
 

@@ -22,6 +22,8 @@ from refunds.merchants import Merchant, add_merchant
 from refunds.vault import Vault, generate_master_key
 from pagoefectivo.protocol import public_key_pem
 
+pytest_plugins = ["tests.timing", "pytester"]  # tests.timing names unmarked slow tests at the end of a run
+
 SERVICES = pytest.StashKey()
 DATABASE_URL = pytest.StashKey()
 TABLES = "webhook_endpoints, notifications, refund_events, refunds, payments, api_tokens, merchants"

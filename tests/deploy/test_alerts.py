@@ -83,6 +83,7 @@ def test_prometheus_config_is_valid(promtool):
     assert run.returncode == 0, run.stdout + run.stderr
 
 
+@pytest.mark.slow
 def test_every_alert_fires_when_it_should_and_only_then(promtool):
     run = _promtool(promtool, "test", "rules", "alerts.test.yml")
     assert run.returncode == 0, run.stdout + run.stderr

@@ -346,6 +346,7 @@ def _liveness_args(kind: str) -> list[str]:
     return container["livenessProbe"]["exec"]["command"]
 
 
+@pytest.mark.slow
 def test_compose_worker_and_scheduler_health_is_their_heartbeat(tmp_path):
     """The healthcheck command as Docker runs it in the container (the environment Compose gives
     it, a TMPDIR of its own): healthy while the process beats, unhealthy when its beat is stale or

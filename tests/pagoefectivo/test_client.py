@@ -332,6 +332,7 @@ async def test_605_signature_invalid(db, stack, merchant, monkeypatch):
     await assert_failed_with(db, stack, refund.refund_id, "605")
 
 
+@pytest.mark.slow
 async def test_606_timestamp_off_is_a_clock_skew_retried_later(db, stack, merchant, monkeypatch):
     """A 606 with the gateway's Date header showing the skew is ClockSkew (transient): the
     refund waits for the clock to be fixed instead of failing."""
@@ -382,6 +383,7 @@ async def test_607_source_ip_not_allowed(db, stack, merchant):
 
 # --- transient faults ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_500_166_is_transient_and_the_worker_retries_later(db, stack, merchant):
     refund = await accepted_refund(stack, db)
     await stack.chaos(error_rate=1.0)
@@ -411,6 +413,7 @@ async def test_429_is_rate_limited_with_retry_after_and_the_worker_waits(db, sta
     assert waiting.state != "failed" and await stack.ledger() == []
 
 
+@pytest.mark.slow
 async def test_after_a_429_the_next_attempt_sends_without_asking_for_status(db, stack, merchant):
     """A 429 means nothing was executed: the retry need not ask the gateway what became of it."""
     refund = await accepted_refund(stack, db)
@@ -436,6 +439,7 @@ async def test_merchant_rate_limit_429_carries_the_wait(db, stack, merchant):
     assert 1 <= caught.value.retry_after <= 2
 
 
+@pytest.mark.slow
 async def test_connection_refused_is_transient_and_the_worker_retries_later(db, stack, merchant):
     refund = await accepted_refund(stack, db)
     dead = PagoEfectivoClient(stack.res.session, base_url=f"http://127.0.0.1:{free_port()}", env="sandbox",
@@ -450,6 +454,7 @@ async def test_connection_refused_is_transient_and_the_worker_retries_later(db, 
 
 # --- unknown outcomes --------------------------------------------------------------------------------
 
+@pytest.mark.slow
 async def test_read_timeout_after_commit_is_outcome_unknown_settled_by_status(db, stack, merchant):
     refund = await accepted_refund(stack, db)
     await stack.chaos(timeout_after_commit_rate=1.0, timeout_hold_s=TIMEOUT + 1, sync_status_mix={"success": 1})

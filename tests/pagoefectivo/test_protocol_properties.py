@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+import pytest
 
 from pagoefectivo import protocol
 from tests.helpers import FIXTURES
@@ -72,6 +73,7 @@ def different_value(data, name: str, current):
     return other
 
 
+@pytest.mark.slow
 @FAST
 @given(refund_requests())
 def test_signed_requests_verify_after_the_wire(fields):
@@ -81,6 +83,7 @@ def test_signed_requests_verify_after_the_wire(fields):
     assert not protocol.verify_fields(received, received["signature"], OTHER_PUBLIC)
 
 
+@pytest.mark.slow
 @FAST
 @given(refund_requests(), st.data())
 def test_changing_any_single_field_breaks_the_signature(fields, data):
@@ -90,6 +93,7 @@ def test_changing_any_single_field_breaks_the_signature(fields, data):
     assert not protocol.verify_fields(over_the_wire(changed), signature, PUBLIC)
 
 
+@pytest.mark.slow
 @FAST
 @given(refund_requests(), text)
 def test_adding_or_dropping_the_optional_reason_breaks_the_signature(fields, reason):

@@ -537,6 +537,7 @@ async def test_authorizations_are_counted_and_tokens_can_be_revoked(gateway, key
 
 # --- notification retry schedule ----------------------------------------------------------
 
+@pytest.mark.slow
 async def test_the_long_schedule_knob_retries_over_days_then_abandons(gateway, keys, paid, receiver):
     from pagoefectivo.sandbox.notifier import RETRY_SCHEDULE_S
 
@@ -839,6 +840,7 @@ async def test_a_payment_recorded_with_its_id_is_told_once_and_a_different_one_i
     assert (response.status, error_fields(payload)) == (400, [("113", "paidAt")])
 
 
+@pytest.mark.slow
 async def test_refundctl_sandbox_serve_closes_a_half_sent_request_at_the_header_deadline():
     """`refundctl sandbox serve` runs on the services' guarded server: a request line that never
     ends is closed at HTTP_HEADER_TIMEOUT, and the gateway keeps answering others."""

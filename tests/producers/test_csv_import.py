@@ -162,6 +162,7 @@ def cli_env(database_url, module_redis_url):
     return {**os.environ, "DATABASE_URL": database_url, "REDIS_URL": module_redis_url}
 
 
+@pytest.mark.slow
 async def test_refundctl_refund_import_reports_lines_and_exits_by_outcome(db, make_merchant, queue, tmp_path, cli_env):
     await make_merchant("m1")
     await paid(db)

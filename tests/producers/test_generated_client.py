@@ -68,6 +68,7 @@ def read_back(answer) -> dict:
     return answer.parsed.to_dict()
 
 
+@pytest.mark.slow
 async def test_a_generated_python_client_reads_every_answer(db, make_merchant, intake, tmp_path):
     pkg = await generated(intake, tmp_path)
     api = importlib.import_module(f"{PACKAGE}.api.refunds")
@@ -227,6 +228,7 @@ def node_modules() -> Path:
     return folder / "node_modules"
 
 
+@pytest.mark.slow
 async def test_a_generated_typescript_client_under_node_reads_every_answer(db, make_merchant, intake, tmp_path):
     if not (shutil.which("node") and shutil.which("npm")):
         pytest.skip("node and npm are not installed")

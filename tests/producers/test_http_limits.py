@@ -10,6 +10,8 @@ import asyncio
 import os
 import resource
 
+import pytest
+
 from tests.served import WAIT, free_port, half_sent_is_closed, once, process
 
 SETTINGS = ("DATABASE_URL", "REDIS_URL", "INTAKE_PORT", "INTAKE_HOST", "INTAKE_METRICS_PORT", "METRICS_HOST",
@@ -49,6 +51,7 @@ async def _end(reader) -> bytes:
         return b"reset"
 
 
+@pytest.mark.slow
 async def test_half_sent_requests_neither_starve_the_intake_nor_stay(database_url, redis_url):
     """260 connections holding half a request, under a 256 descriptor limit: those beyond the
     cap are answered 503 at once, the rest are closed at the header timeout, and a client
@@ -75,6 +78,7 @@ async def test_half_sent_requests_neither_starve_the_intake_nor_stay(database_ur
         assert (await once(port, "/healthz")).startswith(b"HTTP/1.1 200")
 
 
+@pytest.mark.slow
 async def test_metrics_are_on_their_own_port_only(database_url, redis_url):
     port, metrics_port = free_port(), free_port()
     env = _env(DATABASE_URL=database_url, REDIS_URL=redis_url, INTAKE_PORT=str(port),

@@ -329,6 +329,7 @@ async def test_every_accepted_notification_is_applied_once_across_sigkills(postg
         await conn.close()
 
 
+@pytest.mark.slow
 async def test_replay_keeps_each_merchants_arrival_order(postgres, db, make_merchant, receiver):
     m1, m2 = await make_merchant("m1"), await make_merchant("m2")
     refunds = [await make_refund(db, "m1", external_ref=f"R-{i}") for i in range(20)]

@@ -445,6 +445,7 @@ async def test_probes_and_metrics(client, db, merchant):
     assert "refund_notification_seconds_bucket" in text
 
 
+@pytest.mark.slow
 async def test_postgres_unreachable_is_503_so_the_sender_retries(vault):
     app = create_app(database_url="postgresql://postgres@127.0.0.1:1/x", vault=vault)
     async with TestClient(TestServer(app)) as client:  # starting must not fail
@@ -655,6 +656,7 @@ def test_the_allow_list():
     assert SourcePolicy().allows(None)  # no list: everyone
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, value", [("RECEIVER_ALLOWED_CIDRS", "10.0.0.0/8, 300.1.2.3/8"),
                                          ("RECEIVER_TRUSTED_PROXIES", "proxy.internal")])
 def test_a_malformed_network_stops_the_process_naming_it(database_url, master_key, name, value):
@@ -671,6 +673,7 @@ def refundctl(database_url, *args) -> subprocess.CompletedProcess:
                           env={**os.environ, "DATABASE_URL": database_url, "COLUMNS": "200"}, timeout=60)
 
 
+@pytest.mark.slow
 async def test_refundctl_lists_unknown_refund_notifications(client, db, merchant, make_merchant, database_url):
     other = await make_merchant("m2")
     refund = await make_refund(db)
@@ -1058,6 +1061,7 @@ async def test_a_refund_outcome_postgres_refuses_is_400_among_concurrent_ones(cl
     assert (await find_by_external_ref(db, "m1", "R-3")).state == "submitted"
 
 
+@pytest.mark.slow
 async def test_a_batch_of_refund_outcomes_that_deadlocks_is_stored_one_by_one(database_url, db, merchant, caplog):
     refunds = sorted([await make_refund(db, external_ref=f"R-{i}") for i in range(2)], key=lambda r: r["refund_id"])
     low, high = refunds

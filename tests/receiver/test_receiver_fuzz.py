@@ -212,12 +212,14 @@ def check(server: Server, merchant: str, body: bytes, headers: dict[str, bytes])
         assert server.rows() == before
 
 
+@pytest.mark.slow
 @FUZZ
 @given(deliveries())
 def test_random_deliveries_never_fail_and_never_keep_an_unverified_row(server, delivery):
     check(server, *delivery)
 
 
+@pytest.mark.slow
 @FUZZ
 @given(notifications | plausible_notifications, st.booleans())
 def test_validly_signed_random_notifications_are_200_or_400_never_5xx(server, payload, redeliver):

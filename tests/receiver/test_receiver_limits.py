@@ -6,6 +6,7 @@ import asyncio
 import os
 
 from aiohttp.test_utils import TestServer
+import pytest
 
 from receiver import app as receiver_app
 from refunds.merchants import NOTIFY_PATH
@@ -15,6 +16,7 @@ SETTINGS = ("DATABASE_URL", "REFUNDS_MASTER_KEY", "REFUNDS_MASTER_KEY_FILE", "RE
             "RECEIVER_METRICS_PORT", "METRICS_HOST", "HTTP_HEADER_TIMEOUT", "HTTP_IDLE_TIMEOUT", "HTTP_MAX_CONNECTIONS")
 
 
+@pytest.mark.slow
 async def test_half_sent_requests_are_closed_and_metrics_are_on_their_own_port_only(database_url, master_key,
                                                                                    tmp_path):
     port, metrics_port = free_port(), free_port()

@@ -57,6 +57,7 @@ async def test_a_receiver_whose_postgres_is_away_at_start_serves_without_them(va
     assert metrics._labelled == set()
 
 
+@pytest.mark.slow
 async def test_the_process_exports_them_at_zero_from_its_start(database_url, master_key, make_merchant, tmp_path):
     merchant = f"rx{uuid.uuid4().hex[:8]}"
     await make_merchant(merchant)

@@ -129,6 +129,7 @@ def assert_running(info: dict) -> None:
     assert len(watchdogs_for([info["pg_dir"]])) == 1 and len(watchdogs_for([info["redis_dir"]])) == 1
 
 
+@pytest.mark.slow
 def test_start_connect_and_clean_exit():
     started = time.monotonic()
     with provide_services() as services:
@@ -149,6 +150,7 @@ def test_start_connect_and_clean_exit():
     print(f"start {start_time:.2f}s, stop {stop_time:.2f}s")
 
 
+@pytest.mark.slow
 def test_exception_inside_context_cleans_up():
     with pytest.raises(ZeroDivisionError):
         with provide_services() as services:
@@ -157,6 +159,7 @@ def test_exception_inside_context_cleans_up():
     assert leftovers(info) == []
 
 
+@pytest.mark.slow
 def test_two_runs_in_a_row():
     seen = []
     for _ in range(2):
@@ -210,6 +213,7 @@ def stop_child(child: subprocess.Popen) -> None:
     child.stdout.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_parent_killed_leaves_nothing(sig):
     child, info = start_child()
@@ -222,6 +226,7 @@ def test_parent_killed_leaves_nothing(sig):
         stop_child(child)
 
 
+@pytest.mark.slow
 def test_watchdog_alone_cleans_up_after_sigkill():
     """Servers started off the main thread get no PDEATHSIG; the watchdog must still kill them."""
     child, info = start_child("thread")
@@ -232,6 +237,7 @@ def test_watchdog_alone_cleans_up_after_sigkill():
         stop_child(child)
 
 
+@pytest.mark.slow
 def test_servers_die_with_parent_without_watchdog():
     """PDEATHSIG alone: with the watchdogs gone, SIGKILL of the parent still takes the servers down."""
     child, info = start_child()
@@ -250,6 +256,7 @@ def test_servers_die_with_parent_without_watchdog():
     assert leftovers(info) == []
 
 
+@pytest.mark.slow
 def test_environment_urls_are_used(monkeypatch):
     temp = tempfile.gettempdir()
     with provide_services() as outer:
@@ -273,6 +280,7 @@ def test_environment_urls_are_used(monkeypatch):
     assert leftovers(info) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("manager", [embedded_redis, embedded_postgres], ids=["redis", "postgres"])
 def test_port_collision_retries_on_another_port(monkeypatch, manager):
     taken = socket.socket()
@@ -313,6 +321,7 @@ def test_unrunnable_binaries_fail_clearly():
     assert set(os.listdir(tempfile.gettempdir())) <= before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="as root only: Postgres then runs as another account")
 def test_a_checkout_in_a_folder_others_cannot_enter_still_runs_postgres(tmp_path):
     """The project under root's 0700 home: the server account cannot reach the venv's binaries,
@@ -358,6 +367,7 @@ def test_sigterm_handler_installed_only_when_default():
         signal.signal(signal.SIGTERM, previous)
 
 
+@pytest.mark.slow
 def test_folders_are_private_and_outside_home():
     with embedded_postgres() as dsn:
         async def data_dir() -> str:

@@ -64,6 +64,7 @@ def test_a_database_that_is_down_is_one_line_and_exit_3(closed_port):
     assert line.startswith("refundctl: database unavailable:") and str(closed_port) in line and "s3cret" not in line
 
 
+@pytest.mark.slow
 def test_a_bad_setting_is_one_line_and_exit_2_for_refundctl_and_the_scheduler():
     done = run("refund", "list", INTAKE_PORT="abc")
     assert done.returncode == 2
@@ -75,6 +76,7 @@ def test_a_bad_setting_is_one_line_and_exit_2_for_refundctl_and_the_scheduler():
     assert "SCHEDULER_INTERVAL is malformed" in one_line(scheduler.stderr)
 
 
+@pytest.mark.slow
 def test_the_scheduler_runs_on_while_redis_is_down_and_stops_cleanly(closed_port):
     """Redis away is an outage the scheduler outlives (Postgres is the truth): no exit, no traceback."""
     env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{closed_port}/0", "SCHEDULER_INTERVAL": "0.2",
@@ -101,6 +103,7 @@ def test_the_scheduler_runs_on_while_redis_is_down_and_stops_cleanly(closed_port
     assert "queue depth unavailable" in err
 
 
+@pytest.mark.slow
 def test_bad_arguments_are_one_line_and_exit_2():
     done = run("refund", "list", "--state", "bogus", "--json")
     assert done.returncode == 2 and done.stdout == ""
@@ -121,6 +124,7 @@ def test_version_is_the_installed_package_version():
     assert (done.returncode, done.stdout) == (0, f"refundctl {version('pagoefectivo-refunds')}\n")
 
 
+@pytest.mark.slow
 async def test_refunds_page_with_limit_and_cursor_and_report_as_json(db, make_merchant, queue, module_redis_url):
     await make_merchant("m1")
     await paid(db)
@@ -165,6 +169,7 @@ async def test_refund_create_with_redis_down_is_accepted_for_the_scheduler(db, m
     assert json.loads(done.stdout)["state"] == "queued"
 
 
+@pytest.mark.slow
 async def test_a_closed_pipe_ends_quietly_with_141(db, make_merchant):
     await make_merchant("m1")
     for argv in (["merchant", "list"], ["merchant", "list", "--json"], ["--version"]):
@@ -199,6 +204,7 @@ async def erroring_gateway():
     await runner.cleanup()
 
 
+@pytest.mark.slow
 async def test_reconcile_tells_a_gateway_away_or_erroring_from_findings(db, make_merchant, queue, closed_port,
                                                                          erroring_gateway):
     await make_merchant("m1")

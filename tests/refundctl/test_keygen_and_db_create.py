@@ -6,11 +6,13 @@ import stat
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import pytest
 
 from pagoefectivo.protocol import public_key_pem
 from tests.refundctl.test_exits import run
 
 
+@pytest.mark.slow
 def test_keygen_keeps_the_private_key_to_its_owner_and_prints_the_public_key(tmp_path):
     key = tmp_path / "seller-1.pem"
     done = run("merchant", "keygen", str(key))
@@ -24,6 +26,7 @@ def test_keygen_keeps_the_private_key_to_its_owner_and_prints_the_public_key(tmp
     assert json.loads(other.stdout)["private_key_file"] == str(tmp_path / "other.pem")
 
 
+@pytest.mark.slow
 async def test_db_create_makes_the_database_once(database_url):
     name = f"refunds_create_{secrets.token_hex(4)}"
     url = urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))

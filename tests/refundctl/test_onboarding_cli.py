@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 
 import aiohttp
+import pytest
 
 from pagoefectivo import protocol
 from pagoefectivo.sandbox import create_app
@@ -28,6 +29,7 @@ async def refundctl(database_url: str, *args: str, **env: str) -> tuple[int, str
     return process.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_onboard_registers_the_merchant_so_that_it_can_authorize(db, database_url, merchant_maker):
     keys = await merchant_maker("seller-1")
     await merchant_maker("prod-1", env="production")
@@ -56,6 +58,7 @@ async def test_onboard_registers_the_merchant_so_that_it_can_authorize(db, datab
     assert code == 3 and "unreachable" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 async def test_payment_import_finds_then_fills_what_never_came(db, database_url, merchant_maker, tmp_path):
     await merchant_maker("seller-1")
     await paid(db, "seller-1", "2900001", "100.00")

@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from datetime import datetime, timedelta, timezone
 
 import aiohttp
+import pytest
 import pytest_asyncio
 
 import refundctl.reconcile as reconcile
@@ -80,6 +81,7 @@ def lookups(seen: list) -> list[tuple[float, str, str]]:
             if method == "GET" and path.startswith(protocol.REFUNDS_PATH)]
 
 
+@pytest.mark.slow
 async def test_lookups_keep_to_each_merchants_rate_limit_and_transient_errors_are_retried(db, settled):
     stack, seen = settled
     await chaos(stack.http, stack.sandbox_url, error_rate=0.2)
@@ -99,6 +101,7 @@ async def test_lookups_keep_to_each_merchants_rate_limit_and_transient_errors_ar
         assert busiest <= limit, (merchant, busiest)
 
 
+@pytest.mark.slow
 async def test_a_period_larger_than_a_page_is_streamed_each_refund_checked_once_with_bounded_memory(
         db, settled, monkeypatch):
     stack, seen = settled
@@ -135,6 +138,7 @@ async def test_a_period_larger_than_a_page_is_streamed_each_refund_checked_once_
     assert held["most"] <= page_size + in_flight, held  # refunds waiting, plus those being asked about
 
 
+@pytest.mark.slow
 async def test_random_429s_are_waited_out_and_the_findings_are_right(db, settled):
     stack, seen = settled
     await db.execute("UPDATE refunds SET state = 'pending' WHERE external_ref = 'm1-3'")
@@ -212,6 +216,7 @@ async def on_a_terminal(*args: str, **env: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), shown.decode(errors="replace")
 
 
+@pytest.mark.slow
 async def test_the_progress_bar_is_drawn_on_a_terminal_and_stdout_stays_clean(db, settled):
     stack, _ = settled
     env = {"PAGOEFECTIVO_BASE_URL": stack.sandbox_url}
@@ -231,6 +236,7 @@ async def test_the_progress_bar_is_drawn_on_a_terminal_and_stdout_stays_clean(db
     assert "reconciling" not in shown and shown.strip() == ""  # with --json: no bar (docs/OPERATIONS.md)
 
 
+@pytest.mark.slow
 async def test_a_stopped_run_resumes_where_it_stopped_and_exit_statuses_tell_findings_from_failure(
         db, settled, tmp_path, unused_tcp_port):
     stack, _ = settled

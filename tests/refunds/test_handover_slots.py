@@ -14,6 +14,7 @@ import uuid
 from datetime import datetime
 from decimal import Decimal
 
+import pytest
 import pytest_asyncio
 import redis
 import redis.asyncio as aioredis
@@ -177,6 +178,7 @@ async def test_redis_away_while_booking_postpones_the_batch(monkeypatch, pool, q
 # (c) a real dramatiq worker on the workers' broker takes a delayed message when it is due
 
 
+@pytest.mark.slow
 async def test_a_dramatiq_worker_runs_booked_messages_at_their_slots(db, pool, make_merchant, queue, module_redis_url):
     import dramatiq
     from dramatiq.common import current_millis

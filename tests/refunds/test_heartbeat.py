@@ -35,6 +35,7 @@ def test_a_fresh_beat_passes_a_stale_one_fails_and_dead_processes_do_not_count(t
     assert heartbeat.stale(where) is None
 
 
+@pytest.mark.slow
 def test_a_blocked_event_loop_stops_the_beats(tmp_path):
     where = tmp_path / "beats"
     loop = asyncio.new_event_loop()
@@ -54,6 +55,7 @@ def test_a_blocked_event_loop_stops_the_beats(tmp_path):
         loop.call_soon_threadsafe(loop.stop)
 
 
+@pytest.mark.slow
 async def test_a_hung_scheduler_pass_stops_its_beats(tmp_dir, database_url, monkeypatch):
     from workers import scheduler
 
@@ -84,6 +86,7 @@ async def test_a_hung_scheduler_pass_stops_its_beats(tmp_dir, database_url, monk
         await asyncio.gather(task, return_exceptions=True)
 
 
+@pytest.mark.slow
 def test_the_probe_command(tmp_path, database_url, redis_url):
     env = {**os.environ, "TMPDIR": str(tmp_path), "DATABASE_URL": database_url, "REDIS_URL": redis_url,
            "SCHEDULER_METRICS_PORT": "9999"}

@@ -4,6 +4,7 @@ import asyncio
 import time
 from decimal import Decimal
 
+import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
 
@@ -43,6 +44,7 @@ def max_in_any_second(times):
     return max(sum(1 for t in times if start <= t < start + 1.0) for start in times)
 
 
+@pytest.mark.slow
 async def test_backlog_never_exceeds_the_limit_in_any_second_and_uses_it(limiter):
     started = time.monotonic()
     sent = await drain_backlog(limiter, "m-small", 5, 20)
@@ -79,6 +81,7 @@ async def test_a_turn_that_comes_soon_is_waited_for_in_place_and_a_later_one_is_
     assert later.wait_ms > SHORT_WAIT_MS and later.slot_ms is not None
 
 
+@pytest.mark.slow
 async def test_permit_counts_each_request_and_waits_in_place_for_room_in_the_window(limiter):
     booking = await limiter.book("m-full", Decimal(10), 11)
     for slot in booking.slots_ms[:10]:  # ten turns taken together (bunched slots): ten requests fill the window

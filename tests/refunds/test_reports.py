@@ -8,6 +8,8 @@ import os
 import sys
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from tests.stack import start_stack
 from tests.workers.test_worker import accepted_refund, chaos, ledger, settle_all
 
@@ -23,6 +25,7 @@ async def refundctl(*args: str, **env: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
+@pytest.mark.slow
 async def test_export_links_refunds_to_their_payments_with_totals(db, make_merchant):
     await make_merchant("m1")
     await make_merchant("m2")
@@ -47,6 +50,7 @@ async def test_export_links_refunds_to_their_payments_with_totals(db, make_merch
     assert code == 2 and "--from" in err  # a usage error
 
 
+@pytest.mark.slow
 async def test_reconcile_names_a_tampered_refund_on_each_side(db, make_merchant, database_url, redis_url, vault,
                                                              monkeypatch, tmp_path):
     await make_merchant("m1")

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import resource
 
+import pytest
 from aiohttp import web
 
 from refunds import serving
@@ -67,6 +68,7 @@ async def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeou
         writer.close()
 
 
+@pytest.mark.slow
 async def test_a_head_trickled_byte_by_byte_is_closed_all_the_same():
     """The deadline is for the whole head, not between bytes (slowloris sends a byte now and then)."""
     async with _server(Limits(header_timeout=1, idle_timeout=600)) as port:
@@ -81,6 +83,7 @@ async def test_a_head_trickled_byte_by_byte_is_closed_all_the_same():
         writer.close()
 
 
+@pytest.mark.slow
 async def test_a_handler_slower_than_the_deadlines_still_answers_and_keep_alive_goes_on():
     async with _server(Limits(header_timeout=0.3, idle_timeout=0.3)) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -98,6 +101,7 @@ async def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout():
         writer.close()
 
 
+@pytest.mark.slow
 async def test_a_slow_body_is_the_handlers_to_time_out_not_the_head_deadline():
     """Once the head is in, the handler decides (the intake and the receiver answer 408)."""
     async def reads_body(request: web.Request) -> web.Response:

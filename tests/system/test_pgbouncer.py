@@ -73,6 +73,7 @@ def refundctl(database_url: str, *args: str, pooler: str | None = "transaction",
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_refundctl_commands_run_twice_in_a_row_through_pgbouncer(fresh_database):
     """Before: the second command met the first one's named statements on the shared server
     connection (DuplicatePreparedStatementError). The pool has 5 server connections."""
@@ -87,6 +88,7 @@ def test_refundctl_commands_run_twice_in_a_row_through_pgbouncer(fresh_database)
             assert run.returncode == 0, f"{command} #{attempt}: {run.stderr[-2000:]}"
 
 
+@pytest.mark.slow
 def test_with_the_default_setting_a_pooler_is_refused_in_one_line(fresh_database):
     direct, pooled = fresh_database
     assert refundctl(direct, "db", "migrate", pooler=None).returncode == 0  # directly: no pooler, no complaint
@@ -98,6 +100,7 @@ def test_with_the_default_setting_a_pooler_is_refused_in_one_line(fresh_database
         assert "Traceback" not in run.stderr and "DuplicatePreparedStatement" not in run.stderr
 
 
+@pytest.mark.slow
 def test_a_service_refuses_to_start_behind_a_pooler_with_the_default_setting(fresh_database, tmp_path):
     """The scheduler opens its pool first thing: it stops (exit 2, one line) instead of running against it."""
     direct, pooled = fresh_database

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import pytest_asyncio
 
 from producers.enqueue import accept_refund
@@ -39,6 +40,7 @@ async def claim_left(db, refund_id) -> float:
                              refund_id)
 
 
+@pytest.mark.slow
 async def test_a_claim_held_is_renewed_for_as_long_as_the_worker_works_on_it(db, pool, make_merchant):
     refund, asked_at = await claimed(db, make_merchant)
     claims = Claims(pool, CLAIM_SECONDS)
@@ -57,6 +59,7 @@ async def test_a_claim_held_is_renewed_for_as_long_as_the_worker_works_on_it(db,
         await claims.close()
 
 
+@pytest.mark.slow
 async def test_a_claim_another_worker_took_over_is_never_renewed_by_the_one_that_lost_it(db, pool, make_merchant):
     refund, asked_at = await claimed(db, make_merchant)
     claims = Claims(pool, CLAIM_SECONDS)
@@ -70,6 +73,7 @@ async def test_a_claim_another_worker_took_over_is_never_renewed_by_the_one_that
     assert not claims.may_send(refund.refund_id)  # and the stalled worker may not send
 
 
+@pytest.mark.slow
 async def test_no_request_leaves_on_a_claim_whose_renewals_fail(db, database_url, make_merchant):
     refund, asked_at = await claimed(db, make_merchant)
     gone = await dbmod.create_pool(database_url, min_size=1, max_size=1)
@@ -86,6 +90,7 @@ async def test_no_request_leaves_on_a_claim_whose_renewals_fail(db, database_url
         await claims.close()
 
 
+@pytest.mark.slow
 async def test_renewals_go_on_after_any_failure(db, pool, make_merchant, monkeypatch):
     """The renewal loop alone keeps a process's claims: an error it did not foresee (here asyncpg's
     InternalClientError) costs one renewal, never the rest."""

@@ -11,6 +11,8 @@ import threading
 import time
 import uuid
 
+import pytest
+
 from tests.helpers import ROOT
 
 REDIS_DB = 11  # module_redis_url: a Redis database of our own (flushed around each test)
@@ -30,6 +32,7 @@ for message in consumer:
 """
 
 
+@pytest.mark.slow
 def test_messages_of_a_worker_killed_with_sigkill_go_back_to_the_queue_within_seconds(queue, monkeypatch):
     from refunds import delivery
     from refunds.settings import get_settings

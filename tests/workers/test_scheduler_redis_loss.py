@@ -6,6 +6,8 @@ import os
 import time
 import urllib.request
 
+import pytest
+
 from producers import enqueue_refund
 from refundctl.processes import ServiceGroup, free_port
 from tests.helpers import ROOT, paid
@@ -33,6 +35,7 @@ def scheduler_passes(port: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 async def test_deliveries_lost_with_redis_are_handed_over_again_within_seconds(
         db, database_url, module_redis_url, make_merchant, queue, tmp_path):
     await make_merchant("m1")

@@ -92,6 +92,7 @@ async def handed_over(db, queue, service, external_ref: str) -> float:
     return elapsed
 
 
+@pytest.mark.slow
 async def test_an_event_is_handed_over_at_once_and_after_the_listener_is_terminated(
         db, vault, make_merchant, queue, scheduler):
     await make_merchant("m1")
@@ -113,6 +114,7 @@ async def test_an_event_is_handed_over_at_once_and_after_the_listener_is_termina
     assert service.process.poll() is None
 
 
+@pytest.mark.slow
 async def test_behind_a_transaction_pooler_deliveries_wait_for_the_pass_and_one_line_says_so(
         db, vault, make_merchant, queue, scheduler):
     await make_merchant("m1")
@@ -131,6 +133,7 @@ async def test_behind_a_transaction_pooler_deliveries_wait_for_the_pass_and_one_
     assert await listener_pids(db) == []
 
 
+@pytest.mark.slow
 async def test_a_notified_hand_over_starts_one_delivery_per_idle_endpoint_and_spaces_out_under_a_backlog(
         db, database_url, vault, make_merchant, queue):
     """A notified hand-over starts one delivery for an endpoint with none in flight (its worker

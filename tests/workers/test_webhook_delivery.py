@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 import pytest_asyncio
 import standardwebhooks
 from aiohttp import web
@@ -104,6 +105,7 @@ async def make_due(db) -> None:
     await db.execute("UPDATE webhook_deliveries SET next_attempt_at = now() WHERE state = 'pending'")
 
 
+@pytest.mark.slow
 async def test_retried_through_errors_timeouts_and_redirects_until_a_2xx_with_one_stable_id(
         db, vault, make_merchant, hook, session):
     await make_merchant("m1")

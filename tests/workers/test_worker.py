@@ -95,6 +95,7 @@ async def test_duplicate_deliveries_reach_the_gateway_once(db, make_merchant, st
 
 
 
+@pytest.mark.slow
 async def test_a_refund_another_worker_holds_comes_back_as_its_claim_ends(db, make_merchant, stack, monkeypatch):
     """A worker that died with a claim: a message for its refund waits for the claim's end and
     then settles it (asking for status first), instead of waiting for the outbox sweep's grace."""
@@ -202,6 +203,7 @@ async def test_lost_answer_is_settled_by_status_not_resent(db, make_merchant, st
     assert len(await ledger(http, sandbox_url)) == 1
 
 
+@pytest.mark.slow
 async def test_transient_errors_leave_the_refund_for_a_later_retry(db, make_merchant, stack):
     res, sandbox_url, http = stack.res, stack.sandbox_url, stack.http
     await make_merchant("m1")
@@ -217,6 +219,7 @@ async def test_transient_errors_leave_the_refund_for_a_later_retry(db, make_merc
     assert len(await ledger(http, sandbox_url)) == 1
 
 
+@pytest.mark.slow
 async def test_a_failed_status_lookup_releases_the_claim_for_the_delayed_retry(db, make_merchant, stack):
     """The retry of a refund whose earlier attempt may have landed asks for its status first; when
     that lookup fails too, the claim is released at once (else the next retry finds it held and
@@ -353,6 +356,7 @@ async def test_pending_refund_is_polled_then_sent_to_manual_review(db, make_merc
     assert len(await ledger(http, sandbox_url)) == 1
 
 
+@pytest.mark.slow
 def test_a_worker_opens_its_resources_before_any_thread_takes_a_message(monkeypatch, redis_url):
     """A message waiting when the worker boots finds the worker's resources open, even when
     opening them is slow (a loaded Postgres): the threads start only after they are open."""
@@ -390,6 +394,7 @@ def test_a_worker_opens_its_resources_before_any_thread_takes_a_message(monkeypa
     assert seen == [True]
 
 
+@pytest.mark.slow
 async def test_a_slow_claim_between_admission_and_request_never_pushes_the_gateway_over_the_limit(
         db, make_merchant, stack, monkeypatch):
     """The limit is counted when the request leaves, not when the refund was admitted: refunds

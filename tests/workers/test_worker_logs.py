@@ -9,6 +9,7 @@ import logging
 import socket
 
 import asyncpg
+import pytest
 import redis
 
 from refunds import logs
@@ -49,6 +50,7 @@ def test_postgres_away_is_one_line():
     assert line["msg"].endswith("; it is retried") and "traceback" not in line
 
 
+@pytest.mark.slow
 def test_redis_away_is_one_line():
     port = closed_port()
     line = logged(lambda: redis.Redis(port=port, socket_connect_timeout=1).ping())
