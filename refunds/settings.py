@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     refunds_previous_master_keys: str | None = Field(default=None, repr=False)
     pagoefectivo_env: Literal["sandbox", "production"] = "sandbox"
     pagoefectivo_base_url: str | None = None
+    # Worker, refundctl: seconds the gateway has to answer one request; at most half of
+    # REFUND_CLAIM_SECONDS, so that a request sent under a claim ends before the claim does.
+    pagoefectivo_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
     refunds_notify_url: str | None = None
     intake_port: int = Field(default=8080, ge=1, le=65535)
     receiver_port: int = Field(default=8081, ge=1, le=65535)
@@ -69,7 +72,7 @@ class Settings(BaseSettings):
     worker_dead_after_seconds: float = Field(default=10, ge=2, le=600)
     # Worker: how long one claim on a refund lasts before another delivery may take it over; its
     # holder renews it every quarter of that while it works (workers.claims), and sends only
-    # while half of it is left: at least twice the gateway client's timeout (10 s).
+    # while half of it is left: at least twice PAGOEFECTIVO_TIMEOUT_SECONDS (checked below).
     refund_claim_seconds: int = Field(default=20, ge=5)
     # Producers: refunds handed over together travel in one message, up to this many; a worker
     # thread carries a message's refunds at once, so in flight per worker process is at most
@@ -128,6 +131,16 @@ class Settings(BaseSettings):
                     raise ValueError(f"{part.strip()!r} is not a network such as 10.0.0.0/8") from None
         return value
 
+    @model_validator(mode="after")
+    def _claim_outlasts_requests(self) -> "Settings":
+        """A request leaves while half its claim is left: that half must outlast the request,
+        or another worker could take the refund over and send it again (workers.claims)."""
+        if self.refund_claim_seconds < 2 * self.pagoefectivo_timeout_seconds:
+            raise ValueError(f"REFUND_CLAIM_SECONDS ({self.refund_claim_seconds}) must be at least twice "
+                             f"PAGOEFECTIVO_TIMEOUT_SECONDS ({self.pagoefectivo_timeout_seconds:g}), so that a request "
+                             "ends before its claim does")
+        return self
+
     def require(self, name: str):
         """Return a setting that this process cannot run without."""
         value = getattr(self, name)
@@ -177,5 +190,7 @@ def get_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = str(err["loc"][0]).upper() if err["loc"] else "configuration"
+        if not err["loc"]:  # a rule between settings: its message names them
+            raise ConfigError(str(err["msg"]).removeprefix("Value error, ")) from None
+        name = str(err["loc"][0]).upper()
         raise ConfigError(f"{name} is malformed: {err['msg']}") from None

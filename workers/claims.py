@@ -9,8 +9,9 @@ never loses one mid-request.
 A request may leave only while its claim has at least half its length to run by this
 process's own clock, counted from before the claim (or its last renewal) was asked: a worker
 whose renewals fail (Postgres away, its loop stalled) stops sending long before its claims
-could expire under a request still in flight. With a claim at least twice the gateway
-client's timeout, every request sent under a claim has ended before the claim does.
+could expire under a request still in flight. The settings refuse a claim shorter than twice
+the gateway client's timeout (PAGOEFECTIVO_TIMEOUT_SECONDS), so every request sent under a
+claim has ended before the claim does.
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ GATEWAY_LOG = logging.getLogger("pagoefectivo.client")  # where gateway exchange
 
 
 def gateway_client(session: aiohttp.ClientSession, settings: Settings, **options) -> PagoEfectivoClient:
-    """The gateway client as a worker uses it: its exchanges logged, redacted, when REFUNDS_LOG_BODIES=1."""
+    """The gateway client as a worker uses it: PAGOEFECTIVO_TIMEOUT_SECONDS (at most half a claim),
+    its exchanges logged, redacted, when REFUNDS_LOG_BODIES=1."""
+    options.setdefault("timeout", settings.pagoefectivo_timeout_seconds)
     return PagoEfectivoClient(session, base_url=settings.base_url, env=settings.pagoefectivo_env,
                               on_exchange=functools.partial(logs.log_exchange, GATEWAY_LOG), **options)
 

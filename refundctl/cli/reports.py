@@ -102,7 +102,8 @@ def cmd_reconcile(args) -> int:
 
             try:
                 async with aiohttp.ClientSession() as session:
-                    client = PagoEfectivoClient(session, base_url=config.base_url, env=config.pagoefectivo_env)
+                    client = PagoEfectivoClient(session, base_url=config.base_url, env=config.pagoefectivo_env,
+                                                timeout=config.pagoefectivo_timeout_seconds)
                     await check_period(conn, client, sealer, RateLimiter(redis_client), start, stop, on_checked,
                                        already=state.checked if state is not None else frozenset(), on_skipped=advance)
             finally:

@@ -94,7 +94,9 @@ class System:
             "REFUNDS_NOTIFY_URL": f"http://127.0.0.1:{self.receiver_port}",
             "RECEIVER_PORT": str(self.receiver_port), "RECEIVER_HOST": "127.0.0.1",
             "RECEIVER_JOURNAL_DIR": str(work / "receiver-journal"),
-            "REFUND_CLAIM_SECONDS": "5", "REFUND_OUTBOX_GRACE_SECONDS": "3", "SCHEDULER_INTERVAL": "0.5",
+            # a 5 s claim needs a gateway timeout of at most 2.5 s (the local sandbox answers in milliseconds)
+            "REFUND_CLAIM_SECONDS": "5", "PAGOEFECTIVO_TIMEOUT_SECONDS": "2.5",
+            "REFUND_OUTBOX_GRACE_SECONDS": "3", "SCHEDULER_INTERVAL": "0.5",
         }
         self.group = ServiceGroup(env=self.env, log_dir=work)
         self.worker = None
