@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_REFRESH_MARGIN = timedelta(minutes=5)
 TRANSIENT_HTTP = frozenset({500, 502, 503, 504})
+# Answers to a refund request, without the gateway's envelope, after which it may have been executed.
+SERVER_ERRORS_IN_FLIGHT = frozenset({500, 502, 504})
 # Sent on every call: Origin is mandatory after the authorization (API CIP 1.1 §5.1.2, p. 8) and our
 # refund calls follow those rules; Accept-Language is optional there and asks for the published texts.
 STANDARD_HEADERS = {
@@ -424,7 +426,12 @@ def _error_from(status: int, payload: dict | None, *, sending: bool) -> GatewayE
         if 200 <= status < 300:
             cls = OutcomeUnknown if sending else TransientError
             return cls(f"HTTP {status} with an unreadable body", http_status=status)
-        # not the gateway speaking (a proxy, a wrong URL): the gateway executed nothing
+        if sending and status in SERVER_ERRORS_IN_FLIGHT:
+            # a proxy that forwarded the request and lost or timed out on the answer, or the
+            # gateway failing before its envelope: the request may have been executed
+            return OutcomeUnknown(f"HTTP {status} without the gateway's envelope after the request was sent",
+                                  http_status=status)
+        # not the gateway speaking (a proxy's refusal, a wrong URL, 503 unavailable): nothing was executed
         return TransientError(f"HTTP {status} without the gateway's envelope", http_status=status)
     code = payload["code"]
     data = payload.get("data")

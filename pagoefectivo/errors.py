@@ -20,8 +20,8 @@ each code one meaning):
 
 - TransientError: code 166 at any status; HTTP 500/502/503/504 with a code the table does
   not know; connection refused or failed before the request was written (DNS, connect
-  timeout); and any answer that is not the gateway's envelope (a proxy's error page:
-  nothing was executed by the gateway).
+  timeout); and any other answer that is not the gateway's envelope (a proxy's refusal, a
+  503: nothing was executed by the gateway).
 - RateLimited: HTTP 429, ``retry_after`` from ``Retry-After`` (seconds or an HTTP date);
   the modelled code "429" at another status waits one second.
 - PermanentError: codes 111 (the published answer to invalid fields, its ``data`` naming
@@ -29,7 +29,8 @@ each code one meaning):
   field), 508 when it survives one token refresh and one retry, and any other code the
   gateway answers with its envelope at a status that is not 500/502/503/504.
 - OutcomeUnknown: a read timeout or a dropped connection after a refund request was sent,
-  a 2xx answer that cannot be read, or code 100 at a non-2xx status. (On a call that
+  a 2xx answer that cannot be read, HTTP 500/502/504 without the envelope (a proxy that
+  forwarded the request and lost or timed out on the answer), or code 100 at a non-2xx status. (On a call that
   changes nothing, such as the status lookup or the authorization, the same faults are
   TransientError.)
 
@@ -54,7 +55,7 @@ class GatewayError(Exception):
 
 
 class TransientError(GatewayError):
-    """Nothing happened at the gateway: code 166, HTTP 500/502/503/504, or no connection."""
+    """Nothing happened at the gateway: code 166, a 5xx with its envelope, a 503, or no connection."""
 
 
 class RateLimited(TransientError):

@@ -124,6 +124,16 @@ async def refund_events(conn: asyncpg.Connection, refund_id: UUID | str) -> list
     return [{**dict(row), "occurred_at": row["occurred_at"].isoformat()} for row in rows]
 
 
+async def queued_since(conn: asyncpg.Connection, refund_id: UUID | str) -> datetime | None:
+    """When the refund last entered ``queued``: accepted, approved, or retried by an operator.
+    The worker's retries run for a horizon from then (``workers.retries``), not from its creation."""
+    return await conn.fetchval(
+        """SELECT occurred_at FROM refund_events WHERE refund_id = $1 AND to_state = 'queued'
+           ORDER BY event_id DESC LIMIT 1""",
+        _uuid(refund_id),
+    )
+
+
 def _uuid(value: UUID | str) -> UUID:
     return value if isinstance(value, UUID) else UUID(str(value))
 

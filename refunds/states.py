@@ -1,8 +1,9 @@
 """The refund state machine: the only code that changes a refund's state or writes its audit rows.
 
-Moves go forward only. Each is one conditional UPDATE plus a ``refund_events`` audit
-row in the same statement, so a late or duplicate event can never move a refund
-backwards, and two processes racing for the same move see exactly one winner. A caller
+Moves follow ``MOVES``: forward, except an operator's retry of a failed refund or one in
+manual review (back to ``queued``, through ``retry``). Each is one conditional UPDATE plus a
+``refund_events`` audit row in the same statement, so a late or duplicate event can never
+move a refund backwards, and two processes racing for the same move see exactly one winner. A caller
 that writes more in the same statement builds on ``moved_if`` (the receiver's notification
 rows) or ``first_events`` (the intake's accepted refunds).
 """
@@ -260,10 +261,15 @@ async def renew_claims(conn: asyncpg.Connection, held: Sequence[tuple[UUID, date
 
 
 async def release_claim(conn: asyncpg.Connection, refund_id: UUID, *, code: str | None, message: str | None) -> None:
-    """Give up the claim early (a transient fault) so the next delivery may retry at once."""
+    """Give up the claim early (a transient fault) so the next delivery may retry at once.
+
+    ``code`` is how this attempt ended and replaces the last one's, even when None: the next
+    attempt sends without asking for status only when it says nothing was sent
+    (``workers.sender.NOTHING_SENT``), and an older attempt's code must never say it for this one.
+    """
     await conn.execute(
         """UPDATE refunds SET claimed_until = NULL, updated_at = now(),
-                  provider_code = COALESCE($2, provider_code), provider_message = COALESCE($3, provider_message)
+                  provider_code = $2, provider_message = COALESCE($3, provider_message)
            WHERE refund_id = $1 AND state = 'submitted'""",
         refund_id, code, message,
     )

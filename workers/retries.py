@@ -3,7 +3,7 @@
 | layer | applies to | how | budget |
 |---|---|---|---|
 | in an attempt (``in_attempt_retries``, tenacity) | a transient gateway fault (5xx, connection refused, a timeout before anything was sent), not a 429 | the same call again at once, with exponential jitter | 4 tries, 5 s |
-| delayed (``RetryLater`` → ``retry_delay_ms``) | a transient fault that outlived the attempt's retries, or an outcome still unknown after asking the gateway | the refund's message re-queued with a delay; its claim released first | five 1-2 s apart, then 2 s doubling to 1 h, jittered, for ``RETRY_HORIZON_SECONDS``; then manual review |
+| delayed (``RetryLater`` → ``retry_delay_ms``) | a transient fault that outlived the attempt's retries, an outcome still unknown after asking the gateway, or a status lookup that failed (whatever the gateway answered it, even a refusal: the refund may have been executed) | the refund's message re-queued with a delay; its claim released first | five 1-2 s apart, then 2 s doubling to 1 h, jittered, for ``RETRY_HORIZON_SECONDS``; then manual review |
 | rate limit (``refunds.ratelimit``) | not yet the refund's turn in the merchant's schedule, the merchant's window full as the request is to leave, or the gateway said 429 | re-queued to arrive at its slot; a full window is waited out in place; a 429 pauses the merchant for Retry-After, for every worker, and the next attempt sends without asking for status (nothing was executed); never counts as a retry | none: it is a wait, not a failure |
 | status checks (``workers.status_schedule``) | a refund the gateway accepted (pending) that no notification settled | its status asked after 60 s, then every 5 min five times, then hourly | a day; then manual review |
 | message (dramatiq ``Retries``, ``ACTOR_RETRIES``) | anything else the actor raises: Postgres or Redis unreachable, a bug | dramatiq re-delivers the message with its backoff | 60 times, 1 s to 1 h |
@@ -21,7 +21,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, stop
 
 from pagoefectivo.errors import RateLimited, TransientError
 
-# delayed retries continue at least this long before a refund is sent to manual review
+# delayed retries continue at least this long, from when the refund last entered queued, before manual review
 RETRY_HORIZON_SECONDS = 26 * 3600
 MAX_BACKOFF_SECONDS = 3600
 FAST_RETRIES, FAST_RETRY_SECONDS = 5, 2  # the first delayed retries: 1-2 s apart (about 8 s in all)

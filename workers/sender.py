@@ -5,9 +5,11 @@ its turn in the merchant's schedule → claim (a row lock decides who talks to t
 if a previous attempt may have reached the gateway, ask for its status first → room in the
 merchant's window, counted as the request leaves → send → record.
 
-A previous attempt may have reached the gateway unless it ended with nothing sent: a 429
-(the gateway executed nothing) or a wait for the merchant's window; then the next attempt
-sends at once.
+A previous attempt may have reached the gateway unless it ended with nothing sent: its
+refund request answered 429 (the gateway executed nothing) or a wait for the merchant's
+window; then the next attempt sends at once. A status lookup that fails, whatever the
+gateway answered it, says nothing about the refund: the attempt is retried later and the
+next one asks again.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pagoefectivo.errors import EnvironmentMismatch, GatewayError, OutcomeUnknow
 from refunds import db, logs, metrics
 from refunds.delivery import send_refund_message
 from refunds.merchants import Merchant
-from refunds.records import Refund, find_refund
+from refunds.records import Refund, find_refund, queued_since
 from refunds.states import Move, release_claim
 
 from .resources import Resources
@@ -43,6 +45,8 @@ NOTHING_SENT = frozenset({RATE_LIMITED, PAUSED})
 # An attempt stopped because its claim could not be renewed (workers.claims); an earlier try of
 # the same attempt may have reached the gateway, so the next one asks for status first.
 CLAIM_RUNNING_OUT = "claim_running_out"
+# The status lookup of a refund that may have reached the gateway failed: the next attempt asks again.
+STATUS_UNAVAILABLE = "status_unavailable"
 TAKEOVER_MARGIN_MS = 500  # after another worker's claim ends, before asking for the refund again
 
 
@@ -124,12 +128,16 @@ async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: 
                    creds: Credentials) -> tuple[Refund, RefundAnswer] | None:
     """One claimed attempt: the answer to record, or None when it was settled or deferred here;
     RetryLater when a transient fault outlived the attempt's retries."""
-    try:
-        if (claimed_from == "submitted" or refund.attempts > 1) and refund.provider_code not in NOTHING_SENT:
-            # a previous attempt may have reached the gateway: settle it, never resend blind
+    if (claimed_from == "submitted" or refund.attempts > 1) and refund.provider_code not in NOTHING_SENT:
+        # a previous attempt may have reached the gateway: settle it, never resend blind
+        try:
             answer = await _status_with_retries(res, creds, refund.external_ref)
-            if answer is not None:
-                return refund, answer
+        except EnvironmentMismatch as exc:
+            await _settle(res, refund, "manual_review", code="environment_mismatch", message=str(exc))
+            return None
+        if answer is not None:
+            return refund, answer
+    try:
         return refund, await _send(res, creds, merchant, refund)
     except RateLimited as exc:
         await res.limiter.pause(refund.merchant_id, exc.retry_after)
@@ -206,12 +214,23 @@ async def _send(res: Resources, creds: Credentials, merchant: Merchant, refund: 
 
 
 async def _status_with_retries(res: Resources, creds: Credentials, external_ref: str) -> RefundAnswer | None:
+    """The gateway's record of the refund, or None when it has none.
+
+    Any other answer (a 429, a refusal such as 607 from a worker whose address is not allowed,
+    508, a fault) says nothing about the refund itself, which may have been executed: it is
+    retried later (``STATUS_UNAVAILABLE``, so the next attempt asks again), never read as a
+    refusal of the refund or as "nothing was sent". Credentials of the wrong environment raise
+    EnvironmentMismatch, for manual review.
+    """
     try:
         async for attempt in in_attempt_retries():
             with attempt:
                 return await res.client.refund_status(creds, external_ref)
-    except (TransientError, OutcomeUnknown) as exc:
-        raise RetryLater(f"status of {external_ref} unavailable: {exc.message}", code=exc.code) from None
+    except EnvironmentMismatch:
+        raise
+    except GatewayError as exc:
+        code = f" (code {exc.code})" if exc.code else ""
+        raise RetryLater(f"status of {external_ref} unavailable: {exc.message}{code}", code=STATUS_UNAVAILABLE) from None
     return None
 
 
@@ -226,7 +245,11 @@ async def record_answer(res: Resources, refund: Refund, answer: RefundAnswer) ->
 async def check_status(res: Resources, refund: Refund, creds: Credentials) -> None:
     """Poll a pending refund that no notification settled; after the schedule, manual review."""
     async with res.in_flight:
-        answer = await _status_with_retries(res, creds, refund.external_ref)
+        try:
+            answer = await _status_with_retries(res, creds, refund.external_ref)
+        except EnvironmentMismatch as exc:
+            await _settle(res, refund, "manual_review", code="environment_mismatch", message=str(exc))
+            return
     if answer is not None and answer.status in ("success", "failure"):
         await record_answer(res, refund, answer)
         return
@@ -256,14 +279,15 @@ async def _retry_later(res: Resources, refund: Refund, reason: str) -> None:
     """Delayed retry for longer outages (``workers.retries``).
 
     The refund keeps exactly one live message (a new delayed one), so the outbox sweep and
-    retries never multiply messages. Past the retry horizon it goes to manual review.
+    retries never multiply messages. Past the retry horizon, counted from when the refund last
+    entered ``queued`` (an approval or an operator's retry starts it again), it goes to manual review.
     """
     async with db.acquire(res.pool) as conn:
         current = await find_refund(conn, refund.refund_id)
-    if current is None or current.state not in ("queued", "submitted", "pending"):
-        return
-    age = (datetime.now(timezone.utc) - current.created_at).total_seconds()
-    if age > RETRY_HORIZON_SECONDS:
+        if current is None or current.state not in ("queued", "submitted", "pending"):
+            return
+        since = await queued_since(conn, refund.refund_id) or current.created_at
+    if (datetime.now(timezone.utc) - since).total_seconds() > RETRY_HORIZON_SECONDS:
         await _settle(res, current, "manual_review", code="retries_exhausted", message=reason)
         return
     delay_ms = retry_delay_ms(current.attempts)

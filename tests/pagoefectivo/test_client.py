@@ -28,7 +28,7 @@ from pagoefectivo import client as client_module
 from pagoefectivo import protocol
 from pagoefectivo.client import Credentials, PagoEfectivoClient, RefundOrder
 from pagoefectivo.errors import (
-    ClockSkew, EnvironmentMismatch, OutcomeUnknown, PermanentError, RateLimited, TransientError,
+    ClockSkew, EnvironmentMismatch, GatewayError, OutcomeUnknown, PermanentError, RateLimited, TransientError,
 )
 from refunds.payments import find_payment
 from refundctl.processes import free_port
@@ -469,6 +469,67 @@ async def test_read_timeout_after_commit_is_outcome_unknown_settled_by_status(db
     assert sorted(e["externalRef"] for e in await stack.ledger()) == ["R-1", "R-direct"]
 
 
+async def executed_by_a_worker_that_died(db, stack: Stack, merchant, refund) -> None:
+    """``refund`` claimed by a worker that sent it (the gateway executed it) and died before it
+    recorded the answer; its claim has run out, so the next attempt must settle it by status."""
+    from refunds.states import claim_many
+
+    await claim_many(db, [refund.refund_id], actor="worker-that-died", claim_seconds=0)
+    await stack.chaos(sync_status_mix={"success": 1})
+    await stack.client.request_refund(creds_of(merchant), order(stack, external_ref=refund.external_ref, reason=None))
+    assert len(await stack.ledger()) == 1
+
+
+async def test_a_refused_status_lookup_never_fails_a_refund_the_gateway_may_have_executed(db, stack, merchant):
+    """A 607 (this worker's address not allowed) to the status lookup says nothing of the refund:
+    it is asked again later, never failed with its amount released (it was executed)."""
+    refund = await accepted_refund(stack, db)
+    await executed_by_a_worker_that_died(db, stack, merchant, refund)
+    await stack.chaos(merchant_allowed_ips={"m1": ["10.0.0.0/8"]})
+    await process_refund(stack.res, refund.refund_id)
+    await assert_retry_scheduled(db, refund.refund_id)
+    assert (await find_refund(db, refund.refund_id)).provider_code == "status_unavailable"
+    assert (await find_payment(db, "m1", "CIP-9")).refunded_amount == Decimal("25.00")  # still held
+    await stack.chaos(merchant_allowed_ips={})
+    await process_refund(stack.res, refund.refund_id)  # the retry asks again, and settles it
+    assert (await find_refund(db, refund.refund_id)).state == "succeeded"
+    assert stack.sent.count("POST", "/v1/refunds") == 1 and len(await stack.ledger()) == 1
+
+
+async def test_a_status_lookup_answered_429_is_not_taken_for_nothing_sent(db, stack, merchant):
+    """Only a refund request answered 429 executed nothing; a status lookup answered 429 leaves
+    the refund as unknown as before, so the next attempt asks again instead of sending blind."""
+    refund = await accepted_refund(stack, db)
+    await executed_by_a_worker_that_died(db, stack, merchant, refund)
+    await stack.chaos(rate_limited_rate=1.0, retry_after_s=1)
+    await process_refund(stack.res, refund.refund_id)
+    await assert_retry_scheduled(db, refund.refund_id)
+    assert (await find_refund(db, refund.refund_id)).provider_code == "status_unavailable"
+    await stack.chaos(rate_limited_rate=0.0)
+    await process_refund(stack.res, refund.refund_id)
+    assert (await find_refund(db, refund.refund_id)).state == "succeeded"
+    assert stack.sent.count("POST", "/v1/refunds") == 1  # the dead worker's alone: nothing resent
+
+
+async def test_a_pending_refund_whose_status_lookup_is_refused_is_asked_again_later(db, stack, merchant, monkeypatch):
+    """The status poll of a pending refund that gets 607 re-queues it for later: the message ends,
+    instead of raising for dramatiq to redeliver (and the poll's schedule never moving on)."""
+    from workers import sender
+
+    refund = await accepted_refund(stack, db)
+    await stack.chaos(sync_status_mix={"pending": 1})
+    await process_refund(stack.res, refund.refund_id)
+    assert (await find_refund(db, refund.refund_id)).state == "pending"
+    await db.execute("UPDATE refunds SET next_check_at = now() - interval '1 second' WHERE refund_id = $1",
+                     refund.refund_id)
+    await stack.chaos(merchant_allowed_ips={"m1": ["10.0.0.0/8"]})
+    requeued = []
+    monkeypatch.setattr(sender, "requeue", lambda refund_id, **how: requeued.append(refund_id) or True)
+    await process_refund(stack.res, refund.refund_id)
+    assert requeued == [refund.refund_id]
+    assert (await find_refund(db, refund.refund_id)).state == "pending"
+
+
 async def test_connection_dropped_after_sending_is_outcome_unknown(db, stack, merchant):
     await stack.paid(db, transaction="CIP-9")
     await stack.chaos(timeout_after_commit_rate=1.0, sync_status_mix={"pending": 1})
@@ -643,13 +704,21 @@ def refund_creds() -> Credentials:
 TINY_ORDER = RefundOrder("m1", "CIP-1", Decimal("10.00"), "PEN", "R-1", "https://example.test/n")
 
 
-@pytest.mark.parametrize("status", [500, 502, 503, 504])
-async def test_gateway_5xx_are_transient(tiny_gateway, status):
+@pytest.mark.parametrize("status, on_a_refund", [(500, OutcomeUnknown), (502, OutcomeUnknown), (503, TransientError),
+                                                 (504, OutcomeUnknown)])
+async def test_a_proxys_5xx_after_a_refund_request_may_have_been_executed(tiny_gateway, status, on_a_refund):
+    """A proxy's 500, 502 or 504 (not the gateway's envelope) can come after it forwarded the
+    request: the outcome is unknown and the worker asks for status. A 503 took nothing in; and a
+    lookup changes nothing, so there each is transient."""
     queued, _, client = tiny_gateway
     queued["/v1/authorizations"] = [token_answer()]
     queued["/v1/refunds"] = [(status, b"<html>bad gateway</html>", {})]
-    with pytest.raises(TransientError) as caught:
+    queued["/v1/refunds/R-1"] = [(status, b"<html>bad gateway</html>", {})]
+    with pytest.raises(GatewayError) as caught:
         await client.request_refund(refund_creds(), TINY_ORDER)
+    assert type(caught.value) is on_a_refund and caught.value.http_status == status
+    with pytest.raises(GatewayError) as caught:
+        await client.refund_status(refund_creds(), "R-1")
     assert type(caught.value) is TransientError and caught.value.http_status == status
 
 

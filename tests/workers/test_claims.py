@@ -11,7 +11,7 @@ import pytest_asyncio
 
 from producers.enqueue import accept_refund
 from refunds import db as dbmod
-from refunds.states import claim_many
+from refunds.states import claim_many, release_claim
 from tests.helpers import paid
 from workers.claims import Claims
 
@@ -116,3 +116,16 @@ async def test_renewals_go_on_after_any_failure(db, pool, make_merchant, monkeyp
         assert await claim_left(db, refund.refund_id) > CLAIM_SECONDS / 2
     finally:
         await claims.close()
+
+
+async def test_a_release_says_how_this_attempt_ended_never_what_an_earlier_one_said(db, make_merchant):
+    """An attempt that ended in a 429 released with "nothing was sent"; the next one, which may
+    have reached the gateway, releases without a code: the refund must not keep the 429, or the
+    attempt after would send without asking for status (workers.sender.NOTHING_SENT)."""
+    refund, _ = await claimed(db, make_merchant)
+    await release_claim(db, refund.refund_id, code="429", message="over the merchant's rate")
+    [(refund, _)] = await claim_many(db, [refund.refund_id], actor="worker-a", claim_seconds=CLAIM_SECONDS)
+    assert refund.provider_code == "429"  # what the next attempt reads: nothing was sent
+    await release_claim(db, refund.refund_id, code=None, message="the gateway's answer timed out")
+    [(refund, _)] = await claim_many(db, [refund.refund_id], actor="worker-a", claim_seconds=CLAIM_SECONDS)
+    assert refund.provider_code is None

@@ -428,3 +428,29 @@ async def test_a_slow_claim_between_admission_and_request_never_pushes_the_gatew
     assert {(await find_refund(db, rid)).state for rid in ids} == {"succeeded"}
     assert refused._value.get() - before == 0  # the gateway never saw more than 5 in a second
     assert len(await ledger(http, sandbox_url)) == 15
+
+
+@pytest.mark.parametrize("operator_retried", [True, False])
+async def test_the_retry_horizon_counts_from_when_the_refund_last_entered_queued(db, make_merchant, stack, monkeypatch,
+                                                                                operator_retried):
+    """A refund requested 30 h ago and retried by an operator now gets its delayed retries; one
+    queued 30 h ago and failing since goes to manual review (workers.retries.RETRY_HORIZON_SECONDS)."""
+    from refunds.states import retry, transition
+    from workers import sender
+
+    await make_merchant("m1")
+    refund = await accepted_refund(stack, db)
+    await db.execute("UPDATE refunds SET created_at = now() - interval '30 hours' WHERE refund_id = $1", refund.refund_id)
+    await db.execute("UPDATE refund_events SET occurred_at = now() - interval '30 hours' WHERE refund_id = $1",
+                     refund.refund_id)
+    if operator_retried:
+        await transition(db, refund.refund_id, "manual_review", actor="worker", code="retries_exhausted")
+        await retry(db, refund.refund_id, actor="operator")
+    requeued = []
+    monkeypatch.setattr(sender, "requeue", lambda refund_id, **how: requeued.append(refund_id) or True)
+    await sender._retry_later(stack.res, await find_refund(db, refund.refund_id), "the gateway is away")
+    current = await find_refund(db, refund.refund_id)
+    if operator_retried:
+        assert (current.state, requeued) == ("queued", [refund.refund_id])
+    else:
+        assert (current.state, current.provider_code, requeued) == ("manual_review", "retries_exhausted", [])
