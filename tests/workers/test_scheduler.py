@@ -91,6 +91,7 @@ async def test_retention_purges_old_dedup_rows_and_keeps_audit_for_its_window(db
     assert (await db.fetchval("SELECT amount FROM refunds")) == Decimal("10.00")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, value", [("AUDIT_RETENTION_DAYS", "100"), ("NOTIFICATION_RETENTION_DAYS", "7")])
 def test_retention_below_the_rules_stops_the_scheduler_with_one_line(name, value):
     run = subprocess.run([sys.executable, "-m", "workers.scheduler"], env={**os.environ, name: value},
