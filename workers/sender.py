@@ -278,8 +278,9 @@ async def _settle(res: Resources, refund: Refund, to_state: str, **details) -> N
 async def _retry_later(res: Resources, refund: Refund, reason: str) -> None:
     """Delayed retry for longer outages (``workers.retries``).
 
-    The refund keeps exactly one live message (a new delayed one), so the outbox sweep and
-    retries never multiply messages. Past the retry horizon, counted from when the refund last
+    The message that failed ends here and a new delayed one replaces it, so retries do not
+    multiply messages. (When dramatiq redelivers a pack because another of its refunds raised,
+    this refund meets it beside its delayed message: the claim lets one of them through.) Past the retry horizon, counted from when the refund last
     entered ``queued`` (an approval or an operator's retry starts it again), it goes to manual review.
     """
     async with db.acquire(res.pool) as conn:
