@@ -17,6 +17,7 @@ import aiohttp
 from pagoefectivo import protocol
 from refunds import db
 from refunds.merchants import Merchant, list_merchants
+from refunds.service import Unavailable
 from refunds.vault import Vault
 
 
@@ -27,13 +28,55 @@ def registration(merchant: Merchant, vault: Vault, *, receiver_url: str | None =
             "notifyUrl": merchant.notify_url_or(receiver_url)}
 
 
+# A route only the sandbox gateway has (PagoEfectivo has no /sandbox/ routes): GET answers its fault
+# knobs as a JSON object. Asked before a merchant's secret goes anywhere.
+SANDBOX_PROBE = "/sandbox/chaos"
+
+
+class NotSandbox(RuntimeError):
+    """The URL answers, but not as the sandbox gateway: a wrong --sandbox-url or PAGOEFECTIVO_BASE_URL
+    (the real PagoEfectivo host, say). A RuntimeError like the gateway's refusals: the same exit 2."""
+
+
+async def _json_answer(response: aiohttp.ClientResponse, url: str):
+    """The JSON a sandbox route answers; anything else (an HTML page, an empty body) named by URL
+    and HTTP status: Unavailable for a 5xx (a proxy with the sandbox away: try again), else NotSandbox."""
+    raw = await response.read()
+    try:
+        return protocol.loads(raw)
+    except ValueError:  # JSONDecodeError, UnicodeDecodeError
+        pass
+    said = f"{url} answered HTTP {response.status} ({response.content_type}, {len(raw)} bytes), not JSON"
+    if response.status >= 500:
+        raise Unavailable(f"sandbox gateway: {said}")
+    raise NotSandbox(f"{said}: not a sandbox gateway (see --sandbox-url or PAGOEFECTIVO_BASE_URL)")
+
+
+async def check_sandbox(http: aiohttp.ClientSession, sandbox_url: str) -> None:
+    """Refuse ``sandbox_url`` unless it answers as the sandbox gateway does, before any secret is sent."""
+    url = f"{sandbox_url.rstrip('/')}{SANDBOX_PROBE}"
+    async with http.get(url, allow_redirects=False) as response:
+        knobs = await _json_answer(response, url)
+        if response.status >= 500:
+            raise Unavailable(f"sandbox gateway: {url} answered HTTP {response.status}")
+        if response.status != 200 or not isinstance(knobs, dict) or "error_rate" not in knobs:
+            raise NotSandbox(f"{url} answered HTTP {response.status}, not the sandbox's fault knobs: not a sandbox"
+                             " gateway (see --sandbox-url or PAGOEFECTIVO_BASE_URL)")
+
+
 async def onboard(http: aiohttp.ClientSession, sandbox_url: str, merchant: Merchant, vault: Vault, *,
                   receiver_url: str | None = None) -> dict:
-    """Register (or re-register, after a key rotation) ``merchant`` with the sandbox gateway."""
+    """Register (or re-register, after a key rotation) ``merchant`` with the sandbox gateway. The
+    secret goes only to a URL that answers as the sandbox does (``check_sandbox``), never followed
+    through a redirect."""
+    await check_sandbox(http, sandbox_url)
     url = f"{sandbox_url.rstrip('/')}/sandbox/merchants/{merchant.merchant_id}"
     body = protocol.dumps(registration(merchant, vault, receiver_url=receiver_url))
-    async with http.put(url, data=body, headers={"Content-Type": "application/json"}) as response:
-        answer = protocol.loads(await response.read())
+    async with http.put(url, data=body, headers={"Content-Type": "application/json"},
+                        allow_redirects=False) as response:
+        answer = await _json_answer(response, url)
+        if response.status >= 500:
+            raise Unavailable(f"sandbox gateway: {url} answered HTTP {response.status}: {answer}")
         if response.status not in (200, 201):
             raise RuntimeError(f"the sandbox refused merchant {merchant.merchant_id}: {answer}")
         return answer

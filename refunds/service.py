@@ -56,6 +56,10 @@ def failure(exc: BaseException) -> tuple[int, str] | None:
         return FINDINGS, str(exc)
     if isinstance(exc, asyncpg.InvalidAuthorizationSpecificationError):  # wrong user or password
         return USAGE, f"database refused the login (DATABASE_URL): {exc}"
+    if isinstance(exc, asyncpg.CheckViolationError):
+        # bad input that the command's own checks let through. The primary message names the table
+        # and the constraint; str(exc) would add the DETAIL, the whole row (sealed secrets too).
+        return USAGE, f"database refused a value: {exc.message or 'a check constraint failed'}"
     if isinstance(exc, asyncpg.UndefinedTableError):
         return UNAVAILABLE, f"database has no schema yet (run refundctl db migrate): {exc}"
     if isinstance(exc, (asyncpg.InvalidCatalogNameError, asyncpg.exceptions.PostgresConnectionError,

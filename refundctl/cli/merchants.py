@@ -7,7 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from .common import (
-    Usage, emit, emit_page, page, table, vault, with_conn, with_json, with_page,
+    Usage, emit, emit_page, merchant_id, page, positive, table, vault, with_conn, with_json, with_page,
 )
 
 
@@ -95,30 +95,56 @@ def cmd_merchant_rotate_secret(args) -> int:
     return 0
 
 
-def _decimal(text: str) -> Decimal:
-    import argparse
-    from decimal import InvalidOperation
+# Each option's rule as the merchants table's CHECK states it (refunds/schema.sql), so bad input is
+# refused by name before anything is written rather than by the database after.
+MAX_SERVICE_ID = 2**63 - 1  # bigint
+MAX_RATE_LIMIT = Decimal("99999999.99")  # numeric(10, 2)
 
-    try:
-        value = Decimal(text)
-    except InvalidOperation:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value.is_finite() or value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of at least 0")
+
+def _service_id(text: str) -> int:
+    """--service-id: bigint, CHECK (service_id > 0)."""
+    import argparse
+
+    value = positive(text)
+    if value > MAX_SERVICE_ID:
+        raise argparse.ArgumentTypeError(f"{text!r} is over {MAX_SERVICE_ID}")
     return value
+
+
+def _positive_cents(what: str, limit: Decimal | None = None):
+    """A type for a numeric(_, 2) column with CHECK (> 0): refunds.money's amount rule (over 0, at most
+    2 decimals, never rounded, so 0.001 is not stored as 0.00), and the column's ``limit`` if it is
+    narrower than an amount's numeric(14, 2)."""
+    import argparse
+
+    from refunds.errors import RefundRefused
+    from refunds.money import parse_amount
+
+    def parse(text: str) -> Decimal:
+        try:
+            value = parse_amount(text, what)
+        except RefundRefused as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+        if limit is not None and value > limit:
+            raise argparse.ArgumentTypeError(f"{what} {value} is over {limit}")
+        return value
+
+    return parse
 
 
 def register(sub) -> None:
     merchant = sub.add_parser("merchant").add_subparsers(dest="merchant_command", required=True)
     add = with_json(merchant.add_parser("add", help="add or update a seller and its credentials"))
-    add.add_argument("--id", required=True)
+    add.add_argument("--id", required=True, type=merchant_id)
     add.add_argument("--env", required=True, choices=["sandbox", "production"])
-    add.add_argument("--service-id", required=True, type=int)
+    add.add_argument("--service-id", required=True, type=_service_id)
     add.add_argument("--access-key", required=True)
     add.add_argument("--secret-key-file", required=True)
     add.add_argument("--private-key-file", required=True)
-    add.add_argument("--rate-limit", type=_decimal, default=Decimal("10"), help="refunds per second at the gateway")
-    add.add_argument("--approval-threshold", type=_decimal, default=None)
+    add.add_argument("--rate-limit", type=_positive_cents("the rate", MAX_RATE_LIMIT), default=Decimal("10"),
+                     help="refunds per second at the gateway, over 0, at most 2 decimals (default 10)")
+    add.add_argument("--approval-threshold", type=_positive_cents("the threshold"), default=None,
+                     help="refunds above this amount wait for approval: over 0, at most 2 decimals")
     add.add_argument("--refund-mode", default="auto", choices=["auto", "approval", "off"])
     add.add_argument("--notify-url", default=None)
     add.set_defaults(func=cmd_merchant_add)

@@ -16,10 +16,12 @@ import sys
 import threading
 import time
 from datetime import date, timedelta
+from decimal import Decimal
 from importlib.metadata import version
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import asyncpg
 import pytest
 
 from producers import enqueue_refund
@@ -218,3 +220,55 @@ async def test_reconcile_tells_a_gateway_away_or_erroring_from_findings(db, make
         done = await asyncio.to_thread(run, "reconcile", *period, "--json", PAGOEFECTIVO_BASE_URL=base_url)
         assert done.returncode == 3, (base_url, done.stderr)
         assert one_line(done.stderr).startswith("refundctl: gateway unavailable"), done.stderr
+
+
+@pytest.mark.slow
+async def test_merchant_add_refuses_what_the_merchants_table_would_by_option_and_writes_nothing(
+        db, tmp_path, rsa_private_pem):
+    (tmp_path / "secret.txt").write_text("s3cret-of-the-seller\n")
+    (tmp_path / "seller.pem").write_bytes(rsa_private_pem)
+    good = {"--id": "seller-1", "--env": "sandbox", "--service-id": "1234", "--access-key": "AKSELLER1",
+            "--secret-key-file": str(tmp_path / "secret.txt"), "--private-key-file": str(tmp_path / "seller.pem")}
+
+    def add(**changes: str) -> subprocess.CompletedProcess:
+        options = {**good, **{f"--{name.replace('_', '-')}": value for name, value in changes.items()}}
+        return run("merchant", "add", *[part for pair in options.items() for part in pair])
+
+    refused = [  # each got past the parser before, to a traceback from the database (a CHECK, numeric(10, 2))
+        ({"rate_limit": "0"}, "argument --rate-limit: the rate must be greater than 0"),
+        ({"rate_limit": "0.001"}, "argument --rate-limit: the rate 0.001 has more than 2 decimals"),
+        ({"rate_limit": "100000000"}, "argument --rate-limit: the rate 100000000.00 is over 99999999.99"),
+        ({"approval_threshold": "0"}, "argument --approval-threshold: the threshold must be greater than 0"),
+        ({"service_id": "0"}, "argument --service-id: '0' is not a positive whole number"),
+        ({"id": "seller 1"}, "argument --id: 'seller 1' is not a merchant id"),
+    ]
+    for changes, expected in refused:
+        done = await asyncio.to_thread(add, **changes)
+        assert done.returncode == 2 and done.stdout == "", (changes, done.stderr)
+        assert expected in one_line(done.stderr), (changes, done.stderr)
+    assert await db.fetchval("SELECT count(*) FROM merchants") == 0
+
+    done = await asyncio.to_thread(add, rate_limit="0.5", approval_threshold="250.00")  # the same files: accepted
+    assert done.returncode == 0, done.stderr
+    assert (await db.fetchrow("SELECT rate_limit, approval_threshold FROM merchants WHERE merchant_id = 'seller-1'")
+            ) == (Decimal("0.50"), Decimal("250.00"))
+
+
+async def test_a_check_violation_the_arguments_let_through_is_one_line_naming_the_constraint_and_exit_2(
+        db, vault, capsys, rsa_private_pem):
+    from pagoefectivo.protocol import public_key_pem
+    from refunds import service
+    from refunds.merchants import add_merchant
+
+    with pytest.raises(asyncpg.CheckViolationError) as refused:
+        await add_merchant(db, vault, merchant_id="m1", env="sandbox", service_id=1, access_key="AK",
+                           secret_key="s3cret-of-m1", private_key_pem=rsa_private_pem,
+                           public_key_pem=public_key_pem(rsa_private_pem), rate_limit=Decimal("0.004"))
+
+    def body():
+        raise refused.value
+
+    assert service.guarded("refundctl", body) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line == ('refundctl: database refused a value: new row for relation "merchants" violates check constraint'
+                    ' "merchants_rate_limit_check"')

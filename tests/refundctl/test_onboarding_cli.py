@@ -12,9 +12,11 @@ from decimal import Decimal
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from pagoefectivo import protocol
 from pagoefectivo.sandbox import create_app
+from pagoefectivo.sandbox.chaos import ChaosConfig
 from refundctl.processes import free_port
 from refunds.payments import find_payment
 from tests.helpers import ROOT, paid
@@ -56,6 +58,51 @@ async def test_onboard_registers_the_merchant_so_that_it_can_authorize(db, datab
     code, _, err = await refundctl(database_url, "sandbox", "onboard", "seller-1",
                                    "--sandbox-url", f"http://127.0.0.1:{free_port()}")
     assert code == 3 and "unreachable" in err and err.count("\n") == 1
+
+
+class NotTheSandbox:
+    """A host at --sandbox-url that is not the sandbox gateway: an HTML 404 on every route, as a web
+    server or PagoEfectivo's own host answers a route it does not have; or, once ``knobs`` is set, the
+    sandbox's answer to GET /sandbox/chaos and a proxy's empty 502 to the rest. Keeps every request."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str, bytes]] = []
+        self.knobs: dict | None = None
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.answer)
+        return app
+
+    async def answer(self, request: web.Request) -> web.Response:
+        self.seen.append((request.method, request.path, await request.read()))
+        if self.knobs is not None:
+            if (request.method, request.path) == ("GET", "/sandbox/chaos"):
+                return web.json_response(self.knobs)
+            return web.Response(status=502)
+        return web.Response(status=404, content_type="text/html",
+                            text="<html><body><h1>404 Not Found</h1></body></html>")
+
+
+@pytest.mark.slow
+async def test_onboard_with_a_host_that_is_not_the_sandbox_is_one_line_and_sends_no_secret(db, database_url,
+                                                                                          merchant_maker):
+    keys = await merchant_maker("seller-1")
+    host = NotTheSandbox()
+    runner, url = await serve(host.app())
+    try:
+        code, out, err = await refundctl(database_url, "sandbox", "onboard", "seller-1", "--sandbox-url", url)
+        assert code == 2 and out == "" and "Traceback" not in err and err.count("\n") == 1, err
+        assert f"{url}/sandbox/chaos answered HTTP 404 (text/html" in err and "not a sandbox gateway" in err
+        assert [(method, path) for method, path, _ in host.seen] == [("GET", "/sandbox/chaos")]  # no PUT
+        assert all(keys.secret_key.encode() not in body for _, _, body in host.seen)
+
+        host.knobs, host.seen = ChaosConfig().to_json(), []  # a sandbox that a proxy cannot reach on PUT
+        code, out, err = await refundctl(database_url, "sandbox", "onboard", "seller-1", "--sandbox-url", url)
+        assert code == 3 and out == "" and "Traceback" not in err and err.count("\n") == 1, err
+        assert f"{url}/sandbox/merchants/seller-1 answered HTTP 502" in err
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.slow
