@@ -112,11 +112,13 @@ async def _start(app: web.Application) -> None:
 
 async def _initialise_merchant_series(database: Database) -> None:
     """Known merchants' completion series at 0, as the workers start theirs, so that increase()
-    counts a merchant's first completion settled by a notification. Metrics only: a receiver whose
-    Postgres is away at start serves without them (a merchant's series then starts at its first completion)."""
+    counts a merchant's first completion settled by a notification; their contradiction series too,
+    so that the first one pages. Metrics only: a receiver whose Postgres is away at start serves
+    without them (a merchant's completions then start at its first completion, its contradictions
+    at its first notification here: ``events``)."""
     try:
         async with database.connection() as conn:
-            await metrics.initialise_known_merchants(conn)
+            await metrics.initialise_known_merchants(conn, contradictions=events.CONTRADICTIONS)
     except (Unavailable, asyncpg.PostgresError) as exc:
         log.warning("merchant metric series not initialised: %s", exc)
 

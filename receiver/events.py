@@ -13,14 +13,22 @@ What happened is kept in ``notifications.result``:
 - ``applied``   the event changed something (payment recorded, refund moved to final)
 - ``already``   the database already said so (payment recorded before, refund already in
                 that state, e.g. settled by the gateway's synchronous answer)
-- ``late``      the refund is in another state this event may not move it from (a late or
-                reordered event); nothing changed
+- ``late``      the gateway contradicts a state of ours this event may not move it from:
+                ``MOVES`` lets an outcome settle any refund that was sent and is not final,
+                so this is a success for a refund we hold ``failed`` (money went out while its
+                amount was given back to the payment), a failure for one we hold
+                ``succeeded`` (the customer was not refunded), or either for one we never
+                sent (``awaiting_approval``, ``rejected``). Never a harmless reordering:
+                nothing changed, it is logged at ERROR and counted in
+                ``refund_outcome_contradictions_total``, which pages (docs/OPERATIONS.md
+                RefundOutcomeContradiction). The stored name stays ``late`` for the rows
+                and ``refundctl notifications list --result late`` that already use it.
 - ``unknown``   an event type we do not handle, or a refund we never created
 - ``mismatch``  the event contradicts our record (amount, currency, merchant, payment);
                 nothing changed, a warning is logged for an operator
 
 The metric ``refund_notifications_total`` has fewer results (docs/OPERATIONS.md); ``METRIC_RESULT``
-maps them.
+maps them. ``late`` counts there as ``unknown``: kept, not applied, for a person.
 """
 
 from __future__ import annotations
@@ -35,11 +43,12 @@ from uuid import UUID
 import asyncpg
 
 from pagoefectivo.protocol import LIMA, dumps, loads, parse_timestamp
+from refunds import metrics
 from refunds.errors import RefundRefused
 from refunds.money import parse_amount, parse_currency
 from refunds.payments import METHODS
 from refunds.records import Refund, from_row
-from refunds.states import Move, move_parameters, moved_if
+from refunds.states import STATES, Move, move_parameters, moved_if, sources_of
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +64,15 @@ CLOCK_SLACK = timedelta(days=1)  # a paymentDate further in the future than this
 METRIC_RESULT = {
     "applied": "applied",
     "already": "applied",
-    "late": "duplicate",
+    "late": "unknown",  # a contradiction, not a duplicate: refund_outcome_contradictions_total counts it
     "duplicate": "duplicate",
     "unknown": "unknown",
     "mismatch": "unknown",
 }
+# (our state, the gateway's) of every ``late`` verdict: the states an outcome may not move a
+# refund from, other than that outcome itself. The labels of refund_outcome_contradictions_total.
+CONTRADICTIONS = tuple((ours, gateway) for gateway in REFUND_TARGETS.values() for ours in STATES
+                       if ours != gateway and ours not in sources_of(gateway))
 
 
 def event_label(event_type: str | None) -> str:
@@ -307,6 +320,7 @@ async def store_payments(conn: asyncpg.Connection, notes: list[tuple[str, Notifi
     Raises ``asyncpg.DataError`` for the whole batch when Postgres refuses one of the bodies
     (the caller stores them one by one to find it).
     """
+    _meet(merchant_id for merchant_id, _ in notes)
     now = datetime.now(timezone.utc)
     columns: list[list] = [[] for _ in range(11)]
     for merchant_id, note in notes:
@@ -327,6 +341,12 @@ async def store_payments(conn: asyncpg.Connection, notes: list[tuple[str, Notifi
             result = await _payment_recorded_meanwhile(conn, merchant_id, note, note.event)
         outcomes.append(_payment_outcome(merchant_id, note.event, result))
     return outcomes
+
+
+def _meet(merchant_ids) -> None:
+    """Contradiction series at 0 for a merchant added since the receiver started (those of the store
+    then were made at start), before its first contradiction: one born at 1 shows no increase()."""
+    metrics.initialise_contradiction_series(merchant_ids, CONTRADICTIONS)
 
 
 def _payment_outcome(merchant_id: str, paid: CipPaid, result: str | None) -> Outcome:
@@ -373,14 +393,15 @@ SELECT EXISTS (SELECT 1 FROM notifications n
 
 # The moves and the notification rows in one statement (one round trip, atomic): each row is
 # stored with the verdict its locked refund's state gives ("applied" when the state machine
-# allows the move, "already" when the refund is in that state, "late" otherwise; "unknown" if
-# the refund is gone), or with the verdict given (``given``: "unknown", "mismatch") when there is
-# nothing to move; a refund moves only if its notification's row is new: a concurrent delivery
-# that stored it first wins, and this one changes nothing. A batch never holds the same
-# notification or the same refund twice (see batch.py), so each refund has at most one row
-# here; refunds are locked in id order and rows inserted in key order, so two batches running
-# at once do not wait on each other in a cycle through them. Beside the state machine's moves,
-# the notifications: for each, the refund it would move (NULL when none) and to what.
+# allows the move, "already" when the refund is in that state, "late" (a contradiction)
+# otherwise; "unknown" if the refund is gone), or with the verdict given (``given``: "unknown",
+# "mismatch") when there is nothing to move; a refund moves only if its notification's row is
+# new: a concurrent delivery that stored it first wins, and this one changes nothing. A batch
+# never holds the same notification or the same refund twice (see batch.py), so each refund has
+# at most one row here; refunds are locked in id order and rows inserted in key order, so two
+# batches running at once do not wait on each other in a cycle through them. Beside the state
+# machine's moves, the notifications: for each, the refund it would move (NULL when none) and
+# to what.
 _MOVE_AND_STORE = moved_if(
     """input AS (SELECT * FROM unnest($note_merchant_ids::text[], $operation_numbers::text[],
                                      $event_types::text[], $bodies::text[], $note_refund_ids::uuid[],
@@ -430,6 +451,7 @@ async def store_refund_outcomes(conn: asyncpg.Connection, notes: list[tuple[str,
     Raises ``asyncpg.DataError`` for the whole batch when Postgres refuses one of the bodies
     (the caller stores them one by one to find it).
     """
+    _meet(merchant_id for merchant_id, _ in notes)
     found = await conn.fetch(_REFUND_LOOKUP, [merchant_id for merchant_id, _ in notes],
                              [note.operation_number for _, note in notes],
                              [_refund_event(note).external_ref for _, note in notes])
@@ -499,4 +521,18 @@ def _stored_outcome(pending: _ToStore, row: asyncpg.Record) -> Outcome:
         return Outcome("applied", f"refund {refund_id} {row['was']} -> {ev.to_state}", completed=from_row(row))
     if row["stored"] == "already":
         return Outcome("already", f"refund {refund_id} already {row['was']}")
-    return Outcome("late", f"refund {refund_id} is {row['was']}; {ev.to_state} not applied")
+    return _contradiction(pending, row["was"])
+
+
+def _contradiction(pending: _ToStore, ours: str) -> Outcome:
+    """A ``late`` verdict, once (this delivery stored its row; a redelivery is a duplicate): the
+    gateway and our books disagree about money, so an operator is paged, not just told."""
+    ev, refund_id, merchant_id = _refund_event(pending.note), pending.refund_id, pending.merchant_id
+    log.error("refund %s of merchant %s: PagoEfectivo says %s, we hold it %s; not applied, to reconcile by hand "
+              "(notification %s)", refund_id, merchant_id, ev.to_state, ours, pending.note.operation_number,
+              extra={"event": "refund_outcome_contradiction", "refund_id": str(refund_id), "merchant": merchant_id,
+                     "external_ref": ev.external_ref, "ours": ours, "gateway": ev.to_state,
+                     "operation_number": pending.note.operation_number, "provider_refund_id": ev.provider_refund_id,
+                     "provider_code": ev.code})
+    metrics.refund_outcome_contradictions_total.labels(metrics.merchant_label(merchant_id), ours, ev.to_state).inc()
+    return Outcome("late", f"refund {refund_id} is {ours}; PagoEfectivo says {ev.to_state}: contradiction, not applied")

@@ -4,7 +4,7 @@ Label values are bounded (no refund ids, no amounts). The ``merchant`` label is 
 per process (``merchant_label``) and can be turned off with REFUNDS_METRICS_MERCHANT_LABEL=0.
 
 Who exports what: the intake (accepted, rejected) and the receiver (notifications,
-completions) on their own /metrics; the workers (gateway requests, rate-limit waits,
+contradictions, completions) on their own /metrics; the workers (gateway requests, rate-limit waits,
 completions, dramatiq_*) from all their processes on METRICS_PORT (``workers.metrics``);
 the scheduler the gauges read from Postgres and Redis (``DatabaseGauges``) on
 SCHEDULER_METRICS_PORT. Dashboards and alerts sum across them.
@@ -64,6 +64,13 @@ refund_gateway_request_seconds = Histogram(
 refund_notifications_total = Counter(
     "refund_notifications_total", "Notifications received", ["event_type", "result"]
 )
+# A refund outcome from the gateway that contradicts a state of ours (receiver.events, verdict
+# "late"): never benign, so it has its own counter, which pages. ``gateway``: succeeded or failed.
+refund_outcome_contradictions_total = Counter(
+    "refund_outcome_contradictions_total",
+    "Refund outcomes from the gateway that contradict our record (not applied), by our state and the gateway's",
+    ["merchant", "ours", "gateway"],
+)
 refund_notification_seconds = Histogram(
     "refund_notification_seconds", "Time to answer a notification", buckets=LATENCY_BUCKETS
 )
@@ -107,14 +114,34 @@ def initialise_merchant_series(merchant_ids: Iterable[str]) -> None:
         refund_completion_seconds.labels(merchant)
 
 
-async def initialise_known_merchants(conn) -> int:
+async def initialise_known_merchants(conn, *, contradictions: Iterable[tuple[str, str]] = ()) -> int:
     """``initialise_merchant_series`` for the merchants of the store, the first MERCHANT_LABEL_LIMIT
     by id (the label bound takes no more); ``conn`` is an asyncpg connection or pool. Returns how
     many. Workers and the receiver call it at start; a merchant added later starts at its first
-    completion in each process."""
+    completion in each process. The receiver passes its ``contradictions`` (our state, the
+    gateway's) to start those series too (``initialise_contradiction_series``)."""
     rows = await conn.fetch("SELECT merchant_id FROM merchants ORDER BY merchant_id LIMIT $1", MERCHANT_LABEL_LIMIT)
-    initialise_merchant_series(row["merchant_id"] for row in rows)
+    merchant_ids = [row["merchant_id"] for row in rows]
+    initialise_merchant_series(merchant_ids)
+    if contradictions:
+        initialise_contradiction_series(merchant_ids, contradictions)
     return len(rows)
+
+
+_contradiction_labels: set[str] = set()  # merchant labels whose contradiction series exist (bounded as labels are)
+
+
+def initialise_contradiction_series(merchant_ids: Iterable[str], contradictions: Iterable[tuple[str, str]]) -> None:
+    """These merchants' ``refund_outcome_contradictions_total`` at 0, once per label a process: a
+    merchant's first contradiction pages only as an increase() of a series that was at 0."""
+    pairs = tuple(contradictions)
+    for merchant_id in merchant_ids:
+        merchant = merchant_label(merchant_id)
+        if merchant in _contradiction_labels:
+            continue
+        for ours, gateway in pairs:
+            refund_outcome_contradictions_total.labels(merchant, ours, gateway)
+        _contradiction_labels.add(merchant)
 
 
 def initialise_receiver_series(event_types: Iterable[str]) -> None:

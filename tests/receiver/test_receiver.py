@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from receiver import events as events_module
 from receiver.batch import RefundOutcomeBatcher
 from receiver.credentials import KeyCache, MerchantKeys, Secret, database_loader
 from receiver.sources import SourcePolicy
+from refunds import metrics
 from refunds.database import Database
 from refunds.payments import find_payment, record_payment
 from refunds.records import find_by_external_ref, refund_events
@@ -64,6 +66,17 @@ def counted(event_type: str, result: str) -> float:
     return REGISTRY.get_sample_value(
         "refund_notifications_total", {"event_type": event_type, "result": result}
     ) or 0.0
+
+
+def contradictions(ours: str, gateway: str, merchant_id: str = "m1") -> float:
+    return REGISTRY.get_sample_value(
+        "refund_outcome_contradictions_total",
+        {"merchant": metrics.merchant_label(merchant_id), "ours": ours, "gateway": gateway},
+    ) or 0.0
+
+
+def contradiction_errors(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.levelno == logging.ERROR and r.name == "receiver.events"]
 
 
 def cip_paid(operation_number="op-1", cip="10001", amount=Decimal("150.50"), **data):
@@ -347,12 +360,14 @@ async def test_unknown_event_type_is_kept_not_applied(client, db, merchant):
     assert counted("other", "unknown") == before + 1
 
 
-async def test_late_refund_failed_after_succeeded_changes_nothing(client, db, merchant):
+async def test_refund_failed_after_succeeded_changes_nothing_and_is_a_contradiction(client, db, merchant, caplog):
     refund = await make_refund(db)
     ok = await post(client, "m1", refund_event("refund.succeeded", refund, "op-a"), merchant.secret_key)
     assert ok.status == 200
-    before = counted("refund.failed", "duplicate")
-    late = await post(client, "m1", refund_event("refund.failed", refund, "op-b"), merchant.secret_key)
+    duplicate, unknown = counted("refund.failed", "duplicate"), counted("refund.failed", "unknown")
+    before = contradictions("succeeded", "failed")
+    with caplog.at_level(logging.ERROR, logger="receiver.events"):
+        late = await post(client, "m1", refund_event("refund.failed", refund, "op-b"), merchant.secret_key)
     assert late.status == 200
     stored = await find_by_external_ref(db, "m1", "R-1")
     assert stored.state == "succeeded"
@@ -360,7 +375,48 @@ async def test_late_refund_failed_after_succeeded_changes_nothing(client, db, me
     results = {row["operation_number"]: row["result"] for row in await notification_rows(db)}
     assert results == {"op-a": "applied", "op-b": "late"}
     assert len(await refund_events(db, refund["refund_id"])) == 1
-    assert counted("refund.failed", "duplicate") == before + 1
+    assert counted("refund.failed", "duplicate") == duplicate  # a contradiction is no duplicate
+    assert counted("refund.failed", "unknown") == unknown + 1
+    assert contradictions("succeeded", "failed") == before + 1
+    assert len(contradiction_errors(caplog)) == 1
+
+
+@pytest.mark.parametrize("ours, event_type", [
+    ("failed", "refund.succeeded"),             # money out, its amount given back to the payment
+    ("succeeded", "refund.failed"),             # we say refunded; the customer was not
+    ("awaiting_approval", "refund.succeeded"),  # never sent by us
+    ("rejected", "refund.failed"),
+])
+async def test_an_outcome_that_contradicts_our_state_is_received_kept_counted_and_logged_not_applied(
+        client, db, merchant, caplog, ours, event_type):
+    refund = await make_refund(db, state=ours)
+    gateway = events_module.REFUND_TARGETS[event_type]
+    reserved = Decimal("0.00") if ours in ("failed", "rejected") else Decimal("40.00")
+    before = contradictions(ours, gateway)
+    unknown, duplicate = counted(event_type, "unknown"), counted(event_type, "duplicate")
+    payload = refund_event(event_type, refund, "op-x", code="E42", reason="from the gateway")
+    with caplog.at_level(logging.ERROR, logger="receiver.events"):
+        first = await post(client, "m1", payload, merchant.secret_key)
+        again = await post(client, "m1", payload, merchant.secret_key)  # PagoEfectivo's second attempt
+    # received (200: PagoEfectivo must not send it on and on), not applied
+    assert (first.status, await first.json()) == (200, {"result": "late"})
+    assert (again.status, await again.json()) == (200, {"result": "duplicate"})
+    stored = await find_by_external_ref(db, "m1", "R-1")
+    assert (stored.state, stored.provider_code, stored.provider_message) == (ours, None, None)
+    assert await refund_events(db, refund["refund_id"]) == []
+    assert (await find_payment(db, "m1", refund["transaction_id"])).refunded_amount == reserved
+    assert [(row["operation_number"], row["result"]) for row in await notification_rows(db)] == [("op-x", "late")]
+
+    # counted once, as a contradiction and as "unknown" (the redelivery is the duplicate)
+    assert contradictions(ours, gateway) == before + 1
+    assert counted(event_type, "unknown") == unknown + 1
+    assert counted(event_type, "duplicate") == duplicate + 1
+    [error] = contradiction_errors(caplog)
+    assert error.getMessage() == (f"refund {refund['refund_id']} of merchant m1: PagoEfectivo says {gateway}, "
+                                  f"we hold it {ours}; not applied, to reconcile by hand (notification op-x)")
+    assert (error.refund_id, error.merchant, error.external_ref, error.ours, error.gateway) == (
+        str(refund["refund_id"]), "m1", "R-1", ours, gateway)
+    assert merchant.secret_key not in error.getMessage() and merchant.secret_key not in str(vars(error))
 
 
 async def test_outcome_already_applied_by_the_worker_counts_as_applied(client, db, merchant):
@@ -1024,6 +1080,7 @@ async def test_a_batch_of_refund_outcomes_decides_each_as_it_would_alone(databas
     warnings = [r.getMessage() for r in caplog.records if "contradicts our record" in r.getMessage()]
     assert warnings == [f"notification op-m for refund {contradicted['refund_id']} contradicts our record "
                         "(refundAmount): not applied"]
+    assert [r.operation_number for r in contradiction_errors(caplog)] == ["op-c"]
 
 
 @pytest.mark.parametrize("field, value", [("reason", "nul\u0000"), ("externalRef", "R-bad\u0000")],
