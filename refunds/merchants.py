@@ -110,7 +110,11 @@ async def add_merchant(
     refund_mode: str = "auto",
     notify_url: str | None = None,
 ) -> Merchant:
-    """Insert or update a merchant; secrets are sealed before they reach the database."""
+    """Insert or update a merchant; secrets are sealed before they reach the database.
+
+    Adding a merchant again replaces its credentials (moving it from sandbox to production, say):
+    a previous secret left by a rotation (``rotate_secret``) goes too, so the old credentials
+    verify nothing more."""
     row = await conn.fetchrow(
         f"""INSERT INTO merchants ({_COLUMNS})
             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, NULL, NULL)
@@ -119,7 +123,8 @@ async def add_merchant(
               public_key_pem = EXCLUDED.public_key_pem, rate_limit = EXCLUDED.rate_limit,
               approval_threshold = EXCLUDED.approval_threshold, refund_mode = EXCLUDED.refund_mode,
               notify_url = EXCLUDED.notify_url, secret_key_sealed = EXCLUDED.secret_key_sealed,
-              private_key_sealed = EXCLUDED.private_key_sealed, updated_at = now()
+              private_key_sealed = EXCLUDED.private_key_sealed,
+              previous_secret_key_sealed = NULL, previous_secret_valid_until = NULL, updated_at = now()
             RETURNING {_COLUMNS}""",
         merchant_id, env, service_id, access_key, public_key_pem, rate_limit, approval_threshold,
         refund_mode, notify_url,

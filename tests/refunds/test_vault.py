@@ -99,3 +99,32 @@ async def test_master_key_rotation_under_load_loses_nothing(db, database_url, va
         assert merchant.private_key_pem(after) == KEY_PEM
         with pytest.raises(VaultError):
             merchant.secret_key(vault)
+
+
+async def test_adding_a_merchant_again_drops_its_previous_secret(db, database_url, vault, make_merchant):
+    """Added again with other credentials (sandbox to production, say) during a rotation's
+    overlap: the previous secret goes, so the receiver no longer verifies a notification signed
+    with it."""
+    from pagoefectivo.protocol import notification_signature
+    from receiver.credentials import MerchantKeys, database_loader
+    from refunds.database import Database
+
+    await make_merchant("m1", secret_key="sandbox-old")
+    await rotate_secret(db, vault, "m1", "sandbox-new", overlap=timedelta(hours=24))
+    assert (await find_merchant(db, "m1")).notification_secrets(vault) == ("sandbox-new", "sandbox-old")
+
+    await make_merchant("m1", env="production", secret_key="production-secret")
+    merchant = await find_merchant(db, "m1")
+    assert (merchant.previous_secret_key_sealed, merchant.previous_secret_valid_until) == (None, None)
+    assert merchant.notification_secrets(vault) == ("production-secret",)
+    database = Database(database_url)
+    try:
+        loaded = await database_loader(database, vault)("m1")  # what the receiver verifies with
+    finally:
+        await database.close()
+    keys = MerchantKeys("m1", loaded, loaded_at=0.0)
+    body = b'{"operationNumber":"op-1"}'
+    assert keys.verifies(body, notification_signature(body, "production-secret"))
+    for old in ("sandbox-old", "sandbox-new"):
+        assert not keys.verifies(body, notification_signature(body, old)), old
+
