@@ -91,7 +91,6 @@ _COLUMNS = (
     " refund_mode, notify_url, secret_key_sealed, private_key_sealed, previous_secret_key_sealed,"
     " previous_secret_valid_until"
 )
-_SEALED = ("secret_key_sealed", "private_key_sealed", "previous_secret_key_sealed")
 
 
 async def add_merchant(
@@ -173,23 +172,3 @@ async def rotate_secret(
             vault.seal(old, _identity(merchant_id, "previous_secret_key")), overlap,
         )
     return valid_until
-
-
-async def rewrap_all(conn: asyncpg.Connection, vault: Vault) -> int:
-    """Re-wrap every merchant's data keys with the current master key, one short transaction per row."""
-    done = 0
-    for merchant_id in [r["merchant_id"] for r in await conn.fetch("SELECT merchant_id FROM merchants")]:
-        async with conn.transaction():
-            row = await conn.fetchrow(
-                f"SELECT {', '.join(_SEALED)} FROM merchants WHERE merchant_id = $1 FOR UPDATE", merchant_id)
-            if row is None:
-                continue
-            names = {"secret_key_sealed": "secret_key", "private_key_sealed": "private_key",
-                     "previous_secret_key_sealed": "previous_secret_key"}
-            values = [vault.rewrap(row[c], _identity(merchant_id, names[c])) if row[c] else None for c in _SEALED]
-            await conn.execute(
-                """UPDATE merchants SET secret_key_sealed = $2, private_key_sealed = $3,
-                          previous_secret_key_sealed = $4 WHERE merchant_id = $1""",
-                merchant_id, *values)
-        done += 1
-    return done

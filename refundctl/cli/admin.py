@@ -54,18 +54,20 @@ def cmd_keys_generate(args) -> int:
 
 
 def cmd_keys_rotate_master(args) -> int:
-    """Re-wrap every data key with REFUNDS_MASTER_KEY (the new key).
+    """Re-wrap every data key with REFUNDS_MASTER_KEY (the new key): merchants' secrets and private
+    keys, webhook endpoints' secrets (``refunds.vault.sealed_tables``).
 
     Runs while the services keep working: first give every process the new key as
     REFUNDS_MASTER_KEY and the old one in REFUNDS_PREVIOUS_MASTER_KEYS, then run this,
     then drop the old key.
     """
-    from refunds.merchants import rewrap_all
+    from refunds.vault import rewrap_all
 
     sealer = vault()
-    count = asyncio.run(with_conn(lambda conn: rewrap_all(conn, sealer)))
-    emit(args, {"merchants_rewrapped": count},
-         lambda: print(f"re-wrapped the data keys of {count} merchants with the current master key"))
+    counts = asyncio.run(with_conn(lambda conn: rewrap_all(conn, sealer)))  # every table holding sealed values
+    said = " and ".join(f"{count} {table.replace('_', ' ')}" for table, count in counts.items())
+    emit(args, {f"{table}_rewrapped": count for table, count in counts.items()},
+         lambda: print(f"re-wrapped the data keys of {said} with the current master key"))
     return 0
 
 

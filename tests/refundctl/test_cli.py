@@ -1,4 +1,4 @@
-"""refundctl token list|revoke and refund approve|reject|retry, against real Postgres and Redis.
+"""refundctl token list|revoke, refund approve|reject|retry and keys rotate-master, against real Postgres and Redis.
 
 The commands run in-process (``refundctl.cli.main`` in a worker thread, so that its
 ``asyncio.run`` has a thread of its own) with stdout and stderr captured; one test runs
@@ -170,6 +170,51 @@ async def test_show_resolves_an_external_ref(db, make_merchant, refundctl):
     assert code == 0 and json.loads(out)["refund_id"] == refund["refund_id"]
 
 
+# --- master-key rotation -------------------------------------------------------------------------
+
+async def test_keys_rotate_master_rewraps_merchant_and_webhook_secrets_and_says_how_many(
+        db, vault, make_merchant, refundctl, monkeypatch):
+    """The documented rotation: the new key current, the old one previous, `keys rotate-master`,
+    then the old key dropped: the merchants' secrets and the webhook endpoints' still open."""
+    import base64
+    from datetime import timedelta
+
+    from refunds import webhooks
+    from refunds.errors import VaultError
+    from refunds.merchants import find_merchant
+    from refunds.settings import get_settings
+    from refunds.vault import Vault, generate_master_key
+
+    await make_merchant("m1", secret_key="merchant-secret")
+    await make_merchant("m2", secret_key="merchant-secret-2")
+    endpoint, first = await webhooks.add_endpoint(db, vault, name="orders", url="https://hooks.example.com/refunds",
+                                                  merchants=["m1"], event_types=["refund.succeeded"])
+    _, second = await webhooks.rotate_secret(db, vault, endpoint.endpoint_id, overlap=timedelta(hours=1))
+    new_key = generate_master_key()
+    try:
+        with monkeypatch.context() as env:
+            env.setenv("REFUNDS_PREVIOUS_MASTER_KEYS", os.environ["REFUNDS_MASTER_KEY"])
+            env.setenv("REFUNDS_MASTER_KEY", new_key)
+            env.delenv("REFUNDS_MASTER_KEY_FILE", raising=False)
+            get_settings.cache_clear()
+            code, out, err = await refundctl("keys", "rotate-master", "--json")
+            assert code == 0, err
+            assert json.loads(out) == {"merchants_rewrapped": 2, "webhook_endpoints_rewrapped": 1}
+            code, out, err = await refundctl("keys", "rotate-master")
+            assert code == 0, err
+            assert out.strip() == ("re-wrapped the data keys of 2 merchants and 1 webhook endpoints"
+                                   " with the current master key")
+    finally:
+        get_settings.cache_clear()  # the session's settings again
+
+    after = Vault(base64.b64decode(new_key))  # the old key dropped
+    assert (await find_merchant(db, "m1")).secret_key(after) == "merchant-secret"
+    assert (await find_merchant(db, "m2")).secret_key(after) == "merchant-secret-2"
+    assert (await webhooks.get_endpoint(db, endpoint.endpoint_id)).secrets(after) == [second, first]
+    with pytest.raises(VaultError):
+        (await webhooks.get_endpoint(db, endpoint.endpoint_id)).secrets(vault)
+
+
 # --- the installed script ----------------------------------------------------------------------
 
 async def test_the_refundctl_script(db, make_merchant, database_url, module_redis_url):
@@ -198,3 +243,4 @@ async def test_caller_text_reaches_the_terminal_escaped_never_as_sequences_or_ma
     assert "\x1b" not in out and "\x07" not in out and "\r" not in out
     assert "\\x1b]8;;https://evil.example\\x07click" in out and "\\x0d\\x0aforged: line" in out
     assert "[/oops] [bold]x" in out
+
