@@ -12,6 +12,7 @@ from PyPI into a temp folder) it also runs `docker compose config`, `kubectl kus
 
 from __future__ import annotations
 
+import ast
 import configparser
 import fnmatch
 import functools
@@ -53,7 +54,10 @@ PORT_SETTING = {"intake": "INTAKE_PORT", "receiver": "RECEIVER_PORT", "worker": 
 DEFAULT_PORTS = {"intake": 8080, "receiver": 8081, "worker": 9191, "scheduler": 9192}
 # where Prometheus scrapes /metrics: INTAKE_METRICS_PORT, RECEIVER_METRICS_PORT, METRICS_PORT, SCHEDULER_METRICS_PORT
 METRICS_PORTS = {"intake": 9180, "receiver": 9181, "worker": 9191, "scheduler": 9192}
-NEEDS_MASTER_KEY = {"receiver", "worker"}  # the vault: merchants' secrets and private keys
+# the services that open the vault (checked against their code below): the receiver opens the merchants'
+# secrets, the workers their private keys and the webhook endpoints' secrets, the intake seals and
+# opens the webhook endpoints' secrets (POST /v1/webhooks, rotate-secret)
+NEEDS_MASTER_KEY = {"intake", "receiver", "worker"}
 
 
 # --- what the code offers: entry points and the settings it reads --------------------------------
@@ -126,6 +130,65 @@ def test_entry_points_recognise_the_procfile():
         entry_point(["python", "-m", "producers.nothing"])
     with pytest.raises((AssertionError, SystemExit)):
         entry_point(["refundctl", "db", "nothing"])
+
+
+def _module_source(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    return base / "__init__.py" if (base / "__init__.py").is_file() else None
+
+
+@functools.cache
+def _syntax(path: Path) -> ast.Module:
+    return ast.parse(path.read_text())
+
+
+@functools.cache
+def service_modules(kind: str) -> dict[str, Path]:
+    """The project's modules a Procfile service runs: its entry module and what it imports from the
+    project, transitively (imports inside functions too; a module's parent packages only when it
+    imports them itself)."""
+    command = procfile()[kind]
+    entry = [command[2]] if command[:2] == ["python", "-m"] else [command[1]]  # dramatiq BROKER_MODULE
+    if _module_source(entry[0]).name == "__init__.py":
+        entry.append(entry[0] + ".__main__")
+    ours = {package.split(".")[0] for package in pyproject()["tool"]["setuptools"]["packages"]}
+    seen: dict[str, Path] = {}
+    todo = list(entry)
+    while todo:
+        name = todo.pop()
+        path = None if name in seen or name.split(".")[0] not in ours else _module_source(name)
+        if path is None:
+            continue
+        seen[name] = path
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(_syntax(path)):
+            if isinstance(node, ast.Import):
+                todo += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([node.module] if node.module else []))
+                todo += [f"{base}.{alias.name}" if _module_source(f"{base}.{alias.name}") else base
+                         for alias in node.names]
+    return seen
+
+
+def opens_the_vault(kind: str) -> list[str]:
+    """The files of a service's code that call ``vault_from_settings`` (the master key from its settings)."""
+    return sorted({str(path.relative_to(ROOT)) for path in service_modules(kind).values()
+                  for node in ast.walk(_syntax(path))
+                  if isinstance(node, ast.Call)
+                  and getattr(node.func, "id", getattr(node.func, "attr", None)) == "vault_from_settings"})
+
+
+def test_the_services_that_need_the_master_key_are_those_whose_code_opens_the_vault():
+    assert service_modules("scheduler") and "workers.scheduler" in service_modules("scheduler")
+    assert "workers.resources" in service_modules("worker")  # dramatiq's broker module and its actors
+    opening = {kind: opens_the_vault(kind) for kind in SERVICE_KINDS}
+    assert {kind for kind, where in opening.items() if where} == NEEDS_MASTER_KEY, opening
 
 
 def known_settings() -> set[str]:
@@ -1052,6 +1115,66 @@ def test_systemd_security_exposure_is_low(tmp_path):
         if match is None:
             pytest.skip(f"this systemd-analyze cannot rate units offline: {(run.stderr or run.stdout)[:200]}")
         assert float(match.group(1)) <= 3.0, f"{name}: exposure {match.group(1)}\n{run.stdout[-2000:]}"
+
+
+# --- the master key: every service that opens the vault gets it, in every deployment ---------------
+
+def compose_kinds_with_master_key() -> set[str]:
+    """The kinds of the compose services given the master key: a secret of the file, mounted where
+    REFUNDS_MASTER_KEY_FILE names it."""
+    spec, given = compose(), set()
+    for name, (kind, _, service) in compose_refund_services().items():
+        env = service.get("environment") or {}
+        for secret in service.get("secrets", []):
+            source = secret if isinstance(secret, str) else secret["source"]
+            target = source if isinstance(secret, str) else secret.get("target", source)
+            path = target if target.startswith("/") else f"/run/secrets/{target}"
+            if source in spec["secrets"] and "master" in source and env.get("REFUNDS_MASTER_KEY_FILE") == path:
+                given.add(kind)
+    return given
+
+
+def k8s_kinds_with_master_key() -> set[str]:
+    """The kinds of the workloads given the master key: the Secret's REFUNDS_MASTER_KEY mounted as the
+    file REFUNDS_MASTER_KEY_FILE names, and REFUNDS_PREVIOUS_MASTER_KEYS from it when present."""
+    (secret,) = k8s_objects("Secret")
+    given = set()
+    for workload in k8s_workloads():
+        spec = _pod_spec(workload)
+        (container,) = spec["containers"]
+        env = {e["name"]: e for e in container.get("env", [])}
+        key_file = env.get("REFUNDS_MASTER_KEY_FILE", {}).get("value")
+        previous = env.get("REFUNDS_PREVIOUS_MASTER_KEYS", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if not key_file or previous.get("optional") is not True:
+            continue
+        mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+        volume = {v["name"]: v for v in spec.get("volumes", [])}.get(mounts.get(str(Path(key_file).parent)), {})
+        source = volume.get("secret", {})
+        if source.get("secretName") == secret["metadata"]["name"] \
+                and {"key": "REFUNDS_MASTER_KEY", "path": Path(key_file).name} in source.get("items", []):
+            given.add(_kind_of_deployment(workload))
+    return given
+
+
+def systemd_kinds_with_master_key() -> set[str]:
+    """The kinds of the units given the master key: a credential from /etc/refunds/, named by
+    REFUNDS_MASTER_KEY_FILE."""
+    given = set()
+    for name in UNITS:
+        service = unit(name)["Service"]
+        credential, _, source = service.get("LoadCredential", "").partition(":")
+        if credential and source.startswith("/etc/refunds/") \
+                and unit_environment(name).get("REFUNDS_MASTER_KEY_FILE") == f"%d/{credential}":
+            argv = shlex.split(service["ExecStart"])
+            given.add(entry_point([argv[0].removeprefix(VENV_BIN), *argv[1:]])[0])
+    return given
+
+
+@pytest.mark.parametrize("given", [compose_kinds_with_master_key, k8s_kinds_with_master_key,
+                                   systemd_kinds_with_master_key], ids=["compose", "kubernetes", "systemd"])
+def test_every_service_that_opens_the_vault_gets_the_master_key(given):
+    missing = {kind: opens_the_vault(kind) for kind in sorted(NEEDS_MASTER_KEY - given())}
+    assert not missing, f"{given.__name__}: these open the vault but get no master key: {missing}"
 
 
 # --- the documentation -----------------------------------------------------------------------------
