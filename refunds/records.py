@@ -103,16 +103,24 @@ def page_cursor(refund: Refund) -> str:
 
 
 def parse_cursor(cursor: str) -> tuple[datetime, UUID]:
-    """The position a ``page_cursor`` names; ValueError when it is not one."""
+    """The position a ``page_cursor`` names; ValueError when it is not one.
+
+    Its time must have an offset, and its instant must fall within the years 1-9999 in UTC: the
+    driver sends it in UTC, so a crafted ``0001-01-01T00:00:00+14:00`` (year 0 in UTC) would
+    overflow there and fail the query; it is refused here like any other bad cursor. Every
+    instant within those years is within Postgres's range.
+    """
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
         at, _, refund_id = raw.partition("|")
-        position = datetime.fromisoformat(at), UUID(refund_id)
-    except (ValueError, UnicodeDecodeError):
+        moment, position_id = datetime.fromisoformat(at), UUID(refund_id)
+        offset = moment.utcoffset()
+        if offset is None:
+            raise ValueError("no offset")
+        moment - offset  # the instant in UTC: OverflowError outside the years 1-9999
+    except (ValueError, OverflowError):  # UnicodeDecodeError and binascii.Error are ValueErrors too
         raise ValueError(f"{cursor!r} is not a cursor of this list") from None
-    if position[0].tzinfo is None:
-        raise ValueError(f"{cursor!r} is not a cursor of this list")
-    return position
+    return moment, position_id
 
 
 async def refund_events(conn: asyncpg.Connection, refund_id: UUID | str) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import os
@@ -439,6 +440,39 @@ async def test_get_by_id_and_by_external_ref_with_events(db, make_merchant, clie
     no_merchant = await client.get("/v1/refunds", params={"external_ref": "R-1"}, headers=headers)
     assert (await error_of(no_merchant, 400))["field"] == "merchant_id"
     await error_of(await client.get(f"/v1/refunds/{refund_id}"), 401)
+
+
+def cursor(raw: str) -> str:
+    return base64.urlsafe_b64encode(raw.encode()).rstrip(b"=").decode("ascii")
+
+
+async def test_a_cursor_whose_time_postgres_cannot_take_is_400_naming_after(db, make_merchant, client, queue):
+    """A crafted cursor of the right shape whose instant is outside the years 1-9999 in UTC (the driver
+    sends it in UTC) is refused like any other bad cursor, not answered 500; its neighbours within
+    range page as usual."""
+    await make_merchant("m1")
+    await paid(db)
+    headers = await bearer(db, "alice", ["m1"])
+    accepted = await (await client.post("/v1/refunds", json=body(), headers=headers)).json()
+    refund_id = accepted["refund_id"]
+
+    def page(after: str):
+        return client.get("/v1/refunds", params={"merchant_id": "m1", "after": after}, headers=headers)
+
+    for raw in (f"0001-01-01T00:00:00+14:00|{refund_id}", f"0001-01-01T13:59:59.999999+14:00|{refund_id}",
+                f"9999-12-31T23:59:59-14:00|{refund_id}", f"9999-12-31T12:00:00-12:00|{refund_id}",
+                f"2026-12-07T00:00:00|{refund_id}", "2026-12-07T00:00:00+00:00|not-a-uuid", "no time at all"):
+        error = await error_of(await page(cursor(raw)), 400)
+        assert (error["code"], error["field"]) == ("invalid_parameter", "after"), (raw, error)
+    error = await error_of(await page("nope"), 400)
+    assert (error["code"], error["field"]) == ("invalid_parameter", "after")
+
+    for raw, found in ((f"0001-01-01T14:00:00+14:00|{refund_id}", [refund_id]),  # the first instant in range
+                       (f"0001-01-01T00:00:00-14:00|{refund_id}", [refund_id]),
+                       (f"9999-12-31T23:59:59+14:00|{refund_id}", [])):
+        answer = await page(cursor(raw))
+        assert answer.status == 200, (raw, await answer.text())
+        assert [r["refund_id"] for r in (await answer.json())["refunds"]] == found
 
 
 # --- approvals ---------------------------------------------------------------------------------
