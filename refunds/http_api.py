@@ -72,7 +72,8 @@ ERRORS: dict[str, ErrorCode] = {error.code: error for error in (
                                      " number is refused)."),
     ErrorCode("invalid_currency", 422, "currency is not one of the currencies taken (PEN, USD)."),
     ErrorCode("idempotency_key_mismatch", 422, "The Idempotency-Key header and external_ref differ."),
-    ErrorCode("invalid_url", 422, "A webhook url that is not an http(s) URL with a host."),
+    ErrorCode("invalid_url", 422, "A webhook url that is not a well-formed http(s) URL with a host (and a port, if"
+                                  " any, from 0 to 65535)."),
     ErrorCode("url_not_allowed", 422, "A webhook url whose address is loopback, link-local or private (unless"
                                       " WEBHOOK_ALLOWED_NETWORKS allows it)."),
     ErrorCode("invalid_event_types", 422, "Webhook event types that are unknown, or none."),

@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Literal, TypeVar
+from urllib.parse import urlsplit
 from uuid import UUID
 
+import yarl
 from pydantic import (
-    BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, StringConstraints, TypeAdapter,
+    AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer, PlainValidator, StringConstraints, TypeAdapter,
     ValidationError, WithJsonSchema, field_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -289,12 +291,35 @@ class NotReady(_Answer):
 EventType = Literal["refund.accepted", "refund.pending", "refund.succeeded", "refund.failed", "refund.rejected",
                     "refund.manual_review"]
 WEBHOOK_URL = r"^https?://[^\s]{1,2040}$"
+WEBHOOK_URL_RULE = Rule("an http(s) URL with a host", "invalid_url")
+
+
+def _webhook_url(value: str) -> str:
+    """A URL (already of WEBHOOK_URL's shape) that both parsers it meets take whole: urllib's, which
+    the address check uses (``refunds.webhooks.check_url``), and yarl's, which the worker's HTTP
+    client sends with; with a host, and a port (if any) from 0 to 65535. Else "refused", the reason named."""
+    try:
+        parts = urlsplit(value)  # "http://[::1" raises here
+        parts.port  # noqa: B018  (raises for a port that is not a number from 0 to 65535)
+        sent = yarl.URL(value)  # "http://[::1]x/" passes urllib, not the client
+        sent.host, sent.port  # noqa: B018  (decoded when asked: "http://xn--/" raises here)
+        problem = "" if parts.hostname else "it has no host"
+    except ValueError as exc:  # UnicodeError (a bad IDNA label) is one
+        problem = str(exc) or type(exc).__name__
+    if problem:
+        raise PydanticCustomError("refused", "url must be {rule}: {problem}",
+                                  {"rule": WEBHOOK_URL_RULE.rule, "problem": problem})
+    return value
+
+
+WebhookUrl = Annotated[str, StringConstraints(max_length=2048, pattern=WEBHOOK_URL), AfterValidator(_webhook_url),
+                       WEBHOOK_URL_RULE]
 
 
 class WebhookRequest(_Request):
     """The body of POST /v1/webhooks: an endpoint of the calling service (the token's name)."""
 
-    url: Annotated[str, StringConstraints(max_length=2048, pattern=WEBHOOK_URL), Rule("an http(s) URL", "invalid_url")] = (
+    url: WebhookUrl = (
         Field(description="Where events are POSTed; a public address (private ones only if the deployment allows).",
               examples=["https://checkout.example.com/hooks"]))
     merchants: Annotated[list[MerchantId], Field(min_length=1, max_length=100),
@@ -405,6 +430,7 @@ ANSWER_MODELS: tuple[type[BaseModel], ...] = (Accepted, RefundWithEvents, Refund
 
 
 _FREE_TEXT = TypeAdapter(Text | None, config=ConfigDict(strict=True))
+_WEBHOOK_URL = TypeAdapter(WebhookUrl, config=ConfigDict(strict=True))
 
 
 def free_text(value: object, field: str) -> str | None:
@@ -413,3 +439,15 @@ def free_text(value: object, field: str) -> str | None:
         return _FREE_TEXT.validate_python(value)
     except ValidationError:
         raise RefundRefused(TEXT_RULE.code, f"{field} must be {TEXT_RULE.rule}", field) from None
+
+
+def webhook_url(value: object, name: str = "url") -> str:
+    """``value`` by the rule of a webhook request's ``url`` (for refundctl's --url); else RefundRefused
+    (field ``url``) whose message calls it ``name``."""
+    try:
+        return _WEBHOOK_URL.validate_python(value)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        problem = error["ctx"]["problem"] if error["type"] == "refused" else None
+        raise RefundRefused(WEBHOOK_URL_RULE.code, f"{name} must be {WEBHOOK_URL_RULE.rule}"
+                            + (f": {problem}" if problem else ""), "url") from None

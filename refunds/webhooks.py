@@ -98,7 +98,10 @@ def signature_header(secrets_: list[str], message_id: str, timestamp: int, body:
 def check_url(url: str, *, allowed_networks: tuple = ()) -> str:
     """An http(s) URL whose literal address (if it names one) is public or allowed; RefundRefused otherwise.
     A host name is checked again when it is resolved, at each delivery (``destination_allowed``)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)  # raises for a malformed host ("http://[::1"); the request models refuse it first
+    except ValueError:
+        raise RefundRefused("invalid_url", "url must be an http(s) URL with a host", "url") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise RefundRefused("invalid_url", "url must be an http(s) URL with a host", "url")
     try:

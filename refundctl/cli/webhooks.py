@@ -20,6 +20,19 @@ def _endpoint_id(text: str) -> UUID:
         raise Usage(f"{text!r} is not an endpoint id (a UUID: refundctl webhooks list)") from None
 
 
+def _url(text: str) -> str:
+    """--url: the rule of the intake's webhook requests (refunds.requests), so a malformed one is one line, exit 2."""
+    import argparse
+
+    from refunds.errors import RefundRefused
+    from refunds.requests import webhook_url
+
+    try:
+        return webhook_url(text, "the url")
+    except RefundRefused as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc.message}") from None
+
+
 def _moment(text: str | None, name: str) -> datetime | None:
     if text is None:
         return None
@@ -109,7 +122,8 @@ def register(sub) -> None:
     commands = hooks.add_subparsers(dest="webhooks_command", required=True)
     add = with_json(commands.add_parser("add", help="a calling service's endpoint; prints its secret once"))
     add.add_argument("--name", required=True, help="the calling service")
-    add.add_argument("--url", required=True, help="https://... (private addresses only if WEBHOOK_ALLOWED_NETWORKS)")
+    add.add_argument("--url", required=True, type=_url,
+                     help="https://... (private addresses only if WEBHOOK_ALLOWED_NETWORKS)")
     add.add_argument("--merchant", required=True, action="append", help="a merchant whose events it receives")
     add.add_argument("--event", action="append", choices=EVENT_TYPES, default=None,
                      help="an event type it wants (default: all)")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.producers.test_intake import bearer, client  # noqa: F401  (client: the fixture)
+from tests.producers.test_intake import bearer, client, error_of  # noqa: F401  (client: the fixture)
 
 REDIS_DB = 10  # module_redis_url: a Redis database of our own
 
@@ -59,3 +59,18 @@ async def test_scope_url_and_fields_are_checked_before_anything_is_written(db, m
     assert await db.fetchval("SELECT count(*) FROM webhook_endpoints") == 0
     assert (await client.post("/v1/webhooks/not-a-uuid/disable", headers=checkout)).status == 400
     assert (await client.get("/v1/webhooks")).status == 401
+
+
+async def test_a_malformed_url_is_422_naming_the_field_never_500(db, make_merchant, client, queue):
+    """URLs of the http(s) shape that urllib or the HTTP client cannot take: refused by the request
+    model (invalid_url, field url) before anything is written, not a 500 from the address check."""
+    await make_merchant("m1")
+    checkout = await bearer(db, "checkout", ("m1",))
+    for url in ("http://[::1", "https://[::1]x/hooks", "https://checkout.example.com:99999/hooks",
+                "https://checkout.example.com:https/hooks", "https://user@/hooks"):
+        error = await error_of(await client.post("/v1/webhooks", json={"url": url, "merchants": ["m1"]},
+                                                 headers=checkout), 422)
+        assert (error["code"], error["field"]) == ("invalid_url", "url"), (url, error)
+        assert error["message"].startswith("url must be an http(s) URL with a host"), error
+    assert await db.fetchval("SELECT count(*) FROM webhook_endpoints") == 0
+

@@ -244,3 +244,34 @@ async def test_caller_text_reaches_the_terminal_escaped_never_as_sequences_or_ma
     assert "\\x1b]8;;https://evil.example\\x07click" in out and "\\x0d\\x0aforged: line" in out
     assert "[/oops] [bold]x" in out
 
+
+# --- webhooks --------------------------------------------------------------------------------------
+
+async def test_webhooks_add_with_a_malformed_url_is_one_line_and_exit_2(db, make_merchant, capsys):
+    """--url takes the intake's rule for webhook URLs (refunds.requests): one of the http(s) shape that
+    cannot be parsed ("http://[::1") is one line naming --url and exit 2, like any bad argument, and
+    adds nothing; a good one is added."""
+    await make_merchant("m1")
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        try:
+            code = main(list(argv))
+        except SystemExit as exc:  # argparse refuses an argument by exiting, in the script as here
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    for url in ("http://[::1", "https://hooks.example.com:99999/refunds", "ftp://hooks.example.com/refunds"):
+        code, out, err = await asyncio.to_thread(
+            run, "webhooks", "add", "--name", "checkout", "--url", url, "--merchant", "m1")
+        assert (code, out) == (2, ""), (url, err)
+        assert err.endswith("\n") and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith("refundctl webhooks add: argument --url: ") and repr(url) in err, err
+    assert await db.fetchval("SELECT count(*) FROM webhook_endpoints") == 0
+
+    code, out, err = await asyncio.to_thread(
+        run, "webhooks", "add", "--name", "checkout", "--url", "https://hooks.example.com/refunds", "--merchant", "m1",
+        "--json")
+    assert code == 0, err
+    assert json.loads(out)["url"] == "https://hooks.example.com/refunds"
