@@ -445,8 +445,14 @@ def _webhook_view(endpoint: webhooks.Endpoint, secret: str | None = None) -> dic
     return {**endpoint.to_json(), **({"secret": secret} if secret else {})}
 
 
+def _manages(token: ApiToken, endpoint: webhooks.Endpoint) -> bool:
+    """The token made this endpoint (an operator's has no owner) and may still act for each of its merchants."""
+    return endpoint.owner == token.name and all(token.allows(m) for m in endpoint.merchants)
+
+
 async def _scoped_endpoint(request: web.Request, token: ApiToken, conn) -> webhooks.Endpoint:
-    """The path's endpoint, when every merchant of it is the token's (else 404: others' stay unknown)."""
+    """The path's endpoint, when the token manages it (``_manages``); else 404, as for a refund of a
+    merchant outside the token's scope: another caller's endpoint, or an operator's, stays unknown."""
     try:
         endpoint_id = UUID(request.match_info["endpoint_id"])
     except ValueError:
@@ -455,13 +461,14 @@ async def _scoped_endpoint(request: web.Request, token: ApiToken, conn) -> webho
         endpoint = await webhooks.get_endpoint(conn, endpoint_id)
     except NotFound:
         endpoint = None
-    if endpoint is None or not all(token.allows(m) for m in endpoint.merchants):
+    if endpoint is None or not _manages(token, endpoint):
         raise ApiError("not_found", f"no webhook endpoint {endpoint_id}")
     return endpoint
 
 
 async def create_webhook(request: web.Request) -> web.Response:
-    """POST /v1/webhooks: an endpoint for the token's service; its secret is in this answer only."""
+    """POST /v1/webhooks: an endpoint for the token's service, which alone manages it through the intake
+    (its owner); its secret is in this answer only."""
     token = await _authenticate(request)
     asked = validated(WebhookRequest, await _read_json(request))
     for merchant_id in asked.merchants:
@@ -471,8 +478,8 @@ async def create_webhook(request: web.Request) -> web.Response:
     async with db.acquire(pool) as conn:
         try:
             endpoint, secret = await webhooks.add_endpoint(
-                conn, vault_from_settings(settings), name=token.name, url=asked.url, merchants=asked.merchants,
-                event_types=list(asked.event_types or webhooks.EVENT_TYPES),
+                conn, vault_from_settings(settings), name=token.name, owner=token.name, url=asked.url,
+                merchants=asked.merchants, event_types=list(asked.event_types or webhooks.EVENT_TYPES),
                 allowed_networks=webhooks.parse_networks(settings.webhook_allowed_networks))
         except NotFound as exc:
             raise ApiError("unknown_merchant", str(exc), "merchants") from None
@@ -480,12 +487,12 @@ async def create_webhook(request: web.Request) -> web.Response:
 
 
 async def list_webhooks(request: web.Request) -> web.Response:
+    """GET /v1/webhooks: the endpoints the token manages (``_manages``), never another caller's or an operator's."""
     token = await _authenticate(request)
     pool = await request.app[DATABASE].pool()
     async with db.acquire(pool) as conn:
-        endpoints = await webhooks.list_endpoints(conn)
-    return web.json_response({"webhooks": [_webhook_view(e) for e in endpoints
-                                           if all(token.allows(m) for m in e.merchants)]})
+        endpoints = await webhooks.list_endpoints(conn, owner=token.name)
+    return web.json_response({"webhooks": [_webhook_view(e) for e in endpoints if _manages(token, e)]})
 
 
 async def disable_webhook(request: web.Request) -> web.Response:
@@ -731,7 +738,8 @@ def openapi_document() -> dict:
                 },
                 "get": {
                     "operationId": "listWebhooks", "tags": ["webhooks"], "security": secured,
-                    "summary": "The endpoints all of whose merchants the token may act for (never a secret)",
+                    "summary": "The endpoints this token's service registered, all of whose merchants it may"
+                               " still act for (never a secret)",
                     "parameters": [request_id_param],
                     "responses": {"200": answer("The endpoints", "WebhookList"), **failures("listWebhooks")},
                 },

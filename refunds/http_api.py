@@ -53,7 +53,8 @@ ERRORS: dict[str, ErrorCode] = {error.code: error for error in (
     ErrorCode("same_person", 403, "The approver requested this refund: four eyes need another person."),
     ErrorCode("forbidden", 403, "Receiver: this source address may not send notifications."),
     ErrorCode("not_found", 404, "No such refund, webhook endpoint or path (at the receiver: merchant); a refund of"
-                                " a merchant the token may not act for is not found either."),
+                                " a merchant the token may not act for is not found either, nor a webhook endpoint"
+                                " that another caller (or an operator) registered."),
     ErrorCode("method_not_allowed", 405, "The path does not take this method; `Allow` lists those it does."),
     ErrorCode("request_timeout", 408, "The body did not arrive in time."),
     ErrorCode("external_ref_conflict", 409, "This merchant used external_ref before for a different refund."),

@@ -317,7 +317,8 @@ WebhookUrl = Annotated[str, StringConstraints(max_length=2048, pattern=WEBHOOK_U
 
 
 class WebhookRequest(_Request):
-    """The body of POST /v1/webhooks: an endpoint of the calling service (the token's name)."""
+    """The body of POST /v1/webhooks: an endpoint of the calling service (the token's name), which alone
+    manages it through the intake."""
 
     url: WebhookUrl = (
         Field(description="Where events are POSTed; a public address (private ones only if the deployment allows).",
@@ -357,7 +358,7 @@ class WebhookWithSecret(WebhookEndpoint):
 
 
 class WebhookList(_Answer):
-    """The endpoints every merchant of which the token may act for."""
+    """The endpoints the token's service registered, every merchant of which the token may still act for."""
 
     webhooks: list[WebhookEndpoint]
 

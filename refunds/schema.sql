@@ -171,6 +171,11 @@ CREATE TABLE IF NOT EXISTS webhook_endpoints (
     disabled_at                  timestamptz,
     created_at                   timestamptz NOT NULL DEFAULT now()
 );
+-- The name of the intake token that created the endpoint (refunds.tokens: a token's name is its
+-- caller's identity): only that caller manages it through the intake. NULL for an endpoint an
+-- operator made (refundctl webhooks add), and for every endpoint made before this column: who
+-- created those was never recorded, so they are managed through refundctl only (docs/WEBHOOKS.md).
+ALTER TABLE webhook_endpoints ADD COLUMN IF NOT EXISTS owner text;
 
 -- The outbox: an event is written by the trigger below in the same transaction as the state
 -- move that causes it, so none is lost and none is invented by a move rolled back. Its data

@@ -57,6 +57,7 @@ class Endpoint:
     secret_sealed: bytes = field(repr=False)
     previous_secret_sealed: bytes | None = field(default=None, repr=False)
     previous_secret_valid_until: datetime | None = None
+    owner: str | None = None  # the intake token (its name) that created it; None: an operator's (refundctl)
 
     @classmethod
     def from_row(cls, row) -> Endpoint:
@@ -146,8 +147,11 @@ def _checked_events(event_types: list[str]) -> list[str]:
 
 
 async def add_endpoint(conn: asyncpg.Connection, vault: Vault, *, name: str, url: str, merchants: list[str],
-                       event_types: list[str], allowed_networks: tuple = ()) -> tuple[Endpoint, str]:
-    """A new endpoint and its secret (shown once: only its sealed form is kept)."""
+                       event_types: list[str], allowed_networks: tuple = (),
+                       owner: str | None = None) -> tuple[Endpoint, str]:
+    """A new endpoint and its secret (shown once: only its sealed form is kept). ``owner``: the name of
+    the intake token that asks, the only caller that manages it through the intake; None for an
+    operator's endpoint (refundctl), which the intake never shows."""
     check_url(url, allowed_networks=allowed_networks)
     types = _checked_events(event_types)
     if not merchants:
@@ -158,10 +162,10 @@ async def add_endpoint(conn: asyncpg.Connection, vault: Vault, *, name: str, url
         raise NotFound(f"no merchant {', '.join(missing)}")
     endpoint_id, secret = uuid.uuid4(), new_secret()
     row = await conn.fetchrow(
-        """INSERT INTO webhook_endpoints (endpoint_id, name, url, merchants, event_types, secret_sealed)
-           VALUES ($1, $2, $3, $4, $5, $6) RETURNING *""",
+        """INSERT INTO webhook_endpoints (endpoint_id, name, url, merchants, event_types, secret_sealed, owner)
+           VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
         endpoint_id, name, url, sorted(set(merchants)), types,
-        vault.seal(secret.encode(), _identity(endpoint_id, "secret")))
+        vault.seal(secret.encode(), _identity(endpoint_id, "secret")), owner)
     return Endpoint.from_row(row), secret
 
 
@@ -172,8 +176,10 @@ async def get_endpoint(conn: asyncpg.Connection, endpoint_id: uuid.UUID) -> Endp
     return Endpoint.from_row(row)
 
 
-async def list_endpoints(conn: asyncpg.Connection) -> list[Endpoint]:
-    return [Endpoint.from_row(r) for r in await conn.fetch("SELECT * FROM webhook_endpoints ORDER BY created_at")]
+async def list_endpoints(conn: asyncpg.Connection, *, owner: str | None = None) -> list[Endpoint]:
+    """Every endpoint (refundctl), or only those ``owner`` created through the intake."""
+    return [Endpoint.from_row(r) for r in await conn.fetch(
+        "SELECT * FROM webhook_endpoints WHERE $1::text IS NULL OR owner = $1 ORDER BY created_at", owner)]
 
 
 async def disable_endpoint(conn: asyncpg.Connection, endpoint_id: uuid.UUID) -> Endpoint:

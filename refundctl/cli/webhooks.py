@@ -1,7 +1,9 @@
 """refundctl webhooks: calling services' endpoints, their deliveries, replays (docs/WEBHOOKS.md).
 
 An endpoint's signing secret is printed once, at ``add`` and ``rotate-secret``; only its
-sealed form is kept.
+sealed form is kept. Every endpoint is managed here. One added here has no owner: the intake
+never shows it to a calling service; one a service registered through the intake is that
+service's (``owner``, its token's name), which alone manages it there.
 """
 
 from __future__ import annotations
@@ -61,11 +63,12 @@ def cmd_add(args) -> int:
 def cmd_list(args) -> int:
     from refunds.webhooks import list_endpoints
 
-    views = [e.to_json() for e in asyncio.run(with_conn(list_endpoints))]
+    # owner: the intake token that made it and manages it through the intake; null: an operator's (refundctl)
+    views = [{**e.to_json(), "owner": e.owner} for e in asyncio.run(with_conn(list_endpoints))]
     emit(args, {"endpoints": views}, lambda: table(
-        "webhook endpoints", ["endpoint", "name", "url", "merchants", "events", "disabled"],
-        [[v["endpoint_id"], v["name"], v["url"], ", ".join(v["merchants"]), ", ".join(v["event_types"]),
-          v["disabled_at"] or ""] for v in views]))
+        "webhook endpoints", ["endpoint", "name", "owner", "url", "merchants", "events", "disabled"],
+        [[v["endpoint_id"], v["name"], v["owner"] or "(refundctl)", v["url"], ", ".join(v["merchants"]),
+          ", ".join(v["event_types"]), v["disabled_at"] or ""] for v in views]))
     return 0
 
 

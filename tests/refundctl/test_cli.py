@@ -250,7 +250,7 @@ async def test_caller_text_reaches_the_terminal_escaped_never_as_sequences_or_ma
 async def test_webhooks_add_with_a_malformed_url_is_one_line_and_exit_2(db, make_merchant, capsys):
     """--url takes the intake's rule for webhook URLs (refunds.requests): one of the http(s) shape that
     cannot be parsed ("http://[::1") is one line naming --url and exit 2, like any bad argument, and
-    adds nothing; a good one is added."""
+    adds nothing; a good one is added, without an owner (an operator's endpoint)."""
     await make_merchant("m1")
 
     def run(*argv: str) -> tuple[int, str, str]:
@@ -274,4 +274,7 @@ async def test_webhooks_add_with_a_malformed_url_is_one_line_and_exit_2(db, make
         run, "webhooks", "add", "--name", "checkout", "--url", "https://hooks.example.com/refunds", "--merchant", "m1",
         "--json")
     assert code == 0, err
-    assert json.loads(out)["url"] == "https://hooks.example.com/refunds"
+    added = json.loads(out)
+    code, out, err = await asyncio.to_thread(run, "webhooks", "list", "--json")
+    assert code == 0, err
+    assert [(e["endpoint_id"], e["owner"]) for e in json.loads(out)["endpoints"]] == [(added["endpoint_id"], None)]
