@@ -60,6 +60,8 @@ def failure(exc: BaseException) -> tuple[int, str] | None:
         # bad input that the command's own checks let through. The primary message names the table
         # and the constraint; str(exc) would add the DETAIL, the whole row (sealed secrets too).
         return USAGE, f"database refused a value: {exc.message or 'a check constraint failed'}"
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return USAGE, f"database refused a value: {_missing_reference(exc)}"
     if isinstance(exc, asyncpg.UndefinedTableError):
         return UNAVAILABLE, f"database has no schema yet (run refundctl db migrate): {exc}"
     if isinstance(exc, (asyncpg.InvalidCatalogNameError, asyncpg.exceptions.PostgresConnectionError,
@@ -74,6 +76,20 @@ def failure(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, OSError):  # refused, reset, unknown host, timed out: asyncpg lets these through as they are
         return UNAVAILABLE, f"{_client_of(exc)} unavailable: {exc.strerror or exc or type(exc).__name__}"
     return None
+
+
+def _missing_reference(exc) -> str:
+    """A foreign key violation as one line, from its table and constraint alone: the DETAIL holds the
+    key's values (the caller's input, or a whole row's for some constraints), never echoed. A row naming
+    one that does not exist (``payment record --merchant nosuch``) names the column its constraint is
+    on, when the constraint has Postgres's own name, ``<table>_<columns>_fkey``."""
+    table, constraint, message = exc.table_name, exc.constraint_name, exc.message or ""
+    if not (table and constraint) or not message.startswith("insert or update"):
+        return message or "a foreign key constraint failed"  # a row still referred to: both tables named
+    columns = constraint.removeprefix(f"{table}_").removesuffix("_fkey")
+    if constraint == f"{table}_{columns}_fkey" and columns:
+        return f'the {columns} given for {table} does not exist (foreign key constraint "{constraint}")'
+    return f'a row of {table} refers to one that does not exist (foreign key constraint "{constraint}")'
 
 
 _CLIENTS = {"asyncpg": "database", "redis": "Redis", "aiohttp": "HTTP peer"}

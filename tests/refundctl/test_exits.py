@@ -272,3 +272,15 @@ async def test_a_check_violation_the_arguments_let_through_is_one_line_naming_th
     line = one_line(capsys.readouterr().err)
     assert line == ('refundctl: database refused a value: new row for relation "merchants" violates check constraint'
                     ' "merchants_rate_limit_check"')
+
+
+async def test_a_payment_of_a_merchant_that_does_not_exist_is_one_line_naming_it_and_exit_2(db, make_merchant):
+    """The payments row refers to its merchant (a foreign key): the database's refusal is one line
+    from the table and the constraint, never the DETAIL with the key's values, nor a traceback."""
+    await make_merchant("m1")
+    done = await asyncio.to_thread(run, "payment", "record", "--merchant", "nosuch", "--transaction", "T-1",
+                                   "--amount", "1.00", "--currency", "PEN")
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert one_line(done.stderr) == ('refundctl: database refused a value: the merchant_id given for payments does not'
+                                     ' exist (foreign key constraint "payments_merchant_id_fkey")')
+    assert await db.fetchval("SELECT count(*) FROM payments") == 0
