@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from datetime import datetime, timezone
 
@@ -94,6 +95,31 @@ def positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return value
+
+
+def positive_up_to(maximum: int):
+    """A type: a whole number from 1 to ``maximum`` (a --limit that reaches SQL as it is)."""
+    def parse(text: str) -> int:
+        value = positive(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"{text!r} is over {maximum}")
+        return value
+
+    return parse
+
+
+def hours(maximum: float):
+    """A type: hours from 0 to ``maximum``, fractions allowed (an --overlap-hours)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value <= maximum:  # nan and inf too
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of hours from 0 to {maximum:g}")
+        return value
+
+    return parse
 
 
 def merchant_id(text: str) -> str:

@@ -7,8 +7,10 @@ from decimal import Decimal
 from pathlib import Path
 
 from .common import (
-    Usage, emit, emit_page, merchant_id, page, positive, table, vault, with_conn, with_json, with_page,
+    Usage, emit, emit_page, hours, merchant_id, page, positive, table, vault, with_conn, with_json, with_page,
 )
+
+MAX_OVERLAP_HOURS = 30 * 24  # a rotation's overlap: PagoEfectivo switches at its own pace, within a month
 
 
 def cmd_merchant_add(args) -> int:
@@ -157,6 +159,7 @@ def register(sub) -> None:
     rotate = with_json(merchant.add_parser("rotate-secret", help="replace a merchant's secretKey, with an overlap"))
     rotate.add_argument("--id", required=True)
     rotate.add_argument("--secret-key-file", required=True)
-    rotate.add_argument("--overlap-hours", type=float, default=24.0,
-                        help="how long the old secret still verifies notifications (default 24)")
+    rotate.add_argument("--overlap-hours", type=hours(MAX_OVERLAP_HOURS), default=24.0,
+                        help="how long the old secret still verifies notifications: 0 to"
+                             f" {MAX_OVERLAP_HOURS} (30 days; default 24)")
     rotate.set_defaults(func=cmd_merchant_rotate_secret)

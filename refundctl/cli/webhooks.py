@@ -12,7 +12,10 @@ import asyncio
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from .common import Usage, emit, settings, table, vault, with_conn, with_json
+from .common import Usage, emit, hours, positive_up_to, settings, table, vault, with_conn, with_json
+
+MAX_OVERLAP_HOURS = 168  # the API's bound on a rotation's overlap_hours (refunds.requests.WebhookRotation)
+MAX_DELIVERIES = 10_000  # rows `deliveries` lists at most
 
 
 def _endpoint_id(text: str) -> UUID:
@@ -137,12 +140,14 @@ def register(sub) -> None:
     disable.set_defaults(func=cmd_disable)
     rotate = with_json(commands.add_parser("rotate-secret", help="a new secret; the old one signs too for a while"))
     rotate.add_argument("endpoint")
-    rotate.add_argument("--overlap-hours", type=float, default=24.0)
+    rotate.add_argument("--overlap-hours", type=hours(MAX_OVERLAP_HOURS), default=24.0,
+                        help=f"how long the old secret signs beside the new one: 0 to {MAX_OVERLAP_HOURS} (default 24)")
     rotate.set_defaults(func=cmd_rotate)
     deliveries = with_json(commands.add_parser("deliveries", help="deliveries and their last attempt"))
     deliveries.add_argument("--endpoint", default=None)
     deliveries.add_argument("--state", choices=("pending", "sending", "delivered", "failed"), default=None)
-    deliveries.add_argument("--limit", type=int, default=100)
+    deliveries.add_argument("--limit", type=positive_up_to(MAX_DELIVERIES), default=100,
+                            help=f"rows at most, newest first: 1 to {MAX_DELIVERIES} (default 100)")
     deliveries.set_defaults(func=cmd_deliveries)
     replay = with_json(commands.add_parser("replay", help="deliver one event, or a time range's, again"))
     replay.add_argument("--event", default=None, help="an event id (evt_...)")

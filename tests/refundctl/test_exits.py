@@ -284,3 +284,44 @@ async def test_a_payment_of_a_merchant_that_does_not_exist_is_one_line_naming_it
     assert one_line(done.stderr) == ('refundctl: database refused a value: the merchant_id given for payments does not'
                                      ' exist (foreign key constraint "payments_merchant_id_fkey")')
     assert await db.fetchval("SELECT count(*) FROM payments") == 0
+
+
+@pytest.mark.slow
+async def test_a_limit_or_an_overlap_out_of_bounds_is_refused_by_the_parser_and_nothing_changes(db, make_merchant,
+                                                                                                vault, tmp_path):
+    """deliveries --limit reaches SQL's LIMIT, --overlap-hours a timestamp: each out of its bounds was a
+    traceback from Postgres or the driver; now the parser's one line (exit 2), before anything is read."""
+    from refunds.webhooks import add_endpoint
+
+    await make_merchant("m1")
+    endpoint, _ = await add_endpoint(db, vault, name="orders", url="https://hooks.example.com/refunds",
+                                     merchants=["m1"], event_types=["refund.failed"])
+    (tmp_path / "secret.txt").write_text("the-new-secret-of-m1\n")
+    rotate_endpoint = ["webhooks", "rotate-secret", str(endpoint.endpoint_id), "--overlap-hours"]
+    rotate_merchant = ["merchant", "rotate-secret", "--id", "m1", "--secret-key-file", str(tmp_path / "secret.txt"),
+                       "--overlap-hours"]
+    refused = [
+        (["webhooks", "deliveries", "--limit", "-1"], "argument --limit: '-1' is not a positive whole number"),
+        (["webhooks", "deliveries", "--limit", "0"], "argument --limit: '0' is not a positive whole number"),
+        (["webhooks", "deliveries", "--limit", "10001"], "argument --limit: '10001' is over 10000"),
+        ([*rotate_endpoint, "1e9"], "argument --overlap-hours: '1e9' is not a number of hours from 0 to 168"),
+        ([*rotate_endpoint, "-1"], "argument --overlap-hours: '-1' is not a number of hours from 0 to 168"),
+        ([*rotate_endpoint, "nan"], "argument --overlap-hours: 'nan' is not a number of hours from 0 to 168"),
+        ([*rotate_merchant, "1e9"], "argument --overlap-hours: '1e9' is not a number of hours from 0 to 720"),
+        ([*rotate_merchant, "inf"], "argument --overlap-hours: 'inf' is not a number of hours from 0 to 720"),
+    ]
+    for argv, expected in refused:
+        done = await asyncio.to_thread(run, *argv)
+        assert done.returncode == 2 and done.stdout == "", (argv, done.stderr)
+        assert expected in one_line(done.stderr), (argv, done.stderr)
+    assert await db.fetchval("SELECT previous_secret_valid_until FROM webhook_endpoints") is None
+    assert await db.fetchval("SELECT previous_secret_valid_until FROM merchants") is None
+
+    # the bounds themselves are accepted
+    for argv in (["webhooks", "deliveries", "--limit", "10000", "--json"], [*rotate_endpoint, "168", "--json"],
+                 [*rotate_merchant, "720", "--json"]):
+        done = await asyncio.to_thread(run, *argv)
+        assert done.returncode == 0, (argv, done.stderr)
+    assert await db.fetchval("SELECT previous_secret_valid_until - now() > interval '167 hours'"
+                             " FROM webhook_endpoints")
+    assert await db.fetchval("SELECT previous_secret_valid_until - now() > interval '719 hours' FROM merchants")
