@@ -23,12 +23,13 @@ the merchants' rate limits, and no transaction (or snapshot) stays open that lon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 
 import asyncpg
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wait_exponential_jitter
@@ -59,7 +60,7 @@ MAX_RATE_LIMITED = 60  # 429s one lookup waits out before the run stops
 
 @dataclass(frozen=True)
 class Disagreement:
-    kind: str  # state | amount | missing_at_gateway | missing_in_database
+    kind: str  # state | amount | currency | missing_at_gateway | missing_in_database
     merchant_id: str
     external_ref: str
     ours: str
@@ -240,28 +241,88 @@ def _compare(refund: Refund, answer: RefundAnswer | None) -> Disagreement | None
     return None
 
 
-async def against_ledger(conn: asyncpg.Connection, ledger: list[dict], date_from: datetime, date_to: datetime, *,
-                         page_size: int = PAGE_SIZE) -> AsyncIterator[Disagreement]:
-    """The gateway's ledger against our books: an amount that differs, a refund it executed that
-    we have no record of, one we hold succeeded that it did not execute. Our side is read a page
-    at a time: the ledger's refunds by their keys, then the period's succeeded ones in keyset pages."""
+class LedgerError(ValueError):
+    """A ledger that is not a list of executed refunds: the first entry that is not one, named."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One refund the gateway executed, as its ledger lists it (docs/PROTOCOL.md, /sandbox/ledger):
+    ``{"merchantId", "externalRef", "refundAmount", "currency", "executedAt"}``; a ledger without
+    ``currency`` is compared on amounts alone."""
+    merchant_id: str
+    external_ref: str
+    amount: Decimal
+    currency: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.merchant_id, self.external_ref
+
+
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "true or false", type(None): "null"}
+
+
+def _kind(value) -> str:
+    return _JSON_KINDS.get(type(value), "a number")
+
+
+def read_ledger(document) -> list[LedgerEntry]:
+    """A ledger's JSON document as entries, every one checked before any is used: LedgerError names
+    the first entry (counting from 0, as ``jq '.[N]'`` does) that is not an executed refund."""
+    if not isinstance(document, list):
+        raise LedgerError(f"not a list of executed refunds: the document is {_kind(document)}")
+    return [_ledger_entry(index, entry) for index, entry in enumerate(document)]
+
+
+def _ledger_entry(index: int, entry) -> LedgerEntry:
+    def wrong(problem: str) -> LedgerError:
+        return LedgerError(f"entry {index} (counting from 0): {problem}")
+
+    if not isinstance(entry, dict):
+        raise wrong(f"{_kind(entry)}, not an object")
+    for name in ("merchantId", "externalRef", "refundAmount"):
+        if entry.get(name) is None:
+            raise wrong(f"{name} is missing")
+    for name in ("merchantId", "externalRef", "currency"):  # currency: the ledger's own, when it has one
+        value = entry.get(name)
+        if value is not None and not (isinstance(value, str) and value):
+            raise wrong(f"{name} is empty" if value == "" else f"{name} is {_kind(value)}, not a string")
+    raw, amount = entry["refundAmount"], None
+    if isinstance(raw, (str, int, float, Decimal)) and not isinstance(raw, bool):
+        with contextlib.suppress(InvalidOperation):
+            amount = Decimal(str(raw))
+    if amount is None or not amount.is_finite():
+        shown = repr(raw[:40]) if isinstance(raw, str) else raw if amount is not None else _kind(raw)
+        raise wrong(f"refundAmount {shown} is not an amount")
+    return LedgerEntry(entry["merchantId"], entry["externalRef"], amount, entry.get("currency"))
+
+
+async def against_ledger(conn: asyncpg.Connection, ledger: Sequence[LedgerEntry], date_from: datetime,
+                         date_to: datetime, *, page_size: int = PAGE_SIZE) -> AsyncIterator[Disagreement]:
+    """The gateway's ledger (``read_ledger``) against our books: an amount or a currency that differs,
+    a refund it executed that we have no record of, one we hold succeeded that it did not execute.
+    Our side is read a page at a time: the ledger's refunds by their keys, then the period's
+    succeeded ones in keyset pages."""
     seen = set()
     for start in range(0, len(ledger), page_size):
         entries = ledger[start:start + page_size]
-        keys = [(entry["merchantId"], entry["externalRef"]) for entry in entries]
+        keys = [entry.key for entry in entries]
         ours = {(row["merchant_id"], row["external_ref"]): row for row in await conn.fetch(
-            """SELECT r.merchant_id, r.external_ref, r.amount, r.created_at
+            """SELECT r.merchant_id, r.external_ref, r.amount, r.currency, r.created_at
                FROM refunds r JOIN unnest($1::text[], $2::text[]) AS k (merchant_id, external_ref)
                  ON r.merchant_id = k.merchant_id AND r.external_ref = k.external_ref""",
             [key[0] for key in keys], [key[1] for key in keys])}
         for entry, key in zip(entries, keys):
             seen.add(key)
-            theirs = Decimal(str(entry["refundAmount"]))
             row = ours.get(key)
             if row is None:
-                yield Disagreement("missing_in_database", *key, "none", f"executed {theirs}")
-            elif date_from <= row["created_at"] < date_to and row["amount"] != theirs:
-                yield Disagreement("amount", *key, str(row["amount"]), str(theirs))
+                yield Disagreement("missing_in_database", *key, "none", f"executed {entry.amount}")
+            elif date_from <= row["created_at"] < date_to:
+                if row["amount"] != entry.amount:
+                    yield Disagreement("amount", *key, str(row["amount"]), str(entry.amount))
+                if entry.currency is not None and row["currency"] != entry.currency:
+                    yield Disagreement("currency", *key, row["currency"], entry.currency)
 
     async def whole_page() -> int:
         return page_size

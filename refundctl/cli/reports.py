@@ -77,13 +77,13 @@ def cmd_reconcile(args) -> int:
 
     start, stop = _bounds(args)
     config, sealer = settings(), vault()
+    ledger = asyncio.run(_load_ledger(args.ledger)) if args.ledger else None  # all of it checked before the run
     state = _ResumeFile(args.resume, start, stop) if args.resume else None
     found = [d for checked in (state.checked.values() if state else ()) for d in checked.found]
     console = Console(stderr=True)
     counts = {"total": 0, "checked": 0}
 
     async def run(conn):
-        ledger = await _load_ledger(args.ledger) if args.ledger else None
         counts["total"] = await count_to_check(conn, start, stop)
         redis_client = aioredis.from_url(config.require("redis_url"))
         with Progress(TextColumn("reconciling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -175,20 +175,31 @@ class _ResumeFile:
         self._file.close()
 
 
-async def _load_ledger(source: str) -> list[dict]:
-    """A gateway ledger from a JSON file or an HTTP URL (e.g. the sandbox's /sandbox/ledger)."""
+async def _load_ledger(source: str) -> list:
+    """A gateway ledger from a JSON file or an HTTP URL (e.g. the sandbox's /sandbox/ledger), every
+    entry checked (``reconcile.read_ledger``): a bad one is named before the run, not after it."""
     from pagoefectivo.protocol import loads
+
+    from ..reconcile import LedgerError, read_ledger
 
     if source.startswith(("http://", "https://")):
         import aiohttp
 
-        async with aiohttp.ClientSession() as session, session.get(source) as response:
-            if response.status != 200:
-                raise Unavailable(f"--ledger {source}: HTTP {response.status}")
-            return loads(await response.read())
+        try:
+            async with aiohttp.ClientSession() as session, session.get(source) as response:
+                if response.status != 200:
+                    raise Unavailable(f"--ledger {source}: HTTP {response.status}")
+                raw = await response.read()
+        except aiohttp.ClientError as exc:
+            raise Unavailable(f"--ledger {source}: {exc or type(exc).__name__}") from None
+    else:
+        try:
+            raw = Path(source).read_bytes()
+        except OSError as exc:
+            raise Usage(f"--ledger {source}: {exc.strerror or exc}") from None
     try:
-        return loads(Path(source).read_bytes())
-    except (OSError, ValueError) as exc:
+        return read_ledger(loads(raw))
+    except (LedgerError, ValueError) as exc:  # ValueError: not JSON (nor UTF-8)
         raise Usage(f"--ledger {source}: {exc}") from None
 
 

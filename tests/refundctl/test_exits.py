@@ -325,3 +325,33 @@ async def test_a_limit_or_an_overlap_out_of_bounds_is_refused_by_the_parser_and_
     assert await db.fetchval("SELECT previous_secret_valid_until - now() > interval '167 hours'"
                              " FROM webhook_endpoints")
     assert await db.fetchval("SELECT previous_secret_valid_until - now() > interval '719 hours' FROM merchants")
+
+
+@pytest.mark.slow
+async def test_a_malformed_ledger_is_named_by_file_and_entry_before_the_run_starts(db, make_merchant, queue, tmp_path,
+                                                                                  closed_port):
+    """Each was a KeyError, TypeError or InvalidOperation once every refund had been asked about, and
+    the disagreements found were lost; now one line and exit 2 before the gateway is asked anything
+    (it is away here: a run that started would end with exit 3)."""
+    await make_merchant("m1")
+    await paid(db)
+    await enqueue_refund(db, merchant_id="m1", original_transaction_id="CIP-1", amount="1.00", currency="PEN",
+                         external_ref="R-1", reason=None, requested_by="alice")
+    await db.execute("UPDATE refunds SET state = 'succeeded'")
+    today = date.today()
+    period = ("--from", str(today - timedelta(days=1)), "--to", str(today + timedelta(days=1)))
+    entry = {"merchantId": "m1", "externalRef": "R-1", "refundAmount": "1.00", "currency": "PEN"}
+    path = tmp_path / "ledger.json"
+    cases = [
+        ({"refunds": [entry]}, "not a list of executed refunds: the document is an object"),
+        ([entry, {k: v for k, v in entry.items() if k != "merchantId"}], "entry 1 (counting from 0): merchantId is missing"),
+        ([entry, entry, {**entry, "refundAmount": None}], "entry 2 (counting from 0): refundAmount is missing"),
+        ([{**entry, "refundAmount": "1,00"}], "entry 0 (counting from 0): refundAmount '1,00' is not an amount"),
+        ([entry, "R-2"], "entry 1 (counting from 0): a string, not an object"),
+    ]
+    for document, problem in cases:
+        path.write_text(json.dumps(document))
+        done = await asyncio.to_thread(run, "reconcile", *period, "--ledger", str(path), "--json",
+                                       PAGOEFECTIVO_BASE_URL=f"http://127.0.0.1:{closed_port}")
+        assert done.returncode == 2 and done.stdout == "", (document, done.stderr)
+        assert one_line(done.stderr) == f"refundctl: --ledger {path}: {problem}", document

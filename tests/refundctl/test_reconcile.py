@@ -19,7 +19,7 @@ import pytest_asyncio
 
 import refundctl.reconcile as reconcile
 from pagoefectivo import protocol
-from refundctl.reconcile import against_ledger, check_period, count_to_check
+from refundctl.reconcile import LedgerError, against_ledger, check_period, count_to_check, read_ledger
 from tests.refunds.test_reports import PERIOD, refundctl
 from tests.stack import chaos, start_stack
 from tests.workers.test_worker import accepted_refund, ledger, settle_all
@@ -168,13 +168,57 @@ async def test_the_ledger_is_checked_a_page_at_a_time_on_both_sides(db, settled)
     older = datetime.now(timezone.utc) - timedelta(days=40)  # ours, of another period: not a disagreement
     await db.execute("UPDATE refunds SET created_at = $1 WHERE external_ref = 'm2-0'", older)
     next(e for e in entries if e["externalRef"] == "m2-0")["refundAmount"] = "9.00"
+    next(e for e in entries if e["externalRef"] == "m1-7")["currency"] = "USD"  # the ledger's entries carry one
 
-    found = [d async for d in against_ledger(db, entries, *hour_around_now(), page_size=4)]
+    found = [d async for d in against_ledger(db, read_ledger(entries), *hour_around_now(), page_size=4)]
     assert sorted((d.kind, d.external_ref, d.ours, d.theirs) for d in found) == [
         ("amount", "m2-9", "1.00", "7.00"),
+        ("currency", "m1-7", "PEN", "USD"),
         ("missing_at_gateway", "m1-4", "succeeded", "not in ledger"),
         ("missing_in_database", "never-ours", "none", "executed 3.00"),
     ]
+    without_currency = [{k: v for k, v in e.items() if k != "currency"} for e in entries]  # amounts alone, then
+    found = [d async for d in against_ledger(db, read_ledger(without_currency), *hour_around_now(), page_size=4)]
+    assert "currency" not in {d.kind for d in found} and len(found) == 3
+
+
+ENTRY = {"merchantId": "m1", "externalRef": "R-1", "refundAmount": "1.00", "currency": "PEN",
+         "executedAt": "2026-11-20T10:00:00-05:00"}
+
+
+@pytest.mark.parametrize("document, problem", [
+    ({"refunds": [ENTRY]}, "not a list of executed refunds: the document is an object"),
+    ("[]", "not a list of executed refunds: the document is a string"),
+    ([ENTRY, {k: v for k, v in ENTRY.items() if k != "merchantId"}], "entry 1 (counting from 0): merchantId is missing"),
+    ([{k: v for k, v in ENTRY.items() if k != "externalRef"}], "entry 0 (counting from 0): externalRef is missing"),
+    ([ENTRY, ENTRY, {k: v for k, v in ENTRY.items() if k != "refundAmount"}],
+     "entry 2 (counting from 0): refundAmount is missing"),
+    ([{**ENTRY, "refundAmount": None}], "entry 0 (counting from 0): refundAmount is missing"),
+    ([{**ENTRY, "refundAmount": "1,00"}], "entry 0 (counting from 0): refundAmount '1,00' is not an amount"),
+    ([{**ENTRY, "refundAmount": "NaN"}], "entry 0 (counting from 0): refundAmount 'NaN' is not an amount"),
+    ([{**ENTRY, "refundAmount": True}], "entry 0 (counting from 0): refundAmount true or false is not an amount"),
+    ([{**ENTRY, "refundAmount": {"value": 1}}], "entry 0 (counting from 0): refundAmount an object is not an amount"),
+    ([{**ENTRY, "merchantId": 7}], "entry 0 (counting from 0): merchantId is a number, not a string"),
+    ([{**ENTRY, "externalRef": ""}], "entry 0 (counting from 0): externalRef is empty"),
+    ([{**ENTRY, "currency": ["PEN"]}], "entry 0 (counting from 0): currency is a list, not a string"),
+    ([ENTRY, ["m1", "R-2", "1.00"]], "entry 1 (counting from 0): a list, not an object"),
+])
+def test_a_malformed_ledger_is_refused_whole_naming_its_first_bad_entry(document, problem):
+    with pytest.raises(LedgerError) as caught:
+        read_ledger(document)
+    assert str(caught.value) == problem
+
+
+def test_a_ledger_entry_is_read_with_its_currency_or_without_one():
+    from decimal import Decimal
+
+    from pagoefectivo.protocol import loads
+
+    document = loads(json.dumps([ENTRY, {**ENTRY, "externalRef": "R-2", "refundAmount": 2.5, "currency": None},
+                                 {"merchantId": "m2", "externalRef": "R-3", "refundAmount": 3}]))
+    assert [(e.merchant_id, e.external_ref, e.amount, e.currency) for e in read_ledger(document)] == [
+        ("m1", "R-1", Decimal("1.00"), "PEN"), ("m1", "R-2", Decimal("2.5"), None), ("m2", "R-3", Decimal(3), None)]
+    assert read_ledger([]) == []
 
 
 def drain(fd: int, into: bytearray) -> threading.Thread:
