@@ -5,6 +5,10 @@ For each refund of the period that reached the gateway, its status is asked (``G
 such as the sandbox's /sandbox/ledger) is checked too, which also finds refunds the
 gateway executed that we have no record of.
 
+A run talks to one environment, the gateway client's (PAGOEFECTIVO_ENV): only the refunds of
+that environment's merchants are asked about (the client refuses the other's credentials), and
+``count_left_out`` says how many of the other's were passed over.
+
 A month of refunds is many thousands of lookups, so they run concurrently, each merchant's
 within its rate limit. The limit is the workers' own ``RateLimiter`` in Redis (``admit``,
 then ``permit``), not a pacing of our own: the gateway counts a merchant's calls whoever
@@ -102,19 +106,31 @@ def lookup_retries() -> AsyncRetrying:
     return AsyncRetrying(retry=retry_if_exception_type(TransientError), stop=stop, wait=wait, reraise=True)
 
 
-async def count_to_check(conn: asyncpg.Connection, date_from: datetime, date_to: datetime) -> int:
-    """How many refunds of the period may have reached the gateway (``check_period`` asks about them)."""
-    return await count_in_period(conn, date_from, date_to, not_states=NEVER_SENT)
+OTHER_ENV = {"sandbox": "production", "production": "sandbox"}
+
+
+async def count_to_check(conn: asyncpg.Connection, date_from: datetime, date_to: datetime,
+                         env: str | None = None) -> int:
+    """How many refunds of the period may have reached the gateway (``check_period`` asks about them):
+    of ``env``'s merchants, the environment of its client; of every merchant when None."""
+    return await count_in_period(conn, date_from, date_to, not_states=NEVER_SENT, env=env)
+
+
+async def count_left_out(conn: asyncpg.Connection, date_from: datetime, date_to: datetime, env: str) -> int:
+    """How many refunds of the period that may have reached a gateway are of the other environment's
+    merchants: a run that talks to ``env`` passes them over."""
+    return await count_to_check(conn, date_from, date_to, OTHER_ENV[env])
 
 
 async def _pages(conn: asyncpg.Connection, date_from: datetime, date_to: datetime, not_states: Collection[str],
-                 room: Callable[[], Awaitable[int]]) -> AsyncIterator[list[Refund]]:
-    """The period's refunds, oldest first, a keyset page at a time, each as large as ``room()``
-    says when its turn comes."""
+                 room: Callable[[], Awaitable[int]], env: str | None = None) -> AsyncIterator[list[Refund]]:
+    """The period's refunds (of ``env``'s merchants, when given), oldest first, a keyset page at a
+    time, each as large as ``room()`` says when its turn comes."""
     after = None
     while True:
         limit = await room()
-        page = await refunds_in_period(conn, date_from, date_to, not_states=list(not_states), after=after, limit=limit)
+        page = await refunds_in_period(conn, date_from, date_to, not_states=list(not_states), after=after, limit=limit,
+                                       env=env)
         if page:
             yield page
         if len(page) < limit:
@@ -126,7 +142,8 @@ async def check_period(conn: asyncpg.Connection, client: PagoEfectivoClient, vau
                        date_from: datetime, date_to: datetime, on_checked: Callable[[Checked], None], *,
                        already: Collection[tuple[str, str]] = frozenset(), on_skipped: Callable[[], None] = lambda: None,
                        page_size: int = PAGE_SIZE, max_in_flight: int = MAX_IN_FLIGHT) -> None:
-    """Ask the gateway about each refund of [date_from, date_to) that may have reached it,
+    """Ask the gateway about each refund of [date_from, date_to) that may have reached it, of the
+    merchants of the client's environment (``count_left_out`` counts the others'),
     concurrently within each merchant's rate limit, reading the period a page at a time;
     ``on_checked`` is called as each answer is compared, ``on_skipped`` for each refund passed
     over because its (merchant_id, external_ref) is in ``already`` (a resumed run). A gateway
@@ -140,7 +157,7 @@ async def check_period(conn: asyncpg.Connection, client: PagoEfectivoClient, vau
 
     try:
         async with asyncio.TaskGroup() as lookups:
-            async for page in _pages(conn, date_from, date_to, NEVER_SENT, room):
+            async for page in _pages(conn, date_from, date_to, NEVER_SENT, room, client.env):
                 for refund in page:
                     if (refund.merchant_id, refund.external_ref) in already:
                         on_skipped()
@@ -299,11 +316,12 @@ def _ledger_entry(index: int, entry) -> LedgerEntry:
 
 
 async def against_ledger(conn: asyncpg.Connection, ledger: Sequence[LedgerEntry], date_from: datetime,
-                         date_to: datetime, *, page_size: int = PAGE_SIZE) -> AsyncIterator[Disagreement]:
+                         date_to: datetime, *, env: str | None = None,
+                         page_size: int = PAGE_SIZE) -> AsyncIterator[Disagreement]:
     """The gateway's ledger (``read_ledger``) against our books: an amount or a currency that differs,
-    a refund it executed that we have no record of, one we hold succeeded that it did not execute.
-    Our side is read a page at a time: the ledger's refunds by their keys, then the period's
-    succeeded ones in keyset pages."""
+    a refund it executed that we have no record of, one we hold succeeded that it did not execute
+    (of ``env``'s merchants, the gateway's environment, when given). Our side is read a page at a
+    time: the ledger's refunds by their keys, then the period's succeeded ones in keyset pages."""
     seen = set()
     for start in range(0, len(ledger), page_size):
         entries = ledger[start:start + page_size]
@@ -328,7 +346,7 @@ async def against_ledger(conn: asyncpg.Connection, ledger: Sequence[LedgerEntry]
         return page_size
 
     not_succeeded = [state for state in STATES if state != "succeeded"]
-    async for page in _pages(conn, date_from, date_to, not_succeeded, whole_page):
+    async for page in _pages(conn, date_from, date_to, not_succeeded, whole_page, env):
         for refund in page:
             if (refund.merchant_id, refund.external_ref) not in seen:
                 yield Disagreement("missing_at_gateway", refund.merchant_id, refund.external_ref, "succeeded",

@@ -146,30 +146,36 @@ def _uuid(value: UUID | str) -> UUID:
     return value if isinstance(value, UUID) else UUID(str(value))
 
 
+# a refund of a merchant of environment {0}, any when {0} is NULL
+_OF_ENV = "({0}::text IS NULL OR merchant_id IN (SELECT merchant_id FROM merchants WHERE env = {0}))"
+
+
 async def refunds_in_period(
     conn: asyncpg.Connection, date_from: datetime, date_to: datetime, *, not_states: Sequence[str] = (),
-    after: tuple[datetime, UUID] | None = None, limit: int,
+    after: tuple[datetime, UUID] | None = None, limit: int, env: str | None = None,
 ) -> list[Refund]:
     """A page of the refunds created in [date_from, date_to) whose state is not one of ``not_states``,
     oldest first, after the (created_at, refund_id) of ``after``: keyset paging through a period, a
     short query a page, so that no transaction stays open between pages (nor a named statement
-    behind a transaction pooler) however long the pages take to work through."""
+    behind a transaction pooler) however long the pages take to work through. With ``env``, only
+    the refunds of that environment's merchants (a gateway client talks to one)."""
     # one row comparison, the index's range (refunds_created_idx) from the first page to the last;
     # the first page starts before every refund of date_from (no refund_id is the nil UUID)
     after_at, after_id = after or (date_from, UUID(int=0))
     rows = await conn.fetch(
         f"""SELECT {COLUMNS} FROM refunds
             WHERE (created_at, refund_id) > ($1, $2::uuid) AND created_at >= $3 AND created_at < $4
-              AND NOT state = ANY($5::text[])
+              AND NOT state = ANY($5::text[]) AND {_OF_ENV.format("$7")}
             ORDER BY created_at, refund_id LIMIT $6""",
-        after_at, after_id, date_from, date_to, list(not_states), limit,
+        after_at, after_id, date_from, date_to, list(not_states), limit, env,
     )
     return [from_row(row) for row in rows]
 
 
 async def count_in_period(conn: asyncpg.Connection, date_from: datetime, date_to: datetime, *,
-                          not_states: Sequence[str] = ()) -> int:
+                          not_states: Sequence[str] = (), env: str | None = None) -> int:
     """How many refunds ``refunds_in_period`` pages through."""
     return await conn.fetchval(
-        "SELECT count(*) FROM refunds WHERE created_at >= $1 AND created_at < $2 AND NOT state = ANY($3::text[])",
-        date_from, date_to, list(not_states))
+        f"""SELECT count(*) FROM refunds
+            WHERE created_at >= $1 AND created_at < $2 AND NOT state = ANY($3::text[]) AND {_OF_ENV.format("$4")}""",
+        date_from, date_to, list(not_states), env)

@@ -73,18 +73,20 @@ def cmd_reconcile(args) -> int:
 
     from refunds.ratelimit import RateLimiter
 
-    from ..reconcile import against_ledger, check_period, count_to_check
+    from ..reconcile import OTHER_ENV, against_ledger, check_period, count_left_out, count_to_check
 
     start, stop = _bounds(args)
     config, sealer = settings(), vault()
+    env = config.pagoefectivo_env  # the one gateway the run talks to: only its merchants' refunds
     ledger = asyncio.run(_load_ledger(args.ledger)) if args.ledger else None  # all of it checked before the run
     state = _ResumeFile(args.resume, start, stop) if args.resume else None
     found = [d for checked in (state.checked.values() if state else ()) for d in checked.found]
     console = Console(stderr=True)
-    counts = {"total": 0, "checked": 0}
+    counts = {"total": 0, "checked": 0, "left_out": 0}
 
     async def run(conn):
-        counts["total"] = await count_to_check(conn, start, stop)
+        counts["total"] = await count_to_check(conn, start, stop, env)
+        counts["left_out"] = await count_left_out(conn, start, stop, env)
         redis_client = aioredis.from_url(config.require("redis_url"))
         with Progress(TextColumn("reconciling"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console, disable=args.json or not console.is_terminal) as progress:
@@ -109,7 +111,7 @@ def cmd_reconcile(args) -> int:
             finally:
                 await redis_client.aclose()
         if ledger is not None:
-            found.extend([d async for d in against_ledger(conn, ledger, start, stop)])
+            found.extend([d async for d in against_ledger(conn, ledger, start, stop, env=env)])
 
     try:
         asyncio.run(with_conn(run))
@@ -120,6 +122,8 @@ def cmd_reconcile(args) -> int:
     finally:
         if state is not None:
             state.close()
+    left_out = (f"{counts['left_out']} refunds of {OTHER_ENV[env]} merchants left out: this run talks to the {env}"
+                f" gateway (PAGOEFECTIVO_ENV); run it with PAGOEFECTIVO_ENV={OTHER_ENV[env]} for them")
     if args.json:
         print(json.dumps([d.to_json() for d in found], indent=2))
     elif found:
@@ -127,6 +131,8 @@ def cmd_reconcile(args) -> int:
               [[d.kind, d.merchant_id, d.external_ref, d.ours, d.theirs] for d in found])
     else:
         print(f"books agree: no disagreement ({counts['total']} refunds asked about)")
+    if counts["left_out"]:  # with --json, stdout is the list alone
+        print(left_out, file=sys.stderr if args.json else sys.stdout)
     return 1 if found else 0
 
 

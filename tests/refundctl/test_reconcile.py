@@ -345,3 +345,39 @@ def test_a_line_half_written_when_a_run_stopped_is_dropped_and_the_rest_kept(tmp
     assert sorted(state.checked) == [("m1", "R-1"), ("m1", "R-2")]
     assert [d.to_json() for d in state.checked[("m1", "R-2")].found] == [finding]
     assert path.read_text().endswith("\n" + last + "\n")  # the half line gone, for the lines to come
+
+
+@pytest.mark.slow
+async def test_a_run_asks_about_its_environments_merchants_alone_and_says_how_many_of_the_others_it_left_out(
+        db, make_merchant, database_url, redis_url, vault, monkeypatch, tmp_path):
+    """A sandbox and a production merchant, each with refunds of the period: the client refuses the
+    production merchant's credentials (EnvironmentMismatch), which stopped every run at its first
+    production refund as "gateway unavailable" (exit 3), and --resume stopped at the same one again."""
+    await make_merchant("s1")
+    await make_merchant("p1", env="production")
+    async with start_stack(database_url, redis_url, vault, monkeypatch) as stack:  # onboards s1 alone
+        await chaos(stack.http, stack.sandbox_url, sync_status_mix={"success": 1})
+        ids = [(await accepted_refund(stack, db, external_ref=f"s1-{i}", amount="1.00", merchant="s1")).refund_id
+               for i in range(3)]
+        await settle_all(stack.res, db, ids)
+        for i, state in enumerate(("succeeded", "succeeded", "pending", "queued")):  # queued: never sent, not counted
+            refund = await accepted_refund(None, db, external_ref=f"p1-{i}", amount="1.00", merchant="p1")
+            await db.execute("UPDATE refunds SET state = $2 WHERE refund_id = $1", refund.refund_id, state)
+        env = {"PAGOEFECTIVO_BASE_URL": stack.sandbox_url}  # PAGOEFECTIVO_ENV: sandbox, the default
+        left_out = ("3 refunds of production merchants left out: this run talks to the sandbox gateway"
+                    " (PAGOEFECTIVO_ENV); run it with PAGOEFECTIVO_ENV=production for them\n")
+        state = tmp_path / "run.state"
+
+        code, out, err = await refundctl("reconcile", *PERIOD, "--resume", str(state), **env)
+        assert (code, err) == (0, ""), err
+        assert out == "books agree: no disagreement (3 refunds asked about)\n" + left_out
+        assert sorted(json.loads(line)["external_ref"] for line in state.read_text().splitlines()[1:]) == [
+            "s1-0", "s1-1", "s1-2"]
+
+        # the sandbox's ledger holds s1's refunds alone: p1's succeeded ones are not missing from it
+        await db.execute("UPDATE refunds SET state = 'failed' WHERE external_ref = 's1-2'")
+        code, out, err = await refundctl("reconcile", *PERIOD, "--ledger", f"{stack.sandbox_url}/sandbox/ledger",
+                                         "--json", **env)
+    assert code == 1, err
+    assert [(d["kind"], d["external_ref"]) for d in json.loads(out)] == [("state", "s1-2")]  # stdout: the list alone
+    assert err == left_out
