@@ -773,7 +773,10 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'  # the request line has no token: it is
 
 
 def main() -> int:
-    settings = service.load_settings("intake", lambda s: (s.require("database_url"), s.require("redis_url")))
+    # the vault too (the webhook routes seal and open endpoint secrets): without a master key the
+    # intake does not start (one line, exit 2), as the receiver and the workers
+    settings = service.load_settings("intake", lambda s: (s.require("database_url"), s.require("redis_url"),
+                                                          vault_from_settings(s)))
     if settings is None:
         return 2
     host = os.environ.get("INTAKE_HOST", "").strip() or DEFAULT_HOST

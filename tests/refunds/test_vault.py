@@ -4,6 +4,7 @@ import asyncio
 import base64
 import os
 import subprocess
+import sys
 from datetime import timedelta
 from decimal import Decimal
 
@@ -15,7 +16,7 @@ from pagoefectivo.protocol import public_key_pem
 from refunds import webhooks
 from refunds.merchants import add_merchant, find_merchant, rotate_secret
 from refunds.vault import LocalKeyProvider, Vault, generate_master_key, rewrap_all, sealed_tables
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, ROOT
 from tests.stack import start_stack
 
 SECRET = "Nfybo8h0yN7CFN1ycX+XaG99pj/y3Vt25urt1LUR"
@@ -184,3 +185,14 @@ async def test_adding_a_merchant_again_drops_its_previous_secret(db, database_ur
     for old in ("sandbox-old", "sandbox-new"):
         assert not keys.verifies(body, notification_signature(body, old)), old
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, module", [("intake", "producers.http"), ("receiver", "receiver")])
+def test_a_service_that_opens_the_vault_does_not_start_without_the_master_key(name, module):
+    """The intake seals webhook endpoints' secrets, the receiver opens merchants' secrets: without
+    a master key each stops at start with one line naming it (exit 2), never a 500 later."""
+    env = {k: v for k, v in os.environ.items() if k not in ("REFUNDS_MASTER_KEY", "REFUNDS_MASTER_KEY_FILE")}
+    done = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert (done.returncode, done.stderr.strip()) == \
+        (2, f"{name}: REFUNDS_MASTER_KEY is not set (nor REFUNDS_MASTER_KEY_FILE)")
