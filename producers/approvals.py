@@ -6,7 +6,8 @@ One implementation for every door (the intake API's /approve and /reject, and
 * only a refund in ``awaiting_approval`` can be decided, and only once (the state
   machine's conditional move makes a concurrent second decision lose);
 * the approver must not be the requester (names compared without case, so "Alice"
-  cannot approve what "alice" asked for);
+  cannot approve what "alice" asked for); a refund that needs approval always names its
+  requester (``producers.enqueue`` refuses one that does not, ``requester_unnamed``);
 * the decision is audited in ``refund_events`` with actor ``approver:NAME``;
 * an approved refund is handed to the workers only after COMMIT.
 """

@@ -86,6 +86,8 @@ _ACCEPT = f"""
             WHEN paid_currency <> q_currency THEN 'currency_mismatch'
             WHEN q_now > paid_at + make_interval(secs => window_days * 86400) THEN 'refund_window_closed'
             WHEN q_amount > paid_amount - refunded_amount THEN 'amount_over_refundable'
+            WHEN (refund_mode = 'approval' OR q_amount > approval_threshold) AND q_requested_by IS NULL
+                THEN 'requester_unnamed'
             WHEN refund_mode = 'approval' OR q_amount > approval_threshold THEN 'awaiting_approval'
             ELSE 'queued'
         END AS verdict
@@ -338,4 +340,8 @@ def _refusal(verdict: str, row: asyncpg.Record, request: RefundRequest) -> Refun
         )
     if verdict == "amount_over_refundable":
         return _over_refundable(request, row["paid_amount"] - row["refunded_amount"])
+    if verdict == "requester_unnamed":  # four eyes: the approver must be someone else, so name the first pair
+        return RefundRefused(
+            verdict, "this refund needs a second person's approval: name who asks for it (requested_by)",
+            "requested_by")
     raise AssertionError(f"unknown verdict {verdict!r}")

@@ -93,7 +93,8 @@ OUTAGE_ERRORS: tuple[type[BaseException], ...] = (Unavailable, *DB_OUTAGE_ERRORS
 WITH_TOKEN = ("unauthorized", "unavailable", "internal_error")
 WITH_BODY = ("malformed_json", "request_timeout", "body_too_large")
 ACCEPT_REFUSALS = ("unknown_merchant", "refunds_disabled", "unknown_transaction", "currency_mismatch",
-                   "refund_window_closed", "amount_over_refundable", "external_ref_conflict")  # producers.enqueue
+                   "refund_window_closed", "amount_over_refundable", "requester_unnamed",
+                   "external_ref_conflict")  # producers.enqueue
 DECISION_ERRORS = (*WITH_TOKEN, *WITH_BODY, *refusal_codes(Decision), "invalid_refund_id", "not_found",
                    "same_person", "not_awaiting_approval", "approval_refused")  # producers.approvals
 OPERATION_ERRORS: dict[str, tuple[str, ...]] = {

@@ -87,6 +87,8 @@ ERRORS: dict[str, ErrorCode] = {error.code: error for error in (
     ErrorCode("currency_mismatch", 422, "currency differs from the payment's."),
     ErrorCode("refund_window_closed", 422, "The payment is older than its method's refund window."),
     ErrorCode("amount_over_refundable", 422, "amount is over what is left to refund of the payment."),
+    ErrorCode("requester_unnamed", 422, "The refund needs a second person's approval, and nobody is named as asking"
+                                        " for it (the intake names the token; the Python API takes requested_by)."),
     # the service
     ErrorCode("internal_error", 500, "A fault of ours, logged with the request id; the request may be retried."),
     ErrorCode("unavailable", 503, "A store the service needs is unavailable; retry after `Retry-After` (every"

@@ -103,6 +103,21 @@ async def test_refusals_name_the_reason_and_write_nothing(db, make_merchant, que
     assert queued_refund_ids(queue) == set()
 
 
+async def test_a_refund_that_needs_approval_must_name_who_asks_for_it(db, make_merchant, queue):
+    """Four eyes need to know the first pair: above the approval threshold, a request without
+    ``requested_by`` is refused (nothing written); named, it waits for approval; below, it goes."""
+    await make_merchant("m1", approval_threshold=Decimal("50"))
+    await paid(db)
+    with pytest.raises(RefundRefused) as refused:
+        await enqueue_refund(db, **request(amount="60.00"))
+    assert (refused.value.code, refused.value.field) == ("requester_unnamed", "requested_by")
+    assert await db.fetchval("SELECT count(*) FROM refunds") == 0
+    waiting = await enqueue_refund(db, **request(amount="60.00"), requested_by="alice")
+    assert (waiting.refund.state, waiting.refund.requested_by) == ("awaiting_approval", "alice")
+    small = await enqueue_refund(db, **request(amount="10.00", external_ref="R-small"))
+    assert small.refund.state == "queued"
+
+
 async def test_refund_window_is_per_method(db, make_merchant, queue, monkeypatch):
     from refunds.settings import get_settings
 
