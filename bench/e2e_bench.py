@@ -69,12 +69,13 @@ def run(args) -> dict:
             h.log(f"measuring: {args.refunds} refunds, {args.connections} connections, "
                   f"workers {args.processes}x{args.threads}")
             messages_before = system.worker_metric("dramatiq_messages_total")
+            # an idle backend publishes its counters within 10 s (PGSTAT_IDLE_INTERVAL); the load
+            # connects after that wait, which would outlast the intake's HTTP_HEADER_TIMEOUT (10 s)
+            time.sleep(0 if args.smoke else 11)
             load = h.HttpLoad(f"{system.intake_url}/v1/refunds", token, requests, args.connections, env.work)
             try:
                 profiler = h.Profiler(Path(args.profile), {k: v for k, v in system.roots().items()
                                                            if k in h.KINDS}, gil=args.profile_gil) if args.profile else None
-                # an idle backend publishes its counters within 10 s (PGSTAT_IDLE_INTERVAL)
-                time.sleep(0 if args.smoke else 11)
                 pg_before = asyncio.run(h.pg_stats())
                 backends_before = asyncio.run(h.backend_cpu_by_program())
                 with h.CpuMeter(system) as meter:

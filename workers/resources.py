@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 
 ACTOR = "worker"  # who the audit rows of the worker's moves name
 GATEWAY_LOG = logging.getLogger("pagoefectivo.client")  # where gateway exchanges are logged (REFUNDS_LOG_BODIES=1)
+# The rate limiter's Redis connections per worker process. Every refund in flight asks Redis
+# (admit, permit), up to WORKER_IN_FLIGHT at once: beyond the pool, a caller waits for a free
+# connection instead of failing its message ("Too many connections" from redis-py's own cap).
+REDIS_CONNECTIONS = 32
+REDIS_WAIT_SECONDS = 10.0
 
 
 def gateway_client(session: aiohttp.ClientSession, settings: Settings, **options) -> PagoEfectivoClient:
@@ -108,7 +113,8 @@ class Resources:
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=settings.worker_in_flight,
                                                                       limit_per_host=settings.worker_in_flight))
         client = gateway_client(session, settings)
-        redis_client = aioredis.from_url(settings.require("redis_url"))
+        redis_client = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.require("redis_url"), max_connections=REDIS_CONNECTIONS, timeout=REDIS_WAIT_SECONDS))
         hooks = webhook_session(parse_networks(settings.webhook_allowed_networks), settings.webhook_timeout_seconds)
         return cls(settings, pool, session, client, vault, redis_client, RateLimiter(redis_client), hooks)
 
