@@ -55,13 +55,13 @@ def cmd_keys_generate(args) -> int:
 
 def cmd_keys_rotate_master(args) -> int:
     """Re-wrap every data key with REFUNDS_MASTER_KEY (the new key): merchants' secrets and private
-    keys, webhook endpoints' secrets (``refunds.vault.sealed_tables``).
+    keys, webhook endpoints' secrets (``refunds.rekey.sealed_tables``).
 
     Runs while the services keep working: first give every process the new key as
     REFUNDS_MASTER_KEY and the old one in REFUNDS_PREVIOUS_MASTER_KEYS, then run this,
     then drop the old key.
     """
-    from refunds.vault import rewrap_all
+    from refunds.rekey import rewrap_all
 
     sealer = vault()
     counts = asyncio.run(with_conn(lambda conn: rewrap_all(conn, sealer)))  # every table holding sealed values

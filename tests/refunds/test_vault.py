@@ -15,7 +15,8 @@ from refunds.errors import VaultError
 from pagoefectivo.protocol import public_key_pem
 from refunds import webhooks
 from refunds.merchants import add_merchant, find_merchant, rotate_secret
-from refunds.vault import LocalKeyProvider, Vault, generate_master_key, rewrap_all, sealed_tables
+from refunds.rekey import rewrap_all, sealed_tables
+from refunds.vault import LocalKeyProvider, Vault, generate_master_key
 from tests.helpers import FIXTURES, ROOT
 from tests.stack import start_stack
 
