@@ -30,7 +30,7 @@ DEFAULT_HOST = "0.0.0.0"
 def main() -> int:
     def check(s):
         s.require("database_url")
-        s.master_key()
+        vault_from_settings(s)  # the master key and the previous ones, each checked
         SourcePolicy.from_settings(s.receiver_allowed_cidrs, s.receiver_trusted_proxies)
 
     settings = service.load_settings("receiver", check)

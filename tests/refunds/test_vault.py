@@ -197,3 +197,14 @@ def test_a_service_that_opens_the_vault_does_not_start_without_the_master_key(na
                           timeout=60)
     assert (done.returncode, done.stderr.strip()) == \
         (2, f"{name}: REFUNDS_MASTER_KEY is not set (nor REFUNDS_MASTER_KEY_FILE)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, module", [("intake", "producers.http"), ("receiver", "receiver")])
+def test_a_malformed_previous_master_key_stops_a_service_at_start_with_one_line(name, module):
+    env = {**os.environ, "REFUNDS_PREVIOUS_MASTER_KEYS": "not-a-key"}
+    done = subprocess.run([sys.executable, "-m", module], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith(f"{name}: REFUNDS_PREVIOUS_MASTER_KEYS"), line
