@@ -206,16 +206,21 @@ async def erroring_gateway():
     await runner.cleanup()
 
 
-@pytest.mark.slow
-async def test_reconcile_tells_a_gateway_away_or_erroring_from_findings(db, make_merchant, queue, closed_port,
-                                                                         erroring_gateway):
+async def a_settled_refund_and_its_period(db, make_merchant) -> tuple[str, ...]:
+    """m1's refund R-1 of 1.00, succeeded today; the reconcile arguments of a period around it."""
     await make_merchant("m1")
     await paid(db)
     await enqueue_refund(db, merchant_id="m1", original_transaction_id="CIP-1", amount="1.00", currency="PEN",
                          external_ref="R-1", reason=None, requested_by="alice")
     await db.execute("UPDATE refunds SET state = 'succeeded'")
     today = date.today()
-    period = ("--from", str(today - timedelta(days=1)), "--to", str(today + timedelta(days=1)))
+    return ("--from", str(today - timedelta(days=1)), "--to", str(today + timedelta(days=1)))
+
+
+@pytest.mark.slow
+async def test_reconcile_tells_a_gateway_away_or_erroring_from_findings(db, make_merchant, queue, closed_port,
+                                                                         erroring_gateway):
+    period = await a_settled_refund_and_its_period(db, make_merchant)
     for base_url in (f"http://127.0.0.1:{closed_port}", erroring_gateway):
         done = await asyncio.to_thread(run, "reconcile", *period, "--json", PAGOEFECTIVO_BASE_URL=base_url)
         assert done.returncode == 3, (base_url, done.stderr)
@@ -333,13 +338,7 @@ async def test_a_malformed_ledger_is_named_by_file_and_entry_before_the_run_star
     """Each was a KeyError, TypeError or InvalidOperation once every refund had been asked about, and
     the disagreements found were lost; now one line and exit 2 before the gateway is asked anything
     (it is away here: a run that started would end with exit 3)."""
-    await make_merchant("m1")
-    await paid(db)
-    await enqueue_refund(db, merchant_id="m1", original_transaction_id="CIP-1", amount="1.00", currency="PEN",
-                         external_ref="R-1", reason=None, requested_by="alice")
-    await db.execute("UPDATE refunds SET state = 'succeeded'")
-    today = date.today()
-    period = ("--from", str(today - timedelta(days=1)), "--to", str(today + timedelta(days=1)))
+    period = await a_settled_refund_and_its_period(db, make_merchant)
     entry = {"merchantId": "m1", "externalRef": "R-1", "refundAmount": "1.00", "currency": "PEN"}
     path = tmp_path / "ledger.json"
     cases = [
