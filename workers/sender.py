@@ -133,7 +133,7 @@ async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: 
         try:
             answer = await _status_with_retries(res, creds, refund.external_ref)
         except EnvironmentMismatch as exc:
-            await _settle(res, refund, "manual_review", code="environment_mismatch", message=str(exc))
+            await _wrong_environment(res, refund, exc)
             return None
         if answer is not None:
             return refund, answer
@@ -145,7 +145,7 @@ async def _attempt(res: Resources, refund: Refund, claimed_from: str, merchant: 
     except _Paused as exc:
         await _wait_unsent(res, refund, exc.wait_ms, code=PAUSED, message="the merchant's requests are paused")
     except EnvironmentMismatch as exc:
-        await _settle(res, refund, "manual_review", code="environment_mismatch", message=str(exc))
+        await _wrong_environment(res, refund, exc)
     except PermanentError as exc:
         await _settle(res, refund, "failed", code=exc.code, message=exc.message)
     except OutcomeUnknown as exc:
@@ -248,7 +248,7 @@ async def check_status(res: Resources, refund: Refund, creds: Credentials) -> No
         try:
             answer = await _status_with_retries(res, creds, refund.external_ref)
         except EnvironmentMismatch as exc:
-            await _settle(res, refund, "manual_review", code="environment_mismatch", message=str(exc))
+            await _wrong_environment(res, refund, exc)
             return
     if answer is not None and answer.status in ("success", "failure"):
         await record_answer(res, refund, answer)
@@ -267,6 +267,11 @@ async def check_status(res: Resources, refund: Refund, creds: Credentials) -> No
         )
 
 
+async def _wrong_environment(res: Resources, refund: Refund, exc: EnvironmentMismatch) -> None:
+    """Credentials of the other environment (sandbox against production): a person must look."""
+    await _settle(res, refund, "manual_review", code="environment_mismatch", message=str(exc))
+
+
 async def _settle(res: Resources, refund: Refund, to_state: str, **details) -> None:
     moved = await res.move(Move(refund.refund_id, to_state, **details))
     if moved is not None:
@@ -280,8 +285,9 @@ async def _retry_later(res: Resources, refund: Refund, reason: str) -> None:
 
     The message that failed ends here and a new delayed one replaces it, so retries do not
     multiply messages. (When dramatiq redelivers a pack because another of its refunds raised,
-    this refund meets it beside its delayed message: the claim lets one of them through.) Past the retry horizon, counted from when the refund last
-    entered ``queued`` (an approval or an operator's retry starts it again), it goes to manual review.
+    this refund meets it beside its delayed message: the claim lets one of them through.)
+    Past the retry horizon, counted from when the refund last entered ``queued`` (an approval
+    or an operator's retry starts it again), it goes to manual review.
     """
     async with db.acquire(res.pool) as conn:
         current = await find_refund(conn, refund.refund_id)
