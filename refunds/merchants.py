@@ -17,7 +17,9 @@ REFUND_MODES = ("auto", "approval", "off")
 NOTIFY_PATH = "/pagoefectivo/notifications/{merchant_id}"
 
 
-def _identity(merchant_id: str, what: str) -> str:
+def sealed_identity(merchant_id: str, what: str) -> str:
+    """What a sealed value of this merchant is bound to (the vault's associated data), so a value
+    copied to another merchant or field does not open; refunds.rekey re-wraps by it."""
     return f"merchant:{merchant_id}:{what}"
 
 
@@ -43,7 +45,7 @@ class Merchant:
         return cls(**{name: row[name] for name in cls.__dataclass_fields__})
 
     def secret_key(self, vault: Vault) -> str:
-        return vault.open(self.secret_key_sealed, _identity(self.merchant_id, "secret_key")).decode()
+        return vault.open(self.secret_key_sealed, sealed_identity(self.merchant_id, "secret_key")).decode()
 
     def notification_secrets(self, vault: Vault, now: datetime | None = None) -> tuple[str, ...]:
         """Secrets a notification may be signed with: the current one, and the previous one
@@ -52,11 +54,11 @@ class Merchant:
         now = now or datetime.now(timezone.utc)
         if self.previous_secret_key_sealed and self.previous_secret_valid_until and now < self.previous_secret_valid_until:
             secrets_.append(vault.open(self.previous_secret_key_sealed,
-                                       _identity(self.merchant_id, "previous_secret_key")).decode())
+                                       sealed_identity(self.merchant_id, "previous_secret_key")).decode())
         return tuple(secrets_)
 
     def private_key_pem(self, vault: Vault) -> bytes:
-        return vault.open(self.private_key_sealed, _identity(self.merchant_id, "private_key"))
+        return vault.open(self.private_key_sealed, sealed_identity(self.merchant_id, "private_key"))
 
     def gateway_credentials(self, vault: Vault) -> dict:
         """The fields of the gateway client's ``Credentials``, secrets opened now (the caller
@@ -127,8 +129,8 @@ async def add_merchant(
             RETURNING {_COLUMNS}""",
         merchant_id, env, service_id, access_key, public_key_pem, rate_limit, approval_threshold,
         refund_mode, notify_url,
-        vault.seal(secret_key.encode(), _identity(merchant_id, "secret_key")),
-        vault.seal(private_key_pem, _identity(merchant_id, "private_key")),
+        vault.seal(secret_key.encode(), sealed_identity(merchant_id, "secret_key")),
+        vault.seal(private_key_pem, sealed_identity(merchant_id, "private_key")),
     )
     return Merchant(**row)
 
@@ -161,14 +163,14 @@ async def rotate_secret(
             "SELECT secret_key_sealed FROM merchants WHERE merchant_id = $1 FOR UPDATE", merchant_id)
         if row is None:
             raise NotFound(f"merchant {merchant_id!r} does not exist")
-        old = vault.open(row["secret_key_sealed"], _identity(merchant_id, "secret_key"))
+        old = vault.open(row["secret_key_sealed"], sealed_identity(merchant_id, "secret_key"))
         if old.decode() == new_secret:
             raise ValueError("the new secret is the same as the current one")
         valid_until = await conn.fetchval(
             """UPDATE merchants SET secret_key_sealed = $2, previous_secret_key_sealed = $3,
                       previous_secret_valid_until = now() + $4, updated_at = now()
                WHERE merchant_id = $1 RETURNING previous_secret_valid_until""",
-            merchant_id, vault.seal(new_secret.encode(), _identity(merchant_id, "secret_key")),
-            vault.seal(old, _identity(merchant_id, "previous_secret_key")), overlap,
+            merchant_id, vault.seal(new_secret.encode(), sealed_identity(merchant_id, "secret_key")),
+            vault.seal(old, sealed_identity(merchant_id, "previous_secret_key")), overlap,
         )
     return valid_until

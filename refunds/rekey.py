@@ -31,9 +31,9 @@ def sealed_tables() -> tuple[SealedColumns, ...]:
     the schema's ``*_sealed`` columns)."""
     return (
         SealedColumns("merchants", "merchant_id",
-                      ("secret_key_sealed", "private_key_sealed", "previous_secret_key_sealed"), merchants._identity),
+                      ("secret_key_sealed", "private_key_sealed", "previous_secret_key_sealed"), merchants.sealed_identity),
         SealedColumns("webhook_endpoints", "endpoint_id", ("secret_sealed", "previous_secret_sealed"),
-                      webhooks._identity),
+                      webhooks.sealed_identity),
     )
 
 

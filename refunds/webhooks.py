@@ -41,7 +41,9 @@ LEASE_SECONDS = 60  # by default, a delivery handed to a worker goes again if no
 SECRET_PREFIX = "whsec_"
 
 
-def _identity(endpoint_id: uuid.UUID, what: str) -> str:
+def sealed_identity(endpoint_id: uuid.UUID, what: str) -> str:
+    """What a sealed value of this endpoint is bound to (the vault's associated data), so a value
+    copied to another endpoint or field does not open; refunds.rekey re-wraps by it."""
     return f"webhook:{endpoint_id}:{what}"
 
 
@@ -65,10 +67,10 @@ class Endpoint:
 
     def secrets(self, vault: Vault, now: datetime | None = None) -> list[str]:
         """The secrets that sign now: the current one, and the previous one until its overlap ends."""
-        current = [vault.open(self.secret_sealed, _identity(self.endpoint_id, "secret")).decode()]
+        current = [vault.open(self.secret_sealed, sealed_identity(self.endpoint_id, "secret")).decode()]
         now = now or datetime.now(timezone.utc)
         if self.previous_secret_sealed and self.previous_secret_valid_until and now < self.previous_secret_valid_until:
-            current.append(vault.open(self.previous_secret_sealed, _identity(self.endpoint_id, "previous_secret")).decode())
+            current.append(vault.open(self.previous_secret_sealed, sealed_identity(self.endpoint_id, "previous_secret")).decode())
         return current
 
     def to_json(self) -> dict:
@@ -165,7 +167,7 @@ async def add_endpoint(conn: asyncpg.Connection, vault: Vault, *, name: str, url
         """INSERT INTO webhook_endpoints (endpoint_id, name, url, merchants, event_types, secret_sealed, owner)
            VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *""",
         endpoint_id, name, url, sorted(set(merchants)), types,
-        vault.seal(secret.encode(), _identity(endpoint_id, "secret")), owner)
+        vault.seal(secret.encode(), sealed_identity(endpoint_id, "secret")), owner)
     return Endpoint.from_row(row), secret
 
 
@@ -200,14 +202,14 @@ async def rotate_secret(conn: asyncpg.Connection, vault: Vault, endpoint_id: uui
                         overlap: timedelta) -> tuple[Endpoint, str]:
     """A new secret (shown once); the old one keeps signing beside it for ``overlap``."""
     endpoint = await get_endpoint(conn, endpoint_id)
-    current = vault.open(endpoint.secret_sealed, _identity(endpoint_id, "secret"))
+    current = vault.open(endpoint.secret_sealed, sealed_identity(endpoint_id, "secret"))
     secret = new_secret()
     row = await conn.fetchrow(
         """UPDATE webhook_endpoints SET secret_sealed = $2, previous_secret_sealed = $3,
                   previous_secret_valid_until = now() + make_interval(secs => $4)
            WHERE endpoint_id = $1 RETURNING *""",
-        endpoint_id, vault.seal(secret.encode(), _identity(endpoint_id, "secret")),
-        vault.seal(current, _identity(endpoint_id, "previous_secret")), overlap.total_seconds())
+        endpoint_id, vault.seal(secret.encode(), sealed_identity(endpoint_id, "secret")),
+        vault.seal(current, sealed_identity(endpoint_id, "previous_secret")), overlap.total_seconds())
     return Endpoint.from_row(row), secret
 
 
