@@ -24,7 +24,8 @@ it this refund's turn in the schedule? It waits in place for a turn that comes w
 to wait; the worker then re-queues the refund to arrive at its slot, with jitter only when it
 owns no slot, so that refunds paused together do not come back together. ``permit``, just
 before each request: is there room in the window? It waits in place for it (the claimed
-refund is held for at most a window) and counts the request.
+refund is held for at most a window) and counts the request. The questions asked at once
+share one script call.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 import redis.asyncio as aioredis
+
+from .coalesce import Coalescer
 
 # The window is a little longer than a second: a request counted as it leaves (on Redis's clock)
 # reaches the gateway's own counter later by a delay that varies (our event loop, the network,
@@ -71,43 +74,58 @@ local function keep_schedule(sched, tat)
 end
 """
 
+# For each asker (a merchant's schedule and pause keys, its interval between slots and the slot
+# it booked earlier or -1): {0, -1} its turn now, {wait, -1} a pause, or {wait, slot} a slot
+# booked for it further on. Askers of one merchant in one call book one after the other.
 _ACQUIRE = _SCHEDULE + """
-local sched, pause = KEYS[1], KEYS[3]
-local interval = tonumber(ARGV[1])
-local slot = tonumber(ARGV[2])          -- a slot booked earlier, or -1
-local paused = paused_for(pause)
-if paused > 0 then
-  return {paused, -1}
+local turns = {}
+for i = 1, #ARGV / 2 do
+  local sched, pause = KEYS[2 * i - 1], KEYS[2 * i]
+  local interval, slot = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
+  local paused = paused_for(pause)
+  if paused > 0 then
+    turns[i] = {paused, -1}
+  elseif slot >= 0 then
+    turns[i] = {0, -1}                  -- its turn, booked earlier: the window is permit's
+  else
+    local tat = next_free(sched, now)
+    keep_schedule(sched, tat + interval)
+    if tat <= now then
+      turns[i] = {0, -1}
+    else
+      turns[i] = {math.max(1, tat - now), tat}
+    end
+  end
 end
-if slot >= 0 then
-  return {0, -1}                        -- its turn, booked earlier: the window is permit's
-end
-local tat = next_free(sched, now)
-keep_schedule(sched, tat + interval)
-if tat <= now then
-  return {0, -1}
-end
-return {math.max(1, tat - now), tat}
+return turns
 """
 
-# Counts a request in the window if there is room; else how long until there is.
+# For each asker (a merchant's window and pause keys, and its sends per window): counts its
+# request in the window if there is room (0), else how long until there is, or how long the
+# merchant's pause lasts. Askers of one merchant in one call are counted one after the other.
 _PERMIT = _SCHEDULE + """
-local window, pause = KEYS[2], KEYS[3]
-local per_window = tonumber(ARGV[1])
-local WINDOW_MS = tonumber(ARGV[2])
-local paused = paused_for(pause)
-if paused > 0 then
-  return paused
+local WINDOW_MS = tonumber(ARGV[1])
+local waits = {}
+for i = 1, #ARGV - 1 do
+  local window, pause = KEYS[2 * i - 1], KEYS[2 * i]
+  local per_window = tonumber(ARGV[i + 1])
+  local paused = paused_for(pause)
+  if paused > 0 then
+    waits[i] = paused
+  else
+    redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_MS)
+    if redis.call('ZCARD', window) < per_window then
+      redis.call('ZADD', window, now, now .. ':' .. redis.call('INCR', window .. ':seq'))
+      redis.call('PEXPIRE', window, 2 * WINDOW_MS)
+      redis.call('PEXPIRE', window .. ':seq', 2000)
+      waits[i] = 0
+    else
+      local oldest = redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')
+      waits[i] = math.max(1, tonumber(oldest[2]) + WINDOW_MS - now)
+    end
+  end
 end
-redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_MS)
-if redis.call('ZCARD', window) < per_window then
-  redis.call('ZADD', window, now, now .. ':' .. redis.call('INCR', window .. ':seq'))
-  redis.call('PEXPIRE', window, 2 * WINDOW_MS)
-  redis.call('PEXPIRE', window .. ':seq', 2000)
-  return 0
-end
-local oldest = redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')
-return math.max(1, tonumber(oldest[2]) + WINDOW_MS - now)
+return waits
 """
 
 # Books the next `count` slots; never touches the window (permit counts it at send time).
@@ -124,6 +142,10 @@ end
 keep_schedule(sched, tat)
 return booked
 """
+
+
+def _no_keys(_asker) -> tuple:
+    return ()
 
 
 def _pace(per_second: Decimal) -> tuple[float, int]:
@@ -145,12 +167,18 @@ class Booking:
 
 
 class RateLimiter:
+    """The calls made at once (a worker's refunds in flight) share one script call each
+    (``refunds.coalesce``): a round trip to Redis costs more than the script's work."""
+
     def __init__(self, client: aioredis.Redis, *, prefix: str = "refunds:rate:"):
         self._client = client
         self._acquire = client.register_script(_ACQUIRE)
         self._permit = client.register_script(_PERMIT)
         self._book = client.register_script(_BOOK)
         self._prefix = prefix
+        # askers of one merchant may share a call (the scripts count them in turn): no keys
+        self._turns = Coalescer(self._acquire_many, keys=_no_keys, name="rate-limit turns")
+        self._permits = Coalescer(self._permit_many, keys=_no_keys, name="rate-limit permits")
 
     def _keys(self, merchant_id: str) -> list[str]:
         base = self._prefix + merchant_id
@@ -163,9 +191,16 @@ class RateLimiter:
         pause is checked: the slot is never booked twice.
         """
         interval, _ = _pace(per_second)
-        wait, slot = await self._acquire(
-            keys=self._keys(merchant_id), args=[interval, -1 if slot_ms is None else slot_ms])
-        return Decision(int(wait), None if int(slot) < 0 else int(slot))
+        return await self._turns((merchant_id, interval, -1 if slot_ms is None else slot_ms))
+
+    async def _acquire_many(self, askers: list[tuple[str, float, int]]) -> list[Decision]:
+        keys, args = [], []
+        for merchant_id, interval, slot in askers:
+            sched, _, pause = self._keys(merchant_id)
+            keys += [sched, pause]
+            args += [interval, slot]
+        turns = await self._acquire(keys=keys, args=args)
+        return [Decision(int(wait), None if int(slot) < 0 else int(slot)) for wait, slot in turns]
 
     async def permit(self, merchant_id: str, per_second: Decimal) -> int:
         """Just before a request: wait in place for room in the merchant's window and count the
@@ -173,11 +208,19 @@ class RateLimiter:
         _, per_window = _pace(per_second)
         waited = 0
         while True:
-            wait = int(await self._permit(keys=self._keys(merchant_id), args=[per_window, WINDOW_MS]))
+            wait = await self._permits((merchant_id, per_window))
             if not wait or waited + wait > MAX_PERMIT_WAIT_MS:
                 return wait
             await asyncio.sleep(wait / 1000)
             waited += wait
+
+    async def _permit_many(self, askers: list[tuple[str, int]]) -> list[int]:
+        keys, args = [], [WINDOW_MS]
+        for merchant_id, per_window in askers:
+            _, window, pause = self._keys(merchant_id)
+            keys += [window, pause]
+            args.append(per_window)
+        return [int(wait) for wait in await self._permit(keys=keys, args=args)]
 
     async def admit(self, merchant_id: str, per_second: Decimal, *, slot_ms: int | None = None) -> Decision:
         """``acquire``, after waiting in place for room that comes soon: go now (``wait_ms`` 0), or

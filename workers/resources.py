@@ -39,9 +39,9 @@ log = logging.getLogger(__name__)
 
 ACTOR = "worker"  # who the audit rows of the worker's moves name
 GATEWAY_LOG = logging.getLogger("pagoefectivo.client")  # where gateway exchanges are logged (REFUNDS_LOG_BODIES=1)
-# The rate limiter's Redis connections per worker process. Every refund in flight asks Redis
-# (admit, permit), up to WORKER_IN_FLIGHT at once: beyond the pool, a caller waits for a free
-# connection instead of failing its message ("Too many connections" from redis-py's own cap).
+# The rate limiter's Redis connections per worker process. The questions its refunds in flight
+# ask at once share calls (refunds.ratelimit); a caller beyond the pool waits for a free
+# connection instead of failing its message ("Too many connections", redis-py's own cap).
 REDIS_CONNECTIONS = 32
 REDIS_WAIT_SECONDS = 10.0
 

@@ -98,3 +98,25 @@ async def test_permit_does_not_wait_out_a_pause_longer_than_a_window(limiter):
     started = time.monotonic()
     wait = await limiter.permit("m-paused", Decimal(10))
     assert 2000 <= wait <= 3000 and time.monotonic() - started < 0.5
+
+
+async def _script_calls(client) -> int:
+    stats = await client.info("commandstats")
+    return sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+async def test_askers_at_once_share_a_script_call_and_are_counted_in_turn(limiter):
+    """A worker's refunds in flight ask together: one round trip for many, and the same
+    answers as one by one (each turn booked once, the window counted once per request)."""
+    before = await _script_calls(limiter._client)
+    turns = await asyncio.gather(*(limiter.acquire("m-together", Decimal(10)) for _ in range(12)),
+                                 limiter.acquire("m-alone", Decimal(10)))
+    *together, alone = turns
+    assert together[0].wait_ms == 0 and alone.wait_ms == 0  # the first of each merchant goes now
+    slots = [turn.slot_ms for turn in together[1:]]
+    assert None not in slots and len(set(slots)) == 11 and slots == sorted(slots)  # one slot each, in order
+    assert all(b - a in (WINDOW_MS // 10, WINDOW_MS // 10 + 1) for a, b in zip(slots, slots[1:]))
+
+    assert await asyncio.gather(*(limiter.permit("m-window", Decimal(10)) for _ in range(10))) == [0] * 10
+    assert await limiter._client.zcard("test-rate:m-window:window") == 10  # each request counted once
+    assert await _script_calls(limiter._client) - before <= 4  # 23 askers: a call or two each way
