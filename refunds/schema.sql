@@ -225,44 +225,49 @@ CREATE TABLE IF NOT EXISTS webhook_attempts (
     FOREIGN KEY (event_id, endpoint_id) REFERENCES webhook_deliveries (event_id, endpoint_id) ON DELETE CASCADE
 );
 
--- The audit row of a move is the outbox's source: a refund accepted, or reaching pending or a
+-- The audit rows of a move are the outbox's source: a refund accepted, or reaching pending or a
 -- final state, becomes an event for every enabled endpoint subscribed to it (none: nothing written).
 -- Deliveries written, it notifies the channel webhook_deliveries: the scheduler LISTENs on it and
 -- hands them to the workers at once instead of at its next pass. Postgres sends the notification
 -- at commit (none for a move rolled back) and folds a transaction's identical ones into one.
+-- It runs once per statement over the rows it inserted (the workers and the receiver move refunds
+-- many to a statement), so with webhooks off a statement costs one look at an empty table.
 CREATE OR REPLACE FUNCTION refund_events_to_webhooks() RETURNS trigger
 LANGUAGE plpgsql AS $$
-DECLARE
-    kind text := CASE WHEN NEW.from_state IS NULL THEN 'refund.accepted'
-                      WHEN NEW.to_state IN ('pending', 'succeeded', 'failed', 'rejected', 'manual_review')
-                      THEN 'refund.' || NEW.to_state END;
-    refund refunds%ROWTYPE;
-    new_event_id text;
 BEGIN
-    IF kind IS NULL OR NOT EXISTS (SELECT 1 FROM webhook_endpoints WHERE disabled_at IS NULL) THEN
-        RETURN NULL;  -- webhooks off: one look at an empty table per audit row
-    END IF;
-    SELECT * INTO refund FROM refunds WHERE refund_id = NEW.refund_id;
-    IF NOT EXISTS (SELECT 1 FROM webhook_endpoints WHERE disabled_at IS NULL
-                   AND refund.merchant_id = ANY (merchants) AND kind = ANY (event_types)) THEN
+    IF NOT EXISTS (SELECT 1 FROM webhook_endpoints WHERE disabled_at IS NULL) THEN
         RETURN NULL;
     END IF;
-    new_event_id := 'evt_' || replace(gen_random_uuid()::text, '-', '');
-    INSERT INTO webhook_events (event_id, refund_id, merchant_id, event_type, data, occurred_at)
-    VALUES (new_event_id, refund.refund_id, refund.merchant_id, kind, jsonb_build_object(
-        'refund_id', refund.refund_id, 'merchant_id', refund.merchant_id, 'external_ref', refund.external_ref,
-        'original_transaction_id', refund.original_transaction_id, 'amount', refund.amount::text,
-        'currency', refund.currency, 'reason', refund.reason, 'state', NEW.to_state,
-        'requested_by', refund.requested_by, 'attempts', refund.attempts,
-        'provider_refund_id', refund.provider_refund_id, 'provider_code', refund.provider_code,
-        'provider_message', refund.provider_message,
-        'created_at', to_char(refund.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
-        'updated_at', to_char(refund.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
-        'completed_at', to_char(refund.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')),
-        NEW.occurred_at);
+    WITH moves AS (
+        SELECT a.refund_id, a.to_state, a.occurred_at,
+               CASE WHEN a.from_state IS NULL THEN 'refund.accepted'
+                    WHEN a.to_state IN ('pending', 'succeeded', 'failed', 'rejected', 'manual_review')
+                    THEN 'refund.' || a.to_state END AS kind
+          FROM audited a
+    ), events AS (
+        INSERT INTO webhook_events (event_id, refund_id, merchant_id, event_type, data, occurred_at)
+        SELECT 'evt_' || replace(gen_random_uuid()::text, '-', ''), refund.refund_id, refund.merchant_id, m.kind,
+               jsonb_build_object(
+                   'refund_id', refund.refund_id, 'merchant_id', refund.merchant_id, 'external_ref', refund.external_ref,
+                   'original_transaction_id', refund.original_transaction_id, 'amount', refund.amount::text,
+                   'currency', refund.currency, 'reason', refund.reason, 'state', m.to_state,
+                   'requested_by', refund.requested_by, 'attempts', refund.attempts,
+                   'provider_refund_id', refund.provider_refund_id, 'provider_code', refund.provider_code,
+                   'provider_message', refund.provider_message,
+                   'created_at', to_char(refund.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+                   'updated_at', to_char(refund.updated_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'),
+                   'completed_at', to_char(refund.completed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')),
+               m.occurred_at
+          FROM moves m JOIN refunds refund ON refund.refund_id = m.refund_id
+         WHERE m.kind IS NOT NULL
+           AND EXISTS (SELECT 1 FROM webhook_endpoints w WHERE w.disabled_at IS NULL
+                          AND refund.merchant_id = ANY (w.merchants) AND m.kind = ANY (w.event_types))
+        RETURNING event_id, merchant_id, event_type
+    )
     INSERT INTO webhook_deliveries (event_id, endpoint_id)
-    SELECT new_event_id, endpoint_id FROM webhook_endpoints
-    WHERE disabled_at IS NULL AND refund.merchant_id = ANY (merchants) AND kind = ANY (event_types);
+    SELECT e.event_id, w.endpoint_id
+      FROM events e JOIN webhook_endpoints w
+        ON w.disabled_at IS NULL AND e.merchant_id = ANY (w.merchants) AND e.event_type = ANY (w.event_types);
     IF FOUND THEN
         PERFORM pg_notify('webhook_deliveries', '');
     END IF;
@@ -271,4 +276,5 @@ END $$;
 DROP TRIGGER IF EXISTS refund_events_to_webhooks ON refund_events;
 CREATE TRIGGER refund_events_to_webhooks
     AFTER INSERT ON refund_events
-    FOR EACH ROW EXECUTE FUNCTION refund_events_to_webhooks();
+    REFERENCING NEW TABLE AS audited
+    FOR EACH STATEMENT EXECUTE FUNCTION refund_events_to_webhooks();

@@ -72,6 +72,33 @@ async def test_each_move_writes_its_event_for_each_subscribed_endpoint_in_its_tr
     assert len(await events(db)) == before
 
 
+async def test_one_statement_moving_many_refunds_writes_each_move_its_events(db, vault, make_merchant):
+    """Workers and the receiver move refunds many to a statement; the outbox is written once per
+    statement over all its audit rows: each move its event, each event its subscribed endpoints."""
+    await make_merchant("m1")
+    await make_merchant("m2")
+    await paid(db, "m1", amount="100.00")
+    await paid(db, "m2", amount="100.00")
+    everything, _ = await endpoint(db, vault, merchants=["m1", "m2"])
+    finals_m2, _ = await endpoint(db, vault, merchants=["m2"], event_types=["refund.failed"], name="m2-failures")
+    refunds = [await accepted(db, f"R-{i}", merchant) for i, merchant in enumerate(["m1", "m1", "m2", "m2"])]
+    await transition_many(db, [Move(r.refund_id, "submitted") for r in refunds], actor="test")  # no event
+    await transition_many(db, [Move(refunds[0].refund_id, "succeeded", provider_refund_id="PE-0"),
+                               Move(refunds[1].refund_id, "pending"),
+                               Move(refunds[2].refund_id, "failed", code="605"),
+                               Move(refunds[3].refund_id, "failed", code="605")], actor="test")
+    rows = await db.fetch("SELECT refund_id, event_type, data->>'state' AS state, data->>'provider_code' AS code"
+                          " FROM webhook_events WHERE event_type <> 'refund.accepted'")
+    assert sorted((str(r["refund_id"]), r["event_type"], r["state"], r["code"]) for r in rows) == sorted([
+        (str(refunds[0].refund_id), "refund.succeeded", "succeeded", None),
+        (str(refunds[1].refund_id), "refund.pending", "pending", None),
+        (str(refunds[2].refund_id), "refund.failed", "failed", "605"),
+        (str(refunds[3].refund_id), "refund.failed", "failed", "605")])
+    deliveries = await db.fetch("SELECT endpoint_id, count(*) FROM webhook_deliveries GROUP BY endpoint_id")
+    assert {row["endpoint_id"]: row["count"] for row in deliveries} == {everything.endpoint_id: 4 + 4,
+                                                                        finals_m2.endpoint_id: 2}
+
+
 async def test_no_endpoint_no_event(db, make_merchant):
     await make_merchant("m1")
     await paid(db)
