@@ -9,6 +9,10 @@ read when a delivery starts. ``notification_time_scale`` multiplies every delay,
 the whole long schedule in about 3⅓ minutes and 0.00001 in 2 seconds; it is read before each
 wait, so a change reaches deliveries already waiting.
 
+At most ``connections`` attempts are under way at once (100, aiohttp's default pool); the
+others wait for their turn, and each attempt's timeout runs from its start: a notification
+still waiting behind the notifier's own queue has not been sent, so it cannot have timed out.
+
 Each notification's body is serialized once and signed once (``PE-Signature``: HMAC-SHA256
 of those exact bytes with the merchant's secretKey), so retries and chaos duplicates send
 the very same bytes and the same operationNumber. Deliveries run as background tasks that
@@ -48,10 +52,12 @@ RETRY_SCHEDULE_S: tuple[float, ...] = LONG_RETRY_SCHEDULE_S
 
 class Notifier:
     def __init__(self, chaos: Chaos, *, schedule: tuple[float, ...] = RETRY_SCHEDULE_S,
-                 attempt_timeout: float = 10.0):
+                 attempt_timeout: float = 10.0, connections: int = 100):
         self._chaos = chaos
         self._schedule = tuple(schedule)
         self._timeout = aiohttp.ClientTimeout(total=attempt_timeout)
+        self._connections = connections
+        self._turns = asyncio.Semaphore(connections)  # an attempt takes a turn, then its timeout starts
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
         self.attempts = 0  # POSTs made, answered or not
@@ -59,7 +65,7 @@ class Notifier:
         self.abandoned = 0
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession()
+        self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._connections))
 
     async def close(self) -> None:
         """Cancel what is still in flight (its sender is going away) and close the session."""
@@ -116,18 +122,20 @@ class Notifier:
         schedule = self._retries()
         attempts = 1 + len(schedule)
         for attempt in range(1, attempts + 1):
-            self.attempts += 1
             try:
                 assert self._session is not None, "the notifier is not started"
-                async with self._session.post(note.url, data=note.body, headers=headers,
-                                              timeout=self._timeout) as response:
-                    await response.read()
-                    if response.status == 200:
-                        self.delivered += 1
-                        log.debug("notification %s %s delivered to %s (attempt %d)",
-                                  note.event_type, note.operation_number, note.merchant_id, attempt)
-                        return True
-                    outcome = f"HTTP {response.status}"
+                async with self._turns:
+                    self.attempts += 1
+                    async with self._session.post(note.url, data=note.body, headers=headers,
+                                                  timeout=self._timeout) as response:
+                        await response.read()
+                        status = response.status
+                if status == 200:
+                    self.delivered += 1
+                    log.debug("notification %s %s delivered to %s (attempt %d)",
+                              note.event_type, note.operation_number, note.merchant_id, attempt)
+                    return True
+                outcome = f"HTTP {status}"
             except (TimeoutError, aiohttp.ClientError) as exc:
                 outcome = type(exc).__name__
             if attempt == attempts:
