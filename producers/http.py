@@ -44,7 +44,9 @@ from pydantic.json_schema import models_json_schema
 from refunds.database import OUTAGE_ERRORS as DB_OUTAGE_ERRORS, Database, Unavailable, describe
 from refunds.delivery import Courier
 from refunds import db, metrics, service
-from refunds.http_api import ERRORS, REQUEST_ID, REQUEST_ID_HEADER, error_body, error_response, request_ids
+from refunds.http_api import (
+    ERRORS, LOG_FIELDS, REQUEST_ID, REQUEST_ID_HEADER, AccessLog, error_body, error_response, request_ids,
+)
 from refunds.errors import NotFound, RefundRefused
 from refunds.records import (
     Refund, find_by_external_ref, find_refund, list_refunds, page_cursor, parse_cursor, refund_events,
@@ -330,9 +332,8 @@ async def create_refund(request: web.Request) -> web.Response:
         raise
     await hand_over(result, pool, request.app[COURIER])  # committed, and the connection is back in the pool
     refund = result.refund
-    log.info("refund %s %s", refund.refund_id, "accepted" if result.created else "replayed",
-             extra={"refund_id": str(refund.refund_id), "merchant": refund.merchant_id,
-                    "external_ref": refund.external_ref})
+    request[LOG_FIELDS] = {"refund_id": str(refund.refund_id), "merchant": refund.merchant_id,
+                           "external_ref": refund.external_ref, "result": "accepted" if result.created else "replayed"}
     return web.json_response(result.to_json(), status=result.http_status,
                              headers=None if result.created else {IDEMPOTENT_REPLAYED: "true"})
 
@@ -770,7 +771,6 @@ def openapi_document() -> dict:
 # --- python -m producers.http -------------------------------------------------------------------
 
 DEFAULT_HOST = "0.0.0.0"
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'  # the request line has no token: it is only in a header
 
 
 def main() -> int:
@@ -783,7 +783,7 @@ def main() -> int:
     host = os.environ.get("INTAKE_HOST", "").strip() or DEFAULT_HOST
     app = create_app(database_url=settings.database_url, redis_url=settings.redis_url)
     return service.run("intake", app, host, settings.intake_port, metrics_port=settings.intake_metrics_port,
-                       access_log_format=ACCESS_LOG_FORMAT)
+                       access_log_class=AccessLog)  # one line a request, a refund's named in it
 
 
 if __name__ == "__main__":

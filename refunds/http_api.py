@@ -7,7 +7,9 @@ means. Answers are built from it (``error_answer``: the status comes with the co
 OpenAPI document enumerates its codes from it (per operation, ``producers.http``), and
 docs/API.md lists it. Every answer carries ``X-Request-Id``: the caller's when it sent a usable
 one (1-128 of letters, digits and ``._:-``), else a new one; the request's log lines carry it too
-(``refunds.logs.context``), so a call can be joined to what it did.
+(``refunds.logs.context``), so a call can be joined to what it did. ``AccessLog`` writes one
+line per request with that id and what the handler added to it (``LOG_FIELDS``: the intake's
+line for a refund it accepted names the refund).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import uuid
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
 
 from . import logs
 
@@ -26,6 +29,7 @@ log = logging.getLogger(__name__)
 REQUEST_ID_HEADER = "X-Request-Id"
 USABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 REQUEST_ID = web.RequestKey("request_id", str)
+LOG_FIELDS = web.RequestKey("log_fields", dict)  # added to the request's access line (AccessLog)
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,23 @@ async def request_ids(request: web.Request, handler) -> web.StreamResponse:
         response = await handler(request)
     response.headers[REQUEST_ID_HEADER] = request_id
     return response
+
+
+class AccessLog(AbstractAccessLogger):
+    """One line per request: its request line, status, size and time, its request id, and the
+    fields its handler set in ``LOG_FIELDS`` (never a header or the body: no token, no secret)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        line = f"{request.method} {request.path_qs} HTTP/{request.version.major}.{request.version.minor}"
+        self.logger.info('%s "%s" %d %d %.3fs', request.remote, line, response.status, response.body_length, time,
+                         extra={"remote_address": request.remote, "first_request_line": line,
+                                "response_status": response.status, "response_size": response.body_length,
+                                "ms": round(time * 1000, 1), "request_id": request.get(REQUEST_ID),
+                                **request.get(LOG_FIELDS, {})})
 
 
 def error_body(code: str, message: str, field: str | None = None, *, request_id: str | None = None) -> dict:

@@ -7,7 +7,11 @@ import io
 import json
 import logging
 
+from aiohttp.test_utils import TestClient, TestServer
+
+from producers.http import create_app
 from refunds import logs
+from refunds.http_api import AccessLog
 from tests.helpers import paid
 from tests.producers.test_intake import MISSING, bearer, client  # noqa: F401  (client: the fixture)
 from tests.producers.test_intake import body as intake_body
@@ -20,28 +24,46 @@ def body(**changes) -> dict:
     return intake_body(**{name: MISSING if value is None else value for name, value in changes.items()})
 
 
-async def test_every_answer_names_its_request_and_the_log_joins_it_to_the_refund(db, make_merchant, client, queue):
+async def test_every_answer_names_its_request_and_the_log_joins_it_to_the_refund(db, make_merchant, database_url,
+                                                                                 module_redis_url, queue):
+    """One access line a request, as the intake process writes it (``AccessLog``): its request id,
+    and for a refund accepted, the refund."""
     await make_merchant("m1")
     await paid(db)
     headers = await bearer(db)
-    stream = io.StringIO()  # formatted as the services format, while the request's context is on
+    stream = io.StringIO()  # formatted as the services format
     handler = logging.StreamHandler(stream)
     handler.setFormatter(logs.JsonFormatter())
-    intake_log = logging.getLogger("intake")
-    intake_log.addHandler(handler)
-    level, intake_log.level = intake_log.level, logging.INFO
+    access_log = logging.getLogger("aiohttp.access")
+    access_log.addHandler(handler)
+    level, access_log.level = access_log.level, logging.INFO
+    server = TestServer(create_app(database_url=database_url))
+    await server.start_server(access_log_class=AccessLog)  # as the intake's main() serves it
     try:
-        given = await client.post("/v1/refunds", json=body(), headers={**headers, "X-Request-Id": "checkout-42"})
+        async with TestClient(server) as client:
+            given = await client.post("/v1/refunds", json=body(), headers={**headers, "X-Request-Id": "checkout-42"})
+            refund_id = (await given.json())["refund_id"]
+            replayed = await client.post("/v1/refunds", json=body(), headers=headers)
+            await _checks_of_request_ids(client, headers, refund_id)
     finally:
-        intake_log.removeHandler(handler)
-        intake_log.setLevel(level)
-    assert given.status == 202 and given.headers["X-Request-Id"] == "checkout-42"
-    refund_id = (await given.json())["refund_id"]
-    [line] = [line for line in map(json.loads, stream.getvalue().splitlines()) if line["msg"].startswith("refund ")]
-    assert (line["request_id"], line["refund_id"], line["merchant"]) == ("checkout-42", refund_id, "m1")
+        access_log.removeHandler(handler)
+        access_log.setLevel(level)
+    assert given.status == 202 and given.headers["X-Request-Id"] == "checkout-42" and replayed.status == 200
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["first_request_line"].split("?")[0], line["response_status"]) for line in lines] == [
+        ("POST /v1/refunds HTTP/1.1", 202), ("POST /v1/refunds HTTP/1.1", 200),
+        (f"GET /v1/refunds/{refund_id} HTTP/1.1", 200), ("POST /v1/refunds HTTP/1.1", 422),
+        ("GET /v1/nowhere HTTP/1.1", 404)]
+    accepted, again = lines[0], lines[1]
+    assert (accepted["request_id"], accepted["refund_id"], accepted["merchant"], accepted["external_ref"],
+            accepted["result"]) == ("checkout-42", refund_id, "m1", "R-1", "accepted")
+    assert (again["refund_id"], again["result"], again["request_id"]) == (refund_id, "replayed", lines[1]["request_id"])
+    assert all(line["request_id"] for line in lines) and "refund_id" not in lines[3]  # refused: no refund named
     # kept on the refund: the workers tag their lines for it with the same id (tests/workers/test_worker.py)
     assert await db.fetchval("SELECT request_id FROM refunds WHERE refund_id = $1::uuid", refund_id) == "checkout-42"
 
+
+async def _checks_of_request_ids(client, headers, refund_id):
     made = await client.get(f"/v1/refunds/{refund_id}", headers={**headers, "X-Request-Id": "bad id with spaces"})
     assert made.status == 200 and len(made.headers["X-Request-Id"]) == 32  # unusable: a new one is made
 
