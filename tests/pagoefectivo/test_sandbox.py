@@ -855,8 +855,8 @@ async def test_refundctl_sandbox_serve_closes_a_half_sent_request_at_the_header_
 
 async def test_a_notification_waiting_for_its_turn_has_not_timed_out():
     """Attempts beyond the notifier's connections wait their turn; each attempt's timeout runs
-    from its start. Four notifications at once through one connection to a receiver that takes
-    0.2 s each: the last starts after 0.6 s, twice its 0.3 s timeout, and is delivered first time."""
+    from its start. Eight notifications at once through one connection to a receiver that takes
+    0.1 s each: the last starts after 0.7 s, past its 0.5 s timeout, and is delivered first time."""
     from pagoefectivo.sandbox.chaos import Chaos
     from pagoefectivo.sandbox.notifier import Notifier
 
@@ -865,22 +865,22 @@ async def test_a_notification_waiting_for_its_turn_has_not_timed_out():
     async def slow(request):
         started.append(asyncio.get_running_loop().time())
         await request.read()
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.1)
         return web.json_response({"result": "applied"})
 
     app = web.Application()
     app.router.add_post("/notify", slow)
     async with TestServer(app) as server:
-        notifier = Notifier(Chaos(), attempt_timeout=0.3, connections=1)
+        notifier = Notifier(Chaos(), attempt_timeout=0.5, connections=1)
         await notifier.start()
         try:
-            for n in range(4):
+            for n in range(8):
                 notifier.send(str(server.make_url("/notify")), "m1",
                               {"eventType": "refund.succeeded", "operationNumber": f"op-{n}"}, "secret")
             deadline = asyncio.get_running_loop().time() + 5
-            while notifier.delivered + notifier.abandoned < 4 and asyncio.get_running_loop().time() < deadline:
+            while notifier.delivered + notifier.abandoned < 8 and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(0.02)
         finally:
             await notifier.close()
-    assert (notifier.delivered, notifier.abandoned, notifier.attempts) == (4, 0, 4)
-    assert started[-1] - started[0] >= 0.55  # one at a time: the last waited past its timeout, unsent
+    assert (notifier.delivered, notifier.abandoned, notifier.attempts) == (8, 0, 8)
+    assert started[-1] - started[0] >= 0.65  # one at a time: the last waited past its timeout, unsent

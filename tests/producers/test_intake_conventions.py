@@ -57,7 +57,8 @@ async def test_every_answer_names_its_request_and_the_log_joins_it_to_the_refund
     accepted, again = lines[0], lines[1]
     assert (accepted["request_id"], accepted["refund_id"], accepted["merchant"], accepted["external_ref"],
             accepted["result"]) == ("checkout-42", refund_id, "m1", "R-1", "accepted")
-    assert (again["refund_id"], again["result"], again["request_id"]) == (refund_id, "replayed", lines[1]["request_id"])
+    assert (again["refund_id"], again["result"], again["request_id"]) == (
+        refund_id, "replayed", replayed.headers["X-Request-Id"])
     assert all(line["request_id"] for line in lines) and "refund_id" not in lines[3]  # refused: no refund named
     # kept on the refund: the workers tag their lines for it with the same id (tests/workers/test_worker.py)
     assert await db.fetchval("SELECT request_id FROM refunds WHERE refund_id = $1::uuid", refund_id) == "checkout-42"
