@@ -9,6 +9,7 @@ its own shape (test_worker a tuple that other modules unpack, test_client a rich
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -47,6 +48,21 @@ async def chaos(http: aiohttp.ClientSession, sandbox_url: str, **knobs) -> None:
         assert response.status == 200, await response.text()
 
 
+class FirstDrawsHit(random.Random):
+    """A sandbox ``Chaos.rng`` whose first ``hits`` draws hit any rate above zero and every later one
+    misses: faults that are certainly met, and certainly fewer than a caller's tries."""
+
+    def __init__(self, hits: int):
+        super().__init__(0)
+        self.hits = hits
+
+    def random(self) -> float:
+        if self.hits > 0:
+            self.hits -= 1
+            return 0.0
+        return 1.0 - 1e-9
+
+
 @dataclass(frozen=True)
 class RunningStack:
     res: object  # workers.resources.Resources, whose client talks to the sandbox
@@ -54,6 +70,13 @@ class RunningStack:
     sandbox_app: web.Application
     http: aiohttp.ClientSession  # a plain session for the tests' own calls to the sandbox
     receiver_url: str
+
+    def first_draws_hit(self, hits: int) -> FirstDrawsHit:
+        """The sandbox's next ``hits`` random draws hit (a fault for each rate set above zero), no later one."""
+        from pagoefectivo.sandbox.app import SANDBOX
+
+        rng = self.sandbox_app[SANDBOX].chaos.rng = FirstDrawsHit(hits)
+        return rng
 
     async def onboard(self, merchant) -> None:
         """Register ``merchant`` (ours, with its keys) with the sandbox gateway, as its seller would."""

@@ -199,11 +199,12 @@ _VALIDATORS = {"rate": _rate, "duration": _duration, "seconds": _seconds, "limit
 
 
 class Chaos:
-    """The current config and the random decisions drawn from it (one event loop, no locks)."""
+    """The current config and the random decisions drawn from it (one event loop, no locks).
+    ``rng`` draws every decision; a test may replace it to script which draws hit."""
 
     def __init__(self, config: ChaosConfig | None = None, *, rng: random.Random | None = None):
         self.config = config or ChaosConfig()
-        self._rng = rng or random.Random()
+        self.rng = rng or random.Random()
         self._windows: dict[str, deque[float]] = {}
 
     def update(self, changes: Mapping[str, Any]) -> ChaosConfig:
@@ -211,14 +212,14 @@ class Chaos:
         return self.config
 
     def hit(self, rate: float) -> bool:
-        return rate > 0 and self._rng.random() < rate
+        return rate > 0 and self.rng.random() < rate
 
     def uniform(self, low: float, high: float) -> float:
-        return self._rng.uniform(low, high)
+        return self.rng.uniform(low, high)
 
     async def latency(self) -> None:
         cfg = self.config
-        delay_ms = cfg.latency_ms + (self._rng.uniform(0, cfg.jitter_ms) if cfg.jitter_ms else 0.0)
+        delay_ms = cfg.latency_ms + (self.rng.uniform(0, cfg.jitter_ms) if cfg.jitter_ms else 0.0)
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
 
@@ -246,7 +247,7 @@ class Chaos:
     def draw_status(self) -> str:
         mix = self.config.sync_status_mix
         statuses = [s for s in STATUSES if mix.get(s, 0) > 0]
-        return self._rng.choices(statuses, weights=[mix[s] for s in statuses])[0]
+        return self.rng.choices(statuses, weights=[mix[s] for s in statuses])[0]
 
     # --- notifications ---------------------------------------------------------------
 
@@ -256,7 +257,7 @@ class Chaos:
         cfg = self.config
         delay = cfg.notification_delay_ms / 1000
         if self.hit(cfg.notification_reorder_rate):
-            delay += self._rng.uniform(0.2, 1.0)
+            delay += self.rng.uniform(0.2, 1.0)
         return delay
 
     def duplicate_notification(self) -> bool:

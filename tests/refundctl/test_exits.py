@@ -161,6 +161,7 @@ async def test_refunds_page_with_limit_and_cursor_and_report_as_json(db, make_me
     assert sorted(r["refund_id"] for r in report["refunds"]) == sorted(expected) and "totals" in report
 
 
+@pytest.mark.slow
 async def test_refund_create_with_redis_down_is_accepted_for_the_scheduler(db, make_merchant, closed_port):
     await make_merchant("m1")
     await paid(db)
