@@ -146,7 +146,7 @@ def test_start_connect_and_clean_exit():
         stopping = time.monotonic()
     stop_time = time.monotonic() - stopping
     assert leftovers(info) == []
-    assert start_time < 10 and stop_time < 5, (start_time, stop_time)
+    assert start_time < 60 and stop_time < 20, (start_time, stop_time)  # neither hangs (typically 2-4 s and < 1 s)
     print(f"start {start_time:.2f}s, stop {stop_time:.2f}s")
 
 

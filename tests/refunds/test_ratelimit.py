@@ -58,24 +58,26 @@ async def test_merchants_do_not_share_a_limit(limiter):
     backlog = asyncio.create_task(drain_backlog(limiter, "m-busy", 2, 10))
     await asyncio.sleep(0.1)
     started = time.monotonic()
-    sent = await drain_backlog(limiter, "m-quiet", 10, 5)
-    assert len(sent) == 5 and time.monotonic() - started < 1.0
+    sent = await drain_backlog(limiter, "m-quiet", 10, 5)  # ~0.44 s alone; behind m-busy's 2/s, over 2.5 s
+    assert len(sent) == 5 and time.monotonic() - started < 2.0
     backlog.cancel()
 
 
 async def test_gateway_429_pauses_the_merchant_for_every_worker(limiter):
+    paused_at = time.monotonic()
     await limiter.pause("m-429", 0.5)
     decision = await limiter.acquire("m-429", Decimal(100))
-    assert 300 <= decision.wait_ms <= 500
+    asked_ms = (time.monotonic() - paused_at) * 1000  # however long the two round trips took
+    assert 500 - asked_ms - 5 <= decision.wait_ms <= 500
     await asyncio.sleep(0.55)
     assert (await limiter.acquire("m-429", Decimal(100))).wait_ms == 0
 
 
 async def test_a_turn_that_comes_soon_is_waited_for_in_place_and_a_later_one_is_a_slot(limiter):
-    assert (await limiter.admit("m-soon", Decimal(20))).wait_ms == 0
     started = time.monotonic()
-    assert (await limiter.admit("m-soon", Decimal(20))).wait_ms == 0  # its turn ~52 ms later: waited here
-    assert 0.02 <= time.monotonic() - started <= 0.4
+    assert (await limiter.admit("m-soon", Decimal(20))).wait_ms == 0
+    assert (await limiter.admit("m-soon", Decimal(20))).wait_ms == 0  # its turn 55 ms after the first: waited here
+    assert 0.05 <= time.monotonic() - started <= 2.0
     assert (await limiter.admit("m-later", Decimal(2))).wait_ms == 0
     later = await limiter.admit("m-later", Decimal(2))  # ~525 ms away: re-queue to arrive at its slot
     assert later.wait_ms > SHORT_WAIT_MS and later.slot_ms is not None
@@ -83,32 +85,34 @@ async def test_a_turn_that_comes_soon_is_waited_for_in_place_and_a_later_one_is_
 
 @pytest.mark.slow
 async def test_permit_counts_each_request_and_waits_in_place_for_room_in_the_window(limiter):
+    started = time.monotonic()  # before the first request is counted: the eleventh waits a window from it
     booking = await limiter.book("m-full", Decimal(10), 11)
     for slot in booking.slots_ms[:10]:  # ten turns taken together (bunched slots): ten requests fill the window
         assert (await limiter.acquire("m-full", Decimal(10), slot_ms=slot)).wait_ms == 0
         assert await limiter.permit("m-full", Decimal(10)) == 0
     assert (await limiter.acquire("m-full", Decimal(10), slot_ms=booking.slots_ms[10])).wait_ms == 0
-    started = time.monotonic()
     assert await limiter.permit("m-full", Decimal(10)) == 0  # the eleventh leaves when the first ages out
-    assert (WINDOW_MS - 150) / 1000 <= time.monotonic() - started <= 1.6
+    assert (WINDOW_MS - 5) / 1000 <= time.monotonic() - started <= 3.0
 
 
 async def test_permit_does_not_wait_out_a_pause_longer_than_a_window(limiter):
     await limiter.pause("m-paused", 3)
     started = time.monotonic()
     wait = await limiter.permit("m-paused", Decimal(10))
-    assert 2000 <= wait <= 3000 and time.monotonic() - started < 0.5
-
-
-async def _script_calls(client) -> int:
-    stats = await client.info("commandstats")
-    return sum(stats.get(name, {}).get("calls", 0) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+    assert 2000 <= wait <= 3000 and time.monotonic() - started < 1.5  # answered, not waited out (3 s)
 
 
 async def test_askers_at_once_share_a_script_call_and_are_counted_in_turn(limiter):
     """A worker's refunds in flight ask together: one round trip for many, and the same
     answers as one by one (each turn booked once, the window counted once per request)."""
-    before = await _script_calls(limiter._client)
+    calls = []  # the limiter's own script calls (the server's command counts include other clients')
+    for name in ("_acquire", "_permit"):
+        script = getattr(limiter, name)
+
+        async def counted(*args, _script=script, _name=name, **kwargs):
+            calls.append(_name)
+            return await _script(*args, **kwargs)
+        setattr(limiter, name, counted)
     turns = await asyncio.gather(*(limiter.acquire("m-together", Decimal(10)) for _ in range(12)),
                                  limiter.acquire("m-alone", Decimal(10)))
     *together, alone = turns
@@ -119,4 +123,4 @@ async def test_askers_at_once_share_a_script_call_and_are_counted_in_turn(limite
 
     assert await asyncio.gather(*(limiter.permit("m-window", Decimal(10)) for _ in range(10))) == [0] * 10
     assert await limiter._client.zcard("test-rate:m-window:window") == 10  # each request counted once
-    assert await _script_calls(limiter._client) - before <= 4  # 23 askers: a call or two each way
+    assert 2 <= len(calls) <= 4 and set(calls) == {"_acquire", "_permit"}  # 23 askers: a call or two each way

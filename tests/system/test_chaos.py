@@ -244,9 +244,10 @@ async def test_sigterm_lets_in_flight_refunds_finish_or_return_safely(db, make_m
     requests = await seed(db, make_merchant, {"ta": 500}, 300)
     await asyncio.to_thread(system.start, "--latency-ms", "300", "--sync-status-mix", '{"success": 1}')
     await enqueue_all(database_url, requests)
-    await asyncio.sleep(1.5)
-    in_flight = await db.fetchval("SELECT count(*) FROM refunds WHERE state = 'submitted'")
-    assert in_flight > 0  # the signal lands while refunds are at the gateway
+    deadline = time.monotonic() + 30  # the signal lands while refunds are at the gateway, however slow the boot
+    while not await db.fetchval("SELECT count(*) FROM refunds WHERE state = 'submitted'"):
+        assert time.monotonic() < deadline, "no refund reached the gateway"
+        await asyncio.sleep(0.05)
     code, log = await asyncio.to_thread(system.stop_worker_gracefully)
     assert code == 0, log
     stranded = await db.fetchval("SELECT count(*) FROM refunds WHERE state = 'submitted' AND claimed_until > now()")
