@@ -383,6 +383,7 @@ def test_a_worker_opens_its_resources_before_any_thread_takes_a_message(monkeypa
     dramatiq.actor(probe, broker=broker, queue_name=queue, actor_name=queue, max_retries=0)
     broker.actors[queue].send()  # waiting before the worker boots
     worker = Worker(broker, queues={queue}, worker_threads=2)
+    policy = asyncio.get_event_loop_policy()  # the worker's boot makes uvloop's the process's policy
     worker.start()
     try:
         deadline = time.monotonic() + 10
@@ -391,6 +392,7 @@ def test_a_worker_opens_its_resources_before_any_thread_takes_a_message(monkeypa
     finally:
         worker.stop()
         broker.close()
+        asyncio.set_event_loop_policy(policy)  # for the tests after this one (subprocesses need its child watcher)
     assert seen == [True]
 
 
