@@ -25,7 +25,8 @@ to wait; the worker then re-queues the refund to arrive at its slot, with jitter
 owns no slot, so that refunds paused together do not come back together. ``permit``, just
 before each request: is there room in the window? It waits in place for it (the claimed
 refund is held for at most a window) and counts the request. The questions asked at once
-share one script call.
+share one script call; a key Redis cannot read as a schedule or a window fails the one asker it
+belongs to, not the others of the call.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import TypeVar
 
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from .coalesce import Coalescer
+
+T = TypeVar("T")
 
 # The window is a little longer than a second: a request counted as it leaves (on Redis's clock)
 # reaches the gateway's own counter later by a delay that varies (our event loop, the network,
@@ -72,32 +77,41 @@ end
 local function keep_schedule(sched, tat)
   redis.call('SET', sched, tostring(tat), 'PX', math.ceil(tat - now) + 60000)
 end
+-- one(i) for each of `count` askers, an error (a key of the wrong type or value) its own answer
+local function each(count, one)
+  local answers = {}
+  for i = 1, count do
+    local ok, answer = pcall(one, i)
+    if ok then
+      answers[i] = answer
+    else
+      answers[i] = {err = type(answer) == 'table' and answer.err or tostring(answer)}
+    end
+  end
+  return answers
+end
 """
 
 # For each asker (a merchant's schedule and pause keys, its interval between slots and the slot
 # it booked earlier or -1): {0, -1} its turn now, {wait, -1} a pause, or {wait, slot} a slot
 # booked for it further on. Askers of one merchant in one call book one after the other.
 _ACQUIRE = _SCHEDULE + """
-local turns = {}
-for i = 1, #ARGV / 2 do
+return each(#ARGV / 2, function(i)
   local sched, pause = KEYS[2 * i - 1], KEYS[2 * i]
   local interval, slot = tonumber(ARGV[2 * i - 1]), tonumber(ARGV[2 * i])
   local paused = paused_for(pause)
   if paused > 0 then
-    turns[i] = {paused, -1}
+    return {paused, -1}
   elseif slot >= 0 then
-    turns[i] = {0, -1}                  -- its turn, booked earlier: the window is permit's
-  else
-    local tat = next_free(sched, now)
-    keep_schedule(sched, tat + interval)
-    if tat <= now then
-      turns[i] = {0, -1}
-    else
-      turns[i] = {math.max(1, tat - now), tat}
-    end
+    return {0, -1}                      -- its turn, booked earlier: the window is permit's
   end
-end
-return turns
+  local tat = next_free(sched, now)
+  keep_schedule(sched, tat + interval)
+  if tat <= now then
+    return {0, -1}
+  end
+  return {math.max(1, tat - now), tat}
+end)
 """
 
 # For each asker (a merchant's window and pause keys, and its sends per window): counts its
@@ -105,27 +119,23 @@ return turns
 # merchant's pause lasts. Askers of one merchant in one call are counted one after the other.
 _PERMIT = _SCHEDULE + """
 local WINDOW_MS = tonumber(ARGV[1])
-local waits = {}
-for i = 1, #ARGV - 1 do
+return each(#ARGV - 1, function(i)
   local window, pause = KEYS[2 * i - 1], KEYS[2 * i]
   local per_window = tonumber(ARGV[i + 1])
   local paused = paused_for(pause)
   if paused > 0 then
-    waits[i] = paused
-  else
-    redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_MS)
-    if redis.call('ZCARD', window) < per_window then
-      redis.call('ZADD', window, now, now .. ':' .. redis.call('INCR', window .. ':seq'))
-      redis.call('PEXPIRE', window, 2 * WINDOW_MS)
-      redis.call('PEXPIRE', window .. ':seq', 2000)
-      waits[i] = 0
-    else
-      local oldest = redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')
-      waits[i] = math.max(1, tonumber(oldest[2]) + WINDOW_MS - now)
-    end
+    return paused
   end
-end
-return waits
+  redis.call('ZREMRANGEBYSCORE', window, '-inf', now - WINDOW_MS)
+  if redis.call('ZCARD', window) < per_window then
+    redis.call('ZADD', window, now, now .. ':' .. redis.call('INCR', window .. ':seq'))
+    redis.call('PEXPIRE', window, 2 * WINDOW_MS)
+    redis.call('PEXPIRE', window .. ':seq', 2000)
+    return 0
+  end
+  local oldest = redis.call('ZRANGE', window, 0, 0, 'WITHSCORES')
+  return math.max(1, tonumber(oldest[2]) + WINDOW_MS - now)
+end)
 """
 
 # Books the next `count` slots; never touches the window (permit counts it at send time).
@@ -148,6 +158,14 @@ def _no_keys(_asker) -> tuple:
     return ()
 
 
+def _own(answer: T | ResponseError) -> T:
+    """An asker's answer from a shared script call; its own error (one of its keys holds a value of
+    the wrong type) is raised to it alone, the other askers of the call have theirs."""
+    if isinstance(answer, ResponseError):
+        raise answer
+    return answer
+
+
 def _pace(per_second: Decimal) -> tuple[float, int]:
     """The schedule's interval between slots (ms) and the sends one window allows, for a rate."""
     rate = float(per_second)  # a rate, not money
@@ -158,6 +176,11 @@ def _pace(per_second: Decimal) -> tuple[float, int]:
 class Decision:
     wait_ms: int  # 0: send now
     slot_ms: int | None  # the booked slot a re-queued refund owns, if any
+
+    @classmethod
+    def of(cls, wait_ms, slot_ms) -> "Decision":
+        """From the acquire script's answer, where a slot of -1 is none."""
+        return cls(int(wait_ms), None if int(slot_ms) < 0 else int(slot_ms))
 
 
 @dataclass(frozen=True)
@@ -191,16 +214,16 @@ class RateLimiter:
         pause is checked: the slot is never booked twice.
         """
         interval, _ = _pace(per_second)
-        return await self._turns((merchant_id, interval, -1 if slot_ms is None else slot_ms))
+        return _own(await self._turns((merchant_id, interval, -1 if slot_ms is None else slot_ms)))
 
-    async def _acquire_many(self, askers: list[tuple[str, float, int]]) -> list[Decision]:
+    async def _acquire_many(self, askers: list[tuple[str, float, int]]) -> list[Decision | ResponseError]:
         keys, args = [], []
         for merchant_id, interval, slot in askers:
             sched, _, pause = self._keys(merchant_id)
             keys += [sched, pause]
             args += [interval, slot]
         turns = await self._acquire(keys=keys, args=args)
-        return [Decision(int(wait), None if int(slot) < 0 else int(slot)) for wait, slot in turns]
+        return [turn if isinstance(turn, ResponseError) else Decision.of(*turn) for turn in turns]
 
     async def permit(self, merchant_id: str, per_second: Decimal) -> int:
         """Just before a request: wait in place for room in the merchant's window and count the
@@ -208,19 +231,20 @@ class RateLimiter:
         _, per_window = _pace(per_second)
         waited = 0
         while True:
-            wait = await self._permits((merchant_id, per_window))
+            wait = _own(await self._permits((merchant_id, per_window)))
             if not wait or waited + wait > MAX_PERMIT_WAIT_MS:
                 return wait
             await asyncio.sleep(wait / 1000)
             waited += wait
 
-    async def _permit_many(self, askers: list[tuple[str, int]]) -> list[int]:
+    async def _permit_many(self, askers: list[tuple[str, int]]) -> list[int | ResponseError]:
         keys, args = [], [WINDOW_MS]
         for merchant_id, per_window in askers:
             _, window, pause = self._keys(merchant_id)
             keys += [window, pause]
             args.append(per_window)
-        return [int(wait) for wait in await self._permit(keys=keys, args=args)]
+        waits = await self._permit(keys=keys, args=args)
+        return [wait if isinstance(wait, ResponseError) else int(wait) for wait in waits]
 
     async def admit(self, merchant_id: str, per_second: Decimal, *, slot_ms: int | None = None) -> Decision:
         """``acquire``, after waiting in place for room that comes soon: go now (``wait_ms`` 0), or

@@ -7,6 +7,7 @@ from decimal import Decimal
 import pytest
 import pytest_asyncio
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from refunds.ratelimit import SHORT_WAIT_MS, WINDOW_MS, RateLimiter
 
@@ -102,10 +103,10 @@ async def test_permit_does_not_wait_out_a_pause_longer_than_a_window(limiter):
     assert 2000 <= wait <= 3000 and time.monotonic() - started < 1.5  # answered, not waited out (3 s)
 
 
-async def test_askers_at_once_share_a_script_call_and_are_counted_in_turn(limiter):
-    """A worker's refunds in flight ask together: one round trip for many, and the same
-    answers as one by one (each turn booked once, the window counted once per request)."""
-    calls = []  # the limiter's own script calls (the server's command counts include other clients')
+def script_calls(limiter) -> list[str]:
+    """The names of the limiter's script calls from now on, in order (its own: the server's command
+    counts include other clients')."""
+    calls = []
     for name in ("_acquire", "_permit"):
         script = getattr(limiter, name)
 
@@ -113,6 +114,13 @@ async def test_askers_at_once_share_a_script_call_and_are_counted_in_turn(limite
             calls.append(_name)
             return await _script(*args, **kwargs)
         setattr(limiter, name, counted)
+    return calls
+
+
+async def test_askers_at_once_share_a_script_call_and_are_counted_in_turn(limiter):
+    """A worker's refunds in flight ask together: one round trip for many, and the same
+    answers as one by one (each turn booked once, the window counted once per request)."""
+    calls = script_calls(limiter)
     turns = await asyncio.gather(*(limiter.acquire("m-together", Decimal(10)) for _ in range(12)),
                                  limiter.acquire("m-alone", Decimal(10)))
     *together, alone = turns
@@ -124,3 +132,24 @@ async def test_askers_at_once_share_a_script_call_and_are_counted_in_turn(limite
     assert await asyncio.gather(*(limiter.permit("m-window", Decimal(10)) for _ in range(10))) == [0] * 10
     assert await limiter._client.zcard("test-rate:m-window:window") == 10  # each request counted once
     assert 2 <= len(calls) <= 4 and set(calls) == {"_acquire", "_permit"}  # 23 askers: a call or two each way
+
+
+async def test_an_askers_broken_key_fails_that_asker_alone_and_the_others_of_its_call_are_answered(limiter):
+    """A key of the wrong type or value (written by hand, say) makes Redis raise inside the shared
+    script: only the asker whose key it is gets the error; the others' turns and permits stand."""
+    calls = script_calls(limiter)
+    await limiter._client.set("test-rate:m-broken:sched", "not a time")
+    await limiter._client.set("test-rate:m-broken:window", "not a sorted set")
+
+    turns = await asyncio.gather(limiter.acquire("m-fine", Decimal(10)), limiter.acquire("m-broken", Decimal(10)),
+                                 limiter.acquire("m-fine", Decimal(10)), return_exceptions=True)
+    first, broken, second = turns
+    assert isinstance(broken, redis.exceptions.ResponseError), broken
+    assert first.wait_ms == 0 and second.slot_ms is not None and second.wait_ms > 0  # booked one after the other
+
+    permits = await asyncio.gather(limiter.permit("m-fine", Decimal(10)), limiter.permit("m-broken", Decimal(10)),
+                                   limiter.permit("m-fine", Decimal(10)), return_exceptions=True)
+    assert permits[0] == 0 and permits[2] == 0 and isinstance(permits[1], redis.exceptions.ResponseError), permits
+    assert "WRONGTYPE" in str(permits[1])
+    assert await limiter._client.zcard("test-rate:m-fine:window") == 2  # both counted
+    assert calls == ["_acquire", "_permit"]  # each question was one call shared by the three askers
