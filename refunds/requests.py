@@ -25,7 +25,6 @@ The rules:
 from __future__ import annotations
 
 import functools
-import re
 import typing
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,15 +40,16 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from . import money
 from .errors import RefundRefused
-from .money import CENT, CURRENCIES, MAX_AMOUNT, format_amount
+from .money import AMOUNT_PATTERN as AMOUNT
+from .money import CURRENCIES, format_amount
 from .states import STATES
 
 MAX_ID = 64
 MAX_TEXT = 255
 MERCHANT_ID = r"^[A-Za-z0-9_.-]{1,64}$"  # as schema.sql's CHECK on merchants
 EXTERNAL_REF = r"^[A-Za-z0-9_.:-]{1,64}$"
-AMOUNT = r"^[0-9]{1,12}(\.[0-9]{1,2})?$"  # numeric(14, 2)
 _CONTROL = r"\x00-\x1f\x7f-\x9f"
 IDENTIFIER = rf"^[^\s{_CONTROL}]([^{_CONTROL}]*[^\s{_CONTROL}])?$"
 TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"  # tab, LF and CR allowed
@@ -63,26 +63,18 @@ class Rule:
     code: str = "invalid_field"
 
 
-_AMOUNT = re.compile(AMOUNT)
-AMOUNT_RULE = Rule('a decimal string with at most 2 decimals, such as "10.50"', "invalid_amount")
+AMOUNT_RULE = Rule(money.AMOUNT_RULE, "invalid_amount")
 
 
 def _amount(value: object) -> Decimal:
-    """A positive Decimal with 2 places from a decimal string (or a Decimal); numbers are refused."""
-    if isinstance(value, str):
-        if len(value) > 15 or _AMOUNT.fullmatch(value) is None:
-            raise PydanticCustomError("refused", f"amount must be {AMOUNT_RULE.rule}")
-        value = Decimal(value)
-    elif isinstance(value, Decimal) and value.is_finite():
-        if value.as_tuple().exponent < -2:
-            raise PydanticCustomError("refused", f"amount {value} has more than 2 decimals")
-        if value > MAX_AMOUNT:
-            raise PydanticCustomError("refused", f"amount {value} is over {MAX_AMOUNT}")
-    else:
+    """``refunds.money``'s amount rule, and no number: a float cannot hold cents exactly, and an
+    integer may mean soles or céntimos (a Decimal is accepted from Python)."""
+    if not isinstance(value, (str, Decimal)):
         raise PydanticCustomError("refused", f"amount must be {AMOUNT_RULE.rule}, not {_kind(value)}")
-    if value <= 0:
-        raise PydanticCustomError("refused", "amount must be greater than 0")
-    return value.quantize(CENT)
+    try:
+        return money.parse_amount(value)
+    except RefundRefused as refused:
+        raise PydanticCustomError("refused", refused.message) from None
 
 
 MerchantId = Annotated[str, StringConstraints(max_length=MAX_ID, pattern=MERCHANT_ID),
@@ -135,7 +127,7 @@ class RefundRequest(_Request):
         return value or None
 
     @classmethod
-    def parse(cls, *, merchant_id, original_transaction_id, amount, currency, external_ref, reason=None) -> "RefundRequest":
+    def parse(cls, *, merchant_id, original_transaction_id, amount, currency, external_ref, reason=None) -> RefundRequest:
         """The request from Python values; raises RefundRefused naming the first bad field."""
         return validated(cls, {
             "merchant_id": merchant_id, "original_transaction_id": original_transaction_id, "amount": amount,

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import ConfigError
 
@@ -66,7 +67,7 @@ class Settings(BaseSettings):
     http_idle_timeout: float = Field(default=75, gt=0)
     http_max_connections: int = Field(default=1024, ge=1)
     # Refund window per payment method, in days (cash: 90 by PagoEfectivo practice).
-    refund_window_days: dict[str, int] = {"cash": 90, "bank_transfer": 90}
+    refund_window_days: dict[str, Annotated[int, Field(ge=1, le=36500)]] = {"cash": 90, "bank_transfer": 90}
     # Workers: a process silent on Redis this long (a live one polls ten times a second) is
     # presumed dead, and the messages it had fetched go back to their queue for the others.
     worker_dead_after_seconds: float = Field(default=10, ge=2, le=600)
@@ -188,6 +189,10 @@ def _decode_key(name: str, text: str) -> bytes:
 def get_settings() -> Settings:
     try:
         return Settings()
+    except SettingsError as exc:  # a structured setting (JSON) that does not parse
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = field[1].upper() if field else "a setting"
+        raise ConfigError(f"{name} is malformed: not valid JSON ({exc.__cause__ or exc})") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         if not err["loc"]:  # a rule between settings: its message names them

@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime, timezone
 
 from .common import (
-    Usage, emit, emit_page, merchant_id, page, table, with_conn, with_json, with_page,
+    RefundRefused, Usage, emit, emit_page, merchant_id, page, table, with_conn, with_json, with_page,
 )
 
 
@@ -20,7 +20,10 @@ def cmd_payment_record(args) -> int:
         paid_at = None
     if paid_at is None or paid_at.tzinfo is None:
         raise Usage("--paid-at must be ISO-8601 with a UTC offset, e.g. 2026-11-20T10:00:00-05:00")
-    amount, currency = parse_amount(args.amount), parse_currency(args.currency)
+    try:
+        amount, currency = parse_amount(args.amount), parse_currency(args.currency)
+    except RefundRefused as refused:  # a bad argument, not a refund refused
+        raise Usage(refused.message) from None
 
     async def run(conn):
         return await record_payment(

@@ -355,3 +355,25 @@ async def test_a_malformed_ledger_is_named_by_file_and_entry_before_the_run_star
                                        PAGOEFECTIVO_BASE_URL=f"http://127.0.0.1:{closed_port}")
         assert done.returncode == 2 and done.stdout == "", (document, done.stderr)
         assert one_line(done.stderr) == f"refundctl: --ledger {path}: {problem}", document
+
+
+@pytest.mark.slow
+async def test_a_malformed_setting_or_a_value_out_of_range_is_one_line_and_exit_2_and_nothing_is_written(
+        db, make_merchant):
+    await make_merchant("m1")
+    record = ["payment", "record", "--merchant", "m1", "--transaction", "T-1", "--currency", "PEN"]
+    cases = [
+        (["refund", "list"], {"DATABASE_URL": "notaurl"}, "refundctl: DATABASE_URL is malformed: "),
+        (["refund", "list"], {"REFUND_WINDOW_DAYS": "garbage"}, "refundctl: REFUND_WINDOW_DAYS is malformed: not valid JSON"),
+        (["refund", "list"], {"REFUND_WINDOW_DAYS": '{"cash": -5}'}, "refundctl: REFUND_WINDOW_DAYS is malformed: "),
+        ([*record, "--amount", "1e3"], {}, 'refundctl: amount must be a decimal string with at most 2 decimals'),
+        ([*record, "--amount", "-3"], {}, "refundctl: amount must be greater than 0"),
+        ([*record, "--amount", "1.00", "--paid-at", "0001-01-01T00:00:00+14:00"], {},
+         "refundctl: database refused a value: "),
+        (["report", "refunds", "--from", "2026-01-01", "--to", "9999-12-31"], {}, "refundctl: a value is out of range: "),
+    ]
+    for argv, env, start in cases:
+        done = await asyncio.to_thread(run, *argv, **env)
+        assert done.returncode == 2 and done.stdout == "", (argv, env, done.stderr)
+        assert one_line(done.stderr).startswith(start), (argv, env, done.stderr)
+    assert await db.fetchval("SELECT count(*) FROM payments") == 0

@@ -7,11 +7,32 @@ from refunds.money import parse_amount, parse_currency
 from refunds.vault import Vault
 
 
-@pytest.mark.parametrize("value", [10.5, "10.505", "0", "-1", "abc", "NaN", "Infinity", True, None])
+@pytest.mark.parametrize("value", [10.5, "10.505", "0", "-1", "abc", "NaN", "Infinity", True, None, Decimal("NaN"),
+                                   "1e3", "5_0", "\u0665", "+5", " 7", "7 ", "1,50", "1.", ".5", "0x10"])
 def test_bad_amounts_are_refused_naming_the_field(value):
+    """One rule for every amount (refunds, payments, notifications): "1e3", "5_0" or an Arabic-Indic
+    five are valid Python Decimals, and are refused here as a refund request refuses them."""
     with pytest.raises(RefundRefused) as refused:
         parse_amount(value)
     assert refused.value.field == "amount"
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ("-3", "amount must be greater than 0"),
+    ("0.00", "amount must be greater than 0"),
+    ("10.005", "amount 10.005 has more than 2 decimals"),
+    ("99999999999999999999999", "amount 99999999999999999999999 is over 999999999999.99"),
+    ("1e3", 'amount must be a decimal string with at most 2 decimals, such as "10.50"'),
+    (10.5, 'amount must be a decimal string with at most 2 decimals, such as "10.50", not a float'),
+])
+def test_a_refused_amount_is_told_what_is_wrong_with_it(value, message):
+    with pytest.raises(RefundRefused) as refused:
+        parse_amount(value)
+    assert refused.value.message == message
+
+
+def test_a_gateways_json_number_is_an_amount():
+    assert parse_amount(22) == Decimal("22.00") and parse_amount(Decimal("22.05")) == Decimal("22.05")
 
 
 def test_good_amounts_have_two_places():
