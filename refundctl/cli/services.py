@@ -50,7 +50,8 @@ def cmd_sandbox_onboard(args) -> int:
 def cmd_demo(args) -> int:
     from ..demo import run_demo
 
-    return run_demo(refunds=args.refunds, merchants=args.merchants, chaos=args.chaos, keep_running=args.keep_running)
+    return run_demo(refunds=args.refunds, merchants=args.merchants, chaos=args.chaos, keep_running=args.keep_running,
+                    log_dir=args.log_dir)
 
 
 
