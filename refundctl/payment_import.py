@@ -83,7 +83,7 @@ def read_rows(path: str | Path, *, now: datetime | None = None) -> list[PaidRow]
             for cells in reader:
                 line = reader.line_num
                 try:
-                    row = _row(line, cells, now)
+                    row = paid_row(cells, now, line=line)
                 except RefundRefused as exc:
                     problems.append(f"line {line}: {exc.message}")
                     continue
@@ -102,7 +102,10 @@ def read_rows(path: str | Path, *, now: datetime | None = None) -> list[PaidRow]
     return rows
 
 
-def _row(line: int, cells: dict, now: datetime) -> PaidRow:
+def paid_row(cells: dict, now: datetime, *, line: int = 0) -> PaidRow:
+    """A payment from its fields as text (a CSV row's cells, or ``payment record``'s options), checked
+    as a refund will need them: identifiers a refund can name, the amount rule, a time not ahead of
+    ``now``; RefundRefused names the first bad field."""
     if None in cells:
         raise RefundRefused("invalid_row", "more cells than the header names", None)
     values = {name: (cells.get(name) or "") for name in COLUMNS}

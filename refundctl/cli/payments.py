@@ -6,32 +6,32 @@ import asyncio
 from datetime import datetime, timezone
 
 from .common import (
-    RefundRefused, Usage, emit, emit_page, merchant_id, page, table, with_conn, with_json, with_page,
+    RefundRefused, RefundsError, Usage, emit, emit_page, merchant_id, page, table, with_conn, with_json, with_page,
 )
 
 
 def cmd_payment_record(args) -> int:
-    from refunds.money import parse_amount, parse_currency
+    """One payment, checked as a row of ``payment import`` is; held already with other terms is a
+    conflict (exit 1), never reported as recorded."""
     from refunds.payments import record_payment
 
+    from ..payment_import import paid_row
+
+    cells = {"merchant_id": args.merchant, "transaction_id": args.transaction, "amount": args.amount,
+             "currency": args.currency, "method": args.method, "paid_at": args.paid_at or ""}
     try:
-        paid_at = datetime.fromisoformat(args.paid_at) if args.paid_at else datetime.now(timezone.utc)
-    except ValueError:
-        paid_at = None
-    if paid_at is None or paid_at.tzinfo is None:
-        raise Usage("--paid-at must be ISO-8601 with a UTC offset, e.g. 2026-11-20T10:00:00-05:00")
-    try:
-        amount, currency = parse_amount(args.amount), parse_currency(args.currency)
+        row = paid_row(cells, datetime.now(timezone.utc))
     except RefundRefused as refused:  # a bad argument, not a refund refused
-        raise Usage(refused.message) from None
+        option = {"merchant_id": "merchant", "transaction_id": "transaction"}.get(refused.field, refused.field or "")
+        raise Usage(f"--{option.replace('_', '-')}: {refused.message}") from None
 
     async def run(conn):
-        return await record_payment(
-            conn, merchant_id=args.merchant, transaction_id=args.transaction, amount=amount, currency=currency,
-            method=args.method, paid_at=paid_at,
-        )
+        return await record_payment(conn, **row.payment)
 
     payment, created = asyncio.run(with_conn(run))
+    if (payment.amount, payment.currency) != (row.amount, row.currency):
+        raise RefundsError(f"payment {payment.transaction_id} is already recorded with {payment.amount} "
+                       f"{payment.currency}, not {row.amount} {row.currency}; nothing was changed")
     emit(args, payment.to_json(), lambda: print(
         f"payment {payment.transaction_id} {'recorded' if created else 'already recorded'}: "
         f"{payment.amount} {payment.currency}"

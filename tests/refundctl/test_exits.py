@@ -366,8 +366,8 @@ async def test_a_malformed_setting_or_a_value_out_of_range_is_one_line_and_exit_
         (["refund", "list"], {"DATABASE_URL": "notaurl"}, "refundctl: DATABASE_URL is malformed: "),
         (["refund", "list"], {"REFUND_WINDOW_DAYS": "garbage"}, "refundctl: REFUND_WINDOW_DAYS is malformed: not valid JSON"),
         (["refund", "list"], {"REFUND_WINDOW_DAYS": '{"cash": -5}'}, "refundctl: REFUND_WINDOW_DAYS is malformed: "),
-        ([*record, "--amount", "1e3"], {}, 'refundctl: amount must be a decimal string with at most 2 decimals'),
-        ([*record, "--amount", "-3"], {}, "refundctl: amount must be greater than 0"),
+        ([*record, "--amount", "1e3"], {}, 'refundctl: --amount: amount must be a decimal string with at most 2 decimals'),
+        ([*record, "--amount", "-3"], {}, "refundctl: --amount: amount must be greater than 0"),
         ([*record, "--amount", "1.00", "--paid-at", "0001-01-01T00:00:00+14:00"], {},
          "refundctl: database refused a value: "),
         (["report", "refunds", "--from", "2026-01-01", "--to", "9999-12-31"], {}, "refundctl: a value is out of range: "),
@@ -377,3 +377,29 @@ async def test_a_malformed_setting_or_a_value_out_of_range_is_one_line_and_exit_
         assert done.returncode == 2 and done.stdout == "", (argv, env, done.stderr)
         assert one_line(done.stderr).startswith(start), (argv, env, done.stderr)
     assert await db.fetchval("SELECT count(*) FROM payments") == 0
+
+
+@pytest.mark.slow
+async def test_payment_record_checks_as_payment_import_does_and_a_conflict_is_not_success(db, make_merchant):
+    await make_merchant("m1")
+    record = ["payment", "record", "--merchant", "m1", "--currency", "PEN"]
+    for argv, start in [
+        ([*record, "--transaction", "", "--amount", "5.00"], "refundctl: --transaction: transaction_id is empty"),
+        ([*record, "--transaction", "T" * 65, "--amount", "5.00"], "refundctl: --transaction: transaction_id must be"),
+        ([*record, "--transaction", "T-1", "--amount", "5.00", "--paid-at", "2099-01-01T10:00:00-05:00"],
+         "refundctl: --paid-at: paid_at is in the future"),
+    ]:
+        done = await asyncio.to_thread(run, *argv)
+        assert done.returncode == 2 and done.stdout == "", (argv, done.stderr)
+        assert one_line(done.stderr).startswith(start), (argv, done.stderr)
+    assert await db.fetchval("SELECT count(*) FROM payments") == 0
+
+    done = await asyncio.to_thread(run, *record, "--transaction", "T-1", "--amount", "100.00")
+    assert done.returncode == 0 and done.stdout == "payment T-1 recorded: 100.00 PEN\n", done.stderr
+    done = await asyncio.to_thread(run, *record, "--transaction", "T-1", "--amount", "100.00")
+    assert done.returncode == 0 and done.stdout == "payment T-1 already recorded: 100.00 PEN\n", done.stderr
+    done = await asyncio.to_thread(run, *record, "--transaction", "T-1", "--amount", "50.00")
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert one_line(done.stderr) == ("refundctl: payment T-1 is already recorded with 100.00 PEN, not 50.00 PEN;"
+                                     " nothing was changed")
+    assert await db.fetchval("SELECT amount FROM payments WHERE transaction_id = 'T-1'") == Decimal("100.00")
