@@ -177,7 +177,8 @@ def cmd_refund_import(args) -> int:
     counts = {"accepted": 0, "replayed": 0, "refused": 0}
     errors: list[dict] = []
     console = Console(stderr=True, highlight=False)
-    total = os.path.getsize(args.file)
+    with open(args.file, "rb"):  # missing, a folder, unreadable: one line (exit 2) before anything starts
+        total = os.path.getsize(args.file)
 
     async def run() -> None:
         pool = await db.create_pool(dsn(), min_size=1, max_size=args.concurrency)
@@ -205,7 +206,7 @@ def cmd_refund_import(args) -> int:
     try:
         asyncio.run(run())
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
+        if isinstance(exc, OSError) and exc.filename == args.file:  # missing, a folder, unreadable: a bad argument
             raise
         done = sum(counts.values())
         raise Unavailable(

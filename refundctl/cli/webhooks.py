@@ -12,7 +12,7 @@ import asyncio
 from datetime import datetime, timedelta
 from uuid import UUID
 
-from .common import Usage, emit, hours, positive_up_to, settings, table, vault, with_conn, with_json
+from .common import NotFound, Usage, emit, hours, positive_up_to, settings, table, vault, with_conn, with_json
 
 MAX_OVERLAP_HOURS = 168  # the API's bound on a rotation's overlap_hours (refunds.requests.WebhookRotation)
 MAX_DELIVERIES = 10_000  # rows `deliveries` lists at most
@@ -117,6 +117,8 @@ def cmd_replay(args) -> int:
     endpoint_id = _endpoint_id(args.endpoint) if args.endpoint else None
     count = asyncio.run(with_conn(lambda conn: replay(conn, event_id=args.event, since=since, until=until,
                                                       endpoint_id=endpoint_id)))
+    if args.event and not count:  # an id mistyped is not "nothing to do"
+        raise NotFound(f"no delivery of event {args.event!r}{' to that endpoint' if endpoint_id else ''} to replay")
     emit(args, {"replayed": count}, lambda: print(f"{count} deliveries due again (same event ids)"))
     return 0
 

@@ -192,6 +192,8 @@ async def test_refundctl_refund_import_reports_lines_and_exits_by_outcome(db, ma
     assert json.loads(done.stdout)["errors"][0]["line"] == 1
     missing = await asyncio.to_thread(_refundctl, "refund", "import", str(tmp_path / "nowhere.csv"), env=cli_env)
     assert missing.returncode == 2 and "nowhere.csv" in missing.stderr  # a usage error
+    folder = await asyncio.to_thread(_refundctl, "refund", "import", str(tmp_path), env=cli_env)
+    assert folder.returncode == 2 and folder.stderr == f"refundctl: {tmp_path}: Is a directory\n"  # not "import again"
 
 
 async def test_refundctl_import_without_postgres_says_how_to_finish(tmp_path, cli_env):

@@ -403,3 +403,9 @@ async def test_payment_record_checks_as_payment_import_does_and_a_conflict_is_no
     assert one_line(done.stderr) == ("refundctl: payment T-1 is already recorded with 100.00 PEN, not 50.00 PEN;"
                                      " nothing was changed")
     assert await db.fetchval("SELECT amount FROM payments WHERE transaction_id = 'T-1'") == Decimal("100.00")
+
+
+async def test_replaying_an_event_id_with_no_delivery_is_a_finding_not_nothing_to_do(db):
+    done = await asyncio.to_thread(run, "webhooks", "replay", "--event", "evt_nope")
+    assert done.returncode == 1 and done.stdout == "", done.stderr
+    assert one_line(done.stderr) == "refundctl: no delivery of event 'evt_nope' to replay"
