@@ -113,6 +113,31 @@ def _service_id(text: str) -> int:
     return value
 
 
+def _access_key(text: str) -> str:
+    """PagoEfectivo's accessKey (alphanumeric, 20 in its document): a key with a space, or none, only
+    fails later, at the gateway's authorization."""
+    import argparse
+
+    if not text or len(text) > 64 or any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise argparse.ArgumentTypeError("must be 1-64 printable characters without spaces")
+    return text
+
+
+def _notify_url(text: str) -> str:
+    """Where the gateway sends the merchant's notifications (``notifyUrl``): an absolute http(s) URL."""
+    import argparse
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and text.isprintable() and " " not in text
+    except ValueError:  # a malformed port or IPv6 address
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an absolute http(s) URL")
+    return text
+
+
 def _positive_cents(what: str, limit: Decimal | None = None):
     """A type for a numeric(_, 2) column with CHECK (> 0): refunds.money's amount rule (over 0, at most
     2 decimals, never rounded, so 0.001 is not stored as 0.00), and the column's ``limit`` if it is
@@ -140,7 +165,7 @@ def register(sub) -> None:
     add.add_argument("--id", required=True, type=merchant_id)
     add.add_argument("--env", required=True, choices=["sandbox", "production"])
     add.add_argument("--service-id", required=True, type=_service_id)
-    add.add_argument("--access-key", required=True)
+    add.add_argument("--access-key", required=True, type=_access_key)
     add.add_argument("--secret-key-file", required=True)
     add.add_argument("--private-key-file", required=True)
     add.add_argument("--rate-limit", type=_positive_cents("the rate", MAX_RATE_LIMIT), default=Decimal("10"),
@@ -148,7 +173,8 @@ def register(sub) -> None:
     add.add_argument("--approval-threshold", type=_positive_cents("the threshold"), default=None,
                      help="refunds above this amount wait for approval: over 0, at most 2 decimals")
     add.add_argument("--refund-mode", default="auto", choices=["auto", "approval", "off"])
-    add.add_argument("--notify-url", default=None)
+    add.add_argument("--notify-url", default=None, type=_notify_url,
+                     help="where the gateway sends this merchant's notifications (http or https)")
     add.set_defaults(func=cmd_merchant_add)
     with_page(merchant.add_parser("list", help="by merchant id")).set_defaults(func=cmd_merchant_list)
     keygen = with_json(merchant.add_parser(

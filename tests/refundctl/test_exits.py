@@ -247,6 +247,12 @@ async def test_merchant_add_refuses_what_the_merchants_table_would_by_option_and
         ({"approval_threshold": "0"}, "argument --approval-threshold: the threshold must be greater than 0"),
         ({"service_id": "0"}, "argument --service-id: '0' is not a positive whole number"),
         ({"id": "seller 1"}, "argument --id: 'seller 1' is not a merchant id"),
+        # these went through to the gateway's refusal at onboarding or at the first authorization
+        ({"access_key": ""}, "argument --access-key: must be 1-64 printable characters without spaces"),
+        ({"access_key": "AK SELLER"}, "argument --access-key: must be 1-64 printable characters without spaces"),
+        ({"notify_url": "notaurl"}, "argument --notify-url: 'notaurl' is not an absolute http(s) URL"),
+        ({"notify_url": "ftp://seller.example/n"}, "argument --notify-url: 'ftp://seller.example/n' is not an"),
+        ({"approval_threshold": "5_0"}, "argument --approval-threshold: the threshold must be a decimal string"),
     ]
     for changes, expected in refused:
         done = await asyncio.to_thread(add, **changes)
@@ -254,7 +260,8 @@ async def test_merchant_add_refuses_what_the_merchants_table_would_by_option_and
         assert expected in one_line(done.stderr), (changes, done.stderr)
     assert await db.fetchval("SELECT count(*) FROM merchants") == 0
 
-    done = await asyncio.to_thread(add, rate_limit="0.5", approval_threshold="250.00")  # the same files: accepted
+    done = await asyncio.to_thread(add, rate_limit="0.5", approval_threshold="250.00",  # the same files: accepted
+                                   notify_url="https://seller.example/pagoefectivo/notify")
     assert done.returncode == 0, done.stderr
     assert (await db.fetchrow("SELECT rate_limit, approval_threshold FROM merchants WHERE merchant_id = 'seller-1'")
             ) == (Decimal("0.50"), Decimal("250.00"))
