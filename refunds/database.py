@@ -112,6 +112,8 @@ class Database:
                     dbmod.create_pool(self._dsn, min_size=1, max_size=self._max_size),
                     timeout=self._connect_timeout,
                 )
+            except asyncpg.ClientConfigurationError:  # DATABASE_URL itself is wrong: no retry mends it
+                raise
             except OUTAGE_ERRORS as exc:
                 self._failed_at = time.monotonic()
                 raise Unavailable(describe(exc)) from exc

@@ -12,6 +12,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -114,6 +115,24 @@ class Settings(BaseSettings):
     def _strip(cls, value: str | None) -> str | None:
         return value.strip().rstrip("/") or None if value else None
 
+    @field_validator("database_url", "redis_url")
+    @classmethod
+    def _scheme(cls, value: str | None, info) -> str | None:
+        """The client's own scheme (a DSN may name several hosts, so its port is asyncpg's to check);
+        the message never repeats the URL, which may hold a password."""
+        schemes = {"database_url": ("postgresql", "postgres"), "redis_url": ("redis", "rediss", "unix")}[info.field_name]
+        if value is None:
+            return value
+        if value.partition("://")[0] not in schemes:
+            raise ValueError(f"must be a URL starting with {' or '.join(f'{scheme}://' for scheme in schemes)}")
+        parts = urlsplit(value)
+        if "," not in parts.netloc:
+            try:
+                parts.port  # noqa: B018  (urlsplit checks it when asked)
+            except ValueError:
+                raise ValueError("its port must be a number from 0 to 65535") from None
+        return value
+
     @field_validator("intake_host", "receiver_host", "metrics_host")
     @classmethod
     def _host(cls, value: str) -> str:
@@ -198,4 +217,4 @@ def get_settings() -> Settings:
         if not err["loc"]:  # a rule between settings: its message names them
             raise ConfigError(str(err["msg"]).removeprefix("Value error, ")) from None
         name = str(err["loc"][0]).upper()
-        raise ConfigError(f"{name} is malformed: {err['msg']}") from None
+        raise ConfigError(f"{name} is malformed: {str(err['msg']).removeprefix('Value error, ')}") from None

@@ -600,6 +600,20 @@ def test_module_refuses_to_start_without_settings():
     assert done.stderr.strip() == "intake: DATABASE_URL is not set"
 
 
+@pytest.mark.slow
+def test_a_database_url_asyncpg_refuses_stops_the_intake_naming_it(database_url, module_redis_url):
+    """A DSN that no retry can mend (here a bad sslmode, which only asyncpg checks) stops the process
+    at start (exit 2), where an outage is retried on demand."""
+    from refunds.vault import generate_master_key
+
+    done = subprocess.run([sys.executable, "-m", "producers.http"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=_env(DATABASE_URL=f"{database_url}?sslmode=bogus", REDIS_URL=module_redis_url,
+                                               INTAKE_PORT=str(_closed_port()), REFUNDS_MASTER_KEY=generate_master_key()))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("intake: DATABASE_URL is malformed: `sslmode`"), done.stderr
+    assert "Traceback" not in done.stderr
+
+
 async def test_module_serves_until_sigterm(database_url, module_redis_url):
     import aiohttp
 

@@ -65,3 +65,23 @@ async def test_the_workers_gateway_client_has_the_configured_timeout(env, databa
         assert res.claims.claim_seconds == 5
     finally:
         await res.close()
+
+
+@pytest.mark.parametrize(("name", "value", "why"), [
+    ("DATABASE_URL", "notaurl", "must be a URL starting with postgresql:// or postgres://"),
+    ("DATABASE_URL", "postgresql://refunds:s3cret@127.0.0.1:99999/refunds", "its port must be a number from 0 to 65535"),
+    ("DATABASE_URL", "postgresql://refunds@[::1/refunds", "Invalid IPv6 URL"),
+    ("REDIS_URL", "127.0.0.1:6379", "must be a URL starting with redis:// or rediss:// or unix://"),
+])
+def test_a_malformed_service_url_is_named_and_never_repeated(env, name, value, why):
+    """Found when the settings are read, not at the first connection; the URL (it may carry a
+    password) is not in the message."""
+    env.setenv(name, value)
+    with pytest.raises(ConfigError) as refused:
+        get_settings()
+    assert str(refused.value) == f"{name} is malformed: {why}"
+
+
+def test_a_database_url_with_several_hosts_is_left_to_asyncpg(env):
+    env.setenv("DATABASE_URL", "postgresql://refunds@db-1:5432,db-2:5432/refunds?target_session_attrs=read-write")
+    assert get_settings().database_url.startswith("postgresql://refunds@db-1:5432,db-2:5432/")
