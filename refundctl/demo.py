@@ -42,6 +42,7 @@ from refunds.merchants import add_merchant, get_merchant
 from refunds.payments import record_payment
 from .onboarding import onboard, record_paid
 from .processes import ServiceGroup, free_port
+from refunds.service import Usage
 from refunds.states import FINAL
 from refunds.tokens import create_token
 from refunds.vault import Vault, generate_master_key, vault_from_settings
@@ -72,8 +73,7 @@ def run_demo(*, refunds: int = 1000, merchants: int = 5, chaos: bool = False, ke
              log_dir: str | None = None) -> int:
     """``log_dir`` (or REFUNDS_DEMO_LOG_DIR): keep each service's log there instead of in the temp dir."""
     if refunds < 1 or merchants < 1:
-        console.print("[red]--refunds and --merchants must be at least 1[/red]")
-        return 2
+        raise Usage("--refunds and --merchants must be at least 1")
     log_dir = log_dir or os.environ.get("REFUNDS_DEMO_LOG_DIR") or None
     with provide_services() as services, tempfile.TemporaryDirectory(prefix="refunds-demo-") as work:
         work_dir = Path(work)

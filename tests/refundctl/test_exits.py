@@ -119,6 +119,8 @@ def test_bad_arguments_are_one_line_and_exit_2():
         done = run(*argv)
         assert done.returncode == 2, (argv, done.stderr)
         one_line(done.stderr)
+    done = run("demo", "--refunds", "0")  # checked before any embedded server starts
+    assert done.returncode == 2 and one_line(done.stderr) == "refundctl: --refunds and --merchants must be at least 1"
 
 
 def test_version_is_the_installed_package_version():
