@@ -49,6 +49,7 @@ from dramatiq.brokers.redis import RedisBroker
 from dramatiq.common import dq_name
 
 from .coalesce import Coalescer
+from .errors import ConfigError
 from .ratelimit import RateLimiter
 from .settings import get_settings
 
@@ -102,13 +103,19 @@ def send_refund_message(refund_id: UUID | str, *, slot_ms: int | None = None) ->
     )
 
 
+def _why(exc: Exception) -> str:
+    """A delivery's failure in a log line: a setting's own words (REDIS_URL is not set), else the
+    error's class (a client's message may name hosts)."""
+    return str(exc) if isinstance(exc, ConfigError) else type(exc).__name__
+
+
 def deliver(refund_id: UUID | str, *, delay_ms: int | None = None) -> bool:
     """Enqueue one send_refund message; False (and a log line) if Redis is unreachable."""
     try:
         producer_broker().enqueue(send_refund_message(refund_id), delay=delay_ms)
         return True
     except Exception as exc:  # the outbox sweep will deliver it later
-        log.warning("delivery of refund %s postponed: %s", refund_id, type(exc).__name__)
+        log.warning("delivery of refund %s postponed: %s", refund_id, _why(exc))
         return False
 
 
@@ -121,7 +128,7 @@ def deliver_webhooks(deliveries: list[tuple[str, UUID]]) -> int:
             producer_broker().enqueue(Message(queue_name=WEBHOOKS_QUEUE, actor_name=DELIVER_WEBHOOK,
                                               args=(event_id, str(endpoint_id)), kwargs={}, options={}))
         except Exception as exc:
-            log.warning("webhook deliveries postponed: %s", type(exc).__name__)
+            log.warning("webhook deliveries postponed: %s", _why(exc))
             break
         sent += 1
     return sent

@@ -173,6 +173,13 @@ async def test_refund_create_with_redis_down_is_accepted_for_the_scheduler(db, m
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert json.loads(done.stdout)["state"] == "queued"
 
+    # without REDIS_URL at all: accepted too, and the line says why it was not delivered
+    done = await asyncio.to_thread(
+        run, "refund", "create", "--merchant", "m1", "--transaction", "CIP-1", "--amount", "2.00", "--currency", "PEN",
+        "--external-ref", "R-NO-REDIS", "--json", REDIS_URL="")
+    assert done.returncode == 0 and json.loads(done.stdout)["state"] == "queued", done.stderr
+    assert "postponed: REDIS_URL is not set" in done.stderr, done.stderr
+
 
 @pytest.mark.slow
 async def test_a_closed_pipe_ends_quietly_with_141(db, make_merchant):
