@@ -41,7 +41,9 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, wai
 from pagoefectivo.client import Credentials, PagoEfectivoClient, RefundAnswer
 from pagoefectivo.errors import RateLimited, TransientError
 
+from refunds.errors import RefundRefused
 from refunds.merchants import Merchant, find_merchant
+from refunds.money import parse_amount
 from refunds.ratelimit import RateLimiter
 from refunds.records import Refund, count_in_period, refunds_in_period
 from refunds.states import STATES
@@ -312,6 +314,10 @@ def _ledger_entry(index: int, entry) -> LedgerEntry:
     if amount is None or not amount.is_finite():
         shown = repr(raw[:40]) if isinstance(raw, str) else raw if amount is not None else _kind(raw)
         raise wrong(f"refundAmount {shown} is not an amount")
+    try:  # an executed refund's amount: over 0, cents, within numeric(14, 2), as every amount of ours
+        amount = parse_amount(amount, "refundAmount")
+    except RefundRefused as refused:
+        raise wrong(refused.message) from None
     return LedgerEntry(entry["merchantId"], entry["externalRef"], amount, entry.get("currency"))
 
 
