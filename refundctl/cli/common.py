@@ -122,6 +122,20 @@ def hours(maximum: float):
     return parse
 
 
+def http_url(text: str) -> str:
+    """A type: an absolute http(s) URL with a host (a notify URL, a gateway to talk to)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(text)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and text.isprintable() and " " not in text
+    except ValueError:  # a malformed port or IPv6 address
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an absolute http(s) URL")
+    return text
+
+
 def merchant_id(text: str) -> str:
     """--merchant as a filter: a malformed id is a usage error, not an empty list."""
     from refunds.requests import MERCHANT_ID

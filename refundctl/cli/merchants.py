@@ -7,7 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 
 from .common import (
-    Usage, emit, emit_page, hours, merchant_id, page, positive, table, vault, with_conn, with_json, with_page,
+    Usage, emit, emit_page, hours, http_url, merchant_id, page, positive, table, vault, with_conn, with_json, with_page,
 )
 
 MAX_OVERLAP_HOURS = 30 * 24  # a rotation's overlap: PagoEfectivo switches at its own pace, within a month
@@ -123,21 +123,6 @@ def _access_key(text: str) -> str:
     return text
 
 
-def _notify_url(text: str) -> str:
-    """Where the gateway sends the merchant's notifications (``notifyUrl``): an absolute http(s) URL."""
-    import argparse
-    from urllib.parse import urlsplit
-
-    try:
-        parts = urlsplit(text)
-        ok = parts.scheme in ("http", "https") and bool(parts.hostname) and text.isprintable() and " " not in text
-    except ValueError:  # a malformed port or IPv6 address
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an absolute http(s) URL")
-    return text
-
-
 def _positive_cents(what: str, limit: Decimal | None = None):
     """A type for a numeric(_, 2) column with CHECK (> 0): refunds.money's amount rule (over 0, at most
     2 decimals, never rounded, so 0.001 is not stored as 0.00), and the column's ``limit`` if it is
@@ -173,7 +158,7 @@ def register(sub) -> None:
     add.add_argument("--approval-threshold", type=_positive_cents("the threshold"), default=None,
                      help="refunds above this amount wait for approval: over 0, at most 2 decimals")
     add.add_argument("--refund-mode", default="auto", choices=["auto", "approval", "off"])
-    add.add_argument("--notify-url", default=None, type=_notify_url,
+    add.add_argument("--notify-url", default=None, type=http_url,
                      help="where the gateway sends this merchant's notifications (http or https)")
     add.set_defaults(func=cmd_merchant_add)
     with_page(merchant.add_parser("list", help="by merchant id")).set_defaults(func=cmd_merchant_list)

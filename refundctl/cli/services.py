@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from .common import Unavailable, Usage, with_json
+from .common import Unavailable, Usage, http_url, with_json
 
 
 def cmd_sandbox_serve(args, extra: list[str]) -> int:
@@ -71,9 +71,9 @@ def register(sub) -> None:
     onboard = with_json(sandbox.add_parser(
         "onboard", help="register a sandbox merchant (keys, notify URL) with a sandbox gateway"))
     onboard.add_argument("merchant", help="the merchant's id in our store")
-    onboard.add_argument("--sandbox-url", default=None,
+    onboard.add_argument("--sandbox-url", default=None, type=http_url,
                          help="the sandbox gateway (default: PAGOEFECTIVO_BASE_URL)")
-    onboard.add_argument("--receiver-url", default=None,
+    onboard.add_argument("--receiver-url", default=None, type=http_url,
                          help="the receiver's public base URL, for a merchant without its own notify URL"
                               " (default: REFUNDS_NOTIFY_URL)")
     onboard.set_defaults(func=cmd_sandbox_onboard)

@@ -115,7 +115,8 @@ def test_bad_arguments_are_one_line_and_exit_2():
                  ["payment", "list", "--merchant", "not a merchant"],
                  ["report", "refunds", "--from", "2026-13-01", "--to", "2026-12-01"], ["nonsense"],
                  ["payment", "record", "--merchant", "m1", "--transaction", "T", "--amount", "1", "--currency", "PEN",
-                  "--paid-at", "yesterday"]):
+                  "--paid-at", "yesterday"],
+                 ["sandbox", "onboard", "m1", "--sandbox-url", "notaurl"]):  # was "unreachable", exit 3
         done = run(*argv)
         assert done.returncode == 2, (argv, done.stderr)
         one_line(done.stderr)
