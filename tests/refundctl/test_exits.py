@@ -76,6 +76,11 @@ def test_a_bad_setting_is_one_line_and_exit_2_for_refundctl_and_the_scheduler():
                                capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert scheduler.returncode == 2  # RestartPreventExitStatus=2 in deploy/systemd: not restarted in a loop
     assert "SCHEDULER_INTERVAL is malformed" in one_line(scheduler.stderr)
+    # a rule between settings, refused while the workers package sets up its broker: named as the scheduler's
+    scheduler = subprocess.run([sys.executable, "-m", "workers.scheduler"], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PAGOEFECTIVO_TIMEOUT_SECONDS": "30"}, cwd=ROOT)
+    assert scheduler.returncode == 2 and one_line(scheduler.stderr).startswith(
+        "scheduler: REFUND_CLAIM_SECONDS (20) must be at least twice PAGOEFECTIVO_TIMEOUT_SECONDS (30)"), scheduler.stderr
 
 
 @pytest.mark.slow
