@@ -121,7 +121,8 @@ def test_bad_arguments_are_one_line_and_exit_2():
                  ["report", "refunds", "--from", "2026-13-01", "--to", "2026-12-01"], ["nonsense"],
                  ["payment", "record", "--merchant", "m1", "--transaction", "T", "--amount", "1", "--currency", "PEN",
                   "--paid-at", "yesterday"],
-                 ["sandbox", "onboard", "m1", "--sandbox-url", "notaurl"]):  # was "unreachable", exit 3
+                 ["sandbox", "onboard", "m1", "--sandbox-url", "notaurl"],  # was "unreachable", exit 3
+                 ["token", "create", "--name", "a b", "--merchant", "m1"]):  # was exit 1, as a refusal
         done = run(*argv)
         assert done.returncode == 2, (argv, done.stderr)
         one_line(done.stderr)
