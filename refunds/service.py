@@ -66,10 +66,8 @@ def failure(exc: BaseException) -> tuple[int, str] | None:
         return USAGE, f"database refused a value: {exc.args[0] if exc.args else type(exc).__name__}"
     if isinstance(exc, OverflowError):  # a date too far off for Python's calendar (year 1 or 9999 and beyond)
         return USAGE, f"a value is out of range: {exc}"
-    if isinstance(exc, asyncpg.ClientConfigurationError):
+    if isinstance(exc, asyncpg.ClientConfigurationError):  # what only asyncpg checks: a DSN's sslmode, ...
         return USAGE, f"DATABASE_URL is malformed: {exc}"
-    if isinstance(exc, ValueError) and str(exc).startswith("Redis URL must"):  # redis-py's words for a bad URL
-        return USAGE, f"REDIS_URL is malformed: {exc}"
     if isinstance(exc, asyncpg.UndefinedTableError):
         return UNAVAILABLE, f"database has no schema yet (run refundctl db migrate): {exc}"
     if isinstance(exc, (asyncpg.InvalidCatalogNameError, asyncpg.exceptions.PostgresConnectionError,

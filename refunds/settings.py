@@ -118,8 +118,8 @@ class Settings(BaseSettings):
     @field_validator("database_url", "redis_url")
     @classmethod
     def _scheme(cls, value: str | None, info) -> str | None:
-        """The client's own scheme (a DSN may name several hosts, so its port is asyncpg's to check);
-        the message never repeats the URL, which may hold a password."""
+        """The client's own scheme, and a single host's port (a DSN naming several hosts is asyncpg's
+        to check); the message never repeats the URL, which may hold a password."""
         schemes = {"database_url": ("postgresql", "postgres"), "redis_url": ("redis", "rediss", "unix")}[info.field_name]
         if value is None:
             return value

@@ -31,7 +31,7 @@ def cmd_payment_record(args) -> int:
     payment, created = asyncio.run(with_conn(run))
     if (payment.amount, payment.currency) != (row.amount, row.currency):
         raise RefundsError(f"payment {payment.transaction_id} is already recorded with {payment.amount} "
-                       f"{payment.currency}, not {row.amount} {row.currency}; nothing was changed")
+                           f"{payment.currency}, not {row.amount} {row.currency}; nothing was changed")
     emit(args, payment.to_json(), lambda: print(
         f"payment {payment.transaction_id} {'recorded' if created else 'already recorded'}: "
         f"{payment.amount} {payment.currency}"
