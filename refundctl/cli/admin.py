@@ -72,12 +72,12 @@ def cmd_keys_rotate_master(args) -> int:
 
 
 def register(sub) -> None:
-    dbp = sub.add_parser("db").add_subparsers(dest="db_command", required=True)
+    dbp = sub.add_parser("db", help="create the database and apply the schema").add_subparsers(dest="db_command", required=True)
     with_json(dbp.add_parser("create", help="create the database DATABASE_URL names, unless it exists")).set_defaults(
         func=cmd_db_create)
     with_json(dbp.add_parser("migrate", help="apply schema.sql (safe to run again)")).set_defaults(func=cmd_db_migrate)
 
-    keys = sub.add_parser("keys").add_subparsers(dest="keys_command", required=True)
+    keys = sub.add_parser("keys", help="the master key that seals merchants' secrets: generate, rotate").add_subparsers(dest="keys_command", required=True)
     with_json(keys.add_parser("generate", help="print a new REFUNDS_MASTER_KEY")).set_defaults(func=cmd_keys_generate)
     with_json(keys.add_parser(
         "rotate-master", help="re-wrap every data key with REFUNDS_MASTER_KEY (old key in REFUNDS_PREVIOUS_MASTER_KEYS)"

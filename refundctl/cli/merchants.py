@@ -145,7 +145,7 @@ def _positive_cents(what: str, limit: Decimal | None = None):
 
 
 def register(sub) -> None:
-    merchant = sub.add_parser("merchant").add_subparsers(dest="merchant_command", required=True)
+    merchant = sub.add_parser("merchant", help="sellers and their PagoEfectivo credentials").add_subparsers(dest="merchant_command", required=True)
     add = with_json(merchant.add_parser("add", help="add or update a seller and its credentials"))
     add.add_argument("--id", required=True, type=merchant_id)
     add.add_argument("--env", required=True, choices=["sandbox", "production"])

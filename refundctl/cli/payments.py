@@ -75,7 +75,7 @@ def cmd_payment_import(args) -> int:
 
 
 def register(sub) -> None:
-    payment = sub.add_parser("payment").add_subparsers(dest="payment_command", required=True)
+    payment = sub.add_parser("payment", help="original paid transactions: record, list, import").add_subparsers(dest="payment_command", required=True)
     record = with_json(payment.add_parser("record", help="record a paid original transaction"))
     record.add_argument("--merchant", required=True)
     record.add_argument("--transaction", required=True)

@@ -229,7 +229,7 @@ def cmd_refund_import(args) -> int:
 
 
 def register(sub) -> None:
-    refund = sub.add_parser("refund").add_subparsers(dest="refund_command", required=True)
+    refund = sub.add_parser("refund", help="create, show, list, approve or reject, retry, import refunds").add_subparsers(dest="refund_command", required=True)
     rcreate = with_json(refund.add_parser("create", help="request a refund"))
     rcreate.add_argument("--merchant", required=True)
     rcreate.add_argument("--transaction", required=True)

@@ -210,7 +210,7 @@ async def _load_ledger(source: str) -> list:
 
 
 def register(sub) -> None:
-    report = sub.add_parser("report").add_subparsers(dest="report_command", required=True)
+    report = sub.add_parser("report", help="reconciliation exports: every refund with its original transaction").add_subparsers(dest="report_command", required=True)
     refunds = report.add_parser("refunds", help="every refund with its original transaction (reconciliation export)")
     refunds.add_argument("--from", dest="date_from", required=True, help="YYYY-MM-DD (Lima) or ISO-8601")
     refunds.add_argument("--to", dest="date_to", required=True, help="YYYY-MM-DD inclusive (Lima) or ISO-8601")

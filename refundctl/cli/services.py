@@ -64,7 +64,7 @@ def register(sub) -> None:
     demo.add_argument("--log-dir", default=None, help="keep each service's log in this folder")
     demo.set_defaults(func=cmd_demo)
 
-    sandbox = sub.add_parser("sandbox").add_subparsers(dest="sandbox_command", required=True)
+    sandbox = sub.add_parser("sandbox", help="the sandbox gateway: serve it, onboard a merchant with it").add_subparsers(dest="sandbox_command", required=True)
     serve = sandbox.add_parser("serve", help="the PagoEfectivo sandbox gateway (all sandbox flags pass through)",
                                add_help=False)
     serve.set_defaults(func=cmd_sandbox_serve, passthrough=True)

@@ -53,7 +53,7 @@ def _token_name(text: str) -> str:
 
 
 def register(sub) -> None:
-    token = sub.add_parser("token").add_subparsers(dest="token_command", required=True)
+    token = sub.add_parser("token", help="intake API tokens scoped to merchants").add_subparsers(dest="token_command", required=True)
     create = with_json(token.add_parser("create", help="an intake API token scoped to merchants"))
     create.add_argument("--name", required=True, type=_token_name)
     create.add_argument("--merchant", required=True, action="append")

@@ -278,3 +278,13 @@ async def test_webhooks_add_with_a_malformed_url_is_one_line_and_exit_2(db, make
     code, out, err = await asyncio.to_thread(run, "webhooks", "list", "--json")
     assert code == 0, err
     assert [(e["endpoint_id"], e["owner"]) for e in json.loads(out)["endpoints"]] == [(added["endpoint_id"], None)]
+
+
+def test_the_top_level_help_describes_every_command():
+    import argparse
+
+    from refundctl.cli import build_parser
+
+    commands = next(action for action in build_parser()._actions if isinstance(action, argparse._SubParsersAction))
+    described = {choice.dest for choice in commands._choices_actions if choice.help}
+    assert described == set(commands.choices), sorted(set(commands.choices) - described)
