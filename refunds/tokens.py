@@ -20,7 +20,8 @@ import asyncpg
 from .errors import RefundsError
 
 PREFIX = "rfd_"  # makes a leaked token recognisable to secret scanners and to people
-NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")
+NAME = re.compile(r"^[A-Za-z0-9_.@:-]{1,64}$")  # a token's, and an operator's in the audit trail
+NAME_RULE = "1-64 characters of letters, digits, and _ . @ : -"
 MAX_TOKEN_LENGTH = 256  # anything longer is not one of ours; refuse before hashing
 
 
@@ -91,7 +92,7 @@ async def create_token(conn: asyncpg.Connection, name: str, merchants: list[str]
     (a person's token is rotated, and the audit trail keeps one identity for them).
     """
     if not isinstance(name, str) or not NAME.match(name):
-        raise TokenError("token name must be 1-64 characters of letters, digits, and _ . @ : -")
+        raise TokenError(f"token name must be {NAME_RULE}")
     wanted = list(dict.fromkeys(merchants or []))  # de-duplicated, order kept
     if not wanted:
         raise TokenError("a token needs at least one merchant")

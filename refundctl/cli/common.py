@@ -136,6 +136,15 @@ def http_url(text: str) -> str:
     return text
 
 
+def name(text: str) -> str:
+    """A type: a token's or an operator's name (``refunds.tokens.NAME``)."""
+    from refunds.tokens import NAME, NAME_RULE
+
+    if not NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not {NAME_RULE}")
+    return text
+
+
 def merchant_id(text: str) -> str:
     """--merchant as a filter: a malformed id is a usage error, not an empty list."""
     from refunds.requests import MERCHANT_ID

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from .common import (
-    NotFound, emit, emit_page, page, table, with_conn, with_json, with_page,
+    NotFound, emit, emit_page, name, page, table, with_conn, with_json, with_page,
 )
 
 
@@ -41,21 +41,10 @@ def cmd_token_revoke(args) -> int:
     return 0
 
 
-def _token_name(text: str) -> str:
-    """A type: the name rule of ``refunds.tokens`` (a bad name is a bad argument, exit 2)."""
-    import argparse
-
-    from refunds.tokens import NAME
-
-    if not NAME.match(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not 1-64 characters of letters, digits, and _ . @ : -")
-    return text
-
-
 def register(sub) -> None:
     token = sub.add_parser("token", help="intake API tokens scoped to merchants").add_subparsers(dest="token_command", required=True)
     create = with_json(token.add_parser("create", help="an intake API token scoped to merchants"))
-    create.add_argument("--name", required=True, type=_token_name)
+    create.add_argument("--name", required=True, type=name)
     create.add_argument("--merchant", required=True, action="append")
     create.set_defaults(func=cmd_token_create)
     with_page(token.add_parser("list", help="every token, active or revoked (never the secret)")).set_defaults(

@@ -36,7 +36,10 @@ def refundctl(capsys, queue):
 
     async def run(*argv: str) -> tuple[int, str, str]:
         capsys.readouterr()
-        code = await asyncio.to_thread(main, list(argv))
+        try:
+            code = await asyncio.to_thread(main, list(argv))
+        except SystemExit as exit_:  # the parser's refusal: exit 2, as the script ends
+            code = exit_.code
         out, err = capsys.readouterr()
         return code, out, err
 
